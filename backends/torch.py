@@ -1,0 +1,149 @@
+"""PyTorch backend: layer IR -> native ``nn.Module`` and state dict.
+
+Mirrors ``frontends/torch.py``. ``build(graph, like=model)`` returns a deep copy of ``model`` in which
+every layer the engine factorized is an ``nn.Sequential`` of its parts, so the state-dict keys are
+``fc.0.weight``, ``fc.1.weight``, ``fc.1.bias``, ``conv.0.weight`` ... The new weights take the
+replaced layer's dtype and device, and its ``requires_grad`` and training mode. ``like`` is not changed.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+import numpy as np
+import torch
+from torch import nn
+
+from lowrank_ir import Graph, Node, Op
+
+__all__ = ["BUILDERS", "ConstantMatMul", "build", "build_layer", "register_builder", "state_dict"]
+
+Builder = Callable[[Node, Graph], nn.Module]
+
+#: IR op -> function building the module for one node.
+BUILDERS: dict[Op, Builder] = {}
+
+
+def register_builder(op: Op) -> Callable[[Builder], Builder]:
+    def decorate(function: Builder) -> Builder:
+        BUILDERS[op] = function
+        return function
+    return decorate
+
+
+class ConstantMatMul(nn.Module):
+    """``y = x @ weight`` with a trainable ``weight`` of shape ``[in_features, out_features]``."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(in_features, out_features))
+        nn.init.kaiming_uniform_(self.weight.T, a=5 ** 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight
+
+
+@register_builder(Op.LINEAR)
+def _build_linear(node: Node, graph: Graph) -> nn.Module:
+    if node.attrs.get("activation"):
+        raise ValueError(f"a Linear with activation {node.attrs['activation']!r} has no PyTorch equivalent layer")
+    return nn.Linear(node.attrs["in_features"], node.attrs["out_features"], bias="bias" in node.params)
+
+
+_CONV_TYPES: dict[int, type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+
+
+@register_builder(Op.CONV)
+def _build_conv(node: Node, graph: Graph) -> nn.Module:
+    attrs = node.attrs
+    spatial = len(attrs["kernel_size"])
+    if spatial not in _CONV_TYPES:
+        raise ValueError(f"a {spatial}-D convolution has no PyTorch layer (1-D, 2-D and 3-D exist)")
+    padding = attrs["padding"]
+    if not isinstance(padding, str) and len(padding) != spatial:
+        raise ValueError(f"padding {padding!r} is asymmetric; PyTorch convolutions take one padding per dimension")
+    return _CONV_TYPES[spatial](
+        attrs["in_channels"], attrs["out_channels"], tuple(attrs["kernel_size"]), stride=tuple(attrs["stride"]),
+        padding=padding if isinstance(padding, str) else tuple(padding), dilation=tuple(attrs["dilation"]),
+        groups=attrs["groups"], bias="bias" in node.params, padding_mode=attrs.get("padding_mode", "zeros"),
+    )
+
+
+@register_builder(Op.EMBEDDING)
+def _build_embedding(node: Node, graph: Graph) -> nn.Module:
+    attrs = node.attrs
+    return nn.Embedding(attrs["num_embeddings"], attrs["embedding_dim"], padding_idx=attrs.get("padding_idx"),
+                        max_norm=attrs.get("max_norm"), norm_type=attrs.get("norm_type", 2.0),
+                        scale_grad_by_freq=attrs.get("scale_grad_by_freq", False),
+                        sparse=attrs.get("sparse", False))
+
+
+@register_builder(Op.MATMUL)
+def _build_matmul(node: Node, graph: Graph) -> nn.Module:
+    return ConstantMatMul(node.attrs["in_features"], node.attrs["out_features"])
+
+
+def build_layer(node: Node, graph: Graph) -> nn.Module:
+    """The PyTorch module for one layer node; ``ValueError`` naming the node if its op can't be built."""
+    builder = BUILDERS.get(node.op)
+    if builder is None:
+        supported = ", ".join(op.value for op in BUILDERS)
+        raise ValueError(f"node {node.name!r}: op {node.op.value} cannot be built as a PyTorch layer "
+                         f"(supported: {supported})")
+    try:
+        return builder(node, graph)
+    except Exception as err:
+        raise ValueError(f"while building {node.name!r} ({node.op.value}): {err}") from err
+
+
+def _tensor(array: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+    return torch.from_numpy(np.array(array, copy=True)).to(dtype=like.dtype, device=like.device)
+
+
+def _fill(module: nn.Module, node: Node, graph: Graph, like: torch.Tensor) -> None:
+    for role, param_name in node.params.items():
+        target = getattr(module, role)
+        array = graph.params[param_name]
+        if tuple(target.shape) != tuple(array.shape):
+            raise ValueError(f"node {node.name!r}: {role} {param_name!r} has shape {tuple(array.shape)}, the "
+                             f"module expects {tuple(target.shape)}")
+        with torch.no_grad():
+            target.copy_(_tensor(array, like))
+
+
+def build(graph: Graph, like: nn.Module, weights: bool = True) -> nn.Module:
+    """A copy of ``like`` with the layers ``graph`` factorized replaced by ``nn.Sequential`` chains.
+
+    With ``weights=False`` the new layers keep their initialisation (structure only).
+    """
+    if not isinstance(like, nn.Module):
+        raise TypeError(f"like must be the torch.nn.Module the graph was lowered from, got {type(like).__name__}")
+    factorized: dict[str, list[str]] = graph.meta.get("factorized", {})
+    model = copy.deepcopy(like)
+    for original, part_names in factorized.items():
+        try:
+            old = model.get_submodule(original)
+        except AttributeError as err:
+            raise ValueError(f"the graph factorized {original!r}, which the model does not have") from err
+        reference = getattr(old, "weight", None)
+        if not isinstance(reference, torch.Tensor):
+            raise ValueError(f"{original!r} ({type(old).__name__}) has no weight tensor to take dtype/device from")
+        chain = nn.Sequential()
+        for part_name in part_names:
+            node = graph.node(part_name)
+            layer = build_layer(node, graph).to(device=reference.device, dtype=reference.dtype)
+            if weights:
+                _fill(layer, node, graph, reference)
+            chain.append(layer)
+        chain.train(old.training)
+        chain.requires_grad_(reference.requires_grad)
+        if not original:  # the model itself is the layer
+            return chain
+        parent_name, _, child = original.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, chain)
+    return model
+
+
+def state_dict(graph: Graph) -> dict[str, torch.Tensor]:
+    """The graph's arrays as a PyTorch state dict (tensors copied from the numpy arrays)."""
+    return {name: torch.from_numpy(np.array(array, copy=True)) for name, array in graph.params.items()}

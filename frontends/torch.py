@@ -1,0 +1,279 @@
+"""PyTorch frontend: ``nn.Module`` -> layer IR, and layer input statistics from calibration data.
+
+Mirrors ``backends/torch.py``: what is lowered here as a layer node, the backend can build.
+Lowered layers: ``nn.Linear``, ``nn.Conv1d``/``Conv2d``/``Conv3d`` and ``nn.Embedding`` (subclasses
+too, unless they override ``forward``). Every other module that owns parameters or buffers becomes
+an ``Opaque`` node carrying them, so the graph holds the whole state dict.
+
+The graph's arrays share memory with the model's CPU tensors (no copy) and are marked read-only.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from lowrank_ir import Graph, LayerStats, Node, Op, verify
+
+__all__ = ["LOWERINGS", "collect_stats", "count_parameters", "lower", "register_lowering", "to_numpy"]
+
+logger = logging.getLogger(__name__)
+
+Lowering = Callable[[str, nn.Module], Node]
+
+#: Module type -> function lowering one module of that type to a layer node.
+LOWERINGS: dict[type[nn.Module], Lowering] = {}
+
+
+def register_lowering(*module_types: type[nn.Module]) -> Callable[[Lowering], Lowering]:
+    def decorate(function: Lowering) -> Lowering:
+        for module_type in module_types:
+            LOWERINGS[module_type] = function
+        return function
+    return decorate
+
+
+def _params(name: str, module: nn.Module) -> dict[str, str]:
+    prefix = f"{name}." if name else ""
+    roles = {"weight": f"{prefix}weight"}
+    if getattr(module, "bias", None) is not None:
+        roles["bias"] = f"{prefix}bias"
+    return roles
+
+
+@register_lowering(nn.Linear)
+def _lower_linear(name: str, module: nn.Module) -> Node:
+    assert isinstance(module, nn.Linear)
+    return Node(Op.LINEAR, name, {"in_features": module.in_features, "out_features": module.out_features},
+                _params(name, module))
+
+
+@register_lowering(nn.Conv1d, nn.Conv2d, nn.Conv3d)
+def _lower_conv(name: str, module: nn.Module) -> Node:
+    assert isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+    padding = module.padding if isinstance(module.padding, str) else tuple(module.padding)
+    attrs = {
+        "in_channels": module.in_channels,
+        "out_channels": module.out_channels,
+        "kernel_size": tuple(module.kernel_size),
+        "stride": tuple(module.stride),
+        "padding": padding,
+        "dilation": tuple(module.dilation),
+        "groups": module.groups,
+        "padding_mode": module.padding_mode,
+    }
+    return Node(Op.CONV, name, attrs, _params(name, module))
+
+
+@register_lowering(nn.Embedding)
+def _lower_embedding(name: str, module: nn.Module) -> Node:
+    assert isinstance(module, nn.Embedding)
+    attrs = {
+        "num_embeddings": module.num_embeddings,
+        "embedding_dim": module.embedding_dim,
+        "padding_idx": module.padding_idx,
+        "max_norm": module.max_norm,
+        "norm_type": module.norm_type,
+        "scale_grad_by_freq": module.scale_grad_by_freq,
+        "sparse": module.sparse,
+    }
+    return Node(Op.EMBEDDING, name, attrs, {"weight": f"{name}.weight" if name else "weight"})
+
+
+def _lowering_for(module: nn.Module) -> tuple[type[nn.Module], Lowering] | None:
+    for cls in type(module).__mro__:
+        if cls in LOWERINGS:
+            return cls, LOWERINGS[cls]
+    return None
+
+
+def to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    """A read-only numpy view of a tensor (a float32 copy for dtypes numpy lacks, e.g. bfloat16)."""
+    tensor = tensor.detach()
+    if tensor.device.type != "cpu":
+        tensor = tensor.cpu()
+    if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16
+        tensor = tensor.float()
+    array = tensor.numpy()
+    view = array.view()
+    view.flags.writeable = False
+    return view
+
+
+def _lock_reasons(model: nn.Module) -> dict[str, str]:
+    """Layers the backend must not replace, with the reason (reported to the user)."""
+    reasons: dict[str, str] = {}
+    for name, module in model.named_modules():
+        for child_name in ("out_proj",) if isinstance(module, nn.MultiheadAttention) else ():
+            path = f"{name}.{child_name}" if name else child_name
+            reasons[path] = (f"{type(module).__name__} {name!r} reads {child_name}.weight directly in its "
+                             f"forward, so a replaced {child_name} would be ignored")
+    modules_by_id: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        modules_by_id.setdefault(id(module), []).append(name)
+    params_by_id: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        params_by_id.setdefault(id(param), []).append(name)
+    for name, module in model.named_modules():
+        found = _lowering_for(module)
+        if found is None:
+            continue
+        base, _ = found
+        if len(modules_by_id[id(module)]) > 1:
+            reasons.setdefault(name, f"the module is shared under several names {modules_by_id[id(module)]}")
+        if type(module).forward is not base.forward:
+            reasons.setdefault(name, f"{type(module).__name__} overrides {base.__name__}.forward")
+        if module._forward_hooks or module._forward_pre_hooks:
+            reasons.setdefault(name, "the module has forward hooks that a replacement would drop")
+        if torch.nn.utils.parametrize.is_parametrized(module):
+            reasons.setdefault(name, "the weight is parametrized (torch.nn.utils.parametrize)")
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor) and len(params_by_id.get(id(weight), [])) > 1:
+            reasons.setdefault(name, f"the weight is tied to {params_by_id[id(weight)]}")
+    return reasons
+
+
+def lower(model: nn.Module) -> Graph:
+    """Lower ``model`` to a module-tree graph (nodes in ``named_modules`` order, no dataflow)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    state = model.state_dict()
+    params = {name: to_numpy(tensor) for name, tensor in state.items() if isinstance(tensor, torch.Tensor)}
+    dtypes = {name: str(tensor.dtype).replace("torch.", "") for name, tensor in state.items()
+              if isinstance(tensor, torch.Tensor)}
+    locks = _lock_reasons(model)
+    graph = Graph(meta={"source": "torch", "model_type": type(model).__qualname__, "dtypes": dtypes})
+    for name, module in model.named_modules():
+        found = _lowering_for(module)
+        try:
+            if found is not None:
+                node = found[1](name, module)
+                node.attrs["module_type"] = type(module).__qualname__
+                if name in locks:
+                    node.attrs["locked"] = locks[name]
+            else:
+                own = [key for key, _ in module.named_parameters(recurse=False)]
+                own += [key for key, _ in module.named_buffers(recurse=False)]
+                prefix = f"{name}." if name else ""
+                roles = {key: f"{prefix}{key}" for key in own if f"{prefix}{key}" in params}
+                if not roles:
+                    continue
+                node = Node(Op.OPAQUE, name or type(module).__name__,
+                            {"source_op": type(module).__qualname__}, roles)
+            graph.add_node(node)
+        except Exception as err:
+            raise ValueError(f"while lowering {name!r} ({type(module).__name__}): {err}") from err
+    graph.params.update(params)
+    return verify(graph)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Parameters (``nn.Parameter``, shared ones once); buffers such as BatchNorm statistics excluded."""
+    return sum(param.numel() for param in model.parameters())
+
+
+# ------------------------------------------------------------------------------------ statistics
+
+def _model_device(model: nn.Module) -> torch.device:
+    for tensor in model.parameters():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    return value
+
+
+def _run_element(model: nn.Module, element: Any, index: int, device: torch.device) -> None:
+    if isinstance(element, Mapping):
+        call = lambda: model(**{key: _to_device(value, device) for key, value in element.items()})  # noqa: E731
+    elif isinstance(element, (list, tuple)):
+        call = lambda: model(*[_to_device(value, device) for value in element])  # noqa: E731
+    elif isinstance(element, torch.Tensor):
+        call = lambda: model(element.to(device))  # noqa: E731
+    else:
+        raise TypeError(f"datasets element {index} is a {type(element).__name__}; each element must be a dict "
+                        f"(keyword arguments), a list or tuple (positional arguments) or a torch.Tensor")
+    try:
+        call()
+    except _StatsError:
+        raise
+    except Exception as err:
+        raise ValueError(f"datasets element {index} does not fit the model: {type(err).__name__}: {err}") from err
+
+
+class _StatsError(ValueError):
+    """Bad activations seen while collecting statistics."""
+
+
+def _rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The layer input as rows of input features (channels last for convs)."""
+    if isinstance(module, nn.Linear):
+        return x.reshape(-1, module.in_features)
+    assert isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+    spatial = len(module.kernel_size)
+    channel_axis = 0 if x.dim() == spatial + 1 else 1  # unbatched input has no batch axis
+    return x.movedim(channel_axis, -1).reshape(-1, module.in_channels)
+
+
+def collect_stats(model: nn.Module, graph: Graph, datasets: Iterable[Any], max_iter: int = -1,
+                  names: Sequence[str] | None = None) -> dict[str, LayerStats]:
+    """Input second moments E[x xᵀ] (float64) of the Linear and Conv layers ``names``, from ``datasets``.
+
+    The model runs under ``torch.no_grad()`` in eval mode; its modes are restored and its hooks
+    removed afterwards, so the model is left as it was.
+    """
+    if isinstance(datasets, (str, bytes)) or not hasattr(datasets, "__iter__"):
+        raise TypeError(f"datasets must be an iterable of model inputs, got {type(datasets).__name__}")
+    modules = dict(model.named_modules())
+    wanted = [name for name in (names if names is not None else [n.name for n in graph.layers()])
+              if isinstance(modules.get(name), (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = dict.fromkeys(wanted, 0)
+
+    def make_hook(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            if not args or not isinstance(args[0], torch.Tensor):
+                return
+            rows = _rows(module, args[0].detach()).to(torch.float64)
+            if not torch.isfinite(rows).all():
+                raise _StatsError(f"the input of layer {name!r} holds NaN or Inf values; statistics need "
+                                  f"finite activations")
+            moment = rows.T @ rows
+            sums[name] = moment if name not in sums else sums[name] + moment
+            counts[name] += rows.shape[0]
+        return hook
+
+    modes = {module: module.training for module in model.modules()}
+    handles = [modules[name].register_forward_pre_hook(make_hook(name)) for name in wanted]
+    device = _model_device(model)
+    seen = 0
+    try:
+        model.eval()
+        with torch.no_grad():
+            for index, element in enumerate(datasets):
+                if max_iter > 0 and index >= max_iter:
+                    break
+                _run_element(model, element, index, device)
+                seen += 1
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, training in modes.items():
+            module.training = training
+    if seen == 0:
+        raise ValueError("datasets is empty: data-aware decomposition needs at least one element")
+    stats = {}
+    for name in wanted:
+        if counts[name] == 0:
+            logger.warning("layer %r saw no data during calibration; it is decomposed data-free", name)
+            continue
+        stats[name] = LayerStats((sums[name] / counts[name]).cpu().numpy(), counts[name])
+    return stats

@@ -1,0 +1,48 @@
+"""lowrank-ir: low-rank decomposition of trained neural networks through one layer IR.
+
+The public API is what ``__all__`` lists; everything in ``_``-prefixed modules may change.
+Importing this package imports numpy only, never a deep-learning framework: frameworks are loaded
+by the frontends and backends when a model of theirs is handed in.
+"""
+
+from lowrank_ir._api import Decompose, count_parameters
+from lowrank_ir._engine import LayerStats, Plan, PlanEntry, RewriteResult, plan, rewrite
+from lowrank_ir._files import SafeWriteUmask, atomic_write, write_json
+from lowrank_ir._ir import Graph, GraphError, Node, Op, Value, verify
+from lowrank_ir._logging import set_logger_level
+from lowrank_ir._policy import Policy, make_divisible
+from lowrank_ir._registry import framework_of
+from lowrank_ir._report import LayerReport, Report, build_report
+from lowrank_ir.serde import load_graph, save_graph
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Decompose",
+    "Graph",
+    "GraphError",
+    "LayerReport",
+    "LayerStats",
+    "Node",
+    "Op",
+    "Plan",
+    "PlanEntry",
+    "Policy",
+    "Report",
+    "RewriteResult",
+    "SafeWriteUmask",
+    "Value",
+    "__version__",
+    "atomic_write",
+    "build_report",
+    "count_parameters",
+    "framework_of",
+    "load_graph",
+    "make_divisible",
+    "plan",
+    "rewrite",
+    "save_graph",
+    "set_logger_level",
+    "verify",
+    "write_json",
+]

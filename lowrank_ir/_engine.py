@@ -1,0 +1,401 @@
+"""The engine: ``plan`` (graph + policy -> one rank per layer) and ``rewrite`` (graph + plan -> factorized graph).
+
+Both are plain functions with no hidden state. Factorized layers keep the source name as a prefix and
+number their parts the way ``nn.Sequential`` numbers children:
+
+* ``svd`` (Linear, MatMul, Embedding): ``fc`` -> ``fc.0`` (in -> r, no bias), ``fc.1`` (r -> out, the
+  original bias). An Embedding becomes ``emb.0`` (Embedding num -> r) and ``emb.1`` (Linear r -> dim).
+* ``tucker2`` (Conv): ``conv`` -> ``conv.0`` (1x1, in -> r_in), ``conv.1`` (the k x k core, original
+  stride/padding/dilation), ``conv.2`` (1x1, r_out -> out, the original bias).
+
+Layers are decomposed in parallel threads (numpy's LAPACK calls release the GIL) with BLAS limited to
+one thread per worker: oversubscribed OpenBLAS on a small machine is up to 100x slower.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from lowrank_ir import _linalg
+from lowrank_ir._evbmf import vbmf_ranks
+from lowrank_ir._ir import Graph, Node, Op, verify
+from lowrank_ir._policy import Policy, conv_ranks, matrix_rank
+
+__all__ = ["LayerStats", "Plan", "PlanEntry", "plan", "rewrite"]
+
+logger = logging.getLogger(__name__)
+
+SVD = "svd"
+TUCKER2 = "tucker2"
+
+
+@dataclass(slots=True)
+class LayerStats:
+    """Input statistics of one layer from calibration data: ``moment`` = E[x xᵀ] (float64), ``count`` rows."""
+
+    moment: np.ndarray
+    count: int
+    mean: np.ndarray | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PlanEntry:
+    """What happens to one layer: its ``form`` and ``rank`` (``(out, in)`` for tucker2), or why it is kept."""
+
+    name: str
+    op: Op
+    shape: tuple[int, ...]
+    form: str | None = None
+    rank: int | tuple[int, int] | None = None
+    reason: str = ""
+
+    @property
+    def decomposed(self) -> bool:
+        return self.form is not None
+
+
+@dataclass(slots=True)
+class Plan:
+    """The engine's decision for every layer of a graph, in graph order."""
+
+    entries: dict[str, PlanEntry] = field(default_factory=dict)
+
+    def decomposed(self) -> list[PlanEntry]:
+        return [entry for entry in self.entries.values() if entry.decomposed]
+
+    def kept(self) -> list[PlanEntry]:
+        return [entry for entry in self.entries.values() if not entry.decomposed]
+
+    def decompose_config(self) -> dict[str, int | list[int]]:
+        """The reference tool's ``decompose_config``: name -> rank, or [out rank, in rank] for convs."""
+        config: dict[str, int | list[int]] = {}
+        for entry in self.decomposed():
+            config[entry.name] = list(entry.rank) if isinstance(entry.rank, tuple) else int(entry.rank or 0)
+        return config
+
+
+# ----------------------------------------------------------------------------------------------- planning
+
+def _why_not_decomposable(node: Node, graph: Graph) -> str:
+    """Empty when the engine can factorize ``node``; otherwise the reason it is left alone."""
+    if "locked" in node.attrs:
+        return str(node.attrs["locked"])
+    if node.op is Op.CONV_TRANSPOSE:
+        return "ConvTranspose layers are not decomposed yet"
+    if node.op is Op.CONV and node.attrs["groups"] != 1:
+        return (f"grouped convolution (groups={node.attrs['groups']}): a Tucker-2 across groups would "
+                f"compute something else, so it is left alone")
+    if node.op is Op.EMBEDDING and node.attrs.get("max_norm") is not None:
+        return "Embedding with max_norm renormalises looked-up rows, which a factorization would change"
+    weight = graph.param(node, "weight")
+    if weight is not None and weight.dtype.kind not in "fc":
+        return f"weight dtype {weight.dtype} is not floating point"
+    return ""
+
+
+def _check_finite(node: Node, weight: np.ndarray) -> None:
+    if not np.isfinite(weight).all():
+        bad = int(weight.size - np.isfinite(weight).sum())
+        raise ValueError(f"layer {node.name!r}: weight {node.params['weight']!r} holds {bad} NaN or Inf "
+                         f"values; decomposition needs finite weights")
+
+
+def _matrix_view(node: Node, weight: np.ndarray) -> np.ndarray:
+    """The layer's weight as ``[out, in]`` (the MatMul weight is stored ``[in, out]``)."""
+    return weight.T if node.op is Op.MATMUL else weight
+
+
+def _plan_entry(node: Node, graph: Graph, policy: Policy) -> PlanEntry | None:
+    weight = graph.param(node, "weight")
+    assert weight is not None  # verify() guarantees it for layers
+    shape = tuple(int(dim) for dim in weight.shape)
+    spec = policy.spec_for(node.name)
+    if spec is None:
+        return PlanEntry(node.name, node.op, shape, reason="excluded by the policy")
+    reason = _why_not_decomposable(node, graph)
+    if reason:
+        return PlanEntry(node.name, node.op, shape, reason=reason)
+    _check_finite(node, weight)
+    exact = policy.kind == "config"
+    if node.op is Op.CONV:
+        if exact and isinstance(spec, int):
+            spec = (spec, spec)
+        ranks, reason = conv_ranks(shape, spec, policy.divisor, lambda: vbmf_ranks(weight), not exact)
+        if reason:
+            return PlanEntry(node.name, node.op, shape, reason=reason)
+        return PlanEntry(node.name, node.op, shape, TUCKER2, ranks)
+    if exact and not isinstance(spec, int):
+        raise ValueError(f"layer {node.name!r} ({node.op}) takes one int rank, the config gives {spec!r}")
+    matrix_shape = _matrix_view(node, weight).shape
+    rank, reason = matrix_rank((int(matrix_shape[0]), int(matrix_shape[1])), spec, policy.divisor,
+                               lambda: vbmf_ranks(weight), not exact)
+    if reason:
+        return PlanEntry(node.name, node.op, shape, reason=reason)
+    return PlanEntry(node.name, node.op, shape, SVD, rank)
+
+
+def plan(graph: Graph, policy: Policy) -> Plan:
+    """Choose a form and rank for every layer of ``graph`` under ``policy``.
+
+    Raises ``ValueError`` when a layer to be decomposed has NaN/Inf weights, and, for an exact
+    ``config`` policy, when the config names layers the graph does not have or ranks that don't fit.
+    """
+    result = Plan()
+    for node in graph.layers():
+        entry = _plan_entry(node, graph, policy)
+        if entry is not None:
+            result.entries[node.name] = entry
+    if policy.kind == "config":
+        _check_config_fits(graph, policy.value, result)
+    return result
+
+
+def _check_config_fits(graph: Graph, config: Mapping[str, Any], result: Plan) -> None:
+    unknown = [name for name in config if name not in result.entries]
+    if unknown:
+        layers = [node.name for node in graph.layers()]
+        shown = ", ".join(repr(name) for name in layers[:8]) + (" ..." if len(layers) > 8 else "")
+        raise ValueError(f"decompose_config names layers the model does not have (or that are not "
+                         f"decomposable): {unknown}; the model's layers are: {shown}")
+    for name in config:
+        entry = result.entries[name]
+        if not entry.decomposed:
+            raise ValueError(f"decompose_config asks to decompose {name!r}, which is left alone: {entry.reason}")
+        limits = _rank_limits(entry)
+        ranks = entry.rank if isinstance(entry.rank, tuple) else (entry.rank,)
+        if any(rank > limit for rank, limit in zip(ranks, limits)):  # type: ignore[operator]
+            raise ValueError(f"decompose_config gives {name!r} (weight {list(entry.shape)}) rank "
+                             f"{config[name]!r}, above its largest possible rank {list(limits)}")
+
+
+def _rank_limits(entry: PlanEntry) -> tuple[int, ...]:
+    if entry.form == TUCKER2:
+        return (entry.shape[0], entry.shape[1])
+    return (min(entry.shape[0], entry.shape[1]),)
+
+
+# ------------------------------------------------------------------------------------------ rewriting
+
+def _placeholder(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """A zero array of ``shape`` that takes no memory (structure-only rewrites)."""
+    return np.broadcast_to(np.zeros((), dtype=dtype), shape)
+
+
+def _wire(parts: list[Node], node: Node) -> None:
+    """Connect a chain of parts in place of ``node`` on dataflow graphs."""
+    if not node.inputs and not node.outputs:
+        return
+    previous = list(node.inputs)
+    for index, part in enumerate(parts):
+        part.inputs = previous
+        part.outputs = list(node.outputs) if index == len(parts) - 1 else [f"{node.name}.{index}:output"]
+        previous = part.outputs
+
+
+@dataclass(slots=True)
+class _Factors:
+    """The arrays of one factorized layer and its error figure."""
+
+    arrays: list[np.ndarray]
+    error: float | None = None
+    error_kind: str = "weight"
+
+
+def _output_error(delta: np.ndarray, weight: np.ndarray, moment: np.ndarray) -> float:
+    """||(W - W') C^{1/2}|| / ||W C^{1/2}|| = sqrt(tr(D C Dᵀ) / tr(W C Wᵀ))."""
+    num = float(np.einsum("ij,jk,ik->", delta, moment, delta))
+    den = float(np.einsum("ij,jk,ik->", weight, moment, weight))
+    return math.sqrt(max(num, 0.0) / den) if den > 0 else 0.0
+
+
+def _factor_matrix(matrix: np.ndarray, rank: int, stats: LayerStats | None) -> _Factors:
+    """``matrix [out, in] ≈ left @ right`` (data-aware when ``stats`` has the input moment)."""
+    matrix64 = matrix.astype(np.float64)
+    if stats is not None:
+        left, right = _linalg.whitened_svd_factors(matrix64, stats.moment, rank)
+        error = _output_error(matrix64 - left @ right, matrix64, stats.moment)
+        return _Factors([left, right], error, "output")
+    left, right = _linalg.svd_factors(matrix64, rank)
+    return _Factors([left, right], _linalg.relative_error(matrix64, left @ right))
+
+
+def _factor_kernel(kernel: np.ndarray, ranks: tuple[int, int], stats: LayerStats | None) -> _Factors:
+    kernel64 = kernel.astype(np.float64)
+    moment = None if stats is None else stats.moment
+    last, core, first = _linalg.tucker2(kernel64, ranks[0], ranks[1], moment=moment)
+    approx = _linalg.reconstruct_tucker2(last, core, first)
+    if moment is None:
+        return _Factors([first, core, last], _linalg.relative_error(kernel64, approx))
+    out, inp = kernel.shape[:2]
+    # Channel-moment estimate: each tap's [out, in] slice seen through the input-channel moment.
+    delta = (kernel64 - approx).transpose(0, *range(2, kernel.ndim), 1).reshape(-1, inp)
+    full = kernel64.transpose(0, *range(2, kernel.ndim), 1).reshape(-1, inp)
+    return _Factors([first, core, last], _output_error(delta, full, moment), "output")
+
+
+def _compute(node: Node, entry: PlanEntry, graph: Graph, stats: LayerStats | None) -> _Factors:
+    weight = graph.param(node, "weight")
+    assert weight is not None
+    try:
+        if entry.form == TUCKER2:
+            assert isinstance(entry.rank, tuple)
+            return _factor_kernel(weight, entry.rank, stats)
+        assert isinstance(entry.rank, int)
+        return _factor_matrix(_matrix_view(node, weight), entry.rank, stats)
+    except Exception as err:
+        raise ValueError(f"while decomposing layer {node.name!r} (weight {list(weight.shape)}, "
+                         f"rank {entry.rank}): {err}") from err
+
+
+def _parts_svd(node: Node, entry: PlanEntry, graph: Graph, arrays: list[np.ndarray] | None,
+               ) -> tuple[list[Node], dict[str, np.ndarray]]:
+    weight = graph.param(node, "weight")
+    assert weight is not None and isinstance(entry.rank, int)
+    rank, name, dtype = entry.rank, node.name, weight.dtype
+    out, inp = _matrix_view(node, weight).shape
+    if arrays is None:
+        left, right = _placeholder((out, rank), dtype), _placeholder((rank, inp), dtype)
+    else:
+        left, right = (array.astype(dtype) for array in arrays)
+    params: dict[str, np.ndarray] = {}
+    if node.op is Op.EMBEDDING:
+        lookup = {key: value for key, value in node.attrs.items() if key not in ("embedding_dim",)}
+        first = Node(Op.EMBEDDING, f"{name}.0", {**lookup, "embedding_dim": rank},
+                     {"weight": f"{name}.0.weight"})
+        second = Node(Op.LINEAR, f"{name}.1", {"in_features": rank, "out_features": inp},
+                      {"weight": f"{name}.1.weight"})
+        params[f"{name}.0.weight"], params[f"{name}.1.weight"] = left, np.ascontiguousarray(right.T)
+    elif node.op is Op.MATMUL:
+        first = Node(Op.MATMUL, f"{name}.0", {"in_features": inp, "out_features": rank},
+                     {"weight": f"{name}.0.weight"})
+        second = Node(Op.MATMUL, f"{name}.1", {"in_features": rank, "out_features": out},
+                      {"weight": f"{name}.1.weight"})
+        params[f"{name}.0.weight"] = np.ascontiguousarray(right.T)
+        params[f"{name}.1.weight"] = np.ascontiguousarray(left.T)
+    else:
+        extra = {key: value for key, value in node.attrs.items() if key not in ("in_features", "out_features")}
+        first = Node(Op.LINEAR, f"{name}.0", {"in_features": inp, "out_features": rank},
+                     {"weight": f"{name}.0.weight"})
+        second = Node(Op.LINEAR, f"{name}.1", {**extra, "in_features": rank, "out_features": out},
+                      {"weight": f"{name}.1.weight"})
+        params[f"{name}.0.weight"], params[f"{name}.1.weight"] = right, left
+    bias = graph.param(node, "bias")
+    if bias is not None:
+        second.params["bias"] = f"{name}.1.bias"
+        params[f"{name}.1.bias"] = bias
+    return [first, second], params
+
+
+def _parts_tucker2(node: Node, entry: PlanEntry, graph: Graph, arrays: list[np.ndarray] | None,
+                   ) -> tuple[list[Node], dict[str, np.ndarray]]:
+    weight = graph.param(node, "weight")
+    assert weight is not None and isinstance(entry.rank, tuple)
+    (rank_out, rank_in), name, dtype = entry.rank, node.name, weight.dtype
+    out, inp, kernel = weight.shape[0], weight.shape[1], tuple(weight.shape[2:])
+    ones = (1,) * len(kernel)
+    pointwise = {"kernel_size": ones, "stride": ones, "padding": (0,) * len(kernel), "dilation": ones,
+                 "groups": 1, "padding_mode": "zeros"}
+    shapes = [(rank_in, inp, *ones), (rank_out, rank_in, *kernel), (out, rank_out, *ones)]
+    if arrays is None:
+        kernels = [_placeholder(shape, dtype) for shape in shapes]
+    else:
+        kernels = [array.reshape(shape).astype(dtype) for array, shape in zip(arrays, shapes)]
+    keep = {key: value for key, value in node.attrs.items()
+            if key not in ("in_channels", "out_channels", "kernel_size", "groups")}
+    parts = [
+        Node(Op.CONV, f"{name}.0", {"in_channels": inp, "out_channels": rank_in, **pointwise}),
+        Node(Op.CONV, f"{name}.1", {**keep, "in_channels": rank_in, "out_channels": rank_out,
+                                    "kernel_size": kernel, "groups": 1}),
+        Node(Op.CONV, f"{name}.2", {"in_channels": rank_out, "out_channels": out, **pointwise}),
+    ]
+    params = {}
+    for index, (part, array) in enumerate(zip(parts, kernels)):
+        part.params["weight"] = f"{name}.{index}.weight"
+        params[f"{name}.{index}.weight"] = array
+    bias = graph.param(node, "bias")
+    if bias is not None:
+        parts[2].params["bias"] = f"{name}.2.bias"
+        params[f"{name}.2.bias"] = bias
+    return parts, params
+
+
+@dataclass(slots=True)
+class RewriteResult:
+    """The factorized graph, and per decomposed layer its error figure (None for structure only)."""
+
+    graph: Graph
+    errors: dict[str, tuple[float, str]]
+
+
+def _workers(requested: int | None, jobs: int) -> int:
+    if requested is not None:
+        return max(1, min(requested, jobs))
+    return max(1, min(os.cpu_count() or 1, jobs))
+
+
+def _run_parallel(tasks: list[Callable[[], _Factors]], workers: int) -> list[_Factors]:
+    """Run the layer tasks on ``workers`` threads, BLAS limited to ``ceil(cores / workers)`` threads each."""
+    if not tasks:
+        return []
+    blas_threads = max(1, (os.cpu_count() or 1) // workers)
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - threadpoolctl is a dependency; keep working without it
+        threadpool_limits = None
+    limits = threadpool_limits(limits=blas_threads, user_api="blas") if threadpool_limits else None
+    try:
+        if workers == 1:
+            return [task() for task in tasks]
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lowrank") as pool:
+            futures = [pool.submit(task) for task in tasks]
+            return [future.result() for future in futures]
+    finally:
+        if limits is not None:
+            limits.restore_original_limits()
+
+
+def rewrite(graph: Graph, the_plan: Plan, stats: Mapping[str, LayerStats] | None = None,
+            weights: bool = True, workers: int | None = None,
+            progress: Callable[[Iterable[Any]], Iterable[Any]] | None = None) -> RewriteResult:
+    """A new graph with every decomposed layer of ``the_plan`` replaced by its factors.
+
+    ``stats`` (layer name -> input statistics) makes the factorization data-aware for the layers it
+    covers. ``weights=False`` builds the structure only (parameters are zero placeholders, no linear
+    algebra runs). ``graph`` itself is not changed.
+    """
+    entries = [entry for entry in the_plan.decomposed() if entry.name in graph]
+    missing = [entry.name for entry in the_plan.decomposed() if entry.name not in graph]
+    if missing:
+        raise ValueError(f"the plan names layers the graph does not have: {missing}")
+    stats = stats or {}
+    results: list[_Factors | None] = [None] * len(entries)
+    if weights:
+        tasks = [
+            (lambda entry=entry: _compute(graph.node(entry.name), entry, graph, stats.get(entry.name)))
+            for entry in entries
+        ]
+        results = list(_run_parallel(tasks, _workers(workers, len(tasks))))
+    new = graph.copy()
+    factorized: dict[str, list[str]] = dict(new.meta.get("factorized", {}))
+    errors: dict[str, tuple[float, str]] = {}
+    for entry, result in zip(entries, results):
+        node = new.node(entry.name)
+        arrays = None if result is None else result.arrays
+        builder = _parts_tucker2 if entry.form == TUCKER2 else _parts_svd
+        parts, params = builder(node, entry, new, arrays)
+        _wire(parts, node)
+        new.replace_node(node.name, parts, params, drop_params=node.params.values())
+        factorized[entry.name] = [part.name for part in parts]
+        if result is not None and result.error is not None:
+            errors[entry.name] = (result.error, result.error_kind)
+    new.meta["factorized"] = factorized
+    verify(new)
+    return RewriteResult(new, errors)

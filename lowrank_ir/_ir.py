@@ -1,0 +1,304 @@
+"""The layer IR: a closed set of ops, nodes, graphs, and ``verify``.
+
+A :class:`Graph` is a list of :class:`Node` in topological order plus the arrays they use
+(``params``, name -> numpy array, named as the source framework names them). A node refers to its
+arrays by *role* (``{"weight": "fc.weight", "bias": "fc.bias"}``), so a rewrite can rename arrays
+without touching the node's meaning.
+
+The op set is closed (:class:`Op`). Each op's attributes are documented once, here:
+
+``Linear``      y = x Wᵀ + b.  weight ``[out_features, in_features]``, optional bias ``[out_features]``.
+                attrs: ``in_features``, ``out_features``; optional ``activation`` (a name applied after
+                the layer, e.g. MindSpore ``Dense(activation=...)``).
+``Conv``        N-d convolution.  weight ``[out_channels, in_channels // groups, *kernel_size]``,
+                optional bias ``[out_channels]``. attrs: ``in_channels``, ``out_channels``,
+                ``kernel_size`` (tuple), ``stride`` (tuple), ``padding`` (tuple of per-dimension
+                padding, or ``"same"`` / ``"valid"``), ``dilation`` (tuple), ``groups`` (int),
+                ``padding_mode`` (``"zeros"``, ``"reflect"``, ``"replicate"``, ``"circular"``).
+``ConvTranspose`` weight ``[in_channels, out_channels // groups, *kernel_size]``; attrs as ``Conv``
+                plus ``output_padding`` (tuple).
+``Embedding``   row lookup.  weight ``[num_embeddings, embedding_dim]``. attrs: ``num_embeddings``,
+                ``embedding_dim``, ``padding_idx`` (int or None), plus the source's lookup options
+                (``max_norm``, ``norm_type``, ``scale_grad_by_freq``, ``sparse``).
+``MatMul``      y = x W by a constant.  weight ``[in_features, out_features]``. attrs: ``in_features``,
+                ``out_features``.
+``Opaque``      anything else, carried untouched. attrs: ``source_op`` (the ONNX op type or module type
+                name) and the source's own attributes.
+
+Nodes lowered from a module tree (PyTorch, MindSpore) have empty ``inputs``/``outputs``: the tree,
+not the IR, knows the dataflow. Nodes from a dataflow source (ONNX) name their values.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+__all__ = ["Graph", "GraphError", "Node", "Op", "Value", "verify"]
+
+
+class Op(str, enum.Enum):
+    """The closed set of node ops; see the module docstring for each op's attributes."""
+
+    LINEAR = "Linear"
+    CONV = "Conv"
+    CONV_TRANSPOSE = "ConvTranspose"
+    EMBEDDING = "Embedding"
+    MATMUL = "MatMul"
+    OPAQUE = "Opaque"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+#: Attributes every node of an op must carry.
+REQUIRED_ATTRS: dict[Op, tuple[str, ...]] = {
+    Op.LINEAR: ("in_features", "out_features"),
+    Op.CONV: ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups"),
+    Op.CONV_TRANSPOSE: ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation",
+                        "groups"),
+    Op.EMBEDDING: ("num_embeddings", "embedding_dim"),
+    Op.MATMUL: ("in_features", "out_features"),
+    Op.OPAQUE: ("source_op",),
+}
+
+#: Ops whose weight the engine can factorize.
+LAYER_OPS = frozenset({Op.LINEAR, Op.CONV, Op.CONV_TRANSPOSE, Op.EMBEDDING, Op.MATMUL})
+
+
+class GraphError(ValueError):
+    """A graph failed :func:`verify`; the message lists every problem found."""
+
+
+@dataclass(slots=True, eq=False)
+class Value:
+    """A graph input or output: name, element type (numpy dtype name) and shape (dims or symbols)."""
+
+    name: str
+    dtype: str | None = None
+    shape: tuple[int | str | None, ...] | None = None
+
+
+@dataclass(slots=True, eq=False)
+class Node:
+    """One layer or opaque operation. Compared by identity, like every IR object."""
+
+    op: Op
+    name: str
+    attrs: dict[str, Any] = field(default_factory=dict)
+    params: dict[str, str] = field(default_factory=dict)
+    inputs: list[str] = field(default_factory=list)
+    outputs: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.op, Op):
+            try:
+                self.op = Op(self.op)
+            except ValueError as err:
+                known = ", ".join(op.value for op in Op)
+                raise ValueError(f"unknown op {self.op!r} for node {self.name!r}; known ops: {known}") from err
+
+    @property
+    def is_layer(self) -> bool:
+        """Whether the engine can factorize this node's weight."""
+        return self.op in LAYER_OPS
+
+
+class Graph:
+    """Nodes in topological order, their arrays, graph inputs/outputs and metadata.
+
+    Change a graph through its methods (:meth:`add_node`, :meth:`replace_node`, :meth:`set_param`) so
+    that node names stay unique and every referenced array stays present.
+    """
+
+    __slots__ = ("_nodes", "_index", "params", "inputs", "outputs", "meta")
+
+    def __init__(
+        self,
+        nodes: Iterable[Node] = (),
+        params: Mapping[str, np.ndarray] | None = None,
+        inputs: Iterable[Value] = (),
+        outputs: Iterable[Value] = (),
+        meta: Mapping[str, Any] | None = None,
+    ) -> None:
+        self._nodes: list[Node] = []
+        self._index: dict[str, Node] = {}
+        self.params: dict[str, np.ndarray] = dict(params or {})
+        self.inputs: list[Value] = list(inputs)
+        self.outputs: list[Value] = list(outputs)
+        self.meta: dict[str, Any] = dict(meta or {})
+        for node in nodes:
+            self.add_node(node)
+
+    def __repr__(self) -> str:
+        layers = sum(1 for node in self._nodes if node.is_layer)
+        return (f"Graph({len(self._nodes)} nodes, {layers} layers, {len(self.params)} params, "
+                f"source={self.meta.get('source')!r})")
+
+    @property
+    def nodes(self) -> tuple[Node, ...]:
+        """The nodes, in topological order (read-only view)."""
+        return tuple(self._nodes)
+
+    def __iter__(self) -> Iterator[Node]:
+        return iter(self._nodes)
+
+    def __len__(self) -> int:
+        return len(self._nodes)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._index
+
+    def node(self, name: str) -> Node:
+        """The node called ``name``; ``KeyError`` names close matches when there is none."""
+        try:
+            return self._index[name]
+        except KeyError:
+            raise KeyError(f"no node named {name!r} in the graph") from None
+
+    def layers(self) -> list[Node]:
+        """The nodes whose weight the engine can factorize."""
+        return [node for node in self._nodes if node.is_layer]
+
+    def param(self, node: Node, role: str) -> np.ndarray | None:
+        """The array ``node`` uses in ``role``, or None if it has none in that role."""
+        name = node.params.get(role)
+        return None if name is None else self.params[name]
+
+    def add_node(self, node: Node) -> None:
+        if node.name in self._index:
+            raise GraphError(f"a node named {node.name!r} is already in the graph")
+        self._nodes.append(node)
+        self._index[node.name] = node
+
+    def set_param(self, name: str, array: np.ndarray) -> None:
+        self.params[name] = array
+
+    def replace_node(self, name: str, new_nodes: list[Node], new_params: Mapping[str, np.ndarray],
+                     drop_params: Iterable[str] = ()) -> None:
+        """Put ``new_nodes`` where node ``name`` was, add ``new_params`` and drop ``drop_params``.
+
+        Dropped arrays still used by another node are kept.
+        """
+        old = self.node(name)
+        position = self._nodes.index(old)
+        clash = [node.name for node in new_nodes if node.name in self._index and node.name != name]
+        if clash:
+            raise GraphError(f"replacing {name!r}: node names already in the graph: {clash}")
+        del self._index[name]
+        self._nodes[position:position + 1] = new_nodes
+        for node in new_nodes:
+            self._index[node.name] = node
+        self.params.update(new_params)
+        still_used = {param for node in self._nodes for param in node.params.values()}
+        for param in drop_params:
+            if param not in still_used:
+                self.params.pop(param, None)
+
+    def copy(self) -> Graph:
+        """A graph with copied nodes and containers; the arrays themselves are shared (treat them as immutable)."""
+        nodes = [Node(node.op, node.name, dict(node.attrs), dict(node.params), list(node.inputs),
+                      list(node.outputs)) for node in self._nodes]
+        return Graph(nodes, dict(self.params),
+                     [Value(v.name, v.dtype, v.shape) for v in self.inputs],
+                     [Value(v.name, v.dtype, v.shape) for v in self.outputs], dict(self.meta))
+
+
+def _expected_weight_shape(node: Node) -> tuple[int, ...] | None:
+    """The weight shape a layer's attributes imply (None when the op has no fixed weight shape)."""
+    attrs = node.attrs
+    if node.op is Op.LINEAR:
+        return (attrs["out_features"], attrs["in_features"])
+    if node.op is Op.MATMUL:
+        return (attrs["in_features"], attrs["out_features"])
+    if node.op is Op.EMBEDDING:
+        return (attrs["num_embeddings"], attrs["embedding_dim"])
+    if node.op is Op.CONV:
+        return (attrs["out_channels"], attrs["in_channels"] // attrs["groups"], *attrs["kernel_size"])
+    if node.op is Op.CONV_TRANSPOSE:
+        return (attrs["in_channels"], attrs["out_channels"] // attrs["groups"], *attrs["kernel_size"])
+    return None
+
+
+def _layer_problems(node: Node, graph: Graph) -> list[str]:
+    """Problems with one layer's attributes and weight shapes."""
+    where = f"node {node.name!r} ({node.op})"
+    problems = []
+    if "weight" not in node.params:
+        return [f"{where}: a layer needs a 'weight' param, has roles {sorted(node.params)}"]
+    if node.op in (Op.CONV, Op.CONV_TRANSPOSE):
+        attrs = node.attrs
+        ndim = len(attrs["kernel_size"])
+        for key in ("stride", "dilation"):
+            if len(attrs[key]) != ndim:
+                problems.append(f"{where}: {key}={attrs[key]!r} has not {ndim} entries like kernel_size")
+        groups = attrs["groups"]
+        if groups < 1 or attrs["in_channels"] % groups or attrs["out_channels"] % groups:
+            problems.append(f"{where}: groups={groups} must divide in_channels={attrs['in_channels']} "
+                            f"and out_channels={attrs['out_channels']}")
+            return problems
+    weight = graph.params.get(node.params["weight"])
+    expected = _expected_weight_shape(node)
+    if weight is not None and expected is not None and tuple(weight.shape) != expected:
+        problems.append(f"{where}: weight {node.params['weight']!r} has shape {tuple(weight.shape)}, "
+                        f"its attributes imply {expected}")
+    bias_name = node.params.get("bias")
+    if bias_name is not None and bias_name in graph.params and expected is not None:
+        out = node.attrs.get("out_features", node.attrs.get("out_channels"))
+        if tuple(graph.params[bias_name].shape) != (out,):
+            problems.append(f"{where}: bias {bias_name!r} has shape {tuple(graph.params[bias_name].shape)}, "
+                            f"expected ({out},)")
+    return problems
+
+
+def verify(graph: Graph) -> Graph:
+    """Check that ``graph`` is consistent; raise :class:`GraphError` listing every problem.
+
+    Checks: node names unique; each node's required attributes present; every param a node refers to
+    is in ``graph.params``; layer weight (and bias) shapes agree with the attributes; on dataflow
+    graphs, every node input is produced earlier (a graph input, a param, or an earlier output).
+    Returns the graph, so it can end a pipeline.
+    """
+    problems: list[str] = []
+    seen: set[str] = set()
+    defined = {value.name for value in graph.inputs} | set(graph.params) | {""}
+    for node in graph.nodes:
+        where = f"node {node.name!r} ({node.op})"
+        if node.name in seen:
+            problems.append(f"{where}: name used twice")
+        seen.add(node.name)
+        missing_attrs = [key for key in REQUIRED_ATTRS[node.op] if key not in node.attrs]
+        if missing_attrs:
+            problems.append(f"{where}: missing attributes {missing_attrs}")
+            continue
+        missing_params = [name for name in node.params.values() if name not in graph.params]
+        if missing_params:
+            problems.append(f"{where}: refers to params not in the graph: {missing_params}")
+        for name in node.params.values():
+            array = graph.params.get(name)
+            if array is not None and not isinstance(array, np.ndarray):
+                problems.append(f"{where}: param {name!r} is a {type(array).__name__}, not a numpy array")
+        if node.is_layer:
+            problems.extend(_layer_problems(node, graph))
+        undefined = [value for value in node.inputs if value not in defined]
+        if undefined:
+            problems.append(f"{where}: inputs {undefined} are not produced before it (not topologically "
+                            f"ordered, or missing)")
+        defined.update(node.outputs)
+    produced = defined
+    for value in graph.outputs:
+        if graph.nodes and any(node.outputs for node in graph.nodes) and value.name not in produced:
+            problems.append(f"graph output {value.name!r} is produced by no node")
+    if problems:
+        raise GraphError("invalid graph:\n  " + "\n  ".join(problems))
+    return graph
+
+
+def num_elements(shape: Iterable[int]) -> int:
+    """Number of elements of an array of ``shape``."""
+    return math.prod(int(dim) for dim in shape)

@@ -1,0 +1,508 @@
+"""Dense linear algebra of the decomposition engine: truncated SVD, whitening, Tucker-2.
+
+Everything here is pure numpy, computed in float64, and returns float64 arrays (callers cast
+to the model's dtype). Every function validates its inputs before computing anything.
+
+Conventions: a 2-D weight ``W`` is ``[out, in]`` and acts as ``y = W x``; a convolution kernel
+``K`` is ``[out, in, *k]`` with one to three spatial dimensions ``k``. ``C = E[x xᵀ]`` (``[in, in]``)
+is the second moment of the layer's input, measured on calibration data.
+
+Formulas:
+
+- Truncated SVD (data-free, Eckart–Young optimal). ``W = U S Vᵀ``::
+
+      W ≈ left @ right,   left = U_r √S_r  [out, r],   right = √S_r V_rᵀ  [r, in]
+
+  and ``||W - left @ right||_F = sqrt(Σ_{i>r} s_i²)``.
+
+- Deterministic signs (``svd_flip``): in every component, the entry of largest absolute value of
+  the left vector is made positive and the right vector is flipped with it, so ``U S Vᵀ`` is
+  unchanged and the same input always gives the same factors.
+
+- Whitened SVD (data-aware): minimise the expected output error
+  ``E||(W - W')x||² = ||(W - W') C^{1/2}||_F²`` over ``rank(W') <= r``. With the symmetric
+  square root ``C^{1/2}`` (``psd_sqrt``, eigenvalues clipped at 0) and ``A = W C^{1/2} = U S Vᵀ``::
+
+      W' = U_r U_rᵀ W,     since  W' C^{1/2} = U_r U_rᵀ A = U_r S_r V_rᵀ = A_r
+
+  so the output error equals the Eckart–Young optimum ``||A - A_r||_F``. No inverse of ``C`` is
+  needed, which keeps this exact when ``C`` is singular. The factors are balanced:
+  ``B = U_rᵀ W``, ``g_i = sqrt(||B[i]||)`` (1 where the row is zero), ``left = U_r diag(g)``,
+  ``right = diag(g)⁻¹ B``. With ``C = I`` this is exactly the truncated SVD above.
+
+- Tucker-2 of a kernel over its out (0) and in (1) modes::
+
+      K[o, i, ...] ≈ Σ_{a,b} last[o, a] core[a, b, ...] first[b, i]
+
+  computed by HOOI (higher-order orthogonal iteration) started from the HOSVD: each mode's
+  factor is the leading left singular subspace of the kernel projected on the other mode's factor,
+  alternated until the fit ``||core||_F / ||K||_F`` stops changing. ``last`` has orthonormal
+  columns and ``first`` orthonormal rows, so ``core = lastᵀ ×_out K ×_in first``.
+
+- Data-aware Tucker-2: the in mode is whitened, ``K' = K ×_in C^{1/2}`` (every ``K[:, :, taps]``
+  multiplied by ``C^{1/2}`` on the right), HOOI gives ``last, core, first'`` in whitened space, and
+  ``first = first' (C^{1/2})⁺`` maps the in-factor back (pseudo-inverse with eigenvalues of ``C``
+  below ``1e-10 · max`` treated as zero), so that on inputs in ``range(C)`` the factorized layer
+  computes the whitened Tucker-2 approximation.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+
+__all__ = [
+    "psd_sqrt",
+    "reconstruct_tucker2",
+    "relative_error",
+    "svd_factors",
+    "svd_flip",
+    "tucker2",
+    "whitened_svd_factors",
+]
+
+Array = NDArray[np.float64]
+
+#: Eigenvalues of a moment matrix below this fraction of the largest one are treated as zero when
+#: the square root is inverted (the data-aware Tucker-2 in-factor).
+PINV_RELATIVE_THRESHOLD = 1e-10
+
+#: A moment matrix whose most negative eigenvalue is below ``-NEGATIVE_EIGENVALUE_TOLERANCE · max|λ|``
+#: is not a second moment (rounding of a float32 accumulation stays far below this).
+NEGATIVE_EIGENVALUE_TOLERANCE = 1e-3
+
+#: Largest accepted asymmetry of a moment matrix, relative to its largest absolute entry.
+ASYMMETRY_TOLERANCE = 1e-5
+
+_TINY = float(np.finfo(np.float64).tiny)
+
+
+# --------------------------------------------------------------------------------------------
+# validation helpers
+
+
+def _as_float64(value: ArrayLike, name: str) -> Array:
+    """Returns ``value`` as a float64 array, rejecting empty and non-finite input."""
+    array = np.asarray(value, dtype=np.float64)
+    if array.size == 0:
+        raise ValueError(f"{name} has shape {array.shape!r}: it has no entries to decompose")
+    if not np.all(np.isfinite(array)):
+        count = int(array.size - np.count_nonzero(np.isfinite(array)))
+        raise ValueError(f"{name} of shape {array.shape!r} contains NaN or Inf ({count} entries)")
+    return array
+
+
+def _as_matrix(value: ArrayLike, name: str) -> Array:
+    """Returns ``value`` as a finite float64 2-D array."""
+    array = np.asarray(value)
+    if array.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D matrix [out, in], got shape {array.shape!r}")
+    return _as_float64(array, name)
+
+
+def _check_rank(rank: object, name: str, upper: int, what: str) -> int:
+    """Returns ``rank`` as an int after checking ``1 <= rank <= upper``."""
+    if isinstance(rank, bool):
+        raise TypeError(f"{name} must be an integer, got {rank!r}")
+    try:
+        value = operator.index(rank)  # type: ignore[call-overload]
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, got {rank!r}") from None
+    if not 1 <= value <= upper:
+        raise ValueError(f"{name}={value!r} is out of range: it must be in [1, {upper}] ({what})")
+    return int(value)
+
+
+# --------------------------------------------------------------------------------------------
+# SVD
+
+
+def svd_flip(u: ArrayLike, vt: ArrayLike) -> tuple[Array, Array]:
+    """Makes the signs of an SVD deterministic.
+
+    For each component ``j``, the entry of largest absolute value in ``u[:, j]`` is made positive
+    and ``vt[j]`` is flipped with it, so ``u @ diag(s) @ vt`` is unchanged. ``u`` may be tall or
+    wide; when ``u`` and ``vt`` hold different numbers of components (``full_matrices=True``),
+    unpaired left vectors are still normalised and unpaired right vectors are left alone. Ties
+    are broken by the first (lowest-index) entry; an all-zero column keeps its sign.
+
+    Args:
+        u: Left singular vectors as columns, ``[m, k]``.
+        vt: Right singular vectors as rows, ``[k', n]``.
+
+    Returns:
+        ``(u, vt)``: new float64 arrays with the signs fixed.
+
+    Raises:
+        ValueError: If ``u`` or ``vt`` is not 2-D.
+    """
+    u_arr = np.array(u, dtype=np.float64)
+    vt_arr = np.array(vt, dtype=np.float64)
+    if u_arr.ndim != 2 or vt_arr.ndim != 2:
+        raise ValueError(f"svd_flip expects 2-D u and vt, got shapes {u_arr.shape!r} and {vt_arr.shape!r}")
+    signs = _column_signs(u_arr)
+    u_arr *= signs
+    paired = min(u_arr.shape[1], vt_arr.shape[0])
+    vt_arr[:paired] *= signs[:paired, None]
+    return u_arr, vt_arr
+
+
+def _column_signs(matrix: Array) -> Array:
+    """Returns, per column, the sign (+1 or -1) of the entry of largest absolute value."""
+    if matrix.shape[0] == 0:
+        return np.ones(matrix.shape[1])
+    rows = np.argmax(np.abs(matrix), axis=0)
+    signs = np.sign(matrix[rows, np.arange(matrix.shape[1])])
+    signs[signs == 0] = 1.0
+    return signs
+
+
+def svd_factors(weight: ArrayLike, rank: int) -> tuple[Array, Array]:
+    """Truncated SVD of a 2-D weight, singular values split evenly: ``W ≈ left @ right``.
+
+    ``left = U_r √S_r`` and ``right = √S_r V_rᵀ`` with signs fixed by :func:`svd_flip`. The error
+    ``||W - left @ right||_F`` is ``sqrt(Σ_{i>r} s_i²)``, the smallest possible at rank ``r``.
+
+    Args:
+        weight: ``[out, in]`` matrix.
+        rank: Number of components kept, ``1 <= rank <= min(out, in)``.
+
+    Returns:
+        ``(left [out, rank], right [rank, in])`` in float64.
+
+    Raises:
+        ValueError: If the weight is not a finite non-empty 2-D matrix or the rank is out of range.
+        TypeError: If the rank is not an integer.
+    """
+    matrix = _as_matrix(weight, "weight")
+    out_dim, in_dim = matrix.shape
+    rank = _check_rank(rank, "rank", min(out_dim, in_dim), f"min(out={out_dim}, in={in_dim})")
+    u, s, vt = np.linalg.svd(matrix, full_matrices=False)
+    u, vt = svd_flip(u[:, :rank], vt[:rank])
+    root = np.sqrt(s[:rank])
+    return u * root, root[:, None] * vt
+
+
+# --------------------------------------------------------------------------------------------
+# second moments
+
+
+def _psd_eig(moment: ArrayLike, name: str = "moment") -> tuple[Array, Array]:
+    """Eigen-decomposition of a symmetric PSD matrix with rounding noise removed.
+
+    Returns ``(eigenvalues, eigenvectors)`` with eigenvalues ascending, negative and tiny ones
+    (below ``n · eps · max``) set to exactly zero.
+    """
+    raw = np.asarray(moment)
+    if raw.ndim != 2 or raw.shape[0] != raw.shape[1]:
+        raise ValueError(f"{name} must be a square [in, in] matrix, got shape {raw.shape!r}")
+    matrix = _as_float64(raw, name)
+    scale = float(np.max(np.abs(matrix)))
+    asymmetry = float(np.max(np.abs(matrix - matrix.T)))
+    if asymmetry > ASYMMETRY_TOLERANCE * scale:
+        raise ValueError(
+            f"{name} must be symmetric: max |C - Cᵀ| = {asymmetry:.3g} for max |C| = {scale:.3g}"
+        )
+    matrix = 0.5 * (matrix + matrix.T)
+    values, vectors = np.linalg.eigh(matrix)
+    magnitude = float(np.max(np.abs(values)))
+    if values[0] < -NEGATIVE_EIGENVALUE_TOLERANCE * magnitude:
+        raise ValueError(
+            f"{name} is not positive semi-definite: eigenvalue {values[0]:.3g} for max |eigenvalue| "
+            f"{magnitude:.3g} (an input second moment E[x xᵀ] has none below zero)"
+        )
+    cutoff = matrix.shape[0] * np.finfo(np.float64).eps * max(float(values[-1]), 0.0)
+    values = np.where(values > cutoff, values, 0.0)
+    return values, vectors
+
+
+def psd_sqrt(moment: ArrayLike) -> Array:
+    """Symmetric square root ``C^{1/2}`` of a symmetric positive semi-definite matrix.
+
+    Computed from ``eigh`` in float64; negative eigenvalues (rounding) and tiny ones (below
+    ``n · eps · max``) are clipped to zero, so singular moments are handled exactly.
+
+    Args:
+        moment: ``[n, n]`` symmetric PSD matrix, e.g. ``E[x xᵀ]``.
+
+    Returns:
+        ``S`` ``[n, n]``, symmetric, with ``S @ S ≈ C``.
+
+    Raises:
+        ValueError: If the matrix is not square, has NaN or Inf, is not symmetric, or has a clearly
+            negative eigenvalue.
+    """
+    values, vectors = _psd_eig(moment)
+    root = vectors * np.sqrt(values)
+    result = root @ vectors.T
+    return 0.5 * (result + result.T)
+
+
+def _psd_sqrt_and_pinv(moment: ArrayLike, in_dim: int) -> tuple[Array, Array]:
+    """Returns ``(C^{1/2}, (C^{1/2})⁺)`` for an ``[in_dim, in_dim]`` moment."""
+    raw = np.asarray(moment)
+    if raw.shape != (in_dim, in_dim):
+        raise ValueError(f"moment must have shape ({in_dim}, {in_dim}) [in, in], got {raw.shape!r}")
+    values, vectors = _psd_eig(raw)
+    roots = np.sqrt(values)
+    kept = values > PINV_RELATIVE_THRESHOLD * max(float(values[-1]), 0.0)
+    inverse_roots = np.zeros_like(roots)
+    inverse_roots[kept] = 1.0 / roots[kept]
+    sqrt_matrix = (vectors * roots) @ vectors.T
+    pinv_matrix = (vectors * inverse_roots) @ vectors.T
+    return 0.5 * (sqrt_matrix + sqrt_matrix.T), 0.5 * (pinv_matrix + pinv_matrix.T)
+
+
+def whitened_svd_factors(weight: ArrayLike, moment: ArrayLike, rank: int) -> tuple[Array, Array]:
+    """Data-aware truncated SVD: minimises the output error ``||(W - left @ right) C^{1/2}||_F``.
+
+    ``A = W C^{1/2} = U S Vᵀ``; the optimum at rank ``r`` is ``W' = U_r U_rᵀ W`` (its output error
+    is the Eckart–Young error of ``A``), split as ``left = U_r diag(g)``,
+    ``right = diag(g)⁻¹ U_rᵀ W`` with ``g_i = sqrt(||(U_rᵀ W)[i]||)``. No inverse of ``C`` is
+    taken, so a singular ``C`` (inputs confined to a subspace) is fine. With ``C = I`` this equals
+    :func:`svd_factors`.
+
+    Args:
+        weight: ``[out, in]`` matrix acting as ``y = W x``.
+        moment: ``[in, in]`` input second moment ``E[x xᵀ]``.
+        rank: Number of components kept, ``1 <= rank <= min(out, in)``.
+
+    Returns:
+        ``(left [out, rank], right [rank, in])`` in float64.
+
+    Raises:
+        ValueError: On a non-finite or non-2-D weight, a moment of the wrong shape or not
+            symmetric PSD, or a rank out of range.
+        TypeError: If the rank is not an integer.
+    """
+    matrix = _as_matrix(weight, "weight")
+    out_dim, in_dim = matrix.shape
+    rank = _check_rank(rank, "rank", min(out_dim, in_dim), f"min(out={out_dim}, in={in_dim})")
+    raw_moment = np.asarray(moment)
+    if raw_moment.shape != (in_dim, in_dim):
+        raise ValueError(
+            f"moment must have shape ({in_dim}, {in_dim}) [in, in] for a weight of shape "
+            f"{matrix.shape!r}, got {raw_moment.shape!r}"
+        )
+    whitened = matrix @ psd_sqrt(raw_moment)
+    u, _, vt = np.linalg.svd(whitened, full_matrices=False)
+    u, _ = svd_flip(u, vt)
+    basis = u[:, :rank]
+    projected = basis.T @ matrix
+    row_norms = np.linalg.norm(projected, axis=1)
+    balance = np.ones(rank)
+    nonzero = row_norms > 0
+    balance[nonzero] = np.sqrt(row_norms[nonzero])
+    return basis * balance, projected / balance[:, None]
+
+
+# --------------------------------------------------------------------------------------------
+# Tucker-2
+
+
+def _leading_left_subspace(matrix: Array, rank: int) -> Array:
+    """Returns ``rank`` leading left singular vectors of ``matrix`` ``[n, m]`` as columns ``[n, rank]``.
+
+    Wide matrices use the eigenvectors of the Gram matrix ``M Mᵀ`` (``n x n``, about ten times
+    faster than the SVD of a wide unfolding and accurate for the leading subspace); tall ones use
+    the SVD, completed to a full basis when ``rank`` exceeds the number of columns.
+    """
+    rows, cols = matrix.shape
+    if cols >= rows:
+        _, vectors = np.linalg.eigh(matrix @ matrix.T)
+        # Descending order; contiguous, because matmul on negative strides bypasses BLAS.
+        return np.ascontiguousarray(vectors[:, ::-1][:, :rank])
+    u, _, _ = np.linalg.svd(matrix, full_matrices=rank > cols)
+    return np.ascontiguousarray(u[:, :rank])
+
+
+def _project_in(kernel: Array, first: Array) -> Array:
+    """``Y[o, b, t] = Σ_i first[b, i] K[o, i, t]`` for ``K`` ``[out, in, T]``."""
+    return np.matmul(first, kernel)
+
+
+def _project_out(kernel: Array, last: Array) -> Array:
+    """``Z[a, i, t] = Σ_o last[o, a] K[o, i, t]`` for ``K`` ``[out, in, T]``."""
+    out_dim, in_dim, taps = kernel.shape
+    return (last.T @ kernel.reshape(out_dim, in_dim * taps)).reshape(last.shape[1], in_dim, taps)
+
+
+def _unfold_in(tensor: Array) -> Array:
+    """Mode-1 unfolding of ``[a, i, t]``: ``[i, a * t]``."""
+    return tensor.transpose(1, 0, 2).reshape(tensor.shape[1], -1)
+
+
+def _hooi(kernel: Array, rank_out: int, rank_in: int, max_iter: int, tol: float) -> tuple[Array, Array, Array]:
+    """HOOI on a 3-D ``[out, in, T]`` kernel; returns ``(last, core, first)`` with fixed signs."""
+    out_dim = kernel.shape[0]
+    norm = max(float(np.linalg.norm(kernel)), _TINY)
+    # HOSVD start: each factor from the unfolding of the kernel itself.
+    last = _leading_left_subspace(kernel.reshape(out_dim, -1), rank_out)
+    first = _leading_left_subspace(_unfold_in(kernel), rank_in).T
+    core = _project_in(_project_out(kernel, last), first)
+    previous_fit = float(np.linalg.norm(core)) / norm
+    for _ in range(max_iter):
+        # Each update is the best factor of its mode given the other one, so the fit never drops.
+        last = _leading_left_subspace(_project_in(kernel, first).reshape(out_dim, -1), rank_out)
+        projected = _project_out(kernel, last)
+        first = _leading_left_subspace(_unfold_in(projected), rank_in).T
+        core = _project_in(projected, first)
+        fit = float(np.linalg.norm(core)) / norm
+        converged = abs(fit - previous_fit) <= tol * max(previous_fit, _TINY)
+        previous_fit = fit
+        if converged:
+            break
+    last_signs = _column_signs(last)
+    first_signs = _column_signs(first.T)
+    last = last * last_signs
+    first = first * first_signs[:, None]
+    core = core * last_signs[:, None, None] * first_signs[None, :, None]
+    return last, core, first
+
+
+def tucker2(
+    kernel: ArrayLike,
+    rank_out: int,
+    rank_in: int,
+    moment: ArrayLike | None = None,
+    max_iter: int = 100,
+    tol: float = 1e-7,
+) -> tuple[Array, Array, Array]:
+    """Tucker-2 decomposition of a convolution kernel over its out and in channels.
+
+    ``K[o, i, ...] ≈ Σ last[o, a] core[a, b, ...] first[b, i]``, computed by HOOI started from the
+    HOSVD. Iteration stops when the fit ``||core|| / ||K||`` changes by less than ``tol`` (relative)
+    or after ``max_iter`` sweeps (``max_iter=0`` returns the HOSVD). Signs are deterministic: the
+    largest-magnitude entry of each column of ``last`` and of each row of ``first`` is positive, and
+    the core carries the matching signs, so the reconstruction does not depend on them.
+
+    As a layer: ``first`` is a 1x1 conv ``in -> rank_in``, ``core`` a conv ``rank_in -> rank_out``
+    with the original spatial shape, ``last`` a 1x1 conv ``rank_out -> out``.
+
+    Data-free, ``last`` has orthonormal columns and ``first`` orthonormal rows. With ``moment``
+    (``C = E[x xᵀ]`` over input channels), the in mode is whitened: HOOI runs on
+    ``K' = K ×_in C^{1/2}``, and the whitened in-factor ``first'`` is mapped back as
+    ``first = first' (C^{1/2})⁺`` (eigenvalues of ``C`` below ``1e-10 · max`` count as zero), so
+    that on inputs in ``range(C)`` the factorized conv equals the whitened approximation. For 1x1
+    kernels this minimises the expected output error exactly (for the in mode; the out mode is
+    unweighted, as the output error needs). For larger kernels ``C`` only describes channels, not
+    neighbouring taps, so it is the channel-moment approximation of the output error (an im2col
+    moment over ``in · prod(k)`` would be exact).
+
+    Args:
+        kernel: ``[out, in, *k]`` with one, two or three spatial dimensions.
+        rank_out: Rank of the out mode, ``1 <= rank_out <= out``.
+        rank_in: Rank of the in mode, ``1 <= rank_in <= in``.
+        moment: Optional ``[in, in]`` input-channel second moment for data-aware decomposition.
+        max_iter: Maximum number of HOOI sweeps (``>= 0``).
+        tol: Relative change of the fit below which HOOI stops (``>= 0``).
+
+    Returns:
+        ``(last [out, rank_out], core [rank_out, rank_in, *k], first [rank_in, in])`` in float64.
+
+    Raises:
+        ValueError: On a kernel that is not 3-D to 5-D or has NaN or Inf, ranks out of range, a
+            moment of the wrong shape or not symmetric PSD, or a negative ``max_iter``/``tol``.
+        TypeError: If a rank or ``max_iter`` is not an integer.
+    """
+    raw = np.asarray(kernel)
+    if raw.ndim not in (3, 4, 5):
+        raise ValueError(
+            f"kernel must be [out, in, *k] with 1 to 3 spatial dimensions, got shape {raw.shape!r}"
+            + (" (use svd_factors for a 2-D weight)" if raw.ndim == 2 else "")
+        )
+    array = _as_float64(raw, "kernel")
+    out_dim, in_dim = array.shape[:2]
+    spatial = array.shape[2:]
+    rank_out = _check_rank(rank_out, "rank_out", out_dim, f"the kernel's out dimension, shape {array.shape!r}")
+    rank_in = _check_rank(rank_in, "rank_in", in_dim, f"the kernel's in dimension, shape {array.shape!r}")
+    max_iter = _check_count(max_iter, "max_iter")
+    tol_value = float(tol)
+    if not (math.isfinite(tol_value) and tol_value >= 0.0):
+        raise ValueError(f"tol must be a finite number >= 0, got {tol!r}")
+
+    flat = array.reshape(out_dim, in_dim, -1)
+    if moment is None:
+        last, core, first = _hooi(flat, rank_out, rank_in, max_iter, tol_value)
+    else:
+        sqrt_moment, pinv_sqrt = _psd_sqrt_and_pinv(moment, in_dim)
+        # K'[o, :, t] = K[o, :, t] @ C^{1/2}, i.e. C^{1/2} @ K[o] since C^{1/2} is symmetric.
+        whitened = np.matmul(sqrt_moment, flat)
+        last, core, first_white = _hooi(whitened, rank_out, rank_in, max_iter, tol_value)
+        first = first_white @ pinv_sqrt
+        signs = _column_signs(first.T)
+        first = first * signs[:, None]
+        core = core * signs[None, :, None]
+    return last, core.reshape(rank_out, rank_in, *spatial), first
+
+
+def _check_count(value: object, name: str) -> int:
+    """Returns ``value`` as an int after checking it is an integer ``>= 0``."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    try:
+        count = operator.index(value)  # type: ignore[call-overload]
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, got {value!r}") from None
+    if count < 0:
+        raise ValueError(f"{name} must be >= 0, got {count!r}")
+    return int(count)
+
+
+def reconstruct_tucker2(last: ArrayLike, core: ArrayLike, first: ArrayLike) -> Array:
+    """Rebuilds a kernel from its Tucker-2 factors: ``Σ last[o, a] core[a, b, ...] first[b, i]``.
+
+    Args:
+        last: ``[out, rank_out]``.
+        core: ``[rank_out, rank_in, *k]``.
+        first: ``[rank_in, in]``.
+
+    Returns:
+        The ``[out, in, *k]`` kernel in float64.
+
+    Raises:
+        ValueError: If the shapes do not chain.
+    """
+    last_arr = np.asarray(last, dtype=np.float64)
+    core_arr = np.asarray(core, dtype=np.float64)
+    first_arr = np.asarray(first, dtype=np.float64)
+    if (
+        last_arr.ndim != 2
+        or first_arr.ndim != 2
+        or core_arr.ndim < 2
+        or core_arr.shape[:2] != (last_arr.shape[1], first_arr.shape[0])
+    ):
+        raise ValueError(
+            "Tucker-2 factors do not chain: expected last [out, r_out], core [r_out, r_in, *k], "
+            f"first [r_in, in], got {last_arr.shape!r}, {core_arr.shape!r}, {first_arr.shape!r}"
+        )
+    rank_out, rank_in = core_arr.shape[:2]
+    spatial = core_arr.shape[2:]
+    flat = core_arr.reshape(rank_out, rank_in, -1)
+    # [out, r_in, T] -> apply first over r_in -> [out, in, T]
+    mixed = (last_arr @ flat.reshape(rank_out, -1)).reshape(last_arr.shape[0], rank_in, -1)
+    result = np.matmul(first_arr.T, mixed)
+    return result.reshape(last_arr.shape[0], first_arr.shape[1], *spatial)
+
+
+def relative_error(reference: ArrayLike, approx: ArrayLike) -> float:
+    """``||reference - approx||_F / ||reference||_F`` (the denominator floored at the smallest float).
+
+    Args:
+        reference: The exact array.
+        approx: Its approximation, same shape.
+
+    Returns:
+        The relative Frobenius error.
+
+    Raises:
+        ValueError: If the shapes differ.
+    """
+    ref = np.asarray(reference, dtype=np.float64)
+    app = np.asarray(approx, dtype=np.float64)
+    if ref.shape != app.shape:
+        raise ValueError(f"shapes differ: reference {ref.shape!r}, approximation {app.shape!r}")
+    return float(np.linalg.norm(ref - app)) / max(float(np.linalg.norm(ref)), _TINY)

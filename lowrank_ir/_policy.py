@@ -1,0 +1,229 @@
+"""Rank policies: from a user's request to one rank per layer, with the reference tool's semantics.
+
+Parameter ratio, 2-D weights (Linear, Embedding, MatMul) of shape ``[out, in]``. A rank-``h`` factorization
+``W ≈ A B`` with ``A: [out, h]`` and ``B: [h, in]`` keeps ``h (out + in)`` of the ``out · in`` parameters,
+so keeping a fraction ``r`` of them means::
+
+    h (out + in) = r · out · in   =>   h = int(r · out · in / (out + in))
+
+Parameter ratio, conv kernels ``[out, in, *k]`` with ``p = prod(k)`` taps, Tucker-2 with the same rank
+``h`` on both modes keeps ``in·h`` (first 1x1) ``+ h·h·p`` (core) ``+ h·out`` (last 1x1), so::
+
+    p h² + (in + out) h − r · out · in · p = 0   =>   h = the larger root
+
+(the reference tool uses ``k_h²`` for ``p`` even for non-square kernels; we use ``k_h · k_w``).
+
+Divisor rounding (hardware likes multiples of 64)::
+
+    h' = max(d, int(h + d/2) // d · d),  and h' += d if h' < 0.9 h
+
+``d = 1`` rounds to the nearest integer. A layer whose factorized form would not have fewer
+parameters than the original is left alone.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Union
+
+__all__ = [
+    "Policy",
+    "RankSpec",
+    "conv_ranks",
+    "make_divisible",
+    "matrix_rank",
+    "validate_config",
+    "validate_dict",
+    "validate_divisor",
+    "validate_excludes",
+    "validate_fixed",
+    "validate_ratio",
+]
+
+VBMF = "vbmf"
+
+#: What a user may ask for one layer: a rank, a parameter ratio in (0, 1), or "vbmf".
+RankSpec = Union[int, float, str]
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def validate_ratio(ratio: object) -> float:
+    if isinstance(ratio, bool) or not isinstance(ratio, float) or not 0.0 < ratio < 1.0:
+        raise ValueError(f"ratio must be a float strictly between 0 and 1 (e.g. 0.5), got {ratio!r}")
+    return ratio
+
+
+def validate_fixed(rank: object) -> int:
+    if not _is_int(rank) or rank <= 0:  # type: ignore[operator]
+        raise ValueError(f"fixed rank must be an int > 0 (not a bool or float), got {rank!r}")
+    return rank  # type: ignore[return-value]
+
+
+def validate_divisor(divisor: object) -> int:
+    if not _is_int(divisor) or divisor <= 0:  # type: ignore[operator]
+        raise ValueError(f"divisor must be an int > 0 (1 disables rounding), got {divisor!r}")
+    return divisor  # type: ignore[return-value]
+
+
+def validate_excludes(excludes: object) -> tuple[str, ...]:
+    if excludes is None:
+        return ()
+    if not isinstance(excludes, (list, tuple)):
+        raise ValueError(f"excludes must be a list or tuple of layer names, got {type(excludes).__name__} "
+                         f"{excludes!r}")
+    bad = [item for item in excludes if not isinstance(item, str)]
+    if bad:
+        raise ValueError(f"excludes must hold layer names (str); these are not: {bad!r}")
+    return tuple(excludes)
+
+
+def _validate_spec(spec: object, where: str) -> RankSpec:
+    if isinstance(spec, str):
+        if spec.lower() != VBMF:
+            raise ValueError(f"{where}: the only method name accepted is 'vbmf', got {spec!r}")
+        return VBMF
+    if isinstance(spec, float):
+        return validate_ratio(spec)
+    if _is_int(spec):
+        return validate_fixed(spec)
+    raise ValueError(f"{where}: a value must be an int rank > 0, a float ratio in (0, 1) or 'vbmf', "
+                     f"got {spec!r}")
+
+
+def validate_dict(rules: object) -> tuple[tuple[re.Pattern[str], RankSpec], ...]:
+    """Check a ``{regex: int | float | "vbmf"}`` dict; return the compiled rules in dict order."""
+    if not isinstance(rules, Mapping) or not rules:
+        raise ValueError(f"from_dict takes a non-empty dict {{regex: int | float | 'vbmf'}}, got {rules!r}")
+    compiled = []
+    for key, spec in rules.items():
+        if not isinstance(key, str):
+            raise ValueError(f"from_dict keys must be regular-expression strings, got {key!r}")
+        try:
+            pattern = re.compile(key)
+        except re.error as err:
+            raise ValueError(f"from_dict key {key!r} is not a valid regular expression: {err}") from err
+        compiled.append((pattern, _validate_spec(spec, f"from_dict[{key!r}]")))
+    return tuple(compiled)
+
+
+def validate_config(config: object, source: str = "decompose_config") -> dict[str, int | list[int]]:
+    """Check a saved ``decompose_config``: ``{layer name: rank}`` or ``{conv name: [out rank, in rank]}``."""
+    if not isinstance(config, Mapping) or not config:
+        raise ValueError(f"{source} must be a non-empty JSON object {{layer name: rank or [out, in]}}, "
+                         f"got {config!r}")
+    checked: dict[str, int | list[int]] = {}
+    for name, rank in config.items():
+        if _is_int(rank) and rank > 0:
+            checked[name] = rank
+        elif (isinstance(rank, (list, tuple)) and len(rank) == 2
+              and all(_is_int(item) and item > 0 for item in rank)):
+            checked[name] = [int(rank[0]), int(rank[1])]
+        else:
+            raise ValueError(f"{source}[{name!r}] must be an int rank > 0 or [out rank, in rank], got {rank!r}")
+    return checked
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """How ranks are chosen: ``kind`` is ``ratio``, ``fixed``, ``dict``, ``vbmf`` or ``config``."""
+
+    kind: str
+    value: Any = None
+    excludes: tuple[str, ...] = ()
+    divisor: int = 64
+
+    @classmethod
+    def ratio(cls, ratio: float, excludes: Sequence[str] | None = None, divisor: int = 64) -> Policy:
+        return cls("ratio", validate_ratio(ratio), validate_excludes(excludes), validate_divisor(divisor))
+
+    @classmethod
+    def fixed(cls, rank: int, excludes: Sequence[str] | None = None, divisor: int = 64) -> Policy:
+        return cls("fixed", validate_fixed(rank), validate_excludes(excludes), validate_divisor(divisor))
+
+    @classmethod
+    def from_dict(cls, rules: Mapping[str, RankSpec], excludes: Sequence[str] | None = None,
+                  divisor: int = 64) -> Policy:
+        return cls("dict", validate_dict(rules), validate_excludes(excludes), validate_divisor(divisor))
+
+    @classmethod
+    def vbmf(cls, excludes: Sequence[str] | None = None, divisor: int = 64) -> Policy:
+        return cls("vbmf", VBMF, validate_excludes(excludes), validate_divisor(divisor))
+
+    @classmethod
+    def config(cls, config: Mapping[str, Any]) -> Policy:
+        """Exact ranks per layer, as a saved ``decompose_config`` holds them (no rounding)."""
+        return cls("config", validate_config(config), (), 1)
+
+    def spec_for(self, name: str) -> Any:
+        """What this policy asks for layer ``name`` (None: leave it alone)."""
+        if name in self.excludes:
+            return None
+        if self.kind == "dict":
+            for pattern, spec in self.value:
+                if pattern.search(name):
+                    return spec
+            return None
+        if self.kind == "config":
+            return self.value.get(name)
+        return self.value
+
+
+def make_divisible(value: float, divisor: int) -> int:
+    """Round ``value`` to a multiple of ``divisor`` (at least ``divisor``, never 10% below ``value``)."""
+    rounded = max(divisor, int(value + divisor / 2) // divisor * divisor)
+    if rounded < 0.9 * value:
+        rounded += divisor
+    return rounded
+
+
+def matrix_rank(shape: tuple[int, int], spec: RankSpec, divisor: int,
+                vbmf_ranks: Any = None, require_saving: bool = True) -> tuple[int, str]:
+    """Rank for a 2-D weight ``[out, in]``; returns ``(rank, "")`` or ``(0, reason it is left alone)``.
+
+    ``vbmf_ranks`` is a callable returning the EVBMF ranks of the weight (only called for ``"vbmf"``).
+    With ``require_saving=False`` (exact ranks from a saved config) the saving check is skipped.
+    """
+    out, inp = shape
+    if spec == VBMF:
+        rank = float(max(vbmf_ranks()))
+    elif isinstance(spec, float):
+        rank = float(int(spec * out * inp / (out + inp)))
+    else:
+        rank = float(spec)
+    hidden = make_divisible(rank, divisor)
+    if require_saving and hidden * (out + inp) >= out * inp:
+        return 0, (f"rank {hidden} would not save parameters ({hidden} x ({out} + {inp}) >= {out} x {inp})")
+    return hidden, ""
+
+
+def conv_ranks(shape: tuple[int, ...], spec: Any, divisor: int,
+               vbmf_ranks: Any = None, require_saving: bool = True) -> tuple[tuple[int, int], str]:
+    """Tucker-2 ranks ``(out rank, in rank)`` for a kernel ``[out, in, *k]``, or ``((0, 0), reason)``."""
+    out, inp = shape[0], shape[1]
+    taps = math.prod(shape[2:])
+    ranks: tuple[float, float]
+    if spec == VBMF:
+        rank_out, rank_in = vbmf_ranks()
+        ranks = (float(rank_out), float(rank_in))
+    elif isinstance(spec, float):
+        target = spec * out * inp * taps
+        root = (-(inp + out) + math.sqrt((inp + out) ** 2 + 4 * taps * target)) / (2 * taps)
+        ranks = (root, root)
+    elif isinstance(spec, (list, tuple)):
+        ranks = (float(spec[0]), float(spec[1]))
+    else:
+        ranks = (float(spec), float(spec))
+    hidden_out = min(make_divisible(ranks[0], divisor), out)
+    hidden_in = min(make_divisible(ranks[1], divisor), inp)
+    after = hidden_in * inp + hidden_in * hidden_out * taps + hidden_out * out
+    before = out * inp * taps
+    if require_saving and after >= before:
+        return (0, 0), (f"ranks [{hidden_out}, {hidden_in}] would not save parameters "
+                        f"({after} >= {before})")
+    return (hidden_out, hidden_in), ""

@@ -1,0 +1,156 @@
+"""Per-layer figures of a decomposition: rank, parameters and FLOPs before/after, error.
+
+FLOPs count 2 per multiply-add. When the frontend knows how many output positions a layer computes
+per sample (``out_positions``, and ``in_positions`` for a conv's input), FLOPs are per sample;
+otherwise they are per output position (one token, one output pixel).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from lowrank_ir._engine import SVD, TUCKER2, Plan, PlanEntry
+from lowrank_ir._ir import Graph, Node, Op
+
+__all__ = ["LayerReport", "Report", "build_report"]
+
+
+@dataclass(slots=True)
+class LayerReport:
+    """One layer's line of the report."""
+
+    name: str
+    op: str
+    shape: list[int]
+    form: str | None
+    rank: int | list[int] | None
+    params_before: int
+    params_after: int
+    flops_before: int
+    flops_after: int
+    error: float | None = None
+    error_kind: str | None = None
+    reason: str = ""
+
+
+def _positions(node: Node) -> tuple[int, int]:
+    out = int(node.attrs.get("out_positions", 1))
+    return int(node.attrs.get("in_positions", out)), out
+
+
+def _layer_figures(entry: PlanEntry, node: Node, has_bias: bool) -> tuple[int, int, int, int]:
+    """(params before, params after, flops before, flops after) of one layer."""
+    shape = entry.shape
+    bias = shape[0] if has_bias else 0
+    in_pos, out_pos = _positions(node)
+    if node.op in (Op.CONV, Op.CONV_TRANSPOSE):
+        out, inp, taps = shape[0], shape[1], math.prod(shape[2:])
+        before_params = out * inp * taps + bias
+        before_flops = 2 * out * inp * taps * out_pos
+        if entry.form != TUCKER2:
+            return before_params, before_params, before_flops, before_flops
+        assert isinstance(entry.rank, tuple)
+        r_out, r_in = entry.rank
+        after_params = inp * r_in + r_in * r_out * taps + r_out * out + bias
+        after_flops = 2 * (inp * r_in * in_pos + r_in * r_out * taps * out_pos + r_out * out * out_pos)
+        return before_params, after_params, before_flops, after_flops
+    rows, cols = shape[0], shape[1]
+    before_params = rows * cols + bias
+    before_flops = 0 if node.op is Op.EMBEDDING else 2 * rows * cols * out_pos
+    if entry.form != SVD:
+        return before_params, before_params, before_flops, before_flops
+    assert isinstance(entry.rank, int)
+    rank = entry.rank
+    after_params = rank * (rows + cols) + bias
+    # An Embedding becomes a lookup into [rows, rank] then a Linear rank -> cols.
+    after_flops = (2 * rank * cols * out_pos if node.op is Op.EMBEDDING
+                   else 2 * rank * (rows + cols) * out_pos)
+    return before_params, after_params, before_flops, after_flops
+
+
+def build_report(graph: Graph, plan: Plan, errors: dict[str, tuple[float, str]] | None = None) -> Report:
+    """The report of ``plan`` over the (original) ``graph``, with ``errors`` from the rewrite if known."""
+    errors = errors or {}
+    layers = []
+    for entry in plan.entries.values():
+        node = graph.node(entry.name)
+        figures = _layer_figures(entry, node, "bias" in node.params)
+        error = errors.get(entry.name)
+        rank = list(entry.rank) if isinstance(entry.rank, tuple) else entry.rank
+        layers.append(LayerReport(entry.name, entry.op.value, list(entry.shape), entry.form, rank, *figures,
+                                  None if error is None else error[0], None if error is None else error[1],
+                                  entry.reason))
+    return Report(layers, per_sample=any("out_positions" in node.attrs for node in graph.layers()))
+
+
+class Report:
+    """What a decomposition did, layer by layer, with totals over the layers considered."""
+
+    __slots__ = ("layers", "per_sample")
+
+    def __init__(self, layers: list[LayerReport], per_sample: bool = False) -> None:
+        self.layers = layers
+        self.per_sample = per_sample
+
+    def __repr__(self) -> str:
+        totals = self.totals()
+        return (f"Report({totals['decomposed']} of {len(self.layers)} layers decomposed, params "
+                f"{totals['params_before']} -> {totals['params_after']})")
+
+    def __iter__(self) -> Any:
+        return iter(self.layers)
+
+    def __getitem__(self, name: str) -> LayerReport:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(f"no layer {name!r} in the report")
+
+    def totals(self) -> dict[str, Any]:
+        return {
+            "layers": len(self.layers),
+            "decomposed": sum(1 for layer in self.layers if layer.form),
+            "params_before": sum(layer.params_before for layer in self.layers),
+            "params_after": sum(layer.params_after for layer in self.layers),
+            "flops_before": sum(layer.flops_before for layer in self.layers),
+            "flops_after": sum(layer.flops_after for layer in self.layers),
+            "flops_unit": "per sample" if self.per_sample else "per output position",
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"totals": self.totals(), "layers": [asdict(layer) for layer in self.layers]}
+
+    def table(self, only_decomposed: bool = False) -> str:
+        """A plain-text table, one line per layer, then the totals."""
+        header = ("layer", "kind", "weight", "rank", "params", "FLOPs", "error", "note")
+        rows = []
+        for layer in self.layers:
+            if only_decomposed and not layer.form:
+                continue
+            rank = "-" if layer.rank is None else (
+                "x".join(str(r) for r in layer.rank) if isinstance(layer.rank, list) else str(layer.rank))
+            error = "" if layer.error is None else f"{layer.error:.4f} {layer.error_kind}"
+            rows.append((layer.name, layer.op, "x".join(str(d) for d in layer.shape), rank,
+                         f"{_human(layer.params_before)} -> {_human(layer.params_after)}",
+                         f"{_human(layer.flops_before)} -> {_human(layer.flops_after)}", error,
+                         layer.reason))
+        totals = self.totals()
+        rows.append(("TOTAL", f"{totals['decomposed']}/{totals['layers']}", "", "",
+                     f"{_human(totals['params_before'])} -> {_human(totals['params_after'])}",
+                     f"{_human(totals['flops_before'])} -> {_human(totals['flops_after'])}", "",
+                     f"FLOPs {totals['flops_unit']}"))
+        widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header) - 1)]
+        lines = []
+        for row in [header, *rows]:
+            cells = [str(cell).ljust(width) for cell, width in zip(row, widths)]
+            lines.append("  ".join([*cells, str(row[-1])]).rstrip())
+        return "\n".join(lines)
+
+
+def _human(count: int) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(count) >= size:
+            return f"{count / size:.2f}{unit}"
+    return str(count)
