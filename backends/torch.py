@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+
 import numpy as np
 import torch
 from torch import nn

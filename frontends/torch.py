@@ -259,10 +259,10 @@ def collect_stats(model: nn.Module, graph: Graph, datasets: Iterable[Any], max_i
         model.eval()
         with torch.no_grad():
             for index, element in enumerate(datasets):
-                if max_iter > 0 and index >= max_iter:
-                    break
                 _run_element(model, element, index, device)
                 seen += 1
+                if 0 < max_iter <= seen:  # stop before drawing another element (a DataLoader batch)
+                    break
     finally:
         for handle in handles:
             handle.remove()

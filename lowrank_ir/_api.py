@@ -48,6 +48,17 @@ def _check_config_file(config_file: object) -> Path | None:
     return Path(config_file)
 
 
+def _keep_reasons(chosen: Plan, earlier: Plan | None) -> Plan:
+    """``chosen`` with the reasons ``earlier`` gave for the layers it left alone (instead of "not in config")."""
+    if earlier is None:
+        return chosen
+    for name, entry in chosen.entries.items():
+        before = earlier.entries.get(name)
+        if not entry.decomposed and before is not None and not before.decomposed:
+            chosen.entries[name] = before
+    return chosen
+
+
 class Decompose:
     """Low-rank decomposition of a PyTorch ``nn.Module`` or MindSpore ``nn.Cell``.
 
@@ -152,10 +163,12 @@ class Decompose:
                              "or from_file before decompose_network")
         if not isinstance(do_decompose_weight, bool):
             raise TypeError(f"do_decompose_weight must be a bool, got {do_decompose_weight!r}")
-        if isinstance(max_iter, bool) or not isinstance(max_iter, int) or not (max_iter == -1 or max_iter > 0):
+        if isinstance(max_iter, bool) or not isinstance(max_iter, int):  # TypeError, as the reference raises
+            raise TypeError(f"max_iter must be an int (-1 for the whole dataset, or > 0), got {max_iter!r}")
+        if not (max_iter == -1 or max_iter > 0):
             raise ValueError(f"max_iter must be -1 (the whole dataset) or an int > 0, got {max_iter!r}")
         graph = self._lower()
-        chosen = plan(graph, Policy.config(self.decompose_config))
+        chosen = _keep_reasons(plan(graph, Policy.config(self.decompose_config)), self.plan)
         stats = None
         if datasets is not None and do_decompose_weight:
             names = [entry.name for entry in chosen.decomposed()]

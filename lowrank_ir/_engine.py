@@ -14,10 +14,11 @@ one thread per worker: oversubscribed OpenBLAS on a small machine is up to 100x 
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +36,12 @@ logger = logging.getLogger(__name__)
 
 SVD = "svd"
 TUCKER2 = "tucker2"
+
+#: HOOI stops when the relative fit ||core|| / ||K|| improves by less than this between sweeps. Past
+#: this point a sweep buys < 0.01% of error (measured on ResNet-50-sized kernels) for the cost of a full
+#: HOSVD, and the reference tool's own criterion (1e-4 on the relative error) stops in the same place.
+HOOI_TOL = 1e-4
+HOOI_MAX_ITER = 50
 
 
 @dataclass(slots=True)
@@ -119,7 +126,9 @@ def _plan_entry(node: Node, graph: Graph, policy: Policy) -> PlanEntry | None:
     shape = tuple(int(dim) for dim in weight.shape)
     spec = policy.spec_for(node.name)
     if spec is None:
-        return PlanEntry(node.name, node.op, shape, reason="excluded by the policy")
+        reason = ("in excludes" if node.name in policy.excludes
+                  else "not in decompose_config" if policy.kind == "config" else "matched by no rule")
+        return PlanEntry(node.name, node.op, shape, reason=reason)
     reason = _why_not_decomposable(node, graph)
     if reason:
         return PlanEntry(node.name, node.op, shape, reason=reason)
@@ -171,7 +180,7 @@ def _check_config_fits(graph: Graph, config: Mapping[str, Any], result: Plan) ->
             raise ValueError(f"decompose_config asks to decompose {name!r}, which is left alone: {entry.reason}")
         limits = _rank_limits(entry)
         ranks = entry.rank if isinstance(entry.rank, tuple) else (entry.rank,)
-        if any(rank > limit for rank, limit in zip(ranks, limits)):  # type: ignore[operator]
+        if any(rank > limit for rank, limit in zip(ranks, limits, strict=True)):  # type: ignore[operator]
             raise ValueError(f"decompose_config gives {name!r} (weight {list(entry.shape)}) rank "
                              f"{config[name]!r}, above its largest possible rank {list(limits)}")
 
@@ -187,6 +196,11 @@ def _rank_limits(entry: PlanEntry) -> tuple[int, ...]:
 def _placeholder(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     """A zero array of ``shape`` that takes no memory (structure-only rewrites)."""
     return np.broadcast_to(np.zeros((), dtype=dtype), shape)
+
+
+def _transposed(array: np.ndarray) -> np.ndarray:
+    """``array.T``: a contiguous copy for real arrays, a free view for placeholders."""
+    return array.T if 0 in array.strides else np.ascontiguousarray(array.T)
 
 
 def _wire(parts: list[Node], node: Node) -> None:
@@ -230,7 +244,8 @@ def _factor_matrix(matrix: np.ndarray, rank: int, stats: LayerStats | None) -> _
 def _factor_kernel(kernel: np.ndarray, ranks: tuple[int, int], stats: LayerStats | None) -> _Factors:
     kernel64 = kernel.astype(np.float64)
     moment = None if stats is None else stats.moment
-    last, core, first = _linalg.tucker2(kernel64, ranks[0], ranks[1], moment=moment)
+    last, core, first = _linalg.tucker2(kernel64, ranks[0], ranks[1], moment=moment, max_iter=HOOI_MAX_ITER,
+                                        tol=HOOI_TOL)
     approx = _linalg.reconstruct_tucker2(last, core, first)
     if moment is None:
         return _Factors([first, core, last], _linalg.relative_error(kernel64, approx))
@@ -272,14 +287,14 @@ def _parts_svd(node: Node, entry: PlanEntry, graph: Graph, arrays: list[np.ndarr
                      {"weight": f"{name}.0.weight"})
         second = Node(Op.LINEAR, f"{name}.1", {"in_features": rank, "out_features": inp},
                       {"weight": f"{name}.1.weight"})
-        params[f"{name}.0.weight"], params[f"{name}.1.weight"] = left, np.ascontiguousarray(right.T)
+        params[f"{name}.0.weight"], params[f"{name}.1.weight"] = left, _transposed(right)
     elif node.op is Op.MATMUL:
         first = Node(Op.MATMUL, f"{name}.0", {"in_features": inp, "out_features": rank},
                      {"weight": f"{name}.0.weight"})
         second = Node(Op.MATMUL, f"{name}.1", {"in_features": rank, "out_features": out},
                       {"weight": f"{name}.1.weight"})
-        params[f"{name}.0.weight"] = np.ascontiguousarray(right.T)
-        params[f"{name}.1.weight"] = np.ascontiguousarray(left.T)
+        params[f"{name}.0.weight"] = _transposed(right)
+        params[f"{name}.1.weight"] = _transposed(left)
     else:
         extra = {key: value for key, value in node.attrs.items() if key not in ("in_features", "out_features")}
         first = Node(Op.LINEAR, f"{name}.0", {"in_features": inp, "out_features": rank},
@@ -307,7 +322,7 @@ def _parts_tucker2(node: Node, entry: PlanEntry, graph: Graph, arrays: list[np.n
     if arrays is None:
         kernels = [_placeholder(shape, dtype) for shape in shapes]
     else:
-        kernels = [array.reshape(shape).astype(dtype) for array, shape in zip(arrays, shapes)]
+        kernels = [array.reshape(shape).astype(dtype) for array, shape in zip(arrays, shapes, strict=True)]
     keep = {key: value for key, value in node.attrs.items()
             if key not in ("in_channels", "out_channels", "kernel_size", "groups")}
     parts = [
@@ -317,7 +332,7 @@ def _parts_tucker2(node: Node, entry: PlanEntry, graph: Graph, arrays: list[np.n
         Node(Op.CONV, f"{name}.2", {"in_channels": rank_out, "out_channels": out, **pointwise}),
     ]
     params = {}
-    for index, (part, array) in enumerate(zip(parts, kernels)):
+    for index, (part, array) in enumerate(zip(parts, kernels, strict=True)):
         part.params["weight"] = f"{name}.{index}.weight"
         params[f"{name}.{index}.weight"] = array
     bias = graph.param(node, "bias")
@@ -341,7 +356,7 @@ def _workers(requested: int | None, jobs: int) -> int:
     return max(1, min(os.cpu_count() or 1, jobs))
 
 
-def _run_parallel(tasks: list[Callable[[], _Factors]], workers: int) -> list[_Factors]:
+def _run_parallel(tasks: Sequence[Callable[[], _Factors]], workers: int) -> list[_Factors]:
     """Run the layer tasks on ``workers`` threads, BLAS limited to ``ceil(cores / workers)`` threads each."""
     if not tasks:
         return []
@@ -378,15 +393,13 @@ def rewrite(graph: Graph, the_plan: Plan, stats: Mapping[str, LayerStats] | None
     stats = stats or {}
     results: list[_Factors | None] = [None] * len(entries)
     if weights:
-        tasks = [
-            (lambda entry=entry: _compute(graph.node(entry.name), entry, graph, stats.get(entry.name)))
-            for entry in entries
-        ]
+        tasks = [functools.partial(_compute, graph.node(entry.name), entry, graph, stats.get(entry.name))
+                 for entry in entries]
         results = list(_run_parallel(tasks, _workers(workers, len(tasks))))
     new = graph.copy()
     factorized: dict[str, list[str]] = dict(new.meta.get("factorized", {}))
     errors: dict[str, tuple[float, str]] = {}
-    for entry, result in zip(entries, results):
+    for entry, result in zip(entries, results, strict=True):
         node = new.node(entry.name)
         arrays = None if result is None else result.arrays
         builder = _parts_tucker2 if entry.form == TUCKER2 else _parts_svd

@@ -25,7 +25,8 @@ The paper takes ``L <= M``; we follow the reference tool (msModelSlim's ``evbmf`
 Three more details follow the reference so that its bounded search takes the same path:
 the search is scipy's ``minimize_scalar(method="bounded")`` with its default absolute tolerance
 (``xatol = 1e-5``, so the estimate depends on the scale of the matrix), the divisor ``M σ²`` in
-``x_h`` is floored at ``1e-6``, and the index ``ē + 1`` is kept inside ``[1, L - 1]``.
+``x_h`` is floored at ``1e-6``, and ``ē`` is clipped to ``[1, L - 1]`` (then to the number of
+computed singular values, where the reference would fail with an IndexError on ``[L, 1]``).
 """
 
 from __future__ import annotations

@@ -49,7 +49,6 @@ Formulas:
 from __future__ import annotations
 
 import math
-import operator
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -103,17 +102,19 @@ def _as_matrix(value: ArrayLike, name: str) -> Array:
     return _as_float64(array, name)
 
 
+def _as_int(value: object, name: str) -> int:
+    """Returns ``value`` as an int, rejecting bools, floats and other non-integers."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    return int(value)
+
+
 def _check_rank(rank: object, name: str, upper: int, what: str) -> int:
     """Returns ``rank`` as an int after checking ``1 <= rank <= upper``."""
-    if isinstance(rank, bool):
-        raise TypeError(f"{name} must be an integer, got {rank!r}")
-    try:
-        value = operator.index(rank)  # type: ignore[call-overload]
-    except TypeError:
-        raise TypeError(f"{name} must be an integer, got {rank!r}") from None
+    value = _as_int(rank, name)
     if not 1 <= value <= upper:
         raise ValueError(f"{name}={value!r} is out of range: it must be in [1, {upper}] ({what})")
-    return int(value)
+    return value
 
 
 # --------------------------------------------------------------------------------------------
@@ -303,54 +304,61 @@ def whitened_svd_factors(weight: ArrayLike, moment: ArrayLike, rank: int) -> tup
 # Tucker-2
 
 
-def _leading_left_subspace(matrix: Array, rank: int) -> Array:
-    """Returns ``rank`` leading left singular vectors of ``matrix`` ``[n, m]`` as columns ``[n, rank]``.
+def _leading_left_subspace(matrix: Array, rank: int) -> tuple[Array, float]:
+    """Leading left singular subspace of ``matrix`` ``[n, m]``.
 
-    Wide matrices use the eigenvectors of the Gram matrix ``M Mᵀ`` (``n x n``, about ten times
-    faster than the SVD of a wide unfolding and accurate for the leading subspace); tall ones use
-    the SVD, completed to a full basis when ``rank`` exceeds the number of columns.
+    Returns ``(vectors [n, rank], energy)``: the ``rank`` leading left singular vectors as columns
+    and the sum of their squared singular values, ``||vectorsᵀ matrix||_F²``. Wide matrices use
+    the eigenvectors of the Gram matrix ``M Mᵀ`` (``n x n``: about ten times faster than the SVD of
+    a wide unfolding, and accurate for the leading subspace); tall ones use the SVD, completed to a
+    full basis when ``rank`` exceeds the number of columns.
     """
     rows, cols = matrix.shape
     if cols >= rows:
-        _, vectors = np.linalg.eigh(matrix @ matrix.T)
+        values, vectors = np.linalg.eigh(matrix @ matrix.T)
         # Descending order; contiguous, because matmul on negative strides bypasses BLAS.
-        return np.ascontiguousarray(vectors[:, ::-1][:, :rank])
-    u, _, _ = np.linalg.svd(matrix, full_matrices=rank > cols)
-    return np.ascontiguousarray(u[:, :rank])
+        leading = np.ascontiguousarray(vectors[:, ::-1][:, :rank])
+        return leading, float(np.sum(np.clip(values[::-1][:rank], 0.0, None)))
+    u, singular, _ = np.linalg.svd(matrix, full_matrices=rank > cols)
+    return np.ascontiguousarray(u[:, :rank]), float(np.sum(singular[:rank] ** 2))
 
 
-def _project_in(kernel: Array, first: Array) -> Array:
-    """``Y[o, b, t] = Σ_i first[b, i] K[o, i, t]`` for ``K`` ``[out, in, T]``."""
-    return np.matmul(first, kernel)
+def _hooi(
+    kernel: Array, rank_out: int, rank_in: int, max_iter: int, tol: float
+) -> tuple[Array, Array, Array]:
+    """HOOI on a 3-D ``[out, in, T]`` kernel; returns ``(last, core, first)`` with fixed signs.
 
-
-def _project_out(kernel: Array, last: Array) -> Array:
-    """``Z[a, i, t] = Σ_o last[o, a] K[o, i, t]`` for ``K`` ``[out, in, T]``."""
+    Works on the two unfoldings ``K_(0)`` ``[out, in·T]`` and ``K_(1)`` ``[in, out·T]`` so that every
+    projection is one large matrix product.
+    """
     out_dim, in_dim, taps = kernel.shape
-    return (last.T @ kernel.reshape(out_dim, in_dim * taps)).reshape(last.shape[1], in_dim, taps)
+    unfold_out = kernel.reshape(out_dim, in_dim * taps)
+    unfold_in = np.ascontiguousarray(kernel.transpose(1, 0, 2)).reshape(in_dim, out_dim * taps)
+    norm_sq = max(float(np.sum(kernel**2)), _TINY)
 
+    def project_out(last: Array) -> Array:
+        """``(K ×_out lastᵀ)_(1)``: ``[in, r_out·T]``."""
+        projected = (last.T @ unfold_out).reshape(rank_out, in_dim, taps)
+        return np.ascontiguousarray(projected.transpose(1, 0, 2)).reshape(in_dim, rank_out * taps)
 
-def _unfold_in(tensor: Array) -> Array:
-    """Mode-1 unfolding of ``[a, i, t]``: ``[i, a * t]``."""
-    return tensor.transpose(1, 0, 2).reshape(tensor.shape[1], -1)
+    def project_in(first: Array) -> Array:
+        """``(K ×_in first)_(0)``: ``[out, r_in·T]``."""
+        projected = (first @ unfold_in).reshape(rank_in, out_dim, taps)
+        return np.ascontiguousarray(projected.transpose(1, 0, 2)).reshape(out_dim, rank_in * taps)
 
-
-def _hooi(kernel: Array, rank_out: int, rank_in: int, max_iter: int, tol: float) -> tuple[Array, Array, Array]:
-    """HOOI on a 3-D ``[out, in, T]`` kernel; returns ``(last, core, first)`` with fixed signs."""
-    out_dim = kernel.shape[0]
-    norm = max(float(np.linalg.norm(kernel)), _TINY)
     # HOSVD start: each factor from the unfolding of the kernel itself.
-    last = _leading_left_subspace(kernel.reshape(out_dim, -1), rank_out)
-    first = _leading_left_subspace(_unfold_in(kernel), rank_in).T
-    core = _project_in(_project_out(kernel, last), first)
-    previous_fit = float(np.linalg.norm(core)) / norm
+    last, _ = _leading_left_subspace(unfold_out, rank_out)
+    first = _leading_left_subspace(unfold_in, rank_in)[0].T
+    core_in = project_out(last)
+    previous_fit = math.sqrt(float(np.sum((first @ core_in) ** 2)) / norm_sq)
     for _ in range(max_iter):
-        # Each update is the best factor of its mode given the other one, so the fit never drops.
-        last = _leading_left_subspace(_project_in(kernel, first).reshape(out_dim, -1), rank_out)
-        projected = _project_out(kernel, last)
-        first = _leading_left_subspace(_unfold_in(projected), rank_in).T
-        core = _project_in(projected, first)
-        fit = float(np.linalg.norm(core)) / norm
+        # Each update is the best factor of its mode given the other one, so the fit never drops;
+        # ||core||² is the energy kept by the last update.
+        last, _ = _leading_left_subspace(project_in(first), rank_out)
+        core_in = project_out(last)
+        vectors, energy = _leading_left_subspace(core_in, rank_in)
+        first = vectors.T
+        fit = math.sqrt(energy / norm_sq)
         converged = abs(fit - previous_fit) <= tol * max(previous_fit, _TINY)
         previous_fit = fit
         if converged:
@@ -359,8 +367,9 @@ def _hooi(kernel: Array, rank_out: int, rank_in: int, max_iter: int, tol: float)
     first_signs = _column_signs(first.T)
     last = last * last_signs
     first = first * first_signs[:, None]
-    core = core * last_signs[:, None, None] * first_signs[None, :, None]
-    return last, core, first
+    # core[a, b, t] = Σ_i first[b, i] (K ×_out lastᵀ)[a, i, t]; core_in predates the sign flip of last.
+    core = (first @ core_in).reshape(rank_in, rank_out, taps).transpose(1, 0, 2)
+    return last, core * last_signs[:, None, None], first
 
 
 def tucker2(
@@ -417,9 +426,12 @@ def tucker2(
     array = _as_float64(raw, "kernel")
     out_dim, in_dim = array.shape[:2]
     spatial = array.shape[2:]
-    rank_out = _check_rank(rank_out, "rank_out", out_dim, f"the kernel's out dimension, shape {array.shape!r}")
-    rank_in = _check_rank(rank_in, "rank_in", in_dim, f"the kernel's in dimension, shape {array.shape!r}")
-    max_iter = _check_count(max_iter, "max_iter")
+    shape = array.shape
+    rank_out = _check_rank(rank_out, "rank_out", out_dim, f"the out dimension of a kernel {shape!r}")
+    rank_in = _check_rank(rank_in, "rank_in", in_dim, f"the in dimension of a kernel {shape!r}")
+    max_iter = _as_int(max_iter, "max_iter")
+    if max_iter < 0:
+        raise ValueError(f"max_iter must be >= 0, got {max_iter!r}")
     tol_value = float(tol)
     if not (math.isfinite(tol_value) and tol_value >= 0.0):
         raise ValueError(f"tol must be a finite number >= 0, got {tol!r}")
@@ -437,19 +449,6 @@ def tucker2(
         first = first * signs[:, None]
         core = core * signs[None, :, None]
     return last, core.reshape(rank_out, rank_in, *spatial), first
-
-
-def _check_count(value: object, name: str) -> int:
-    """Returns ``value`` as an int after checking it is an integer ``>= 0``."""
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an integer, got {value!r}")
-    try:
-        count = operator.index(value)  # type: ignore[call-overload]
-    except TypeError:
-        raise TypeError(f"{name} must be an integer, got {value!r}") from None
-    if count < 0:
-        raise ValueError(f"{name} must be >= 0, got {count!r}")
-    return int(count)
 
 
 def reconstruct_tucker2(last: ArrayLike, core: ArrayLike, first: ArrayLike) -> Array:

@@ -27,7 +27,7 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 __all__ = [
     "Policy",
@@ -46,7 +46,7 @@ __all__ = [
 VBMF = "vbmf"
 
 #: What a user may ask for one layer: a rank, a parameter ratio in (0, 1), or "vbmf".
-RankSpec = Union[int, float, str]
+RankSpec = int | float | str
 
 
 def _is_int(value: object) -> bool:
@@ -219,11 +219,15 @@ def conv_ranks(shape: tuple[int, ...], spec: Any, divisor: int,
         ranks = (float(spec[0]), float(spec[1]))
     else:
         ranks = (float(spec), float(spec))
-    hidden_out = min(make_divisible(ranks[0], divisor), out)
-    hidden_in = min(make_divisible(ranks[1], divisor), inp)
+    hidden_out = make_divisible(ranks[0], divisor)
+    hidden_in = make_divisible(ranks[1], divisor)
+    # The saving check runs on the rounded ranks before capping, as the reference tool does, so the
+    # same layers are left alone (capping first would decompose e.g. a 3-channel stem it leaves alone).
     after = hidden_in * inp + hidden_in * hidden_out * taps + hidden_out * out
     before = out * inp * taps
     if require_saving and after >= before:
         return (0, 0), (f"ranks [{hidden_out}, {hidden_in}] would not save parameters "
                         f"({after} >= {before})")
+    if require_saving:  # ranks from a rule are capped at the dimensions; exact config ranks are checked later
+        hidden_out, hidden_in = min(hidden_out, out), min(hidden_in, inp)
     return (hidden_out, hidden_in), ""

@@ -144,7 +144,7 @@ class Report:
         widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header) - 1)]
         lines = []
         for row in [header, *rows]:
-            cells = [str(cell).ljust(width) for cell, width in zip(row, widths)]
+            cells = [str(cell).ljust(width) for cell, width in zip(row, widths, strict=False)]
             lines.append("  ".join([*cells, str(row[-1])]).rstrip())
         return "\n".join(lines)
 

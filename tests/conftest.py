@@ -1,0 +1,114 @@
+"""Shared test set-up: every test starts from seeded RNGs; helpers for configs, snapshots and errors.
+
+This file imports no framework: torch is seeded only when a test module has imported it, so the
+numpy-only core tests stay framework-free.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+SEED = 0
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything() -> None:
+    """Seed Python's, numpy's and (when loaded) torch's global RNGs before every test."""
+    random.seed(SEED)
+    np.random.seed(SEED)  # noqa: NPY002 - the legacy global RNG, for code that still draws from it
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.manual_seed(SEED)
+
+
+@pytest.fixture
+def write_config(tmp_path: Path) -> Callable[..., Path]:
+    """``write_config(config, name="config.json")``: a JSON ``decompose_config`` file in ``tmp_path``."""
+
+    def write(config: Any, name: str = "config.json") -> Path:
+        path = tmp_path / name
+        path.write_text(json.dumps(config))
+        return path
+
+    return write
+
+
+def relative_error(approx: Any, reference: Any) -> float:
+    """``||approx - reference|| / ||reference||`` of two tensors, computed in float64."""
+    approx, reference = approx.detach().double(), reference.detach().double()
+    return float((approx - reference).norm() / reference.norm())
+
+
+@pytest.fixture
+def rel_err() -> Callable[[Any, Any], float]:
+    return relative_error
+
+
+class ModelSnapshot:
+    """Everything about an ``nn.Module`` a decomposition must not change; :meth:`check` asserts it."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.structure = repr(model)
+        self.modules = [(name, type(module), id(module)) for name, module in model.named_modules()]
+        self.training = {name: module.training for name, module in model.named_modules()}
+        self.params = {name: (id(param), param.requires_grad, param.dtype)
+                       for name, param in model.named_parameters()}
+        self.state = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+        self.hooks = self._hooks(model)
+
+    @staticmethod
+    def _hooks(model: Any) -> dict[str, tuple[int, int, int]]:
+        return {name: (len(module._forward_hooks), len(module._forward_pre_hooks), len(module._backward_hooks))
+                for name, module in model.named_modules()}
+
+    def check(self) -> None:
+        model = self.model
+        assert repr(model) == self.structure
+        assert [(name, type(module), id(module)) for name, module in model.named_modules()] == self.modules
+        assert {name: module.training for name, module in model.named_modules()} == self.training
+        assert {name: (id(param), param.requires_grad, param.dtype)
+                for name, param in model.named_parameters()} == self.params
+        state = model.state_dict()
+        assert list(state) == list(self.state)
+        for name, tensor in self.state.items():
+            assert state[name].dtype == tensor.dtype, name
+            assert state[name].shape == tensor.shape, name
+            same = state[name].eq(tensor) | (state[name].isnan() & tensor.isnan())
+            assert bool(same.all()), f"{name} changed"
+        assert self._hooks(model) == self.hooks
+
+
+@pytest.fixture
+def snapshot() -> Callable[[Any], ModelSnapshot]:
+    """``snap = snapshot(model)`` ... ``snap.check()``: the model is exactly as it was."""
+    return ModelSnapshot
+
+
+@pytest.fixture
+def restore_umask() -> Any:
+    """Restore the process umask after a test that changes it."""
+    import os
+
+    saved = os.umask(0o022)
+    os.umask(saved)
+    yield saved
+    os.umask(saved)
+
+
+def as_lists(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A ``decompose_config`` with tuples turned into lists (the reference tool keeps conv ranks as tuples)."""
+    return {name: list(rank) if isinstance(rank, tuple) else rank for name, rank in config.items()}
+
+
+@pytest.fixture
+def to_lists() -> Callable[[Mapping[str, Any]], dict[str, Any]]:
+    return as_lists

@@ -1,0 +1,361 @@
+"""Tests of lowrank_ir._linalg against the formulas in its module docstring."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lowrank_ir._linalg import (
+    psd_sqrt,
+    reconstruct_tucker2,
+    relative_error,
+    svd_factors,
+    svd_flip,
+    tucker2,
+    whitened_svd_factors,
+)
+
+
+def _orthonormal(rng: np.random.Generator, rows: int, cols: int) -> np.ndarray:
+    q, _ = np.linalg.qr(rng.standard_normal((rows, cols)))
+    return q
+
+
+def _decaying_matrix(rng: np.random.Generator, rows: int, cols: int, tau: float = 4.0) -> np.ndarray:
+    """A matrix with singular values exp(-i / tau): trained-weight-like, not flat like noise."""
+    k = min(rows, cols)
+    spectrum = np.exp(-np.arange(k) / tau)
+    return (_orthonormal(rng, rows, k) * spectrum) @ _orthonormal(rng, cols, k).T
+
+
+def _correlated_inputs(
+    rng: np.random.Generator, dim: int, samples: int, rank: int | None = None
+) -> np.ndarray:
+    """Inputs X = L Z [dim, samples] with a random mixing L, so E[x xᵀ] is far from identity."""
+    mixing = rng.standard_normal((dim, dim)) * np.exp(-np.arange(dim) / 3.0)
+    if rank is not None:
+        mixing = mixing[:, :rank]
+    return mixing @ rng.standard_normal((mixing.shape[1], samples))
+
+
+def _moment(inputs: np.ndarray) -> np.ndarray:
+    return inputs @ inputs.T / inputs.shape[1]
+
+
+def _whitened_optimum(weight: np.ndarray, moment: np.ndarray, rank: int) -> float:
+    """||A - A_r||_F for A = W C^{1/2}: the smallest output error reachable at this rank."""
+    singular = np.linalg.svd(weight @ psd_sqrt(moment), compute_uv=False)
+    return float(np.sqrt(np.sum(singular[rank:] ** 2)))
+
+
+def _output_error(weight: np.ndarray, approx: np.ndarray, inputs: np.ndarray) -> float:
+    """sqrt(mean over samples of ||(W - W') x||²), which equals ||(W - W') C^{1/2}||_F."""
+    return float(np.linalg.norm((weight - approx) @ inputs)) / np.sqrt(inputs.shape[1])
+
+
+# ------------------------------------------------------------------------------------------
+# svd_flip / svd_factors
+
+
+@pytest.mark.parametrize("shape", [(7, 4), (4, 7)])
+def test_svd_flip_fixes_signs_and_keeps_product(shape: tuple[int, int]) -> None:
+    rng = np.random.default_rng(0)
+    matrix = rng.standard_normal(shape)
+    u, s, vt = np.linalg.svd(matrix, full_matrices=False)
+    flipped_u, flipped_vt = svd_flip(u, vt)
+    np.testing.assert_allclose((flipped_u * s) @ flipped_vt, matrix, atol=1e-12)
+    rows = np.argmax(np.abs(flipped_u), axis=0)
+    assert np.all(flipped_u[rows, np.arange(flipped_u.shape[1])] > 0)
+    # Any sign pattern in the input gives the same output.
+    signs = np.where(rng.random(u.shape[1]) < 0.5, -1.0, 1.0)
+    again_u, again_vt = svd_flip(u * signs, vt * signs[:, None])
+    np.testing.assert_array_equal(again_u, flipped_u)
+    np.testing.assert_array_equal(again_vt, flipped_vt)
+
+
+def test_svd_flip_with_full_matrices_of_different_sizes() -> None:
+    rng = np.random.default_rng(1)
+    matrix = rng.standard_normal((3, 5))
+    u, s, vt = np.linalg.svd(matrix, full_matrices=True)  # u [3, 3], vt [5, 5]
+    flipped_u, flipped_vt = svd_flip(u, vt)
+    assert flipped_u.shape == (3, 3) and flipped_vt.shape == (5, 5)
+    np.testing.assert_allclose((flipped_u * s) @ flipped_vt[:3], matrix, atol=1e-12)
+    np.testing.assert_array_equal(flipped_vt[3:], vt[3:])
+
+
+@pytest.mark.parametrize("shape", [(12, 20), (20, 12), (9, 9)])
+def test_svd_factors_full_rank_reconstructs(shape: tuple[int, int]) -> None:
+    rng = np.random.default_rng(2)
+    weight = rng.standard_normal(shape)
+    left, right = svd_factors(weight, min(shape))
+    assert left.dtype == np.float64 and right.dtype == np.float64
+    assert relative_error(weight, left @ right) < 1e-12
+
+
+@pytest.mark.parametrize("rank", [1, 3, 7, 11])
+def test_svd_factors_error_is_eckart_young(rank: int) -> None:
+    rng = np.random.default_rng(3)
+    weight = rng.standard_normal((16, 11))
+    singular = np.linalg.svd(weight, compute_uv=False)
+    left, right = svd_factors(weight, rank)
+    assert left.shape == (16, rank) and right.shape == (rank, 11)
+    expected = np.sqrt(np.sum(singular[rank:] ** 2))
+    assert np.linalg.norm(weight - left @ right) == pytest.approx(expected, rel=1e-10, abs=1e-12)
+
+
+def test_svd_factors_balanced_and_deterministic() -> None:
+    rng = np.random.default_rng(4)
+    weight = rng.standard_normal((10, 14)).astype(np.float32)
+    left, right = svd_factors(weight, 5)
+    again_left, again_right = svd_factors(weight.copy(), 5)
+    np.testing.assert_array_equal(left, again_left)
+    np.testing.assert_array_equal(right, again_right)
+    # sqrt(S) on both sides: column norms of left equal row norms of right.
+    np.testing.assert_allclose(np.linalg.norm(left, axis=0), np.linalg.norm(right, axis=1), rtol=1e-12)
+    rows = np.argmax(np.abs(left), axis=0)
+    assert np.all(left[rows, np.arange(5)] > 0)
+    # Negating the weight flips right only: signs are a function of the left vectors.
+    neg_left, neg_right = svd_factors(-weight, 5)
+    np.testing.assert_allclose(neg_left, left, atol=1e-12)
+    np.testing.assert_allclose(neg_right, -right, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------------------
+# psd_sqrt / whitened_svd_factors
+
+
+def test_psd_sqrt_of_singular_and_slightly_indefinite_moments() -> None:
+    rng = np.random.default_rng(5)
+    inputs = _correlated_inputs(rng, 8, 500, rank=5)
+    moment = _moment(inputs)
+    root = psd_sqrt(moment)
+    np.testing.assert_array_equal(root, root.T)
+    np.testing.assert_allclose(root @ root, moment, atol=1e-12 * np.abs(moment).max())
+    # Rounding can make a singular moment slightly indefinite: clipped, never NaN.
+    vectors = _orthonormal(rng, 8, 8)
+    values = np.array([-1e-14, 0.0, 1e-3, 0.1, 0.5, 1.0, 2.0, 3.0])
+    indefinite = (vectors * values) @ vectors.T
+    root = psd_sqrt(indefinite)
+    assert np.all(np.isfinite(root))
+    assert np.linalg.eigvalsh(root).min() > -1e-12
+
+
+def test_whitened_svd_is_optimal_for_output_error() -> None:
+    rng = np.random.default_rng(6)
+    weight = rng.standard_normal((24, 16))
+    inputs = _correlated_inputs(rng, 16, 4000)
+    moment = _moment(inputs)
+    assert relative_error(np.eye(16), moment / np.trace(moment) * 16) > 0.5  # far from identity
+    for rank in (2, 5, 9):
+        left, right = whitened_svd_factors(weight, moment, rank)
+        assert left.shape == (24, rank) and right.shape == (rank, 16)
+        error = _output_error(weight, left @ right, inputs)
+        assert error == pytest.approx(_whitened_optimum(weight, moment, rank), rel=1e-9)
+        plain_left, plain_right = svd_factors(weight, rank)
+        assert error < 0.9 * _output_error(weight, plain_left @ plain_right, inputs)
+
+
+def test_whitened_svd_with_singular_moment() -> None:
+    rng = np.random.default_rng(7)
+    weight = rng.standard_normal((12, 10))
+    inputs = _correlated_inputs(rng, 10, 2000, rank=4)  # inputs span only 4 of 10 dimensions
+    moment = _moment(inputs)
+    assert np.linalg.matrix_rank(moment) == 4
+    for rank in (2, 4, 6):
+        left, right = whitened_svd_factors(weight, moment, rank)
+        assert np.all(np.isfinite(left)) and np.all(np.isfinite(right))
+        error = _output_error(weight, left @ right, inputs)
+        optimum = _whitened_optimum(weight, moment, rank)
+        assert error == pytest.approx(optimum, rel=1e-9, abs=1e-10 * np.linalg.norm(weight @ inputs))
+    # Rank 4 already reproduces every output exactly.
+    left, right = whitened_svd_factors(weight, moment, 4)
+    assert _output_error(weight, left @ right, inputs) < 1e-10 * _output_error(weight, 0 * weight, inputs)
+
+
+@pytest.mark.parametrize("rank", [1, 4, 8])
+def test_whitened_svd_with_identity_is_plain_svd(rank: int) -> None:
+    rng = np.random.default_rng(8)
+    weight = rng.standard_normal((8, 13))
+    left, right = whitened_svd_factors(weight, np.eye(13), rank)
+    plain_left, plain_right = svd_factors(weight, rank)
+    np.testing.assert_allclose(left, plain_left, atol=1e-12)
+    np.testing.assert_allclose(right, plain_right, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------------------
+# Tucker-2
+
+
+@pytest.mark.parametrize("shape", [(8, 6, 3, 3), (8, 6, 1, 1), (8, 6, 5), (8, 6, 3, 1), (5, 4, 2, 3, 2)])
+def test_tucker2_full_rank_reconstructs(shape: tuple[int, ...]) -> None:
+    rng = np.random.default_rng(9)
+    kernel = rng.standard_normal(shape)
+    last, core, first = tucker2(kernel, shape[0], shape[1])
+    assert last.shape == (shape[0], shape[0])
+    assert core.shape == shape
+    assert first.shape == (shape[1], shape[1])
+    assert relative_error(kernel, reconstruct_tucker2(last, core, first)) < 1e-12
+
+
+def test_tucker2_matches_explicit_sum() -> None:
+    rng = np.random.default_rng(10)
+    last = rng.standard_normal((5, 3))
+    core = rng.standard_normal((3, 2, 3, 2))
+    first = rng.standard_normal((2, 4))
+    expected = np.einsum("oa,abxy,bi->oixy", last, core, first)
+    np.testing.assert_allclose(reconstruct_tucker2(last, core, first), expected, atol=1e-12)
+
+
+def _structured_kernel(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """A kernel whose channel modes have decaying spectra, plus a little noise."""
+    out_dim, in_dim = shape[:2]
+    core = rng.standard_normal(shape)
+    out_basis = _orthonormal(rng, out_dim, out_dim) * np.exp(-np.arange(out_dim) / 4.0)
+    in_basis = _orthonormal(rng, in_dim, in_dim) * np.exp(-np.arange(in_dim) / 4.0)
+    kernel = reconstruct_tucker2(out_basis, core, in_basis.T)
+    return kernel + 0.01 * rng.standard_normal(shape)
+
+
+def test_tucker2_error_decreases_with_rank_and_beats_hosvd() -> None:
+    rng = np.random.default_rng(11)
+    kernel = _structured_kernel(rng, (24, 16, 3, 3))
+    errors = []
+    improved = 0
+    for rank in range(1, 17, 3):
+        last, core, first = tucker2(kernel, min(rank + 4, 24), rank)
+        error = relative_error(kernel, reconstruct_tucker2(last, core, first))
+        hosvd = tucker2(kernel, min(rank + 4, 24), rank, max_iter=0)
+        hosvd_error = relative_error(kernel, reconstruct_tucker2(*hosvd))
+        assert error <= hosvd_error + 1e-12
+        improved += error < hosvd_error - 1e-9
+        errors.append(error)
+    assert all(later <= earlier + 1e-12 for earlier, later in zip(errors, errors[1:], strict=False))
+    assert errors[-1] < 0.1 * errors[0]
+    assert improved > 0  # HOOI iterations did something beyond the HOSVD
+
+
+@pytest.mark.parametrize("shape", [(16, 12, 3, 3), (12, 16, 3), (10, 6, 1, 1)])
+def test_tucker2_factors_orthonormal_and_signs_deterministic(shape: tuple[int, ...]) -> None:
+    rng = np.random.default_rng(12)
+    kernel = rng.standard_normal(shape)
+    last, core, first = tucker2(kernel, 5, 4)
+    np.testing.assert_allclose(last.T @ last, np.eye(5), atol=1e-12)
+    np.testing.assert_allclose(first @ first.T, np.eye(4), atol=1e-12)
+    assert np.all(last[np.argmax(np.abs(last), axis=0), np.arange(5)] > 0)
+    assert np.all(first[np.arange(4), np.argmax(np.abs(first), axis=1)] > 0)
+    # The core is the projection of the kernel on the factors.
+    expected_core = np.einsum("oa,oi...,bi->ab...", last, kernel, first)
+    np.testing.assert_allclose(core, expected_core, atol=1e-12)
+    again = tucker2(kernel.copy(), 5, 4)
+    for got, want in zip(again, (last, core, first), strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_tucker2_data_aware_1x1_minimises_output_error() -> None:
+    rng = np.random.default_rng(13)
+    weight = rng.standard_normal((20, 14))
+    kernel = weight[:, :, None, None]
+    inputs = _correlated_inputs(rng, 14, 4000)
+    moment = _moment(inputs)
+    for rank in (3, 6):
+        aware = reconstruct_tucker2(*tucker2(kernel, rank, rank, moment=moment))[:, :, 0, 0]
+        free = reconstruct_tucker2(*tucker2(kernel, rank, rank))[:, :, 0, 0]
+        aware_error = _output_error(weight, aware, inputs)
+        assert aware_error < 0.9 * _output_error(weight, free, inputs)
+        # 1x1: exact output-error minimisation, the whitened Eckart-Young optimum.
+        assert aware_error == pytest.approx(_whitened_optimum(weight, moment, rank), rel=1e-8)
+
+
+def test_tucker2_data_aware_kxk_reduces_channel_moment_error() -> None:
+    # For inputs that are independent across pixels with channel moment C, a kxk conv's output
+    # error is exactly ||(K - K') ×_in C^{1/2}||, the criterion the data-aware Tucker-2 minimises.
+    rng = np.random.default_rng(14)
+    kernel = rng.standard_normal((16, 12, 3, 3))
+    moment = _moment(_correlated_inputs(rng, 12, 3000))
+    root = psd_sqrt(moment)
+
+    def channel_error(approx: np.ndarray) -> float:
+        return float(np.linalg.norm(np.einsum("oi...,ij->oj...", kernel - approx, root)))
+
+    aware = reconstruct_tucker2(*tucker2(kernel, 6, 4, moment=moment))
+    free = reconstruct_tucker2(*tucker2(kernel, 6, 4))
+    assert np.all(np.isfinite(aware))
+    assert channel_error(aware) < 0.9 * channel_error(free)
+
+
+def test_tucker2_data_aware_identity_and_singular_moments() -> None:
+    rng = np.random.default_rng(15)
+    kernel = rng.standard_normal((10, 8, 3, 3))
+    free = reconstruct_tucker2(*tucker2(kernel, 4, 3))
+    with_identity = reconstruct_tucker2(*tucker2(kernel, 4, 3, moment=np.eye(8)))
+    np.testing.assert_allclose(with_identity, free, atol=1e-10)
+    singular = _moment(_correlated_inputs(rng, 8, 1000, rank=3))
+    last, core, first = tucker2(kernel, 4, 3, moment=singular)
+    assert all(np.all(np.isfinite(part)) for part in (last, core, first))
+    assert first.shape == (3, 8) and core.shape == (4, 3, 3, 3)
+
+
+# ------------------------------------------------------------------------------------------
+# validation
+
+
+def test_non_finite_weights_are_rejected() -> None:
+    weight = np.ones((4, 3))
+    weight[1, 2] = np.nan
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        svd_factors(weight, 2)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        whitened_svd_factors(weight, np.eye(3), 2)
+    kernel = np.ones((4, 3, 3, 3))
+    kernel[0, 0, 0, 0] = np.inf
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        tucker2(kernel, 2, 2)
+    moment = np.eye(3)
+    moment[0, 0] = np.nan
+    with pytest.raises(ValueError, match="moment.*NaN or Inf"):
+        psd_sqrt(moment)
+
+
+def test_bad_ranks_are_rejected_with_the_range() -> None:
+    weight = np.ones((6, 4))
+    with pytest.raises(ValueError, match=r"rank=0 .*\[1, 4\]"):
+        svd_factors(weight, 0)
+    with pytest.raises(ValueError, match=r"rank=5 .*\[1, 4\].*out=6, in=4"):
+        svd_factors(weight, 5)
+    with pytest.raises(ValueError, match=r"rank=7 .*\[1, 4\]"):
+        whitened_svd_factors(weight, np.eye(4), 7)
+    kernel = np.ones((6, 4, 3, 3))
+    with pytest.raises(ValueError, match=r"rank_out=7 .*\[1, 6\]"):
+        tucker2(kernel, 7, 2)
+    with pytest.raises(ValueError, match=r"rank_in=5 .*\[1, 4\]"):
+        tucker2(kernel, 2, 5)
+    with pytest.raises(TypeError, match="integer"):
+        svd_factors(weight, 2.5)  # type: ignore[arg-type]
+
+
+def test_bad_shapes_are_rejected() -> None:
+    with pytest.raises(ValueError, match="2-D"):
+        svd_factors(np.ones((2, 3, 4)), 1)
+    with pytest.raises(ValueError, match="svd_factors"):
+        tucker2(np.ones((4, 3)), 1, 1)
+    with pytest.raises(ValueError, match=r"moment must have shape \(3, 3\)"):
+        whitened_svd_factors(np.ones((4, 3)), np.eye(4), 1)
+    with pytest.raises(ValueError, match=r"moment must have shape \(3, 3\)"):
+        tucker2(np.ones((4, 3, 3, 3)), 1, 1, moment=np.eye(2))
+    with pytest.raises(ValueError, match="square"):
+        psd_sqrt(np.ones((3, 4)))
+    with pytest.raises(ValueError, match="symmetric"):
+        psd_sqrt(np.array([[1.0, 0.5], [0.0, 1.0]]))
+    with pytest.raises(ValueError, match="positive semi-definite"):
+        psd_sqrt(-np.eye(3))
+    with pytest.raises(ValueError, match="max_iter"):
+        tucker2(np.ones((4, 3, 3, 3)), 1, 1, max_iter=-1)
+    with pytest.raises(ValueError, match="shapes differ"):
+        relative_error(np.ones(3), np.ones(4))
+    with pytest.raises(ValueError, match="do not chain"):
+        reconstruct_tucker2(np.ones((4, 2)), np.ones((3, 2, 3, 3)), np.ones((2, 5)))
+
+
+def test_relative_error_of_zero_reference_is_finite() -> None:
+    assert relative_error(np.zeros((3, 3)), np.zeros((3, 3))) == 0.0
+    assert relative_error(np.ones(4), np.zeros(4)) == pytest.approx(1.0)
