@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from lowrank_ir._engine import Plan, plan, rewrite
+from lowrank_ir._engine import Plan, Progress, plan, rewrite
 from lowrank_ir._files import write_json
 from lowrank_ir._ir import Graph
 from lowrank_ir._policy import Policy, RankSpec, validate_config
@@ -146,7 +146,7 @@ class Decompose:
     # ------------------------------------------------------------------------------------ decomposing
 
     def decompose_network(self, do_decompose_weight: bool = True, datasets: Any = None,
-                          max_iter: int = -1) -> Any:
+                          max_iter: int = -1, *, progress: Progress | None = None) -> Any:
         """A new model with every layer of ``decompose_config`` replaced by its low-rank factors.
 
         Args:
@@ -157,6 +157,7 @@ class Decompose:
                 arguments, list/tuple -> positional arguments, a tensor -> the one argument). With it,
                 each layer minimises its *output* error on this data instead of its weight error.
             max_iter: how many elements of ``datasets`` to use; -1 for all.
+            progress: optional ``progress(done, total, layer name)`` callback, called as layers finish.
         """
         if self.decompose_config is None:
             raise ValueError("no decompose_config yet: call from_ratio, from_fixed, from_dict, from_vbmf "
@@ -173,7 +174,7 @@ class Decompose:
         if datasets is not None and do_decompose_weight:
             names = [entry.name for entry in chosen.decomposed()]
             stats = self._frontend.collect_stats(self.model, graph, datasets, max_iter=max_iter, names=names)
-        result = rewrite(graph, chosen, stats=stats, weights=do_decompose_weight)
+        result = rewrite(graph, chosen, stats=stats, weights=do_decompose_weight, progress=progress)
         model = backend_for(self.model).build(result.graph, like=self.model, weights=do_decompose_weight)
         self.plan = chosen
         self.report = build_report(graph, chosen, result.errors)

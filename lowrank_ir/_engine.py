@@ -18,8 +18,8 @@ import functools
 import logging
 import math
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -356,35 +356,42 @@ def _workers(requested: int | None, jobs: int) -> int:
     return max(1, min(os.cpu_count() or 1, jobs))
 
 
-def _run_parallel(tasks: Sequence[Callable[[], _Factors]], workers: int) -> list[_Factors]:
-    """Run the layer tasks on ``workers`` threads, BLAS limited to ``ceil(cores / workers)`` threads each."""
+#: Called after each layer is decomposed with (layers done, layers in all, name of the layer just done).
+Progress = Callable[[int, int, str], None]
+
+
+def _run_parallel(tasks: Sequence[Callable[[], _Factors]], names: Sequence[str], workers: int,
+                  progress: Progress | None = None) -> list[_Factors]:
+    """Run the layer tasks on ``workers`` threads, BLAS limited to ``cores // workers`` threads each."""
     if not tasks:
         return []
     blas_threads = max(1, (os.cpu_count() or 1) // workers)
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover - threadpoolctl is a dependency; keep working without it
-        threadpool_limits = None
-    limits = threadpool_limits(limits=blas_threads, user_api="blas") if threadpool_limits else None
-    try:
+    from threadpoolctl import threadpool_limits
+
+    report = progress or (lambda done, total, name: None)
+    with threadpool_limits(limits=blas_threads, user_api="blas"):
         if workers == 1:
-            return [task() for task in tasks]
+            results = []
+            for index, task in enumerate(tasks):
+                results.append(task())
+                report(index + 1, len(tasks), names[index])
+            return results
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lowrank") as pool:
-            futures = [pool.submit(task) for task in tasks]
+            futures = {pool.submit(task): index for index, task in enumerate(tasks)}
+            for done, future in enumerate(as_completed(futures), start=1):
+                report(done, len(tasks), names[futures[future]])
             return [future.result() for future in futures]
-    finally:
-        if limits is not None:
-            limits.restore_original_limits()
 
 
 def rewrite(graph: Graph, the_plan: Plan, stats: Mapping[str, LayerStats] | None = None,
             weights: bool = True, workers: int | None = None,
-            progress: Callable[[Iterable[Any]], Iterable[Any]] | None = None) -> RewriteResult:
+            progress: Progress | None = None) -> RewriteResult:
     """A new graph with every decomposed layer of ``the_plan`` replaced by its factors.
 
     ``stats`` (layer name -> input statistics) makes the factorization data-aware for the layers it
     covers. ``weights=False`` builds the structure only (parameters are zero placeholders, no linear
-    algebra runs). ``graph`` itself is not changed.
+    algebra runs). ``progress(done, total, name)`` is called as each layer finishes. ``workers``
+    threads decompose layers in parallel (default: one per core). ``graph`` itself is not changed.
     """
     entries = [entry for entry in the_plan.decomposed() if entry.name in graph]
     missing = [entry.name for entry in the_plan.decomposed() if entry.name not in graph]
@@ -395,7 +402,8 @@ def rewrite(graph: Graph, the_plan: Plan, stats: Mapping[str, LayerStats] | None
     if weights:
         tasks = [functools.partial(_compute, graph.node(entry.name), entry, graph, stats.get(entry.name))
                  for entry in entries]
-        results = list(_run_parallel(tasks, _workers(workers, len(tasks))))
+        names = [entry.name for entry in entries]
+        results = list(_run_parallel(tasks, names, _workers(workers, len(tasks)), progress))
     new = graph.copy()
     factorized: dict[str, list[str]] = dict(new.meta.get("factorized", {}))
     errors: dict[str, tuple[float, str]] = {}

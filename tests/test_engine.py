@@ -178,3 +178,14 @@ def test_decompose_config_format(rng: np.random.Generator) -> None:
     graph = Graph([conv_node()], {"w": rng.standard_normal((8, 8, 3, 3))})
     config = plan(graph, Policy.fixed(2, divisor=1)).decompose_config()
     assert config == {"conv": [2, 2]} and isinstance(config["conv"], list)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_progress_reports_every_layer_once(rng: np.random.Generator, workers: int) -> None:
+    graph = dataflow_graph(rng)
+    calls: list[tuple[int, int, str]] = []
+    rewrite(graph, plan(graph, Policy.config({"fc": 4, "mm": 4, "emb": 4})), workers=workers,
+            progress=lambda done, total, name: calls.append((done, total, name)))
+    assert [done for done, _, _ in calls] == [1, 2, 3]
+    assert {total for _, total, _ in calls} == {3}
+    assert sorted(name for _, _, name in calls) == ["emb", "fc", "mm"]

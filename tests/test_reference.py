@@ -85,7 +85,7 @@ CONFIG_CASES = {
     "fixed-100-d1": ("from_fixed", (100,), {"divisor": 1}),
     "fixed-48-d16-excludes": ("from_fixed", (48,), {"divisor": 16, "excludes": ("layer2.0.conv1", "fc")}),
     "fixed-300-d32": ("from_fixed", (300,), {"divisor": 32}),
-    "dict-mixed-d32": ("from_dict", ({r"layer4\..*conv2": 0.3, r"layer3": 128, r"^fc$": "vbmf",
+    "dict-mixed-d32": ("from_dict", ({r"layer4\..*conv2": 0.3, r"layer3\.1\.conv1": "vbmf", r"layer3": 128, "fc": 0.5,
                                       "downsample": 200, r"layer2\.0\.conv1": "VBMF"},), {"divisor": 32}),
     "dict-first-match-wins-d1": ("from_dict", ({r"conv2$": 0.5, r"conv": 96, r"layer": 0.2},), {"divisor": 1}),
     "dict-d16-excludes": ("from_dict", ({r"layer[34]": 0.6, "fc": 512},),

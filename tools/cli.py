@@ -94,6 +94,19 @@ def _add_policy_args(parser: argparse.ArgumentParser) -> None:
                         help="round ranks to multiples of this (1 disables; default 64)")
 
 
+def _progress_bar(label: str) -> Any:
+    """A one-line progress bar on stderr (only when stderr is a terminal), as a ``progress`` callback."""
+    if not sys.stderr.isatty():
+        return None
+
+    def show(done: int, total: int, name: str) -> None:
+        filled = 30 * done // max(total, 1)
+        end = "\n" if done == total else ""
+        sys.stderr.write(f"\r{label} [{'#' * filled}{'.' * (30 - filled)}] {done}/{total} {name[:40]:<40}{end}")
+        sys.stderr.flush()
+    return show
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from tools.demo import run_demo
 
@@ -118,7 +131,7 @@ def _cmd_decompose(args: argparse.Namespace) -> int:
 
     model = _load_model(args.model, args.weights)
     decomposer = _choose(Decompose(model), args)
-    decomposed = decomposer.decompose_network()
+    decomposed = decomposer.decompose_network(progress=_progress_bar("decomposing"))
     with atomic_directory(args.output) as folder:
         with SafeWriteUmask():
             torch.save(decomposed.state_dict(), folder / "state_dict.pt")
