@@ -146,5 +146,10 @@ def build(graph: Graph, like: nn.Module, weights: bool = True) -> nn.Module:
 
 
 def state_dict(graph: Graph) -> dict[str, torch.Tensor]:
-    """The graph's arrays as a PyTorch state dict (tensors copied from the numpy arrays)."""
-    return {name: torch.from_numpy(np.array(array, copy=True)) for name, array in graph.params.items()}
+    """The graph's arrays as a PyTorch state dict (tensors copied from the numpy arrays).
+
+    Weights a layer computes in its forward (``meta["computed_params"]``) are not state: they are left out.
+    """
+    computed = set(graph.meta.get("computed_params", ()))
+    return {name: torch.from_numpy(np.array(array, copy=True)) for name, array in graph.params.items()
+            if name not in computed}

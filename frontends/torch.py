@@ -10,6 +10,7 @@ The graph's arrays share memory with the model's CPU tensors (no copy) and are m
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -132,14 +133,34 @@ def _lock_reasons(model: nn.Module) -> dict[str, str]:
             reasons.setdefault(name, "the module has forward hooks that a replacement would drop")
         if torch.nn.utils.parametrize.is_parametrized(module):
             reasons.setdefault(name, "the weight is parametrized (torch.nn.utils.parametrize)")
-        weight = getattr(module, "weight", None)
+        weight = module._parameters.get("weight")  # not getattr: a parametrized weight would be computed
         if isinstance(weight, torch.Tensor) and len(params_by_id.get(id(weight), [])) > 1:
             reasons.setdefault(name, f"the weight is tied to {params_by_id[id(weight)]}")
     return reasons
 
 
+def _computed_tensor(module: nn.Module, role: str) -> torch.Tensor:
+    """A layer's ``weight``/``bias`` that is computed rather than stored (parametrized, old weight_norm).
+
+    A parametrization is evaluated on a copy in eval mode: evaluating it on the module itself may
+    update its state (spectral norm's power iteration in training mode).
+    """
+    if torch.nn.utils.parametrize.is_parametrized(module, role):
+        module = copy.deepcopy(module).eval()
+    with torch.no_grad():
+        tensor = getattr(module, role)
+    if not isinstance(tensor, torch.Tensor):
+        raise ValueError(f"its {role} is a {type(tensor).__name__}, not a tensor")
+    return tensor
+
+
 def lower(model: nn.Module) -> Graph:
-    """Lower ``model`` to a module-tree graph (nodes in ``named_modules`` order, no dataflow)."""
+    """Lower ``model`` to a module-tree graph (nodes in ``named_modules`` order, no dataflow).
+
+    A layer whose weight is computed in its forward (a parametrization, the old ``weight_norm``) is
+    left alone; the graph holds its current weight under ``layer.weight`` so that it can be reported,
+    and ``meta["computed_params"]`` lists such names (they are not state-dict keys).
+    """
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
     state = model.state_dict()
@@ -147,6 +168,7 @@ def lower(model: nn.Module) -> Graph:
     dtypes = {name: str(tensor.dtype).replace("torch.", "") for name, tensor in state.items()
               if isinstance(tensor, torch.Tensor)}
     locks = _lock_reasons(model)
+    computed: dict[str, np.ndarray] = {}
     graph = Graph(meta={"source": "torch", "model_type": type(model).__qualname__, "dtypes": dtypes})
     for name, module in model.named_modules():
         found = _lowering_for(module)
@@ -156,6 +178,12 @@ def lower(model: nn.Module) -> Graph:
                 node.attrs["module_type"] = type(module).__qualname__
                 if name in locks:
                     node.attrs["locked"] = locks[name]
+                missing = [role for role, key in node.params.items() if key not in params]
+                if missing:
+                    node.attrs.setdefault("locked", f"its {' and '.join(missing)} is computed in the forward, "
+                                                    f"not stored as a parameter")
+                    for role in missing:
+                        computed[node.params[role]] = to_numpy(_computed_tensor(module, role))
             else:
                 own = [key for key, _ in module.named_parameters(recurse=False)]
                 own += [key for key, _ in module.named_buffers(recurse=False)]
@@ -169,6 +197,9 @@ def lower(model: nn.Module) -> Graph:
         except Exception as err:
             raise ValueError(f"while lowering {name!r} ({type(module).__name__}): {err}") from err
     graph.params.update(params)
+    if computed:
+        graph.params.update(computed)
+        graph.meta["computed_params"] = sorted(computed)
     return verify(graph)
 
 

@@ -45,7 +45,10 @@ def _check_config_file(config_file: object) -> Path | None:
         return None
     if not isinstance(config_file, (str, os.PathLike)) or not os.fspath(config_file).endswith(".json"):
         raise ValueError(f"config_file must be a path ending in '.json', got {config_file!r}")
-    return Path(config_file)
+    path = Path(config_file)
+    if not path.parent.is_dir():
+        raise ValueError(f"config_file {str(path)!r} is in folder {str(path.parent)!r}, which does not exist")
+    return path
 
 
 def _keep_reasons(chosen: Plan, earlier: Plan | None) -> Plan:

@@ -4,7 +4,8 @@ Both are plain functions with no hidden state. Factorized layers keep the source
 number their parts the way ``nn.Sequential`` numbers children:
 
 * ``svd`` (Linear, MatMul, Embedding): ``fc`` -> ``fc.0`` (in -> r, no bias), ``fc.1`` (r -> out, the
-  original bias). An Embedding becomes ``emb.0`` (Embedding num -> r) and ``emb.1`` (Linear r -> dim).
+  original bias). An Embedding becomes ``emb.0`` (Embedding num -> r) and ``emb.1`` (Linear r -> dim);
+  ``emb.0``'s table keeps the source's attribute name (``emb.0.weight``; MindSpore ``emb.0.embedding_table``).
 * ``tucker2`` (Conv): ``conv`` -> ``conv.0`` (1x1, in -> r_in), ``conv.1`` (the k x k core, original
   stride/padding/dilation), ``conv.2`` (1x1, r_out -> out, the original bias).
 
@@ -116,8 +117,8 @@ def _check_finite(node: Node, weight: np.ndarray) -> None:
 
 
 def _matrix_view(node: Node, weight: np.ndarray) -> np.ndarray:
-    """The layer's weight as ``[out, in]`` (the MatMul weight is stored ``[in, out]``)."""
-    return weight.T if node.op is Op.MATMUL else weight
+    """The layer's weight as ``[out, in]`` (a right-hand MatMul weight is stored ``[in, out]``)."""
+    return weight.T if node.op is Op.MATMUL and node.attrs.get("weight_side", "right") == "right" else weight
 
 
 def _plan_entry(node: Node, graph: Graph, policy: Policy) -> PlanEntry | None:
@@ -270,6 +271,17 @@ def _compute(node: Node, entry: PlanEntry, graph: Graph, stats: LayerStats | Non
                          f"rank {entry.rank}): {err}") from err
 
 
+def _attribute(node: Node, role: str) -> str:
+    """The source's attribute name for ``role``: the layer's param name after the layer's own prefix.
+
+    ``weight`` in PyTorch, ``embedding_table`` for a MindSpore Embedding's weight; the role itself when the
+    param name is not ``<layer>.<attribute>`` (ONNX initializers).
+    """
+    param, prefix = node.params.get(role, ""), f"{node.name}."
+    attribute = param[len(prefix):] if param.startswith(prefix) else ""
+    return attribute if attribute and "." not in attribute else role
+
+
 def _parts_svd(node: Node, entry: PlanEntry, graph: Graph, arrays: list[np.ndarray] | None,
                ) -> tuple[list[Node], dict[str, np.ndarray]]:
     weight = graph.param(node, "weight")
@@ -283,18 +295,24 @@ def _parts_svd(node: Node, entry: PlanEntry, graph: Graph, arrays: list[np.ndarr
     params: dict[str, np.ndarray] = {}
     if node.op is Op.EMBEDDING:
         lookup = {key: value for key, value in node.attrs.items() if key not in ("embedding_dim",)}
-        first = Node(Op.EMBEDDING, f"{name}.0", {**lookup, "embedding_dim": rank},
-                     {"weight": f"{name}.0.weight"})
+        table = f"{name}.0.{_attribute(node, 'weight')}"  # MindSpore: emb.0.embedding_table
+        first = Node(Op.EMBEDDING, f"{name}.0", {**lookup, "embedding_dim": rank}, {"weight": table})
         second = Node(Op.LINEAR, f"{name}.1", {"in_features": rank, "out_features": inp},
                       {"weight": f"{name}.1.weight"})
-        params[f"{name}.0.weight"], params[f"{name}.1.weight"] = left, _transposed(right)
+        params[table], params[f"{name}.1.weight"] = left, _transposed(right)
     elif node.op is Op.MATMUL:
-        first = Node(Op.MATMUL, f"{name}.0", {"in_features": inp, "out_features": rank},
+        # Both parts multiply from the weight's side; the second keeps the other attrs (Gemm alpha/beta).
+        side = node.attrs.get("weight_side", "right")
+        sided = {} if side == "right" else {"weight_side": side}
+        extra = {key: value for key, value in node.attrs.items() if key not in ("in_features", "out_features")}
+        first = Node(Op.MATMUL, f"{name}.0", {"in_features": inp, "out_features": rank, **sided},
                      {"weight": f"{name}.0.weight"})
-        second = Node(Op.MATMUL, f"{name}.1", {"in_features": rank, "out_features": out},
+        second = Node(Op.MATMUL, f"{name}.1", {**extra, "in_features": rank, "out_features": out},
                       {"weight": f"{name}.1.weight"})
-        params[f"{name}.0.weight"] = _transposed(right)
-        params[f"{name}.1.weight"] = _transposed(left)
+        if side == "right":
+            params[f"{name}.0.weight"], params[f"{name}.1.weight"] = _transposed(right), _transposed(left)
+        else:
+            params[f"{name}.0.weight"], params[f"{name}.1.weight"] = right, left
     else:
         extra = {key: value for key, value in node.attrs.items() if key not in ("in_features", "out_features")}
         first = Node(Op.LINEAR, f"{name}.0", {"in_features": inp, "out_features": rank},

@@ -9,24 +9,47 @@ The op set is closed (:class:`Op`). Each op's attributes are documented once, he
 
 ``Linear``      y = x Wᵀ + b.  weight ``[out_features, in_features]``, optional bias ``[out_features]``.
                 attrs: ``in_features``, ``out_features``; optional ``activation`` (a name applied after
-                the layer, e.g. MindSpore ``Dense(activation=...)``).
+                the layer, e.g. MindSpore ``Dense(activation=...)``); optional ``alpha``, ``beta``
+                (floats, from an ONNX ``Gemm``): y = alpha · x Wᵀ + beta · b. A rewrite keeps every
+                optional attr on the part that carries the bias.
 ``Conv``        N-d convolution.  weight ``[out_channels, in_channels // groups, *kernel_size]``,
                 optional bias ``[out_channels]``. attrs: ``in_channels``, ``out_channels``,
-                ``kernel_size`` (tuple), ``stride`` (tuple), ``padding`` (tuple of per-dimension
-                padding, or ``"same"`` / ``"valid"``), ``dilation`` (tuple), ``groups`` (int),
-                ``padding_mode`` (``"zeros"``, ``"reflect"``, ``"replicate"``, ``"circular"``).
+                ``kernel_size`` (tuple), ``stride`` (tuple), ``padding``, ``dilation`` (tuple),
+                ``groups`` (int), ``padding_mode`` (``"zeros"``, ``"reflect"``, ``"replicate"``,
+                ``"circular"``). ``padding`` is one of: a tuple of ``ndim`` ints (the same at both ends
+                of each dimension); a tuple of ``2 * ndim`` ints ``(begin..., end...)`` in ONNX
+                ``pads`` order when the ends differ (2-D: top, left, bottom, right); ``"valid"`` (none);
+                ``"same"`` (output size ceil(input / stride), the total padding split with any odd
+                extra at the end: ONNX ``SAME_UPPER``, MindSpore ``pad_mode="same"``, PyTorch
+                ``padding="same"`` at stride 1); ``"same_lower"`` (the same with the odd extra at the
+                beginning: ONNX ``SAME_LOWER``). Optional ``data_format`` (``"NCHW"``; MindSpore
+                ``"NHWC"`` layers are lowered locked, with the weight in the IR's channels-first layout).
 ``ConvTranspose`` weight ``[in_channels, out_channels // groups, *kernel_size]``; attrs as ``Conv``
                 plus ``output_padding`` (tuple).
 ``Embedding``   row lookup.  weight ``[num_embeddings, embedding_dim]``. attrs: ``num_embeddings``,
                 ``embedding_dim``, ``padding_idx`` (int or None), plus the source's lookup options
                 (``max_norm``, ``norm_type``, ``scale_grad_by_freq``, ``sparse``).
 ``MatMul``      y = x W by a constant.  weight ``[in_features, out_features]``. attrs: ``in_features``,
-                ``out_features``.
+                ``out_features``; optional ``weight_side``: ``"right"`` (the default, y = x W) or
+                ``"left"`` (y = W x, weight ``[out_features, in_features]``, the features are x's
+                second-to-last axis; both parts of a rewrite keep it). Optional bias ``[out_features]``
+                and ``alpha``/``beta`` as ``Linear`` (ONNX ``Gemm`` with ``transB=0``).
 ``Opaque``      anything else, carried untouched. attrs: ``source_op`` (the ONNX op type or module type
                 name) and the source's own attributes.
 
 Nodes lowered from a module tree (PyTorch, MindSpore) have empty ``inputs``/``outputs``: the tree,
 not the IR, knows the dataflow. Nodes from a dataflow source (ONNX) name their values.
+
+Dataflow graphs (ONNX, ``frontends/onnx.py``): ``node.inputs`` lists only the *data* inputs (values
+computed at run time, ``""`` for a skipped optional input); constant inputs (initializers, ``Constant``
+nodes) are ``node.params``: ``weight``/``bias`` for layers, ``input:<position>`` for an opaque node,
+and ``outer:<name>`` for a constant that a subgraph (``If``/``Loop``/``Scan`` body) reads from the outer
+scope. ``graph.inputs``/``graph.outputs`` are the data inputs and the outputs (``dtype`` a numpy
+dtype name, ``shape`` ints for fixed dims and strings for symbolic ones). Each node carries
+``attrs["onnx"]``, the record the ONNX backend needs to write it back exactly (original node name,
+domain, attribute types, input layout; for layers, the original attributes); ``graph.meta["onnx"]``
+holds the model-level record (opsets, IR version, producer, value_info, functions ...). Layers may
+carry ``out_positions``/``in_positions`` (output/input positions per sample) for per-sample FLOPs.
 """
 
 from __future__ import annotations
@@ -215,6 +238,8 @@ def _expected_weight_shape(node: Node) -> tuple[int, ...] | None:
     if node.op is Op.LINEAR:
         return (attrs["out_features"], attrs["in_features"])
     if node.op is Op.MATMUL:
+        if attrs.get("weight_side", "right") == "left":
+            return (attrs["out_features"], attrs["in_features"])
         return (attrs["in_features"], attrs["out_features"])
     if node.op is Op.EMBEDDING:
         return (attrs["num_embeddings"], attrs["embedding_dim"])
@@ -237,11 +262,22 @@ def _layer_problems(node: Node, graph: Graph) -> list[str]:
         for key in ("stride", "dilation"):
             if len(attrs[key]) != ndim:
                 problems.append(f"{where}: {key}={attrs[key]!r} has not {ndim} entries like kernel_size")
+        padding = attrs["padding"]
+        if isinstance(padding, str):
+            if padding not in ("same", "same_lower", "valid"):
+                problems.append(f"{where}: padding={padding!r} must be 'same', 'same_lower', 'valid' or a "
+                                f"tuple of ints")
+        elif len(padding) not in (ndim, 2 * ndim) or any(int(pad) < 0 for pad in padding):
+            problems.append(f"{where}: padding={padding!r} must hold {ndim} (per dimension) or {2 * ndim} "
+                            f"(begin..., end...) non-negative ints")
         groups = attrs["groups"]
         if groups < 1 or attrs["in_channels"] % groups or attrs["out_channels"] % groups:
             problems.append(f"{where}: groups={groups} must divide in_channels={attrs['in_channels']} "
                             f"and out_channels={attrs['out_channels']}")
             return problems
+    if node.op is Op.MATMUL and node.attrs.get("weight_side", "right") not in ("right", "left"):
+        problems.append(f"{where}: weight_side={node.attrs['weight_side']!r} must be 'right' or 'left'")
+        return problems
     weight = graph.params.get(node.params["weight"])
     expected = _expected_weight_shape(node)
     if weight is not None and expected is not None and tuple(weight.shape) != expected:

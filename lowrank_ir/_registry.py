@@ -23,6 +23,12 @@ class Framework:
     base_class: str
     frontend: str
     backend: str
+    #: How error messages name the framework's model class (default ``<package>.nn.<base_class>``).
+    label: str = ""
+
+    @property
+    def model_class(self) -> str:
+        return self.label or f"{self.base_module.split('.')[0]}.nn.{self.base_class}"
 
 
 FRAMEWORKS: dict[str, Framework] = {}
@@ -36,6 +42,8 @@ def register_framework(framework: Framework) -> Framework:
 register_framework(Framework("torch", "torch.nn.modules.module", "Module", "frontends.torch", "backends.torch"))
 register_framework(Framework("mindspore", "mindspore.nn.cell", "Cell", "frontends.mindspore",
                              "backends.mindspore"))
+register_framework(Framework("onnx", "onnx.onnx_ml_pb2", "ModelProto", "frontends.onnx", "backends.onnx",
+                             label="onnx.ModelProto"))
 
 
 def framework_of(model: Any) -> str:
@@ -44,7 +52,7 @@ def framework_of(model: Any) -> str:
         for framework in FRAMEWORKS.values():
             if cls.__module__ == framework.base_module and cls.__name__ == framework.base_class:
                 return framework.name
-    supported = ", ".join(f"{fw.base_module.split('.')[0]}.nn.{fw.base_class}" for fw in FRAMEWORKS.values())
+    supported = ", ".join(fw.model_class for fw in FRAMEWORKS.values())
     raise TypeError(f"expected a model of a supported framework ({supported}), got {type(model).__name__} "
                     f"from module {type(model).__module__!r}")
 

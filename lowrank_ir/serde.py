@@ -80,7 +80,8 @@ def save_graph(graph: Graph, directory: str | os.PathLike[str]) -> Path:
             for node in graph.nodes
         ],
     }
-    arrays = {name: np.ascontiguousarray(array) for name, array in graph.params.items()}
+    # ascontiguousarray makes 0-d arrays 1-d: reshape back so scalars (num_batches_tracked) keep their shape
+    arrays = {name: np.ascontiguousarray(array).reshape(array.shape) for name, array in graph.params.items()}
     with atomic_directory(directory) as tmp:
         (tmp / GRAPH_FILE).write_text(json.dumps(structure, indent=1) + "\n")
         save_file(arrays, str(tmp / PARAMS_FILE))
