@@ -226,8 +226,8 @@ class _Factors:
 
 def _output_error(delta: np.ndarray, weight: np.ndarray, moment: np.ndarray) -> float:
     """||(W - W') C^{1/2}|| / ||W C^{1/2}|| = sqrt(tr(D C Dᵀ) / tr(W C Wᵀ))."""
-    num = float(np.einsum("ij,jk,ik->", delta, moment, delta))
-    den = float(np.einsum("ij,jk,ik->", weight, moment, weight))
+    num = float(np.sum((delta @ moment) * delta))
+    den = float(np.sum((weight @ moment) * weight))
     return math.sqrt(max(num, 0.0) / den) if den > 0 else 0.0
 
 
@@ -274,12 +274,12 @@ def _compute(node: Node, entry: PlanEntry, graph: Graph, stats: LayerStats | Non
 def _attribute(node: Node, role: str) -> str:
     """The source's attribute name for ``role``: the layer's param name after the layer's own prefix.
 
-    ``weight`` in PyTorch, ``embedding_table`` for a MindSpore Embedding's weight; the role itself when the
-    param name is not ``<layer>.<attribute>`` (ONNX initializers).
+    ``weight`` in PyTorch, ``embedding_table`` for a MindSpore Embedding's weight (also when MindSpore left
+    the name unprefixed); the role itself when the param name is not ``<layer>.<attribute>`` (ONNX).
     """
     param, prefix = node.params.get(role, ""), f"{node.name}."
-    attribute = param[len(prefix):] if param.startswith(prefix) else ""
-    return attribute if attribute and "." not in attribute else role
+    attribute = param[len(prefix):] if param.startswith(prefix) else param
+    return attribute if attribute.isidentifier() else role
 
 
 def _parts_svd(node: Node, entry: PlanEntry, graph: Graph, arrays: list[np.ndarray] | None,

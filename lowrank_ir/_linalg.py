@@ -191,23 +191,28 @@ def svd_factors(weight: ArrayLike, rank: int) -> tuple[Array, Array]:
 # second moments
 
 
+def _symmetric_moment(moment: ArrayLike, name: str = "moment") -> Array:
+    """``moment`` as a symmetrised float64 matrix, after checking it is square, finite and symmetric."""
+    raw = np.asarray(moment)
+    if raw.ndim != 2 or raw.shape[0] != raw.shape[1]:
+        raise ValueError(f"{name} must be a square [in, in] matrix, got shape {raw.shape!r}")
+    matrix = _as_float64(raw, name)
+    scale = float(np.max(np.abs(matrix))) if matrix.size else 0.0
+    asymmetry = float(np.max(np.abs(matrix - matrix.T))) if matrix.size else 0.0
+    if asymmetry > ASYMMETRY_TOLERANCE * scale:
+        raise ValueError(
+            f"{name} must be symmetric: max |C - Cᵀ| = {asymmetry:.3g} for max |C| = {scale:.3g}"
+        )
+    return 0.5 * (matrix + matrix.T)
+
+
 def _psd_eig(moment: ArrayLike, name: str = "moment") -> tuple[Array, Array]:
     """Eigen-decomposition of a symmetric PSD matrix with rounding noise removed.
 
     Returns ``(eigenvalues, eigenvectors)`` with eigenvalues ascending, negative and tiny ones
     (below ``n · eps · max``) set to exactly zero.
     """
-    raw = np.asarray(moment)
-    if raw.ndim != 2 or raw.shape[0] != raw.shape[1]:
-        raise ValueError(f"{name} must be a square [in, in] matrix, got shape {raw.shape!r}")
-    matrix = _as_float64(raw, name)
-    scale = float(np.max(np.abs(matrix)))
-    asymmetry = float(np.max(np.abs(matrix - matrix.T)))
-    if asymmetry > ASYMMETRY_TOLERANCE * scale:
-        raise ValueError(
-            f"{name} must be symmetric: max |C - Cᵀ| = {asymmetry:.3g} for max |C| = {scale:.3g}"
-        )
-    matrix = 0.5 * (matrix + matrix.T)
+    matrix = _symmetric_moment(moment, name)
     values, vectors = np.linalg.eigh(matrix)
     magnitude = float(np.max(np.abs(values)))
     if values[0] < -NEGATIVE_EIGENVALUE_TOLERANCE * magnitude:
@@ -257,6 +262,27 @@ def _psd_sqrt_and_pinv(moment: ArrayLike, in_dim: int) -> tuple[Array, Array]:
     return 0.5 * (sqrt_matrix + sqrt_matrix.T), 0.5 * (pinv_matrix + pinv_matrix.T)
 
 
+def _whitened_left_basis(matrix: Array, moment: ArrayLike, rank: int) -> Array:
+    """The ``rank`` leading left singular vectors of ``A = W C^{1/2}``, signs fixed.
+
+    When ``out <= in`` they are the leading eigenvectors of ``A Aᵀ = W C Wᵀ`` (``[out, out]``): no
+    square root of ``C`` and no SVD of ``A`` are needed, which is several times faster for wide
+    layers. Otherwise the SVD of ``W C^{1/2}`` is taken.
+    """
+    out_dim, in_dim = matrix.shape
+    if out_dim <= in_dim:
+        symmetric = _symmetric_moment(moment)
+        if np.any(np.diag(symmetric) < 0):
+            raise ValueError("moment is not positive semi-definite: it has a negative diagonal entry")
+        gram = matrix @ symmetric @ matrix.T
+        _, vectors = np.linalg.eigh(0.5 * (gram + gram.T))
+        basis = np.ascontiguousarray(vectors[:, ::-1][:, :rank])
+        return basis * _column_signs(basis)
+    u, _, vt = np.linalg.svd(matrix @ psd_sqrt(moment), full_matrices=False)
+    u, _ = svd_flip(u, vt)
+    return np.ascontiguousarray(u[:, :rank])
+
+
 def whitened_svd_factors(weight: ArrayLike, moment: ArrayLike, rank: int) -> tuple[Array, Array]:
     """Data-aware truncated SVD: minimises the output error ``||(W - left @ right) C^{1/2}||_F``.
 
@@ -288,10 +314,7 @@ def whitened_svd_factors(weight: ArrayLike, moment: ArrayLike, rank: int) -> tup
             f"moment must have shape ({in_dim}, {in_dim}) [in, in] for a weight of shape "
             f"{matrix.shape!r}, got {raw_moment.shape!r}"
         )
-    whitened = matrix @ psd_sqrt(raw_moment)
-    u, _, vt = np.linalg.svd(whitened, full_matrices=False)
-    u, _ = svd_flip(u, vt)
-    basis = u[:, :rank]
+    basis = _whitened_left_basis(matrix, raw_moment, rank)
     projected = basis.T @ matrix
     row_norms = np.linalg.norm(projected, axis=1)
     balance = np.ones(rank)
