@@ -17,7 +17,7 @@ from torch import nn
 
 from lowrank_ir import Graph, Node, Op
 
-__all__ = ["BUILDERS", "ConstantMatMul", "build", "build_layer", "register_builder", "state_dict"]
+__all__ = ["BUILDERS", "ConstantMatMul", "build", "build_layer", "load_layers", "register_builder", "state_dict"]
 
 Builder = Callable[[Node, Graph], nn.Module]
 
@@ -143,6 +143,21 @@ def build(graph: Graph, like: nn.Module, weights: bool = True) -> nn.Module:
         parent_name, _, child = original.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, chain)
     return model
+
+
+def load_layers(model: nn.Module, graph: Graph, names: list[str]) -> None:
+    """Copy the factors of the factorized layers ``names`` from ``graph`` into ``model``, in place.
+
+    ``model`` must be one :func:`build` returned for a graph with the same structure (the sequential
+    mode refines layers one group at a time in its own copy; never call this on a user's model).
+    """
+    factorized: dict[str, list[str]] = graph.meta.get("factorized", {})
+    for original in names:
+        chain = model.get_submodule(original) if original else model
+        for index, part_name in enumerate(factorized[original]):
+            layer = chain[index] if isinstance(chain, nn.Sequential) else chain
+            reference = layer.weight
+            _fill(layer, graph.node(part_name), graph, reference)
 
 
 def state_dict(graph: Graph) -> dict[str, torch.Tensor]:

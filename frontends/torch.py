@@ -234,46 +234,68 @@ def _run_element(model: nn.Module, element: Any, index: int, device: torch.devic
                         f"(keyword arguments), a list or tuple (positional arguments) or a torch.Tensor")
     try:
         call()
+    except _Enough:
+        pass
     except Exception as err:
         raise ValueError(f"datasets element {index} does not fit the model: {type(err).__name__}: {err}") from err
 
 
-def _rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The layer input as rows of input features (channels last for convs)."""
-    if isinstance(module, nn.Linear):
-        return x.reshape(-1, module.in_features)
-    assert isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
-    spatial = len(module.kernel_size)
+def _rows(node: Node, x: torch.Tensor) -> torch.Tensor:
+    """The layer input as rows of input features (channels last for convs), by the layer's IR node."""
+    if node.op is Op.LINEAR:
+        return x.reshape(-1, node.attrs["in_features"])
+    spatial = len(node.attrs["kernel_size"])
     channel_axis = 0 if x.dim() == spatial + 1 else 1  # unbatched input has no batch axis
-    return x.movedim(channel_axis, -1).reshape(-1, module.in_channels)
+    return x.movedim(channel_axis, -1).reshape(-1, node.attrs["in_channels"])
+
+
+class _Enough(Exception):
+    """Raised by a hook to end a forward pass once every wanted layer has seen its input."""
+
+
+def _check_datasets(datasets: Any) -> None:
+    if isinstance(datasets, (str, bytes)) or not hasattr(datasets, "__iter__"):
+        raise TypeError(f"datasets must be an iterable of model inputs, got {type(datasets).__name__}")
 
 
 def collect_stats(model: nn.Module, graph: Graph, datasets: Iterable[Any], max_iter: int = -1,
-                  names: Sequence[str] | None = None) -> dict[str, LayerStats]:
-    """Input second moments E[x xᵀ] (float64) of the Linear and Conv layers ``names``, from ``datasets``.
+                  names: Sequence[str] | None = None, stop_early: bool = False) -> dict[str, LayerStats]:
+    """Input statistics (E[x xᵀ] in float64, and E[x]) of the Linear and Conv layers ``names``.
 
+    ``graph`` is the graph lowered from the *original* model: the layers are found by name, so
+    ``model`` may be a decomposed version of it (a factorized layer's chain sees the layer's input).
     The model runs under ``torch.no_grad()`` in eval mode; its modes are restored and its hooks
-    removed afterwards, so the model is left as it was.
+    removed afterwards, so the model is left as it was. ``stop_early`` ends each forward pass as
+    soon as every wanted layer has seen its input (for layers run once per pass).
     """
-    if isinstance(datasets, (str, bytes)) or not hasattr(datasets, "__iter__"):
-        raise TypeError(f"datasets must be an iterable of model inputs, got {type(datasets).__name__}")
+    _check_datasets(datasets)
     modules = dict(model.named_modules())
-    wanted = [name for name in (names if names is not None else [n.name for n in graph.layers()])
-              if isinstance(modules.get(name), (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+    candidates = names if names is not None else [node.name for node in graph.layers()]
+    wanted = [name for name in candidates
+              if name in graph and graph.node(name).op in (Op.LINEAR, Op.CONV) and name in modules]
     sums: dict[str, torch.Tensor] = {}
+    firsts: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = dict.fromkeys(wanted, 0)
+    pending: set[str] = set()
 
     def make_hook(name: str) -> Callable[..., None]:
+        node = graph.node(name)
+
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
             if not args or not isinstance(args[0], torch.Tensor):
                 return
-            rows = _rows(module, args[0].detach())
+            rows = _rows(node, args[0].detach())
             # Each batch's product in at least float32 (float64 inputs stay float64), summed in float64:
             # float64 products would cost 2-4x the time for no gain at batch sizes' worth of rows.
             rows = rows.to(torch.promote_types(rows.dtype, torch.float32))
             moment = (rows.T @ rows).to(torch.float64)  # NaN/Inf inputs make it non-finite: checked at the end
+            total = rows.sum(0, dtype=torch.float64)
             sums[name] = moment if name not in sums else sums[name] + moment
+            firsts[name] = total if name not in firsts else firsts[name] + total
             counts[name] += rows.shape[0]
+            pending.discard(name)
+            if stop_early and not pending:
+                raise _Enough
         return hook
 
     modes = {module: module.training for module in model.modules()}
@@ -284,6 +306,7 @@ def collect_stats(model: nn.Module, graph: Graph, datasets: Iterable[Any], max_i
         model.eval()
         with torch.no_grad():
             for index, element in enumerate(datasets):
+                pending.update(wanted)
                 _run_element(model, element, index, device)
                 seen += 1
                 if 0 < max_iter <= seen:  # stop before drawing another element (a DataLoader batch)
@@ -304,5 +327,47 @@ def collect_stats(model: nn.Module, graph: Graph, datasets: Iterable[Any], max_i
         if not torch.isfinite(moment).all():
             raise ValueError(f"the input of layer {name!r} holds NaN or Inf values (seen during calibration); "
                              f"statistics need finite activations")
-        stats[name] = LayerStats(moment.cpu().numpy(), counts[name])
+        stats[name] = LayerStats(moment.cpu().numpy(), counts[name], (firsts[name] / counts[name]).cpu().numpy())
     return stats
+
+
+def execution_groups(model: nn.Module, graph: Graph, datasets: Iterable[Any], names: Sequence[str]) -> list[list[str]]:
+    """The layers ``names`` in the order the model runs them on the first element, grouped by shared input.
+
+    Layers fed the very same tensor (an attention block's query, key and value) form one group: their
+    statistics can be collected in one pass. Layers never run come last, each alone.
+    """
+    _check_datasets(datasets)
+    modules = dict(model.named_modules())
+    order: list[tuple[str, int]] = []
+
+    def make_hook(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            if args and isinstance(args[0], torch.Tensor) and name not in {seen for seen, _ in order}:
+                order.append((name, id(args[0])))
+        return hook
+
+    handles = [modules[name].register_forward_pre_hook(make_hook(name)) for name in names if name in modules]
+    modes = {module: module.training for module in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            for index, element in enumerate(datasets):
+                _run_element(model, element, index, _model_device(model))
+                break
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, training in modes.items():
+            module.training = training
+    groups: list[list[str]] = []
+    last_input = None
+    for name, input_id in order:
+        if groups and input_id == last_input:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+        last_input = input_id
+    ran = {name for name, _ in order}
+    groups.extend([name] for name in names if name not in ran)
+    return groups

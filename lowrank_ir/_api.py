@@ -149,7 +149,8 @@ class Decompose:
     # ------------------------------------------------------------------------------------ decomposing
 
     def decompose_network(self, do_decompose_weight: bool = True, datasets: Any = None,
-                          max_iter: int = -1, *, progress: Progress | None = None) -> Any:
+                          max_iter: int = -1, *, sequential: bool = False,
+                          progress: Progress | None = None) -> Any:
         """A new model with every layer of ``decompose_config`` replaced by its low-rank factors.
 
         Args:
@@ -158,8 +159,13 @@ class Decompose:
                 checkpoint saved from a weight-decomposed model into it (the multi-process recipe).
             datasets: optional calibration data (an iterable of model inputs: dict -> keyword
                 arguments, list/tuple -> positional arguments, a tensor -> the one argument). With it,
-                each layer minimises its *output* error on this data instead of its weight error.
+                each layer minimises its *output* error on this data instead of its weight error, and
+                the error on the mean input is folded into the layer's bias.
             max_iter: how many elements of ``datasets`` to use; -1 for all.
+            sequential: with ``datasets``, decompose layers in execution order, each from statistics
+                taken on the model whose earlier layers are already decomposed, so errors do not
+                compound unseen. Layers fed the same tensor (query/key/value) share one calibration
+                pass, and each pass stops as soon as the layers it serves have seen their input.
             progress: optional ``progress(done, total, layer name)`` callback, called as layers finish.
         """
         if self.decompose_config is None:
@@ -167,18 +173,45 @@ class Decompose:
                              "or from_file before decompose_network")
         if not isinstance(do_decompose_weight, bool):
             raise TypeError(f"do_decompose_weight must be a bool, got {do_decompose_weight!r}")
-        if isinstance(max_iter, bool) or not isinstance(max_iter, int):  # TypeError, as the reference raises
-            raise TypeError(f"max_iter must be an int (-1 for the whole dataset, or > 0), got {max_iter!r}")
+        if isinstance(max_iter, bool) or not isinstance(max_iter, int):
+            raise TypeError(f"max_iter must be an int (-1 for the whole dataset), got {max_iter!r}")
         if not (max_iter == -1 or max_iter > 0):
             raise ValueError(f"max_iter must be -1 (the whole dataset) or an int > 0, got {max_iter!r}")
+        if not isinstance(sequential, bool):
+            raise TypeError(f"sequential must be a bool, got {sequential!r}")
+        if sequential and datasets is None:
+            raise ValueError("sequential=True needs datasets: it refines each layer on calibration data")
         graph = self._lower()
         chosen = _keep_reasons(plan(graph, Policy.config(self.decompose_config)), self.plan)
         stats = None
+        names = [entry.name for entry in chosen.decomposed()]
         if datasets is not None and do_decompose_weight:
-            names = [entry.name for entry in chosen.decomposed()]
             stats = self._frontend.collect_stats(self.model, graph, datasets, max_iter=max_iter, names=names)
         result = rewrite(graph, chosen, stats=stats, weights=do_decompose_weight, progress=progress)
-        model = backend_for(self.model).build(result.graph, like=self.model, weights=do_decompose_weight)
+        backend = backend_for(self.model)
+        model = backend.build(result.graph, like=self.model, weights=do_decompose_weight)
+        errors = result.errors
+        if sequential and do_decompose_weight:
+            errors = self._refine_sequentially(model, graph, chosen, datasets, max_iter, names, progress)
         self.plan = chosen
-        self.report = build_report(graph, chosen, result.errors)
+        self.report = build_report(graph, chosen, errors)
         return model
+
+    def _refine_sequentially(self, model: Any, graph: Graph, chosen: Plan, datasets: Any, max_iter: int,
+                             names: list[str], progress: Progress | None) -> dict[str, tuple[float, str]]:
+        """Redo each group of layers, in execution order, from statistics of ``model`` as refined so far."""
+        backend = backend_for(self.model)
+        groups = self._frontend.execution_groups(model, graph, datasets, names)
+        errors: dict[str, tuple[float, str]] = {}
+        done = 0
+        for group in groups:
+            stats = self._frontend.collect_stats(model, graph, datasets, max_iter=max_iter, names=group,
+                                                 stop_early=True)
+            part = Plan({name: chosen.entries[name] for name in group})
+            result = rewrite(graph, part, stats=stats, workers=1)
+            backend.load_layers(model, result.graph, group)
+            errors.update(result.errors)
+            done += len(group)
+            if progress is not None:
+                progress(done, len(names), group[-1])
+        return errors

@@ -217,32 +217,50 @@ def _wire(parts: list[Node], node: Node) -> None:
 
 @dataclass(slots=True)
 class _Factors:
-    """The arrays of one factorized layer and its error figure."""
+    """The arrays of one factorized layer, its error figure, and the bias correction (if any)."""
 
     arrays: list[np.ndarray]
     error: float | None = None
     error_kind: str = "weight"
+    bias_shift: np.ndarray | None = None
 
 
-def _output_error(delta: np.ndarray, weight: np.ndarray, moment: np.ndarray) -> float:
-    """||(W - W') C^{1/2}|| / ||W C^{1/2}|| = sqrt(tr(D C Dᵀ) / tr(W C Wᵀ))."""
+def _output_error(delta: np.ndarray, weight: np.ndarray, moment: np.ndarray,
+                  reference: np.ndarray | None = None) -> float:
+    """||(W - W') C^{1/2}|| / ||W R^{1/2}|| = sqrt(tr(D C Dᵀ) / tr(W R Wᵀ)), R = C unless given."""
     num = float(np.sum((delta @ moment) * delta))
-    den = float(np.sum((weight @ moment) * weight))
+    base = moment if reference is None else reference
+    den = float(np.sum((weight @ base) * weight))
     return math.sqrt(max(num, 0.0) / den) if den > 0 else 0.0
 
 
-def _factor_matrix(matrix: np.ndarray, rank: int, stats: LayerStats | None) -> _Factors:
-    """``matrix [out, in] ≈ left @ right`` (data-aware when ``stats`` has the input moment)."""
+def _centered(stats: LayerStats) -> np.ndarray:
+    """The input covariance E[(x - μ)(x - μ)ᵀ] = C - μ μᵀ: the error left once the mean error is in the bias."""
+    assert stats.mean is not None
+    return stats.moment - np.outer(stats.mean, stats.mean)
+
+
+def _factor_matrix(matrix: np.ndarray, rank: int, stats: LayerStats | None, correct_bias: bool) -> _Factors:
+    """``matrix [out, in] ≈ left @ right`` (data-aware when ``stats`` has the input moment).
+
+    With ``correct_bias`` and the input mean μ known, the error on the mean, (W - W') μ, is returned as
+    a bias shift: the layer's output is then exact on average, and its remaining error is measured
+    against the input covariance instead of the second moment.
+    """
     matrix64 = matrix.astype(np.float64)
-    if stats is not None:
-        left, right = _linalg.whitened_svd_factors(matrix64, stats.moment, rank)
-        error = _output_error(matrix64 - left @ right, matrix64, stats.moment)
-        return _Factors([left, right], error, "output")
-    left, right = _linalg.svd_factors(matrix64, rank)
-    return _Factors([left, right], _linalg.relative_error(matrix64, left @ right))
+    if stats is None:
+        left, right = _linalg.svd_factors(matrix64, rank)
+        return _Factors([left, right], _linalg.relative_error(matrix64, left @ right))
+    left, right = _linalg.whitened_svd_factors(matrix64, stats.moment, rank)
+    delta = matrix64 - left @ right
+    if correct_bias and stats.mean is not None:
+        return _Factors([left, right], _output_error(delta, matrix64, _centered(stats), stats.moment), "output",
+                        delta @ stats.mean)
+    return _Factors([left, right], _output_error(delta, matrix64, stats.moment), "output")
 
 
-def _factor_kernel(kernel: np.ndarray, ranks: tuple[int, int], stats: LayerStats | None) -> _Factors:
+def _factor_kernel(kernel: np.ndarray, ranks: tuple[int, int], stats: LayerStats | None,
+                   correct_bias: bool) -> _Factors:
     kernel64 = kernel.astype(np.float64)
     moment = None if stats is None else stats.moment
     last, core, first = _linalg.tucker2(kernel64, ranks[0], ranks[1], moment=moment, max_iter=HOOI_MAX_ITER,
@@ -254,18 +272,25 @@ def _factor_kernel(kernel: np.ndarray, ranks: tuple[int, int], stats: LayerStats
     # Channel-moment estimate: each tap's [out, in] slice seen through the input-channel moment.
     delta = (kernel64 - approx).transpose(0, *range(2, kernel.ndim), 1).reshape(-1, inp)
     full = kernel64.transpose(0, *range(2, kernel.ndim), 1).reshape(-1, inp)
+    if correct_bias and stats is not None and stats.mean is not None:
+        # A constant input image μ meets every tap: the output error on it is Σ_taps (K - K')_t μ.
+        shift = (kernel64 - approx).reshape(out, inp, -1).sum(axis=2) @ stats.mean
+        return _Factors([first, core, last], _output_error(delta, full, _centered(stats), moment), "output",
+                        shift)
     return _Factors([first, core, last], _output_error(delta, full, moment), "output")
 
 
 def _compute(node: Node, entry: PlanEntry, graph: Graph, stats: LayerStats | None) -> _Factors:
     weight = graph.param(node, "weight")
     assert weight is not None
+    # The mean error goes into the bias where the layer has one (a bias-free layer keeps its structure).
+    correct_bias = "bias" in node.params and node.attrs.get("weight_side", "right") == "right"
     try:
         if entry.form == TUCKER2:
             assert isinstance(entry.rank, tuple)
-            return _factor_kernel(weight, entry.rank, stats)
+            return _factor_kernel(weight, entry.rank, stats, correct_bias)
         assert isinstance(entry.rank, int)
-        return _factor_matrix(_matrix_view(node, weight), entry.rank, stats)
+        return _factor_matrix(_matrix_view(node, weight), entry.rank, stats, correct_bias)
     except Exception as err:
         raise ValueError(f"while decomposing layer {node.name!r} (weight {list(weight.shape)}, "
                          f"rank {entry.rank}): {err}") from err
@@ -430,6 +455,10 @@ def rewrite(graph: Graph, the_plan: Plan, stats: Mapping[str, LayerStats] | None
         arrays = None if result is None else result.arrays
         builder = _parts_tucker2 if entry.form == TUCKER2 else _parts_svd
         parts, params = builder(node, entry, new, arrays)
+        if result is not None and result.bias_shift is not None:
+            bias_name = parts[-1].params["bias"]
+            bias = params[bias_name]
+            params[bias_name] = (bias.astype(np.float64) + result.bias_shift).astype(bias.dtype)
         _wire(parts, node)
         new.replace_node(node.name, parts, params, drop_params=node.params.values())
         factorized[entry.name] = [part.name for part in parts]
