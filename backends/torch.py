@@ -157,6 +157,7 @@ def load_layers(model: nn.Module, graph: Graph, names: list[str]) -> None:
         for index, part_name in enumerate(factorized[original]):
             layer = chain[index] if isinstance(chain, nn.Sequential) else chain
             reference = layer.weight
+            assert isinstance(reference, torch.Tensor)
             _fill(layer, graph.node(part_name), graph, reference)
 
 
