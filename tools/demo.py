@@ -1,8 +1,9 @@
 """``lowrank demo``: the main job on a built-in model, end to end, in a few seconds.
 
-Builds a small CNN + MLP (seeded, no downloads), decomposes it at ratio 0.5 data-free and data-aware,
+Builds a small CNN + MLP (seeded, no downloads) in PyTorch or MindSpore (``--framework``; the same
+weights and inputs in both, drawn with numpy), decomposes it at ratio 0.5 data-free and data-aware,
 prints the per-layer table and totals and how closely each decomposed model follows the original,
-and saves the decomposed state dict, the config and the report in ``--out``.
+and saves the decomposed weights (state dict / ``.ckpt``), the config and the report in ``--out``.
 """
 
 from __future__ import annotations
@@ -12,9 +13,31 @@ import tempfile
 from pathlib import Path
 from typing import Any, TextIO
 
-__all__ = ["demo_model", "run_demo"]
+import numpy as np
+
+__all__ = ["demo_inputs", "demo_model", "demo_weights", "ms_demo_model", "run_demo"]
 
 logger = logging.getLogger(__name__)
+
+
+#: The demo model's layers: name -> (kind, in, out); ReLUs follow every layer but the last.
+LAYERS = {"stem": ("conv", 1, 32), "conv1": ("conv", 32, 64), "conv2": ("conv", 64, 128),
+          "fc1": ("linear", 512, 256), "fc2": ("linear", 256, 10)}
+
+
+def demo_weights(seed: int = 0) -> dict[str, np.ndarray]:
+    """The demo model's weights, drawn with numpy so that every framework's twin holds the same ones.
+
+    PyTorch's default initialisation: uniform in +-1/sqrt(fan_in) for weights and biases.
+    """
+    rng = np.random.default_rng(seed)
+    weights = {}
+    for name, (kind, fan_in_channels, out) in LAYERS.items():
+        shape = (out, fan_in_channels, 3, 3) if kind == "conv" else (out, fan_in_channels)
+        bound = 1 / np.sqrt(np.prod(shape[1:]))
+        weights[f"{name}.weight"] = rng.uniform(-bound, bound, shape).astype(np.float32)
+        weights[f"{name}.bias"] = rng.uniform(-bound, bound, out).astype(np.float32)
+    return weights
 
 
 def demo_model(seed: int = 0) -> Any:
@@ -22,7 +45,6 @@ def demo_model(seed: int = 0) -> Any:
     import torch
     from torch import nn
 
-    torch.manual_seed(seed)
     model = nn.Sequential()
     model.add_module("stem", nn.Conv2d(1, 32, 3, padding=1))
     model.add_module("act0", nn.ReLU())
@@ -35,67 +57,168 @@ def demo_model(seed: int = 0) -> Any:
     model.add_module("fc1", nn.Linear(512, 256))
     model.add_module("act3", nn.ReLU())
     model.add_module("fc2", nn.Linear(256, 10))
+    model.load_state_dict({name: torch.from_numpy(array) for name, array in demo_weights(seed).items()})
     return model.eval()
 
 
-def _inputs(count: int, seed: int) -> Any:
-    """Smooth, correlated images: what real images look like to a first conv, unlike white noise."""
-    import torch
+def ms_demo_model(seed: int = 0) -> Any:
+    """The MindSpore twin of :func:`demo_model`: same cell names, same weights, same outputs."""
+    from collections import OrderedDict
 
-    generator = torch.Generator().manual_seed(seed)
-    noise = torch.randn(count, 1, 28, 28, generator=generator)
-    kernel = torch.ones(1, 1, 5, 5) / 25
-    return torch.nn.functional.conv2d(noise, kernel, padding=2)
+    import mindspore as ms
+    from mindspore import nn
+
+    model = nn.SequentialCell(OrderedDict([
+        ("stem", nn.Conv2d(1, 32, 3, pad_mode="pad", padding=1, has_bias=True)),
+        ("act0", nn.ReLU()),
+        ("conv1", nn.Conv2d(32, 64, 3, stride=2, pad_mode="pad", padding=1, has_bias=True)),
+        ("act1", nn.ReLU()),
+        ("conv2", nn.Conv2d(64, 128, 3, stride=2, pad_mode="pad", padding=1, has_bias=True)),
+        ("act2", nn.ReLU()),
+        ("pool", nn.AdaptiveAvgPool2d(2)),
+        ("flatten", nn.Flatten()),
+        ("fc1", nn.Dense(512, 256)),
+        ("act3", nn.ReLU()),
+        ("fc2", nn.Dense(256, 10)),
+    ]))
+    weights = demo_weights(seed)
+    for param in model.get_parameters():
+        param.set_data(ms.Tensor(weights[param.name]))
+    model.set_train(False)
+    return model
 
 
-def _agreement(original: Any, decomposed: Any, inputs: Any) -> dict[str, float]:
-    import torch
+def demo_inputs(count: int, seed: int) -> np.ndarray:
+    """Smooth, correlated ``[count, 1, 28, 28]`` float32 images (white noise through a 5x5 box filter).
 
-    with torch.no_grad():
-        reference, output = original(inputs), decomposed(inputs)
-    relative = float((output - reference).norm() / reference.norm())
-    cosine = float(torch.nn.functional.cosine_similarity(output, reference, dim=1).mean())
-    top1 = float((output.argmax(1) == reference.argmax(1)).float().mean())
+    What real images look like to a first conv, unlike white noise.
+    """
+    noise = np.random.default_rng(seed).standard_normal((count, 1, 28, 28))
+    padded = np.pad(noise, ((0, 0), (0, 0), (2, 2), (2, 2)))
+    smooth = sum(padded[:, :, i:i + 28, j:j + 28] for i in range(5) for j in range(5)) / 25
+    return np.asarray(smooth, dtype=np.float32)
+
+
+class _Native:
+    """What the demo needs from a framework: the model, tensors, a forward pass to numpy, saving."""
+
+    name = saved = recipe = ""
+
+    def model(self) -> Any:
+        raise NotImplementedError
+
+    def tensor(self, array: np.ndarray) -> Any:
+        raise NotImplementedError
+
+    def run(self, model: Any, array: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def save(self, model: Any, path: Path) -> None:
+        raise NotImplementedError
+
+
+class _Torch(_Native):
+    """What the demo needs from PyTorch."""
+
+    name, saved = "torch", "state_dict.pt"
+    recipe = "then load_state_dict(torch.load('state_dict.pt'))"
+
+    def __init__(self) -> None:
+        import torch
+
+        self.torch = torch
+
+    def model(self) -> Any:
+        return demo_model()
+
+    def tensor(self, array: np.ndarray) -> Any:
+        return self.torch.from_numpy(array)
+
+    def run(self, model: Any, array: np.ndarray) -> np.ndarray:
+        with self.torch.no_grad():
+            return model(self.tensor(array)).numpy().astype(np.float64)
+
+    def save(self, model: Any, path: Path) -> None:
+        self.torch.save(model.state_dict(), path)
+
+
+class _MindSpore(_Native):
+    """What the demo needs from MindSpore (PyNative mode)."""
+
+    name, saved = "mindspore", "decomposed.ckpt"
+    recipe = "then load_param_into_net(model, load_checkpoint('decomposed.ckpt'))"
+
+    def __init__(self) -> None:
+        import mindspore
+
+        self.ms = mindspore
+
+    def model(self) -> Any:
+        return ms_demo_model()
+
+    def tensor(self, array: np.ndarray) -> Any:
+        return self.ms.Tensor(array)
+
+    def run(self, model: Any, array: np.ndarray) -> np.ndarray:
+        return model(self.tensor(array)).asnumpy().astype(np.float64)
+
+    def save(self, model: Any, path: Path) -> None:
+        self.ms.save_checkpoint(model, str(path))
+
+
+FRAMEWORKS: dict[str, type[_Native]] = {"torch": _Torch, "mindspore": _MindSpore}
+
+
+def _agreement(reference: np.ndarray, output: np.ndarray) -> dict[str, float]:
+    relative = float(np.linalg.norm(output - reference) / np.linalg.norm(reference))
+    norms = np.linalg.norm(output, axis=1) * np.linalg.norm(reference, axis=1)
+    cosine = float(np.mean(np.sum(output * reference, axis=1) / np.maximum(norms, 1e-12)))
+    top1 = float(np.mean(output.argmax(1) == reference.argmax(1)))
     return {"relative_error": relative, "cosine": cosine, "top1_agreement": top1}
 
 
 def run_demo(out: str | None = None, ratio: float = 0.5, framework: str = "torch", divisor: int = 16,
              stream: TextIO | None = None) -> Path:
-    """Run the demo; return the folder holding ``state_dict.pt``, ``decompose_config.json``, ``report.json``."""
-    import sys
+    """Run the demo; return the folder holding the decomposed weights, the config and the report.
 
-    import torch
+    The weights are ``state_dict.pt`` for PyTorch, ``decomposed.ckpt`` for MindSpore. Both frameworks run
+    the same model with the same weights and inputs, so they print the same table.
+    """
+    import sys
 
     from lowrank_ir import Decompose, SafeWriteUmask, count_parameters, write_json
 
-    if framework != "torch":
-        raise ValueError(f"unknown framework {framework!r}; the demo runs with: torch")
+    if framework not in FRAMEWORKS:
+        raise ValueError(f"unknown framework {framework!r}; the demo runs with: {', '.join(FRAMEWORKS)}")
+    native = FRAMEWORKS[framework]()
     stream = stream or sys.stdout
     folder = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="lowrank-demo-"))
     folder.mkdir(parents=True, exist_ok=True)
-    model = demo_model()
-    calibration = [_inputs(64, seed) for seed in range(8)]
-    held_out = _inputs(256, seed=100)
+    model = native.model()
+    calibration = [native.tensor(demo_inputs(64, seed)) for seed in range(8)]
+    held_out = demo_inputs(256, seed=100)
 
     decomposer = Decompose(model, config_file=folder / "decompose_config.json").from_ratio(ratio, divisor=divisor)
     data_free = decomposer.decompose_network()
     free_report = decomposer.report
     data_aware = decomposer.decompose_network(datasets=calibration)
     assert decomposer.report is not None and free_report is not None
-    print(f"lowrank demo: a small CNN + MLP, decomposed at ratio {ratio} (ranks rounded to multiples of "
-          f"{divisor})\n", file=stream)
+    print(f"lowrank demo ({native.name}): a small CNN + MLP, decomposed at ratio {ratio} (ranks rounded to "
+          f"multiples of {divisor})\n", file=stream)
     print(decomposer.report.table(), file=stream)
     print(f"\nparameters: {count_parameters(model):,} -> {count_parameters(data_aware):,}", file=stream)
     print("\nagreement with the original on 256 held-out inputs:", file=stream)
-    rows = {"data-free": _agreement(model, data_free, held_out),
-            "data-aware": _agreement(model, data_aware, held_out)}
+    reference = native.run(model, held_out)
+    rows = {"data-free": _agreement(reference, native.run(data_free, held_out)),
+            "data-aware": _agreement(reference, native.run(data_aware, held_out))}
     for mode, figures in rows.items():
         print(f"  {mode:<10}  relative error {figures['relative_error']:.4f}   cosine {figures['cosine']:.4f}"
               f"   top-1 agreement {figures['top1_agreement']:.1%}", file=stream)
     with SafeWriteUmask():
-        torch.save(data_aware.state_dict(), folder / "state_dict.pt")
-    write_json(folder / "report.json", {"ratio": ratio, "agreement": rows, **decomposer.report.to_dict()})
-    print(f"\nsaved state_dict.pt, decompose_config.json and report.json in {folder}", file=stream)
+        native.save(data_aware, folder / native.saved)
+    write_json(folder / "report.json", {"ratio": ratio, "framework": native.name, "agreement": rows,
+                                        **decomposer.report.to_dict()})
+    print(f"\nsaved {native.saved}, decompose_config.json and report.json in {folder}", file=stream)
     print("rebuild it with Decompose(model, config_file=...).from_file()"
-          ".decompose_network(do_decompose_weight=False), then load_state_dict", file=stream)
+          f".decompose_network(do_decompose_weight=False), {native.recipe}", file=stream)
     return folder
