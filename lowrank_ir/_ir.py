@@ -22,7 +22,7 @@ The op set is closed (:class:`Op`). Each op's attributes are documented once, he
                 ``"same"`` (output size ceil(input / stride), the total padding split with any odd
                 extra at the end: ONNX ``SAME_UPPER``, MindSpore ``pad_mode="same"``, PyTorch
                 ``padding="same"`` at stride 1); ``"same_lower"`` (the same with the odd extra at the
-                beginning: ONNX ``SAME_LOWER``). Optional ``data_format`` (``"NCHW"``; MindSpore
+                beginning: ONNX ``SAME_LOWER``). Optional ``data_format`` (``"NCW"``, ``"NCHW"``; MindSpore
                 ``"NHWC"`` layers are lowered locked, with the weight in the IR's channels-first layout).
 ``ConvTranspose`` weight ``[in_channels, out_channels // groups, *kernel_size]``; attrs as ``Conv``
                 plus ``output_padding`` (tuple).
@@ -206,13 +206,18 @@ class Graph:
                      drop_params: Iterable[str] = ()) -> None:
         """Put ``new_nodes`` where node ``name`` was, add ``new_params`` and drop ``drop_params``.
 
-        Dropped arrays still used by another node are kept.
+        Dropped arrays still used by another node are kept. A new array may not take the name of an
+        array the graph keeps (it would silently replace another node's weight).
         """
         old = self.node(name)
         position = self._nodes.index(old)
         clash = [node.name for node in new_nodes if node.name in self._index and node.name != name]
         if clash:
             raise GraphError(f"replacing {name!r}: node names already in the graph: {clash}")
+        drop_params = list(drop_params)
+        taken = [param for param in new_params if param in self.params and param not in drop_params]
+        if taken:
+            raise GraphError(f"replacing {name!r}: param names already in the graph: {taken}")
         del self._index[name]
         self._nodes[position:position + 1] = new_nodes
         for node in new_nodes:

@@ -3,6 +3,10 @@
 FLOPs count 2 per multiply-add. When the frontend knows how many output positions a layer computes
 per sample (``out_positions``, and ``in_positions`` for a conv's input), FLOPs are per sample;
 otherwise they are per output position (one token, one output pixel).
+
+``energy`` (optional, :func:`spectral_energy`) is the fraction of a weight's spectral energy its
+planned rank keeps, ``Σ_{i<r} s_i² / Σ s_i²``: of the weight matrix for SVD, of the weaker of the
+kernel's out- and in-mode unfoldings for Tucker-2 (an upper bound on what the factors keep).
 """
 
 from __future__ import annotations
@@ -11,10 +15,12 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
+
 from lowrank_ir._engine import SVD, TUCKER2, Plan, PlanEntry
 from lowrank_ir._ir import Graph, Node, Op
 
-__all__ = ["LayerReport", "Report", "build_report"]
+__all__ = ["LayerReport", "Report", "build_report", "spectral_energy"]
 
 
 @dataclass(slots=True)
@@ -33,6 +39,7 @@ class LayerReport:
     error: float | None = None
     error_kind: str | None = None
     reason: str = ""
+    energy: float | None = None
 
 
 def _positions(node: Node) -> tuple[int, int]:
@@ -70,9 +77,37 @@ def _layer_figures(entry: PlanEntry, node: Node, has_bias: bool) -> tuple[int, i
     return before_params, after_params, before_flops, after_flops
 
 
-def build_report(graph: Graph, plan: Plan, errors: dict[str, tuple[float, str]] | None = None) -> Report:
-    """The report of ``plan`` over the (original) ``graph``, with ``errors`` from the rewrite if known."""
+def _kept_energy(matrix: np.ndarray, rank: int) -> float:
+    values = np.linalg.svd(matrix.astype(np.float64), compute_uv=False) ** 2
+    total = float(values.sum())
+    return float(values[:rank].sum()) / total if total > 0 else 1.0
+
+
+def spectral_energy(graph: Graph, plan: Plan) -> dict[str, float]:
+    """Per decomposed layer of ``plan``, the fraction of spectral energy its rank keeps (see module doc)."""
+    energy = {}
+    for entry in plan.decomposed():
+        weight = graph.param(graph.node(entry.name), "weight")
+        if weight is None or not np.isfinite(weight).all():
+            continue
+        if entry.form == TUCKER2 and isinstance(entry.rank, tuple):
+            rank_out, rank_in = entry.rank
+            out_mode = weight.reshape(weight.shape[0], -1)
+            in_mode = np.moveaxis(weight, 1, 0).reshape(weight.shape[1], -1)
+            energy[entry.name] = min(_kept_energy(out_mode, rank_out), _kept_energy(in_mode, rank_in))
+        elif isinstance(entry.rank, int):
+            energy[entry.name] = _kept_energy(weight.reshape(weight.shape[0], -1), entry.rank)
+    return energy
+
+
+def build_report(graph: Graph, plan: Plan, errors: dict[str, tuple[float, str]] | None = None,
+                 energy: dict[str, float] | None = None) -> Report:
+    """The report of ``plan`` over the (original) ``graph``.
+
+    With ``errors`` from the rewrite and ``energy`` (:func:`spectral_energy`) when known.
+    """
     errors = errors or {}
+    energy = energy or {}
     layers = []
     for entry in plan.entries.values():
         node = graph.node(entry.name)
@@ -81,7 +116,7 @@ def build_report(graph: Graph, plan: Plan, errors: dict[str, tuple[float, str]] 
         rank = list(entry.rank) if isinstance(entry.rank, tuple) else entry.rank
         layers.append(LayerReport(entry.name, entry.op.value, list(entry.shape), entry.form, rank, *figures,
                                   None if error is None else error[0], None if error is None else error[1],
-                                  entry.reason))
+                                  entry.reason, energy.get(entry.name)))
     return Report(layers, per_sample=any("out_positions" in node.attrs for node in graph.layers()))
 
 
@@ -124,23 +159,28 @@ class Report:
 
     def table(self, only_decomposed: bool = False) -> str:
         """A plain-text table, one line per layer, then the totals."""
-        header = ("layer", "kind", "weight", "rank", "params", "FLOPs", "error", "note")
-        rows = []
+        with_energy = any(layer.energy is not None for layer in self.layers)
+        header: tuple[str, ...] = ("layer", "kind", "weight", "rank", "params", "FLOPs", "error", "note")
+        if with_energy:  # the spectrum summary: energy kept at the planned rank
+            header = (*header[:6], "energy", *header[6:])
+        rows: list[tuple[str, ...]] = []
         for layer in self.layers:
             if only_decomposed and not layer.form:
                 continue
             rank = "-" if layer.rank is None else (
                 "x".join(str(r) for r in layer.rank) if isinstance(layer.rank, list) else str(layer.rank))
             error = "" if layer.error is None else f"{layer.error:.4f} {layer.error_kind}"
-            rows.append((layer.name, layer.op, "x".join(str(d) for d in layer.shape), rank,
-                         f"{_human(layer.params_before)} -> {_human(layer.params_after)}",
-                         f"{_human(layer.flops_before)} -> {_human(layer.flops_after)}", error,
-                         layer.reason))
+            row: tuple[str, ...] = (layer.name, layer.op, "x".join(str(d) for d in layer.shape), rank,
+                                    f"{_human(layer.params_before)} -> {_human(layer.params_after)}",
+                                    f"{_human(layer.flops_before)} -> {_human(layer.flops_after)}")
+            if with_energy:
+                row += ("" if layer.energy is None else f"{layer.energy:.3f}",)
+            rows.append((*row, error, layer.reason))
         totals = self.totals()
-        rows.append(("TOTAL", f"{totals['decomposed']}/{totals['layers']}", "", "",
-                     f"{_human(totals['params_before'])} -> {_human(totals['params_after'])}",
-                     f"{_human(totals['flops_before'])} -> {_human(totals['flops_after'])}", "",
-                     f"FLOPs {totals['flops_unit']}"))
+        total: tuple[str, ...] = ("TOTAL", f"{totals['decomposed']}/{totals['layers']}", "", "",
+                                  f"{_human(totals['params_before'])} -> {_human(totals['params_after'])}",
+                                  f"{_human(totals['flops_before'])} -> {_human(totals['flops_after'])}")
+        rows.append((*total, *([""] if with_energy else []), "", f"FLOPs {totals['flops_unit']}"))
         widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header) - 1)]
         lines = []
         for row in [header, *rows]:

@@ -1,0 +1,97 @@
+"""Real pretrained convolutional models: PP-OCR det, rec and cls (from ``rapidocr-onnxruntime``).
+
+Each is decomposed at ``--ratio 0.5`` by the command line, data-free and data-aware (``--calib`` on
+synthetic text images run through PP-OCR's own preprocessing), validated in onnxruntime on other
+images, and the report's figures are printed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+from frontends import onnx as onnx_frontend  # noqa: E402
+from tests import onnx_models as om  # noqa: E402
+from tests.onnx_models import ppocr_feeds, ppocr_model  # noqa: E402
+from tools.cli import main  # noqa: E402
+
+#: cls is a mobile network of at most 200 channels: at the default divisor 64 no rank saves
+#: parameters (the command line says so, see below); 16 is the divisor for its width.
+DIVISOR = {"det": 64, "rec": 64, "cls": 16}
+CALIB_BATCH = {"det": 4, "rec": 8, "cls": 8}
+
+
+def _agreement(kind: str, reference: np.ndarray, result: np.ndarray) -> str:
+    """What PP-OCR does with the output, compared: text pixels (det, threshold 0.3), argmax (rec, cls)."""
+    if kind == "det":
+        same = float(np.mean((reference > 0.3) == (result > 0.3)))
+        return f"text-pixel mask agrees on {same:.1%} of pixels"
+    same = float(np.mean(reference.argmax(-1) == result.argmax(-1)))
+    return f"argmax agrees on {same:.1%} of {'positions' if kind == 'rec' else 'images'}"
+
+
+def _path(kind: str) -> Path:
+    path = ppocr_model(kind)
+    if path is None:
+        pytest.fail("rapidocr-onnxruntime==1.4.4 is not installed (it is in requirements.txt)")
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["det", "rec", "cls"])
+def test_ppocr_decomposes_at_ratio_half_and_validates(kind, tmp_path, capsys) -> None:
+    model = _path(kind)
+    feeds, calib = tmp_path / "feeds.npz", tmp_path / "calib.npz"
+    np.savez(feeds, **ppocr_feeds(kind, seed=0, batch=2))
+    np.savez(calib, **ppocr_feeds(kind, seed=1, batch=CALIB_BATCH[kind]))
+    figures, agreement = {}, {}
+    inputs = dict(np.load(feeds))
+    reference = om.run(model, inputs)[0]
+    for label, extra in (("data-free", []), ("data-aware", ["--calib", str(calib)])):
+        out, report_file = tmp_path / f"{label}.onnx", tmp_path / f"{label}.json"
+        code = main(["decompose", str(model), "-o", str(out), "--ratio", "0.5", "--divisor", str(DIVISOR[kind]),
+                     "--feeds", str(feeds), "--report", str(report_file), *extra])
+        assert code == 0, capsys.readouterr().err
+        onnx.checker.check_model(str(out), full_check=True)
+        figures[label] = json.loads(report_file.read_text())
+        agreement[label] = _agreement(kind, reference, om.run(out, inputs)[0])
+    capsys.readouterr()
+    report = figures["data-free"]
+    totals = report["layers"]["totals"]
+    assert totals["decomposed"] > 0 and totals["params_after"] < totals["params_before"]
+    assert report["parameters"]["after"] < report["parameters"]["before"]
+    assert totals["flops_unit"] == "per sample"
+    with capsys.disabled():
+        print(f"\nPP-OCR {kind} ({model.name}) at --ratio 0.5 --divisor {DIVISOR[kind]}: "
+              f"{totals['decomposed']}/{totals['layers']} layers decomposed; float constants "
+              f"{report['parameters']['before']:,} -> {report['parameters']['after']:,}; layer FLOPs per sample "
+              f"{totals['flops_before']:,} -> {totals['flops_after']:,}")
+        for label, data in figures.items():
+            for output in data["validation"]["outputs"]:
+                assert np.isfinite([output["max_rel"], output["mean_rel"]]).all()
+                print(f"  {label:10s} {output['name']} {output['shape']}: max rel {output['max_rel']:.3e}, "
+                      f"mean rel {output['mean_rel']:.3e}, max abs {output['max_abs']:.3e}; {agreement[label]}")
+
+
+def test_ppocr_cls_at_the_default_divisor_has_nothing_to_decompose(tmp_path, capsys) -> None:
+    out = tmp_path / "cls.onnx"
+    assert main(["decompose", str(_path("cls")), "-o", str(out), "--ratio", "0.5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no layer of" in err and "would not save parameters" in err and len(err.splitlines()) == 1
+    assert not out.exists()
+
+
+def test_ppocr_round_trip_is_identical() -> None:
+    from backends import onnx as onnx_backend
+
+    for kind in ("det", "rec", "cls"):
+        model = onnx_frontend.load_model(_path(kind))
+        graph = onnx_frontend.lower(model)
+        assert onnx_backend.build(graph, like=model).SerializeToString() == model.SerializeToString()
+        assert len(graph.layers()) > 40

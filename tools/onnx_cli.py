@@ -1,0 +1,170 @@
+"""``lowrank inspect MODEL.onnx`` and ``lowrank decompose MODEL.onnx -o OUT.onnx``.
+
+The ONNX path of the command line, as plain steps: load (checked) -> [convert opset] -> lower ->
+plan -> [collect statistics on ``--calib`` feeds] -> rewrite -> build -> validate in onnxruntime ->
+save atomically. Nothing is written until every step has passed; above ``--tolerance`` the model is
+not written (the report is, when asked for) and the exit code is 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from frontends.onnx import PROTOBUF_LIMIT
+from tools.cli import UsageError, _progress_bar, read_rules
+
+__all__ = ["EXIT_ABOVE_TOLERANCE", "decompose", "inspect", "is_onnx_path", "parse_input_shapes", "policy_from_args"]
+
+#: Exit code when the decomposed model is further from the original than ``--tolerance``.
+EXIT_ABOVE_TOLERANCE = 1
+
+
+def is_onnx_path(spec: str) -> bool:
+    """Whether the model argument names an ONNX file (rather than a ``module:factory``)."""
+    return spec.lower().endswith(".onnx")
+
+
+def parse_input_shapes(items: list[str] | None) -> dict[str, list[int]] | None:
+    """``["x=1,3,640,640", "ids=2x16"]`` -> ``{"x": [1, 3, 640, 640], "ids": [2, 16]}``."""
+    if not items:
+        return None
+    shapes: dict[str, list[int]] = {}
+    for item in items:
+        name, sep, dims = item.rpartition("=")
+        try:
+            values = [int(dim) for dim in dims.replace("x", ",").split(",") if dim.strip()]
+        except ValueError:
+            values = []
+        if not sep or not name or not values or any(value < 1 for value in values):
+            raise UsageError(f"--input-shape {item!r} must be NAME=D1,D2,... with positive dims, e.g. x=1,3,640,640")
+        shapes[name] = values
+    return shapes
+
+
+def policy_from_args(args: argparse.Namespace) -> Any:
+    from lowrank_ir import Policy
+
+    excludes = [name for name in (args.excludes or "").split(",") if name] or None
+    if args.fixed is not None:
+        return Policy.fixed(args.fixed, excludes, args.divisor)
+    if args.dict is not None:
+        return Policy.from_dict(read_rules(args.dict), excludes, args.divisor)
+    if args.vbmf:
+        return Policy.vbmf(excludes, args.divisor)
+    return Policy.ratio(args.ratio, excludes, args.divisor)
+
+
+def _describe(model: Any, path: str) -> str:
+    from frontends.onnx import count_parameters, input_specs
+
+    opsets = ", ".join(f"{opset.domain or 'ai.onnx'} {opset.version}" for opset in model.opset_import)
+    inputs = ", ".join(f"{name} {spec.dtype}[{', '.join('?' if dim is None else str(dim) for dim in spec.shape or ())}]"
+                       for name, spec in input_specs(model).items())
+    producer = f"{model.producer_name} {model.producer_version}".strip() or "unknown producer"
+    return (f"{path}: IR {model.ir_version}, opset {opsets}, {producer}; inputs {inputs}; "
+            f"{count_parameters(model):,} float constants")
+
+
+def inspect(args: argparse.Namespace) -> int:
+    """Print the per-layer table of an ONNX model under the policy: shape, rank, params, FLOPs, energy."""
+    from frontends.onnx import load_model, lower
+    from lowrank_ir import build_report, plan
+    from lowrank_ir._report import spectral_energy
+
+    if args.weights:
+        raise UsageError("--weights loads a PyTorch state dict; an ONNX model carries its own weights")
+    policy = policy_from_args(args)
+    model = load_model(args.model)
+    graph = lower(model, input_shapes=parse_input_shapes(args.input_shape))
+    chosen = plan(graph, policy)
+    print(_describe(model, args.model))
+    print(build_report(graph, chosen, energy=spectral_energy(graph, chosen)).table())
+    return 0
+
+
+def _feeds(path: str | None, model: Any, what: str) -> dict[str, Any] | None:
+    from backends.onnx import load_feeds
+    from frontends.onnx import check_feeds
+
+    if path is None:
+        return None
+    return check_feeds(model, load_feeds(path), f"{what} {path!r}")
+
+
+def decompose(args: argparse.Namespace) -> int:
+    """Decompose an ONNX file, validate it against the original in onnxruntime, save it."""
+    from backends.onnx import build, convert_opset, save, validate
+    from frontends.onnx import collect_stats, count_parameters, load_model, lower
+    from lowrank_ir import build_report, plan, rewrite, write_json
+    from lowrank_ir._report import spectral_energy
+
+    if args.weights:
+        raise UsageError("--weights loads a PyTorch state dict; an ONNX model carries its own weights")
+    output = Path(args.output)
+    if not output.name.lower().endswith(".onnx"):
+        raise UsageError(f"-o {args.output!r}: the decomposed ONNX model is written to a file ending in .onnx")
+    if output.is_dir() or not (output.parent if str(output.parent) else Path(".")).is_dir():
+        raise UsageError(f"-o {args.output!r}: {'is a folder' if output.is_dir() else 'its folder does not exist'}")
+    if args.tolerance is not None and not args.tolerance >= 0:
+        raise UsageError(f"--tolerance must be a number >= 0, got {args.tolerance!r}")
+    policy = policy_from_args(args)
+    input_shapes = parse_input_shapes(args.input_shape)
+    original = load_model(args.model)
+    model = original if args.opset is None else convert_opset(original, args.opset)
+    calib = _feeds(args.calib, model, "--calib feeds")
+    feeds = _feeds(args.feeds, original, "--feeds")
+    known = calib if calib is not None else feeds  # the feeds' shapes resolve dynamic dims (per-sample FLOPs)
+    if input_shapes is None and known is not None:
+        input_shapes = {name: list(getattr(value, "shape", ())) for name, value in known.items()}
+    graph = lower(model, input_shapes=input_shapes)
+    chosen = plan(graph, policy)
+    if not chosen.decomposed():
+        kept = chosen.kept()
+        detail = "; ".join(f"{entry.name}: {entry.reason}" for entry in kept[:3])
+        raise ValueError(f"no layer of {args.model!r} would be decomposed under {policy.kind!r} "
+                         f"({len(graph.layers())} candidate layers{': ' + detail if detail else ''})")
+    stats = None
+    if calib is not None:
+        stats = collect_stats(model, graph, [calib], names=[entry.name for entry in chosen.decomposed()])
+    result = rewrite(graph, chosen, stats=stats, progress=_progress_bar("decomposing"))
+    decomposed = build(result.graph, like=model)
+    with contextlib.ExitStack() as stack:
+        candidate: Any = decomposed
+        if decomposed.ByteSize() >= PROTOBUF_LIMIT:  # onnxruntime reads it from disk, with its external data
+            folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f".{output.name}.",
+                                                                          dir=output.parent)))
+            candidate = save(decomposed, folder / output.name, external_data=True)
+        reference = args.model if original.ByteSize() >= PROTOBUF_LIMIT else original
+        validation = validate(reference, candidate, feeds, input_shapes=input_shapes)
+        report = build_report(graph, chosen, result.errors, spectral_energy(graph, chosen))
+        passed = args.tolerance is None or validation.passed(args.tolerance)
+        params = {"before": count_parameters(original), "after": count_parameters(decomposed)}
+        print(report.table(only_decomposed=True))
+        print(validation.table())
+        print(f"float constants {params['before']:,} -> {params['after']:,}; worst relative error "
+              f"{validation.max_rel:.3e}" + ("" if args.tolerance is None else f" (tolerance {args.tolerance:g})"))
+        if args.report:
+            write_json(args.report, {
+                "model": args.model, "output": args.output, "opset": args.opset, "policy": policy.kind,
+                "data_aware": calib is not None, "decompose_config": chosen.decompose_config(),
+                "parameters": params, "layers": report.to_dict(), "validation": validation.to_dict(),
+                "tolerance": args.tolerance, "passed": passed,
+            })
+        if not passed:
+            print(f"lowrank decompose: the decomposed model is further from the original than --tolerance "
+                  f"{args.tolerance:g} (worst relative error {validation.max_rel:.3e}); {args.output} not written",
+                  file=sys.stderr)
+            return EXIT_ABOVE_TOLERANCE
+        if isinstance(candidate, Path):  # already written and checked, with its external data: move both
+            for name in (f"{candidate.name}.data", candidate.name):
+                os.replace(candidate.parent / name, output.parent / name)
+        else:
+            save(decomposed, output)
+    print(f"saved {args.output}")
+    return 0
