@@ -340,10 +340,12 @@ def execution_groups(model: nn.Module, graph: Graph, datasets: Iterable[Any], na
     _check_datasets(datasets)
     modules = dict(model.named_modules())
     order: list[tuple[str, int]] = []
+    alive: list[torch.Tensor] = []  # keep inputs alive during the pass: a freed tensor's id can be reused
 
     def make_hook(name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
             if args and isinstance(args[0], torch.Tensor) and name not in {seen for seen, _ in order}:
+                alive.append(args[0])
                 order.append((name, id(args[0])))
         return hook
 

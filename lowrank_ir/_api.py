@@ -18,10 +18,22 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from lowrank_ir._engine import Plan, Progress, plan, rewrite
+import numpy as np
+
+from lowrank_ir import _budget
+from lowrank_ir._engine import (
+    LayerStats,
+    Plan,
+    PlanEntry,
+    Progress,
+    _matrix_view,
+    _why_not_decomposable,
+    plan,
+    rewrite,
+)
 from lowrank_ir._files import write_json
-from lowrank_ir._ir import Graph
-from lowrank_ir._policy import Policy, RankSpec, validate_config
+from lowrank_ir._ir import Graph, Node, Op
+from lowrank_ir._policy import Policy, RankSpec, validate_config, validate_divisor, validate_excludes
 from lowrank_ir._registry import backend_for, frontend_for
 from lowrank_ir._report import Report, build_report
 
@@ -81,6 +93,7 @@ class Decompose:
         self.decompose_config: dict[str, int | list[int]] | None = None
         self.report: Report | None = None
         self.plan: Plan | None = None
+        self._stats: tuple[int, int, dict[str, LayerStats]] | None = None
 
     # ------------------------------------------------------------------------------------ choosing ranks
 
@@ -106,6 +119,98 @@ class Decompose:
     def from_vbmf(self, excludes: Sequence[str] | None = None, divisor: int = 64) -> Decompose:
         """Ranks estimated from each weight by EVBMF (best on pretrained weights)."""
         return self._choose(Policy.vbmf(excludes, divisor))
+
+    def from_energy(self, keep: float, excludes: Sequence[str] | None = None, divisor: int = 1, *,
+                    include: str | None = None, datasets: Any = None, max_iter: int = -1) -> Decompose:
+        """Each layer keeps the smallest rank that holds a fraction ``keep`` in (0, 1] of its spectral energy.
+
+        With ``datasets`` the spectrum is the one the data sees (singular values of ``W C^{1/2}``), so
+        the kept fraction is one of the layer's *output* energy. ``include``: a regex; only layers whose
+        name it matches are candidates. Ranks are rounded up to multiples of ``divisor``.
+        """
+        if isinstance(keep, bool) or not isinstance(keep, float) or not 0.0 < keep <= 1.0:
+            raise ValueError(f"keep must be a float in (0, 1], the fraction of spectral energy kept, got {keep!r}")
+        graph, candidates = self._candidates(excludes, divisor, include, datasets, max_iter, "params")
+        config: dict[str, int | list[int]] = {}
+        for cand in candidates:
+            rank = _round_up(_budget.energy_rank(cand.errors, keep), validate_divisor(divisor), cand.max_rank)
+            if cand.cost(rank) < cand.original_cost:
+                config[cand.name] = [rank, rank] if graph.node(cand.name).op is Op.CONV else rank
+        return self._choose_exact(graph, config, candidates, f"energy {keep}")
+
+    def from_budget(self, params: float | int | None = None, flops: float | int | None = None,
+                    excludes: Sequence[str] | None = None, divisor: int = 1, *, include: str | None = None,
+                    datasets: Any = None, max_iter: int = -1) -> Decompose:
+        """Ranks for the whole model from one target: ``params=`` or ``flops=`` (exactly one).
+
+        A float in (0, 1) is the fraction of the candidate layers' current parameters (or FLOPs) to
+        keep; an int is the absolute number their decomposed forms may have. Ranks are allocated
+        across layers to minimise the sum of the layers' estimated squared relative output errors
+        (from the spectra; with ``datasets``, the whitened ones) — see ``lowrank_ir._budget``. A layer
+        may be kept whole when that is the best use of the budget. Met to within one ``divisor`` step.
+        """
+        if (params is None) == (flops is None):
+            raise ValueError("from_budget takes exactly one of params= or flops=")
+        target = params if params is not None else flops
+        kind = "params" if params is not None else "flops"
+        valid_fraction = isinstance(target, float) and 0.0 < target < 1.0
+        valid_count = isinstance(target, int) and not isinstance(target, bool) and target > 0
+        if not (valid_fraction or valid_count):
+            raise ValueError(f"{kind} must be a float in (0, 1) (a fraction to keep) or an int > 0 (an absolute "
+                             f"count), got {target!r}")
+        graph, candidates = self._candidates(excludes, divisor, include, datasets, max_iter, kind)
+        total = sum(cand.original_cost for cand in candidates)
+        budget = float(target) * total if valid_fraction else float(target)  # type: ignore[arg-type]
+        ranks = _budget.allocate(candidates, budget, validate_divisor(divisor))
+        config: dict[str, int | list[int]] = {
+            name: ([rank, rank] if graph.node(name).op is Op.CONV else rank) for name, rank in ranks.items() if rank}
+        return self._choose_exact(graph, config, candidates, f"budget {kind}={target}")
+
+    def _candidates(self, excludes: Sequence[str] | None, divisor: int, include: str | None, datasets: Any,
+                    max_iter: int, kind: str) -> tuple[Graph, list[_budget.Candidate]]:
+        """The decomposable layers with their error curves and cost functions (for energy/budget)."""
+        import re
+
+        excluded = set(validate_excludes(excludes))
+        validate_divisor(divisor)
+        try:
+            pattern = re.compile(include) if include is not None else None
+        except (re.error, TypeError) as err:
+            raise ValueError(f"include must be a regular expression string, got {include!r}: {err}") from err
+        graph = self._lower()
+        nodes = [node for node in graph.layers()
+                 if node.name not in excluded and (pattern is None or pattern.search(node.name))
+                 and not _why_not_decomposable(node, graph)]
+        if not nodes:
+            raise ValueError(f"no decomposable layer of this {type(self.model).__name__} is a candidate "
+                             f"(include={include!r}, excludes={sorted(excluded)})")
+        stats = self._calibration(graph, datasets, max_iter, [node.name for node in nodes])
+        return graph, [_candidate(node, graph, stats.get(node.name), kind) for node in nodes]
+
+    def _calibration(self, graph: Graph, datasets: Any, max_iter: int, names: list[str]) -> dict[str, LayerStats]:
+        """Statistics for ``names``, kept for a ``decompose_network`` call given the same ``datasets`` object."""
+        if datasets is None:
+            return {}
+        stats = self._frontend.collect_stats(self.model, graph, datasets, max_iter=max_iter, names=names)
+        self._stats = (id(datasets), max_iter, stats)
+        return dict(stats)
+
+    def _choose_exact(self, graph: Graph, config: dict[str, int | list[int]],
+                      candidates: list[_budget.Candidate], policy: str) -> Decompose:
+        if not config:
+            raise ValueError(f"no layer of this {type(self.model).__name__} would be decomposed under {policy}: "
+                             f"every candidate is cheaper kept whole")
+        chosen = plan(graph, Policy.config(config))
+        for cand in candidates:
+            if cand.name not in config:
+                entry = chosen.entries[cand.name]
+                chosen.entries[cand.name] = PlanEntry(entry.name, entry.op, entry.shape,
+                                                      reason=f"kept whole by the {policy} policy")
+        if self.config_file is not None:
+            write_json(self.config_file, config)
+        self.plan, self.decompose_config = chosen, config
+        self.report = build_report(graph, chosen)
+        return self
 
     def from_file(self) -> Decompose:
         """Restore the ``decompose_config`` saved in ``config_file`` by an earlier ``from_*`` call."""
@@ -186,7 +291,11 @@ class Decompose:
         stats = None
         names = [entry.name for entry in chosen.decomposed()]
         if datasets is not None and do_decompose_weight:
-            stats = self._frontend.collect_stats(self.model, graph, datasets, max_iter=max_iter, names=names)
+            cached = self._stats
+            if cached is not None and cached[0] == id(datasets) and cached[1] == max_iter:
+                stats = {name: cached[2][name] for name in names if name in cached[2]}  # from from_energy/budget
+            else:
+                stats = self._frontend.collect_stats(self.model, graph, datasets, max_iter=max_iter, names=names)
         result = rewrite(graph, chosen, stats=stats, weights=do_decompose_weight, progress=progress)
         backend = backend_for(self.model)
         model = backend.build(result.graph, like=self.model, weights=do_decompose_weight)
@@ -215,3 +324,38 @@ class Decompose:
             if progress is not None:
                 progress(done, len(names), group[-1])
         return errors
+
+
+def _round_up(rank: int, divisor: int, limit: int) -> int:
+    return min(limit, -(-rank // divisor) * divisor)
+
+
+def _candidate(node: Node, graph: Graph, stats: LayerStats | None, kind: str) -> _budget.Candidate:
+    """Error curve and cost function of one layer (cost in parameters, or FLOPs per output position)."""
+    weight = graph.param(node, "weight")
+    assert weight is not None
+    scale = 2 if kind == "flops" else 1
+    moment = None if stats is None else stats.moment
+    if node.op is Op.CONV:
+        out, inp, taps = weight.shape[0], weight.shape[1], int(np.prod(weight.shape[2:]))
+        kernel = np.asarray(weight, dtype=np.float64)
+        out_mode = _budget.matrix_spectrum(kernel.reshape(out, -1))
+        in_unfolding = kernel.transpose(1, 0, *range(2, kernel.ndim)).reshape(inp, -1)
+        if moment is None:
+            in_mode = _budget.matrix_spectrum(in_unfolding)
+        else:
+            from lowrank_ir._linalg import psd_sqrt
+
+            root = psd_sqrt(moment)
+            whitened = root @ in_unfolding
+            in_mode = np.clip(np.linalg.eigvalsh(whitened @ whitened.T)[::-1], 0.0, None)
+        total = float(np.sum(out_mode))
+        errors = np.minimum(_budget.tail_errors(out_mode, total)[:min(out, inp) + 1]
+                            + _budget.tail_errors(in_mode, total)[:min(out, inp) + 1], 1.0)
+        return _budget.Candidate(node.name, errors, lambda h: scale * (inp * h + h * h * taps + h * out),
+                                 scale * out * inp * taps, min(out, inp))
+    matrix = _matrix_view(node, weight)
+    out, inp = matrix.shape
+    usable = moment if node.op in (Op.LINEAR, Op.MATMUL) else None
+    errors = _budget.tail_errors(_budget.matrix_spectrum(matrix, usable))
+    return _budget.Candidate(node.name, errors, lambda r: scale * r * (out + inp), scale * out * inp, min(out, inp))

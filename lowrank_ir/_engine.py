@@ -303,7 +303,10 @@ def _attribute(node: Node, role: str) -> str:
     the name unprefixed); the role itself when the param name is not ``<layer>.<attribute>`` (ONNX).
     """
     param, prefix = node.params.get(role, ""), f"{node.name}."
-    attribute = param[len(prefix):] if param.startswith(prefix) else param
+    if param.startswith(prefix):
+        attribute = param[len(prefix):]
+    else:  # a layer that is the model itself has unprefixed names; ONNX initializers keep the role
+        attribute = param if not node.name else ""
     return attribute if attribute.isidentifier() else role
 
 

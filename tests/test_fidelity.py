@@ -101,3 +101,107 @@ def test_sequential_validation(bad) -> None:
     else:
         with pytest.raises(TypeError, match="sequential must be a bool"):
             decomposer.decompose_network(datasets=[torch.randn(2, 32)], sequential=bad)
+
+
+# ------------------------------------------------------------------ energy and budget policies
+
+def low_rank_mlp(seed: int = 3) -> nn.Module:
+    """Layers with decaying spectra of different steepness, so allocation has something to choose."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 96), nn.ReLU(), nn.Linear(96, 48)).eval()
+    with torch.no_grad():
+        for index, decay in ((0, 0.02), (2, 0.3), (4, 0.1)):
+            layer = model[index]
+            u, _, vh = torch.linalg.svd(layer.weight, full_matrices=False)
+            spectrum = torch.exp(-decay * torch.arange(u.shape[1], dtype=torch.float32))
+            layer.weight.copy_(u @ torch.diag(spectrum) @ vh)
+    return model
+
+
+def weight_cost(decomposer: Decompose, model: nn.Module, flops: bool = False) -> int:
+    modules = dict(model.named_modules())
+    total = 0
+    for layer in decomposer.report:
+        module = modules[layer.name]
+        rank = layer.rank if layer.form else None
+        cost = module.in_features * module.out_features if rank is None else rank * (module.in_features
+                                                                                    + module.out_features)
+        total += cost * (2 if flops else 1)
+    return total
+
+
+@pytest.mark.parametrize("kind", ["params", "flops"])
+@pytest.mark.parametrize("fraction", [0.3, 0.5, 0.7])
+@pytest.mark.parametrize("divisor", [1, 8])
+def test_budget_is_met_within_one_step(kind: str, fraction: float, divisor: int) -> None:
+    model = low_rank_mlp()
+    decomposer = Decompose(model).from_budget(**{kind: fraction}, divisor=divisor)
+    scale = 2 if kind == "flops" else 1
+    original = scale * (64 * 96 + 96 * 96 + 96 * 48)
+    spent = weight_cost(decomposer, model, flops=kind == "flops")
+    largest_step = scale * divisor * (96 + 96)
+    assert spent <= fraction * original
+    assert fraction * original - spent < largest_step
+
+
+def test_budget_beats_uniform_ratio_at_equal_parameters() -> None:
+    model = low_rank_mlp()
+    uniform = Decompose(model).from_ratio(0.4, divisor=1)
+    budget = weight_cost(uniform, model)
+    allocated = Decompose(model).from_budget(params=budget, divisor=1)
+    assert weight_cost(allocated, model) <= budget
+    probe = torch.randn(256, 64, generator=torch.Generator().manual_seed(0))
+
+    def error(decomposer: Decompose) -> float:
+        with torch.no_grad():
+            reference = model(probe)
+            return float((decomposer.decompose_network()(probe) - reference).norm() / reference.norm())
+
+    assert error(allocated) < error(uniform)
+    ranks = {layer.name: layer.rank for layer in allocated.report}
+    assert ranks["2"] != ranks["0"]  # steep and flat spectra get different ranks
+
+
+def test_budget_that_cannot_be_met_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="cannot be met: the smallest ranks"):
+        Decompose(low_rank_mlp()).from_budget(params=10, divisor=8)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({}, "exactly one of params= or flops="), ({"params": 0.5, "flops": 0.5}, "exactly one"),
+    ({"params": 1.5}, "float in \\(0, 1\\)"), ({"flops": 0}, "int > 0"), ({"params": True}, "params must be"),
+    ({"params": 0.5, "include": "("}, "include must be a regular expression"),
+    ({"params": 0.5, "include": "nothing"}, "no decomposable layer"),
+])
+def test_budget_validation(kwargs, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        Decompose(low_rank_mlp()).from_budget(**kwargs)
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.9, 0.99])
+def test_energy_keeps_the_fraction(keep: float) -> None:
+    model = low_rank_mlp()
+    decomposer = Decompose(model).from_energy(keep)
+    for layer in decomposer.report:
+        if not layer.form:
+            continue
+        singular = torch.linalg.svdvals(dict(model.named_modules())[layer.name].weight.detach().double())
+        energy = torch.cumsum(singular**2, 0) / (singular**2).sum()
+        assert energy[layer.rank - 1] >= keep - 1e-9
+        assert layer.rank == 1 or energy[layer.rank - 2] < keep
+
+
+def test_energy_validation() -> None:
+    for bad in (0.0, 1.5, "0.9", True):
+        with pytest.raises(ValueError, match="keep must be a float in \\(0, 1\\]"):
+            Decompose(low_rank_mlp()).from_energy(bad)  # type: ignore[arg-type]
+
+
+def test_data_aware_budget_reuses_the_calibration_statistics() -> None:
+    model = low_rank_mlp()
+    generator = torch.Generator().manual_seed(4)
+    batches = iter([correlated(128, 64, generator) for _ in range(2)])  # a one-shot iterator
+    decomposer = Decompose(model).from_budget(params=0.5, datasets=batches)
+    small = decomposer.decompose_network(datasets=batches)  # exhausted: only the cached stats can serve
+    assert {layer.error_kind for layer in decomposer.report if layer.form} == {"output"}
+    assert isinstance(small, nn.Module)

@@ -1,0 +1,87 @@
+"""Fidelity benchmark: all-MiniLM-L6-v2 (real weights), ours vs the reference tool, in one process.
+
+Run:  python -m benchmarks.fidelity [--calibration 256] [--held-out 512] [--no-reference]
+
+Sentence embeddings of held-out English sentences (Python standard-library docstrings, see
+``benchmarks/text.py``; the calibration sentences are different ones) are compared with the original
+model's: mean and minimum cosine similarity, at the parameter budget the reference reaches with
+``from_ratio(0.5)`` on the encoder's Linear layers (``from_dict({encoder: 0.5})``, divisor 64). Rows:
+reference data-free and data-aware; ours data-free, data-aware, sequential, and budget-allocated
+(``from_budget(params=<that budget>)``, data-aware). Calibration batches hold one sentence each, so no
+padding tokens enter the statistics (the same batches go to every method).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from benchmarks import minilm, text
+
+
+def _weights_after(config: dict[str, Any], model: Any) -> int:
+    """Weight parameters of the decomposed encoder Linear layers under ``config``."""
+    modules = dict(model.named_modules())
+    total = 0
+    for name, rank in config.items():
+        layer = modules[name]
+        total += int(rank) * (layer.in_features + layer.out_features)
+    return total
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calibration", type=int, default=256, help="calibration sentences")
+    parser.add_argument("--held-out", type=int, default=512, help="held-out sentences")
+    parser.add_argument("--no-reference", action="store_true", help="skip the reference tool's rows")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from lowrank_ir import Decompose, count_parameters
+
+    tokenizer, model = minilm.load()
+    calibration, held_out = text.split(args.calibration, args.held_out)
+    calib = minilm.batches(tokenizer, calibration, batch_size=1)
+    held = minilm.batches(tokenizer, held_out, batch_size=32)
+    original = minilm.embed(model, held)
+    config = Decompose(model).from_dict(minilm.ENCODER_RULES).decompose_config
+    assert config is not None
+    budget = _weights_after(config, model)
+    encoder = r"^encoder\.layer\.\d+\."
+
+    rows: list[tuple[str, Callable[[], Any]]] = []
+    if not args.no_reference:
+        from msmodelslim.pytorch.low_rank_decompose import Decompose as Reference
+
+        rows += [
+            ("reference data-free", lambda: Reference(model).from_dict(minilm.ENCODER_RULES).decompose_network()),
+            ("reference data-aware",
+             lambda: Reference(model).from_dict(minilm.ENCODER_RULES).decompose_network(datasets=calib)),
+        ]
+    rows += [
+        ("ours data-free", lambda: Decompose(model).from_dict(minilm.ENCODER_RULES).decompose_network()),
+        ("ours data-aware", lambda: Decompose(model).from_dict(minilm.ENCODER_RULES).decompose_network(datasets=calib)),
+        ("ours sequential", lambda: Decompose(model).from_dict(minilm.ENCODER_RULES)
+         .decompose_network(datasets=calib, sequential=True)),
+        ("ours budget (data-aware)", lambda: Decompose(model)
+         .from_budget(params=budget, include=encoder, datasets=calib).decompose_network(datasets=calib)),
+    ]
+    print(f"all-MiniLM-L6-v2: {len(calibration)} calibration / {len(held_out)} held-out sentences; encoder Linear "
+          f"weights after decomposition: {budget:,}; torch threads {torch.get_num_threads()}")
+    print(f"{'method':<28} {'mean cos':>9} {'min cos':>9} {'params':>12} {'seconds':>9}")
+    for name, make in rows:
+        start = time.perf_counter()
+        decomposed = make()
+        seconds = time.perf_counter() - start
+        cosine = (minilm.embed(decomposed, held) * original).sum(1)
+        print(f"{name:<28} {float(cosine.mean()):9.4f} {float(cosine.min()):9.4f} "
+              f"{count_parameters(decomposed):12,} {seconds:9.1f}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""Rank policies from spectra: keep a fraction of spectral energy, or meet one global budget.
+
+The estimate. A layer's relative output error at rank ``r`` is taken from the spectrum of its weight
+as the data sees it: with input second moment ``C`` the singular values ``σ_i`` of ``W C^{1/2}``
+(the eigenvalues of ``W C Wᵀ``), without data those of ``W``. Truncating keeps the top ``r``, so::
+
+    e(r)² = Σ_{i > r} σ_i² / Σ_i σ_i²          (exact for a truncated SVD, Eckart–Young)
+
+A conv kernel's Tucker-2 at ranks ``(h, h)`` is estimated by the HOSVD bound over its two unfoldings
+(out-mode spectrum ``σ⁰``, in-mode spectrum ``σ¹``, the latter whitened by the input channel moment)::
+
+    e(h)² ≈ (Σ_{i > h} σ⁰_i² + Σ_{i > h} σ¹_i²) / Σ_i σ⁰_i²
+
+``from_energy(keep)`` gives each layer the smallest rank with ``1 - e(r)² >= keep``.
+
+``from_budget`` minimises ``Σ_layers e_l(r_l)²`` (every layer's relative output error counts the same)
+subject to ``Σ_layers cost_l(r_l) <= budget``, with cost the parameters or FLOPs after decomposition.
+Ranks move in steps of ``divisor``; a layer may also be kept whole (error 0, its original cost). The
+allocation is greedy on marginal value — each step buys the largest error reduction per unit of cost —
+which is optimal for convex error curves and is what the spectra give in practice. The budget is met
+to within one step.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = ["Candidate", "allocate", "energy_rank", "matrix_spectrum", "tail_errors"]
+
+
+def matrix_spectrum(matrix: np.ndarray, moment: np.ndarray | None = None) -> np.ndarray:
+    """Squared singular values of ``W C^{1/2}`` (or of ``W``), descending, float64, length min(out, in)."""
+    weight = np.asarray(matrix, dtype=np.float64)
+    out, inp = weight.shape
+    if moment is not None:
+        gram = weight @ np.asarray(moment, dtype=np.float64) @ weight.T  # [out, out]
+        values = np.linalg.eigvalsh(0.5 * (gram + gram.T))[::-1][:min(out, inp)]
+    else:
+        values = np.linalg.svd(weight, compute_uv=False) ** 2
+    return np.clip(values, 0.0, None)
+
+
+def tail_errors(spectrum: np.ndarray, total: float | None = None) -> np.ndarray:
+    """``e(r)²`` for r = 0 .. len(spectrum): the share of energy beyond the first r values."""
+    energy = float(np.sum(spectrum)) if total is None else total
+    tails = np.concatenate([np.cumsum(spectrum[::-1])[::-1], [0.0]])
+    return tails / energy if energy > 0 else np.zeros_like(tails)
+
+
+def energy_rank(errors: np.ndarray, keep: float) -> int:
+    """The smallest rank ``r >= 1`` with ``1 - e(r)² >= keep`` (``errors`` from :func:`tail_errors`)."""
+    reached = np.nonzero(1.0 - errors >= keep - 1e-12)[0]
+    return max(1, int(reached[0]) if reached.size else len(errors) - 1)
+
+
+@dataclass(slots=True)
+class Candidate:
+    """One layer for the allocator: its error curve, cost per rank, and its cost when kept whole.
+
+    ``errors[r]`` is ``e(r)²`` for r = 0 .. max rank; ``cost(r)`` the parameters or FLOPs at rank r.
+    """
+
+    name: str
+    errors: np.ndarray
+    cost: Callable[[int], float]
+    original_cost: float
+    max_rank: int
+    ranks: list[int] = field(default_factory=list)
+
+    def options(self, divisor: int) -> list[tuple[int, float, float]]:
+        """(rank, cost, error) for the ranks worth having, cheapest first; rank 0 means "kept whole"."""
+        options = []
+        for rank in range(divisor, self.max_rank + 1, divisor):
+            cost = self.cost(rank)
+            if cost >= self.original_cost:
+                break
+            options.append((rank, cost, float(self.errors[rank])))
+        options.append((0, self.original_cost, 0.0))
+        return options
+
+
+def allocate(candidates: list[Candidate], budget: float, divisor: int) -> dict[str, int]:
+    """Ranks minimising ``Σ e²`` with total cost <= ``budget``; 0 means the layer is kept whole.
+
+    Raises ``ValueError`` when even the smallest ranks exceed the budget (naming what the minimum is).
+    """
+    ladders = {cand.name: cand.options(divisor) for cand in candidates}
+    position = dict.fromkeys(ladders, 0)
+    spent = sum(ladder[0][1] for ladder in ladders.values())
+    if spent > budget:
+        raise ValueError(f"the budget {budget:,.0f} cannot be met: the smallest ranks (rank {divisor} everywhere) "
+                         f"already cost {spent:,.0f}")
+    heap: list[tuple[float, str]] = []
+
+    def push(name: str) -> None:
+        ladder, index = ladders[name], position[name]
+        if index + 1 < len(ladder):
+            gain = ladder[index][2] - ladder[index + 1][2]
+            extra = ladder[index + 1][1] - ladder[index][1]
+            heapq.heappush(heap, (-(gain / extra) if extra > 0 else -math.inf, name))
+
+    for name in ladders:
+        push(name)
+    while heap:
+        _, name = heapq.heappop(heap)
+        ladder, index = ladders[name], position[name]
+        extra = ladder[index + 1][1] - ladder[index][1]
+        if spent + extra > budget:
+            continue  # this step does not fit; cheaper steps of other layers may still
+        spent += extra
+        position[name] = index + 1
+        push(name)
+    return {name: ladders[name][position[name]][0] for name in ladders}
