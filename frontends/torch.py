@@ -21,7 +21,8 @@ from torch import nn
 
 from lowrank_ir import Graph, LayerStats, Node, Op, verify
 
-__all__ = ["LOWERINGS", "collect_stats", "count_parameters", "lower", "register_lowering", "to_numpy"]
+__all__ = ["LOWERINGS", "collect_cross_stats", "collect_stats", "count_parameters", "execution_groups", "lower",
+           "register_lowering", "to_numpy"]
 
 logger = logging.getLogger(__name__)
 
@@ -328,6 +329,92 @@ def collect_stats(model: nn.Module, graph: Graph, datasets: Iterable[Any], max_i
             raise ValueError(f"the input of layer {name!r} holds NaN or Inf values (seen during calibration); "
                              f"statistics need finite activations")
         stats[name] = LayerStats(moment.cpu().numpy(), counts[name], (firsts[name] / counts[name]).cpu().numpy())
+    return stats
+
+
+def collect_cross_stats(original: nn.Module, model: nn.Module, graph: Graph, datasets: Iterable[Any],
+                        max_iter: int = -1, names: Sequence[str] | None = None) -> dict[str, LayerStats]:
+    """Statistics relating each layer's input in ``model`` (x̃, partly decomposed) to its input in ``original`` (x).
+
+    Every element runs through both models (each pass ends once the wanted layers have their input);
+    returned per layer: E[x̃ x̃ᵀ], E[x̃], E[x x̃ᵀ], E[x xᵀ], E[x] (float64). The sequential mode uses them
+    to fit each layer to the *original* outputs, compensating the error of the layers before it.
+    Neither model is changed.
+    """
+    _check_datasets(datasets)
+    candidates = names if names is not None else [node.name for node in graph.layers()]
+    wanted = [name for name in candidates if name in graph and graph.node(name).op in (Op.LINEAR, Op.CONV)]
+    sums: dict[str, dict[str, torch.Tensor]] = {name: {} for name in wanted}
+    counts: dict[str, int] = dict.fromkeys(wanted, 0)
+    captured: dict[str, torch.Tensor] = {}
+    pending: set[str] = set()
+
+    def add(name: str, key: str, value: torch.Tensor) -> None:
+        value = value.to(torch.float64)
+        sums[name][key] = value if key not in sums[name] else sums[name][key] + value
+
+    def make_hook(name: str, source: bool) -> Callable[..., None]:
+        node = graph.node(name)
+
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            if not args or not isinstance(args[0], torch.Tensor) or name not in pending:
+                return
+            rows = _rows(node, args[0].detach())
+            rows = rows.to(torch.promote_types(rows.dtype, torch.float32))
+            if source:
+                captured[name] = rows
+            else:
+                first = captured.get(name)
+                if first is None or first.shape != rows.shape:
+                    raise ValueError(f"layer {name!r} saw inputs of different shapes in the original and the "
+                                     f"decomposed model")
+                add(name, "moment", rows.T @ rows)
+                add(name, "mean", rows.sum(0))
+                add(name, "cross", first.T @ rows)
+                add(name, "source", first.T @ first)
+                add(name, "source_mean", first.sum(0))
+                counts[name] += rows.shape[0]
+            pending.discard(name)
+            if not pending:
+                raise _Enough
+        return hook
+
+    seen = 0
+    runs = [(original, True), (model, False)]
+    handles = []
+    modes = {module: module.training for net, _ in runs for module in net.modules()}
+    try:
+        for net, source in runs:
+            modules = dict(net.named_modules())
+            handles += [modules[name].register_forward_pre_hook(make_hook(name, source)) for name in wanted]
+            net.eval()
+        with torch.no_grad():
+            for index, element in enumerate(datasets):
+                captured.clear()
+                for net, _ in runs:
+                    pending.clear()
+                    pending.update(wanted)
+                    _run_element(net, element, index, _model_device(net))
+                seen += 1
+                if 0 < max_iter <= seen:
+                    break
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, training in modes.items():
+            module.training = training
+    if seen == 0:
+        raise ValueError("datasets is empty: data-aware decomposition needs at least one element")
+    stats = {}
+    for name in wanted:
+        if counts[name] == 0:
+            continue
+        mean = {key: (value / counts[name]).cpu().numpy() for key, value in sums[name].items()}
+        if not all(np.isfinite(value).all() for value in mean.values()):
+            raise ValueError(f"the input of layer {name!r} holds NaN or Inf values (seen during calibration); "
+                             f"statistics need finite activations")
+        stats[name] = LayerStats(mean["moment"], counts[name], mean["mean"], mean["cross"], mean["source"],
+                                 mean["source_mean"])
     return stats
 
 

@@ -313,9 +313,15 @@ class Decompose:
         groups = self._frontend.execution_groups(model, graph, datasets, names)
         errors: dict[str, tuple[float, str]] = {}
         done = 0
+        # Frontends that can run the original beside the decomposed model fit each layer to the original
+        # outputs (compensating upstream error); the others refit to the layer's own outputs on x̃.
+        cross = getattr(self._frontend, "collect_cross_stats", None)
         for group in groups:
-            stats = self._frontend.collect_stats(model, graph, datasets, max_iter=max_iter, names=group,
-                                                 stop_early=True)
+            if cross is not None:
+                stats = cross(self.model, model, graph, datasets, max_iter=max_iter, names=group)
+            else:
+                stats = self._frontend.collect_stats(model, graph, datasets, max_iter=max_iter, names=group,
+                                                     stop_early=True)
             part = Plan({name: chosen.entries[name] for name in group})
             result = rewrite(graph, part, stats=stats, workers=1)
             backend.load_layers(model, result.graph, group)

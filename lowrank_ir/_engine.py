@@ -47,11 +47,19 @@ HOOI_MAX_ITER = 50
 
 @dataclass(slots=True)
 class LayerStats:
-    """Input statistics of one layer from calibration data: ``moment`` = E[x xᵀ] (float64), ``count`` rows."""
+    """Input statistics of one layer from calibration data: ``moment`` = E[x xᵀ] (float64), ``count`` rows.
+
+    For the sequential mode's error compensation, ``moment``/``mean`` describe the layer's input x̃ in
+    the partly decomposed model, and ``cross`` = E[x x̃ᵀ], ``source_moment`` = E[x xᵀ] and
+    ``source_mean`` = E[x] relate it to the input x the original model gives it.
+    """
 
     moment: np.ndarray
     count: int
     mean: np.ndarray | None = None
+    cross: np.ndarray | None = None
+    source_moment: np.ndarray | None = None
+    source_mean: np.ndarray | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,12 +259,37 @@ def _factor_matrix(matrix: np.ndarray, rank: int, stats: LayerStats | None, corr
     if stats is None:
         left, right = _linalg.svd_factors(matrix64, rank)
         return _Factors([left, right], _linalg.relative_error(matrix64, left @ right))
+    if stats.cross is not None:
+        return _compensate(matrix64, rank, stats, correct_bias)
     left, right = _linalg.whitened_svd_factors(matrix64, stats.moment, rank)
     delta = matrix64 - left @ right
     if correct_bias and stats.mean is not None:
         return _Factors([left, right], _output_error(delta, matrix64, _centered(stats), stats.moment), "output",
                         delta @ stats.mean)
     return _Factors([left, right], _output_error(delta, matrix64, stats.moment), "output")
+
+
+def _compensate(matrix: np.ndarray, rank: int, stats: LayerStats, correct_bias: bool) -> _Factors:
+    """Factors matching the original layer's outputs from the perturbed inputs (sequential mode)."""
+    assert stats.cross is not None and stats.source_moment is not None
+    moment, cross, source = stats.moment, stats.cross, stats.source_moment
+    centre = correct_bias and stats.mean is not None and stats.source_mean is not None
+    if centre:
+        assert stats.mean is not None and stats.source_mean is not None
+        moment = moment - np.outer(stats.mean, stats.mean)
+        cross = cross - np.outer(stats.source_mean, stats.mean)
+        source = source - np.outer(stats.source_mean, stats.source_mean)
+    left, right = _linalg.compensating_factors(matrix, cross, moment, rank)
+    approx = left @ right
+    # E‖W x − W' x̃‖² = tr(W S Wᵀ) − 2 tr(W X W'ᵀ) + tr(W' C̃ W'ᵀ), relative to E‖W x‖²
+    reference = float(np.sum((matrix @ source) * matrix))
+    error = reference - 2 * float(np.sum((matrix @ cross) * approx)) + float(np.sum((approx @ moment) * approx))
+    relative = math.sqrt(max(error, 0.0) / reference) if reference > 0 else 0.0
+    shift = None
+    if centre:
+        assert stats.mean is not None and stats.source_mean is not None
+        shift = matrix @ stats.source_mean - approx @ stats.mean
+    return _Factors([left, right], relative, "output", shift)
 
 
 def _factor_kernel(kernel: np.ndarray, ranks: tuple[int, int], stats: LayerStats | None,

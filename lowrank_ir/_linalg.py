@@ -323,6 +323,46 @@ def whitened_svd_factors(weight: ArrayLike, moment: ArrayLike, rank: int) -> tup
     return basis * balance, projected / balance[:, None]
 
 
+def compensating_factors(weight: ArrayLike, cross: ArrayLike, moment: ArrayLike, rank: int,
+                         damping: float = 1e-3) -> tuple[Array, Array]:
+    """Rank-``r`` ``W'`` whose outputs on *perturbed* inputs best match ``W``'s on the original ones.
+
+    Minimises ``E‖W x − W' x̃‖²`` where ``x`` is the layer's input in the original model and ``x̃`` its
+    input in the model whose earlier layers are already decomposed, given ``cross = E[x x̃ᵀ]`` and
+    ``moment = C̃ = E[x̃ x̃ᵀ]``. Completing the square, the objective is ``‖(W' − T) C̃^{1/2}‖²`` plus a
+    constant, with the regression target ``T = W E[x x̃ᵀ] C̃⁻¹``; so, as in
+    :func:`whitened_svd_factors`, ``W' = U_r U_rᵀ T`` with ``U_r`` the leading eigenvectors of
+    ``T C̃ Tᵀ = (W E[x x̃ᵀ]) C̃⁻¹ (W E[x x̃ᵀ])ᵀ``. ``C̃`` is damped by ``damping · tr(C̃)/n`` for the solve
+    (a ridge: without it, directions the calibration data barely covers — dead ReLUs — get huge
+    weights that blow up on new data; 1e-3 was measured on a digits MLP, 1e-8 gave 10x the error).
+    With ``x̃ = x`` this is the whitened truncation itself.
+
+    Returns:
+        ``(left [out, rank], right [rank, in])`` in float64, balanced as in :func:`whitened_svd_factors`.
+    """
+    matrix = _as_matrix(weight, "weight")
+    out_dim, in_dim = matrix.shape
+    rank = _check_rank(rank, "rank", min(out_dim, in_dim), f"min(out={out_dim}, in={in_dim})")
+    perturbed = _symmetric_moment(moment)
+    mixed = _as_float64(np.asarray(cross), "cross")
+    if perturbed.shape != (in_dim, in_dim) or mixed.shape != (in_dim, in_dim):
+        raise ValueError(f"moment and cross must have shape ({in_dim}, {in_dim}) for a weight of shape "
+                         f"{matrix.shape!r}, got {perturbed.shape!r} and {mixed.shape!r}")
+    scale = max(float(np.trace(perturbed)) / max(in_dim, 1), _TINY)
+    target_times_moment = matrix @ mixed  # W E[x x̃ᵀ] = T C̃
+    target = np.linalg.solve(perturbed + damping * scale * np.eye(in_dim), target_times_moment.T).T
+    gram = target_times_moment @ target.T  # T C̃ Tᵀ
+    _, vectors = np.linalg.eigh(0.5 * (gram + gram.T))
+    basis = np.ascontiguousarray(vectors[:, ::-1][:, :rank])
+    basis = basis * _column_signs(basis)
+    projected = basis.T @ target
+    row_norms = np.linalg.norm(projected, axis=1)
+    balance = np.ones(rank)
+    nonzero = row_norms > 0
+    balance[nonzero] = np.sqrt(row_norms[nonzero])
+    return basis * balance, projected / balance[:, None]
+
+
 # --------------------------------------------------------------------------------------------
 # Tucker-2
 

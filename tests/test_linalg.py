@@ -359,3 +359,34 @@ def test_bad_shapes_are_rejected() -> None:
 def test_relative_error_of_zero_reference_is_finite() -> None:
     assert relative_error(np.zeros((3, 3)), np.zeros((3, 3))) == 0.0
     assert relative_error(np.ones(4), np.zeros(4)) == pytest.approx(1.0)
+
+
+def test_compensating_factors_reduce_to_the_whitened_optimum_without_perturbation() -> None:
+    from lowrank_ir._linalg import compensating_factors
+
+    rng = np.random.default_rng(7)
+    weight = rng.standard_normal((20, 30))
+    x = rng.standard_normal((2000, 30)) @ (rng.standard_normal((30, 30)) * np.logspace(0, -2, 30))
+    moment = x.T @ x / len(x)
+    left, right = compensating_factors(weight, moment, moment, 5, damping=1e-12)
+    best_left, best_right = whitened_svd_factors(weight, moment, 5)
+
+    def output_error(approx: np.ndarray) -> float:
+        return float(np.linalg.norm(x @ (weight - approx).T))
+
+    assert output_error(left @ right) == pytest.approx(output_error(best_left @ best_right), rel=1e-7)
+
+
+def test_compensating_factors_undo_a_known_input_perturbation() -> None:
+    from lowrank_ir._linalg import compensating_factors
+
+    rng = np.random.default_rng(8)
+    low_rank = rng.standard_normal((6, 3)) @ rng.standard_normal((3, 12))  # W' can be exact
+    x = rng.standard_normal((4000, 12))
+    mix = np.eye(12) + 0.3 * rng.standard_normal((12, 12))  # x̃ = mix x: an invertible perturbation
+    x_tilde = x @ mix.T
+    target = low_rank @ np.linalg.inv(mix)  # W' x̃ = low_rank x
+    cross = x.T @ x_tilde / len(x)
+    moment = x_tilde.T @ x_tilde / len(x)
+    left, right = compensating_factors(low_rank, cross, moment, 3, damping=1e-12)
+    np.testing.assert_allclose(left @ right, target, rtol=1e-6, atol=1e-6)
