@@ -29,10 +29,11 @@ import mindspore as ms
 import numpy as np
 from mindspore import nn
 
+from frontends._patches import collects_patches, patch_moment_sum
 from lowrank_ir import Graph, LayerStats, Node, Op, verify
 
-__all__ = ["LOWERINGS", "collect_stats", "count_parameters", "execution_groups", "lower", "register_lowering",
-           "to_numpy"]
+__all__ = ["LOWERINGS", "collect_cross_stats", "collect_stats", "count_parameters", "execution_groups", "lower",
+           "register_lowering", "to_numpy"]
 
 logger = logging.getLogger(__name__)
 
@@ -412,11 +413,14 @@ def collect_stats(model: nn.Cell, graph: Graph, datasets: Iterable[Any], max_ite
               if name in graph and graph.node(name).op in (Op.LINEAR, Op.CONV) and name in cells]
     sums: dict[str, np.ndarray] = {}
     firsts: dict[str, np.ndarray] = {}
+    patch_sums: dict[str, np.ndarray] = {}
+    patch_counts: dict[str, int] = {}
     counts: dict[str, int] = dict.fromkeys(wanted, 0)
     pending: set[str] = set()
 
     def make_hook(name: str) -> Callable[..., None]:
         node = graph.node(name)
+        patches_wanted = collects_patches(node)
 
         def hook(cell: nn.Cell, args: tuple[Any, ...]) -> None:
             if not args or not isinstance(args[0], ms.Tensor):
@@ -429,6 +433,11 @@ def collect_stats(model: nn.Cell, graph: Graph, datasets: Iterable[Any], max_ite
             sums[name] = moment if name not in sums else sums[name] + moment
             firsts[name] = total if name not in firsts else firsts[name] + total
             counts[name] += rows.shape[0]
+            if patches_wanted and args[0].ndim == 4:
+                value = args[0].astype(ms.float32) if args[0].dtype == ms.bfloat16 else args[0]
+                patches, number = patch_moment_sum(node, value.asnumpy())
+                patch_sums[name] = patches + patch_sums.get(name, 0.0)
+                patch_counts[name] = patch_counts.get(name, 0) + number
             pending.discard(name)
             if stop_early and not pending:
                 raise _Enough
@@ -449,7 +458,9 @@ def collect_stats(model: nn.Cell, graph: Graph, datasets: Iterable[Any], max_ite
         if counts[name] == 0:
             logger.warning("layer %r saw no data during calibration; it is decomposed data-free", name)
             continue
-        stats[name] = LayerStats(sums[name] / counts[name], counts[name], firsts[name] / counts[name])
+        patch_moment = patch_sums[name] / patch_counts[name] if patch_counts.get(name) else None
+        stats[name] = LayerStats(sums[name] / counts[name], counts[name], firsts[name] / counts[name],
+                                 patch_moment=patch_moment)
     return stats
 
 
@@ -486,3 +497,74 @@ def execution_groups(model: nn.Cell, graph: Graph, datasets: Iterable[Any], name
     ran = {name for name, _ in order}
     groups.extend([name] for name in names if name not in ran)
     return groups
+
+
+def collect_cross_stats(original: nn.Cell, model: nn.Cell, graph: Graph, datasets: Iterable[Any],
+                        max_iter: int = -1, names: Sequence[str] | None = None) -> dict[str, LayerStats]:
+    """Statistics relating each layer's input in ``model`` (x̃, partly decomposed) to its input in ``original`` (x).
+
+    The MindSpore mirror of ``frontends.torch.collect_cross_stats``: every element runs through both
+    cells (each pass ends once the wanted layers have their input); per layer E[x̃ x̃ᵀ], E[x̃], E[x x̃ᵀ],
+    E[x xᵀ] and E[x] in float64, for the sequential mode's error compensation. Neither cell is changed.
+    """
+    _check_datasets(datasets)
+    candidates = names if names is not None else [node.name for node in graph.layers()]
+    wanted = [name for name in candidates if name in graph and graph.node(name).op in (Op.LINEAR, Op.CONV)]
+    sums: dict[str, dict[str, np.ndarray]] = {name: {} for name in wanted}
+    counts: dict[str, int] = dict.fromkeys(wanted, 0)
+    captured: dict[str, np.ndarray] = {}
+    pending: set[str] = set()
+
+    def add(name: str, key: str, value: np.ndarray) -> None:
+        sums[name][key] = value if key not in sums[name] else sums[name][key] + value
+
+    def make_hook(name: str, source: bool) -> Callable[..., None]:
+        node = graph.node(name)
+
+        def hook(cell: nn.Cell, args: tuple[Any, ...]) -> None:
+            if not args or not isinstance(args[0], ms.Tensor) or name not in pending:
+                return
+            rows = _rows(node, args[0])
+            if source:
+                captured[name] = rows
+            else:
+                first = captured.get(name)
+                if first is None or first.shape != rows.shape:
+                    raise ValueError(f"layer {name!r} saw inputs of different shapes in the original and the "
+                                     f"decomposed model")
+                add(name, "moment", rows.T @ rows)
+                add(name, "mean", rows.sum(axis=0))
+                add(name, "cross", first.T @ rows)
+                add(name, "source", first.T @ first)
+                add(name, "source_mean", first.sum(axis=0))
+                counts[name] += rows.shape[0]
+            pending.discard(name)
+            if not pending:
+                raise _Enough
+        return hook
+
+    seen = 0
+    with _Calibration(original, {name: make_hook(name, True) for name in wanted}), \
+            _Calibration(model, {name: make_hook(name, False) for name in wanted}):
+        for index, element in enumerate(datasets):
+            captured.clear()
+            for cell in (original, model):
+                pending.clear()
+                pending.update(wanted)
+                _run_element(cell, element, index)
+            seen += 1
+            if 0 < max_iter <= seen:
+                break
+    if seen == 0:
+        raise ValueError("datasets is empty: data-aware decomposition needs at least one element")
+    stats = {}
+    for name in wanted:
+        if counts[name] == 0:
+            continue
+        mean = {key: value / counts[name] for key, value in sums[name].items()}
+        if not all(np.isfinite(value).all() for value in mean.values()):
+            raise ValueError(f"the input of layer {name!r} holds NaN or Inf values (seen during calibration); "
+                             f"statistics need finite activations")
+        stats[name] = LayerStats(mean["moment"], counts[name], mean["mean"], mean["cross"], mean["source"],
+                                 mean["source_mean"])
+    return stats

@@ -46,6 +46,7 @@ import numpy as np
 import onnx
 from onnx import AttributeProto, GraphProto, ModelProto, NodeProto, TensorProto, ValueInfoProto, numpy_helper
 
+from frontends._patches import collects_patches, patch_moment_sum
 from lowrank_ir import Graph, LayerStats, Node, Op, Value, verify
 
 __all__ = [
@@ -1003,6 +1004,8 @@ def collect_stats(model: ModelSource, graph: Graph, datasets: Iterable[Any], max
     sess = session(_probe(proto, values, graph)) if wanted else None
     sums: dict[str, np.ndarray] = {}
     totals: dict[str, np.ndarray] = {}
+    patch_sums: dict[str, np.ndarray] = {}
+    patch_counts: dict[str, int] = {}
     counts: dict[str, int] = {node.name: 0 for node in wanted}
     seen = 0
     for index, element in enumerate(datasets):
@@ -1022,6 +1025,11 @@ def collect_stats(model: ModelSource, graph: Graph, datasets: Iterable[Any], max
                 else:
                     sums[node.name], totals[node.name] = moment, total
                 counts[node.name] += rows.shape[0]
+                value = np.asarray(outputs[node.inputs[0]])
+                if collects_patches(node) and value.ndim == 4:
+                    patches, number = patch_moment_sum(node, value)
+                    patch_sums[node.name] = patches + patch_sums.get(node.name, 0.0)
+                    patch_counts[node.name] = patch_counts.get(node.name, 0) + number
         seen += 1
         if 0 < max_iter <= seen:
             break
@@ -1033,5 +1041,7 @@ def collect_stats(model: ModelSource, graph: Graph, datasets: Iterable[Any], max
             logger.warning("layer %r saw no data during calibration; it is decomposed data-free", node.name)
             continue
         count = counts[node.name]
-        stats[node.name] = LayerStats(sums[node.name] / count, count, totals[node.name] / count)
+        patch_moment = patch_sums[node.name] / patch_counts[node.name] if patch_counts.get(node.name) else None
+        stats[node.name] = LayerStats(sums[node.name] / count, count, totals[node.name] / count,
+                                      patch_moment=patch_moment)
     return stats

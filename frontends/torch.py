@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional
 
 from lowrank_ir import Graph, LayerStats, Node, Op, verify
 
@@ -250,6 +252,44 @@ def _rows(node: Node, x: torch.Tensor) -> torch.Tensor:
     return x.movedim(channel_axis, -1).reshape(-1, node.attrs["in_channels"])
 
 
+#: Largest im2col patch length ``in · prod(k)`` whose second moment is collected (a 4608² float64
+#: matrix is 170 MB; beyond it the channel moment is used).
+MAX_PATCH_FEATURES = 4608
+
+
+def _explicit_padding(node: Node) -> list[int] | None:
+    """The conv's zero padding as ``[top, bottom, left, right]``, or None when patches are not collected."""
+    attrs = node.attrs
+    kernel = tuple(attrs["kernel_size"])
+    if (len(kernel) != 2 or math.prod(kernel) == 1 or attrs.get("groups", 1) != 1
+            or attrs.get("padding_mode", "zeros") != "zeros"
+            or attrs["in_channels"] * math.prod(kernel) > MAX_PATCH_FEATURES):
+        return None
+    padding = attrs["padding"]
+    if padding == "valid":
+        return [0, 0, 0, 0]
+    if padding == "same":  # torch: stride 1, the extra pixel of an odd total goes after
+        pads = []
+        for size, dilation in zip(kernel, attrs["dilation"], strict=True):
+            total = dilation * (size - 1)
+            pads += [total // 2, total - total // 2]
+        return pads
+    if isinstance(padding, str):
+        return None
+    return [int(padding[0]), int(padding[0]), int(padding[1]), int(padding[1])]
+
+
+def _patch_rows(node: Node, x: torch.Tensor, pads: list[int]) -> torch.Tensor:
+    """The im2col patches the conv sees, one per row, ordered (in, kh, kw) like ``kernel.reshape(out, -1)``."""
+    if x.dim() == 3:  # unbatched
+        x = x.unsqueeze(0)
+    if any(pads):
+        x = functional.pad(x, (pads[2], pads[3], pads[0], pads[1]))
+    columns = functional.unfold(x, tuple(node.attrs["kernel_size"]), dilation=tuple(node.attrs["dilation"]),
+                       stride=tuple(node.attrs["stride"]))
+    return columns.transpose(1, 2).reshape(-1, columns.shape[1])
+
+
 class _Enough(Exception):
     """Raised by a hook to end a forward pass once every wanted layer has seen its input."""
 
@@ -276,11 +316,14 @@ def collect_stats(model: nn.Module, graph: Graph, datasets: Iterable[Any], max_i
               if name in graph and graph.node(name).op in (Op.LINEAR, Op.CONV) and name in modules]
     sums: dict[str, torch.Tensor] = {}
     firsts: dict[str, torch.Tensor] = {}
+    patch_sums: dict[str, torch.Tensor] = {}
+    patch_counts: dict[str, int] = {}
     counts: dict[str, int] = dict.fromkeys(wanted, 0)
     pending: set[str] = set()
 
     def make_hook(name: str) -> Callable[..., None]:
         node = graph.node(name)
+        pads = _explicit_padding(node) if node.op is Op.CONV else None
 
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
             if not args or not isinstance(args[0], torch.Tensor):
@@ -294,6 +337,12 @@ def collect_stats(model: nn.Module, graph: Graph, datasets: Iterable[Any], max_i
             sums[name] = moment if name not in sums else sums[name] + moment
             firsts[name] = total if name not in firsts else firsts[name] + total
             counts[name] += rows.shape[0]
+            if pads is not None:
+                patches = _patch_rows(node, args[0].detach(), pads)
+                patches = patches.to(torch.promote_types(patches.dtype, torch.float32))
+                product = (patches.T @ patches).to(torch.float64)
+                patch_sums[name] = product if name not in patch_sums else patch_sums[name] + product
+                patch_counts[name] = patch_counts.get(name, 0) + patches.shape[0]
             pending.discard(name)
             if stop_early and not pending:
                 raise _Enough
@@ -328,7 +377,11 @@ def collect_stats(model: nn.Module, graph: Graph, datasets: Iterable[Any], max_i
         if not torch.isfinite(moment).all():
             raise ValueError(f"the input of layer {name!r} holds NaN or Inf values (seen during calibration); "
                              f"statistics need finite activations")
-        stats[name] = LayerStats(moment.cpu().numpy(), counts[name], (firsts[name] / counts[name]).cpu().numpy())
+        patch_moment = None
+        if patch_counts.get(name):
+            patch_moment = (patch_sums[name] / patch_counts[name]).cpu().numpy()
+        stats[name] = LayerStats(moment.cpu().numpy(), counts[name], (firsts[name] / counts[name]).cpu().numpy(),
+                                 patch_moment=patch_moment)
     return stats
 
 

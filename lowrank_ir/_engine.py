@@ -52,6 +52,11 @@ class LayerStats:
     For the sequential mode's error compensation, ``moment``/``mean`` describe the layer's input x̃ in
     the partly decomposed model, and ``cross`` = E[x x̃ᵀ], ``source_moment`` = E[x xᵀ] and
     ``source_mean`` = E[x] relate it to the input x the original model gives it.
+
+    For a k x k conv, ``patch_moment`` = E[p pᵀ] over the im2col patches p the conv sees (length
+    ``in · prod(k)``, ordered ``(in, *k)`` like ``kernel.reshape(out, -1)`` and
+    ``torch.nn.functional.unfold``), when the frontend collected it; the conv's output error is then
+    measured and minimised exactly instead of through the channel moment.
     """
 
     moment: np.ndarray
@@ -60,6 +65,7 @@ class LayerStats:
     cross: np.ndarray | None = None
     source_moment: np.ndarray | None = None
     source_mean: np.ndarray | None = None
+    patch_moment: np.ndarray | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -298,14 +304,30 @@ def _factor_kernel(kernel: np.ndarray, ranks: tuple[int, int], stats: LayerStats
     moment = None if stats is None else stats.moment
     last, core, first = _linalg.tucker2(kernel64, ranks[0], ranks[1], moment=moment, max_iter=HOOI_MAX_ITER,
                                         tol=HOOI_TOL)
-    approx = _linalg.reconstruct_tucker2(last, core, first)
     if moment is None:
+        approx = _linalg.reconstruct_tucker2(last, core, first)
         return _Factors([first, core, last], _linalg.relative_error(kernel64, approx))
+    assert stats is not None
     out, inp = kernel.shape[:2]
+    taps = int(np.prod(kernel.shape[2:]))
+    patches = stats.patch_moment
+    if patches is not None and taps > 1 and patches.shape == (inp * taps, inp * taps):
+        # Keep the channel-whitened in-factor, refit (last, core) under the exact im2col output error.
+        last, core = _linalg.refit_tucker2(kernel64, first, ranks[0], patches)
+        approx = _linalg.reconstruct_tucker2(last, core, first)
+        delta = (kernel64 - approx).reshape(out, -1)
+        full = kernel64.reshape(out, -1)
+        if correct_bias and stats.mean is not None:
+            shift = (kernel64 - approx).reshape(out, inp, -1).sum(axis=2) @ stats.mean
+            patch_mean = np.repeat(stats.mean, taps)  # a constant image μ, ordered (in, taps)
+            centered = patches - np.outer(patch_mean, patch_mean)
+            return _Factors([first, core, last], _output_error(delta, full, centered, patches), "output", shift)
+        return _Factors([first, core, last], _output_error(delta, full, patches), "output")
+    approx = _linalg.reconstruct_tucker2(last, core, first)
     # Channel-moment estimate: each tap's [out, in] slice seen through the input-channel moment.
     delta = (kernel64 - approx).transpose(0, *range(2, kernel.ndim), 1).reshape(-1, inp)
     full = kernel64.transpose(0, *range(2, kernel.ndim), 1).reshape(-1, inp)
-    if correct_bias and stats is not None and stats.mean is not None:
+    if correct_bias and stats.mean is not None:
         # A constant input image μ meets every tap: the output error on it is Σ_taps (K - K')_t μ.
         shift = (kernel64 - approx).reshape(out, inp, -1).sum(axis=2) @ stats.mean
         return _Factors([first, core, last], _output_error(delta, full, _centered(stats), moment), "output",

@@ -44,6 +44,17 @@ Formulas:
   ``first = first' (C^{1/2})⁺`` maps the in-factor back (pseudo-inverse with eigenvalues of ``C``
   below ``1e-10 · max`` treated as zero), so that on inputs in ``range(C)`` the factorized layer
   computes the whitened Tucker-2 approximation.
+
+- Im2col refit of a Tucker-2 (``refit_tucker2``): a k x k conv's output is ``K_mat p`` over the
+  im2col patches ``p`` (length ``in·T``, ``T = prod(k)``, ordered ``(in, *k)`` like
+  ``K.reshape(out, -1)``), so with ``P = E[p pᵀ]`` its output error is ``||(K_mat - K'_mat) P^{1/2}||_F``
+  exactly. Given the in-factor ``first``, ``B = first ⊗ I_T`` (``[r_in·T, in·T]``) maps a patch to the
+  projected patch in ``core.reshape(r_out, r_in·T)`` order, and with ``G = B P Bᵀ``::
+
+      A = K_mat P Bᵀ (G + δI)⁻¹,   last = leading r_out eigenvectors of A G Aᵀ,   core = lastᵀ A
+
+  (``A`` is the unconstrained optimum of ``last·core``; the rank-``r_out`` optimum is the whitened
+  truncation ``U_r U_rᵀ A`` of ``A G^{1/2}``; ``δ = damping · tr(G) / (r_in·T)``).
 """
 
 from __future__ import annotations
@@ -56,6 +67,7 @@ from numpy.typing import ArrayLike, NDArray
 __all__ = [
     "psd_sqrt",
     "reconstruct_tucker2",
+    "refit_tucker2",
     "relative_error",
     "svd_factors",
     "svd_flip",
@@ -512,6 +524,89 @@ def tucker2(
         first = first * signs[:, None]
         core = core * signs[None, :, None]
     return last, core.reshape(rank_out, rank_in, *spatial), first
+
+
+def _patch_projection(first: Array, taps: int) -> Array:
+    """``B = first ⊗ I_T`` ``[r_in·T, in·T]``: a patch ordered ``(in, taps)`` to its ``(r_in, taps)`` projection."""
+    return np.kron(first, np.eye(taps))
+
+
+def refit_tucker2(
+    kernel: ArrayLike,
+    first: ArrayLike,
+    rank_out: int,
+    patch_moment: ArrayLike,
+    damping: float = 1e-6,
+) -> tuple[Array, Array]:
+    """Best ``(last, core)`` for a fixed in-factor under the exact im2col output error.
+
+    Minimises ``||(K_mat - last · core_mat · B) P^{1/2}||_F`` where ``K_mat = kernel.reshape(out, in·T)``,
+    ``core_mat = core.reshape(r_out, r_in·T)``, ``B = first ⊗ I_T`` (``first`` applied to every tap of
+    a patch ordered ``(in, *k)``, as ``torch.nn.functional.unfold`` orders it) and ``P = patch_moment``
+    ``= E[p pᵀ]`` over the conv's im2col patches ``p``. With ``G = B P Bᵀ``::
+
+        A = K_mat P Bᵀ (G + δI)⁻¹        (unconstrained optimum of last · core_mat)
+        last = leading r_out eigenvectors of A G Aᵀ
+        core_mat = lastᵀ A
+
+    since the objective is ``||(X - A) G^{1/2}||²`` plus a constant in ``X = last · core_mat``, whose
+    rank-``r_out`` optimum is ``U_r U_rᵀ A`` (Eckart–Young on ``A G^{1/2}``). ``δ = damping · tr(G)/n``
+    (``n = r_in·T``) keeps the solve defined when ``G`` is singular. ``last`` has orthonormal columns,
+    the largest-magnitude entry of each positive.
+
+    Args:
+        kernel: ``[out, in, *k]`` with one to three spatial dimensions.
+        first: The in-factor ``[r_in, in]``.
+        rank_out: Rank of the out mode, ``1 <= rank_out <= out`` (beyond ``r_in·T`` the extra
+            columns of ``last`` get zero core rows).
+        patch_moment: ``[in·T, in·T]`` im2col second moment ``E[p pᵀ]``.
+        damping: Relative ridge on ``G`` (``>= 0``).
+
+    Returns:
+        ``(last [out, rank_out], core [rank_out, r_in, *k])`` in float64.
+
+    Raises:
+        ValueError: On shapes that do not chain, non-finite input, a moment that is not symmetric, a
+            rank out of range or a negative damping.
+        TypeError: If the rank is not an integer.
+    """
+    raw = np.asarray(kernel)
+    if raw.ndim not in (3, 4, 5):
+        raise ValueError(f"kernel must be [out, in, *k] with 1 to 3 spatial dimensions, got shape {raw.shape!r}")
+    array = _as_float64(raw, "kernel")
+    out_dim, in_dim = array.shape[:2]
+    spatial = array.shape[2:]
+    taps = int(np.prod(spatial))
+    first_arr = _as_matrix(first, "first")
+    if first_arr.shape[1] != in_dim:
+        raise ValueError(f"first must be [r_in, {in_dim}] for a kernel of shape {array.shape!r}, "
+                         f"got {first_arr.shape!r}")
+    rank_in = first_arr.shape[0]
+    width = rank_in * taps
+    rank_out = _check_rank(rank_out, "rank_out", out_dim, f"the out dimension of a kernel {array.shape!r}")
+    if np.asarray(patch_moment).shape != (in_dim * taps, in_dim * taps):
+        raise ValueError(f"patch_moment must have shape ({in_dim * taps}, {in_dim * taps}) [in·taps, in·taps] "
+                         f"for a kernel of shape {array.shape!r}, got {np.asarray(patch_moment).shape!r}")
+    moment = _symmetric_moment(patch_moment, "patch_moment")
+    ridge = float(damping)
+    if not (math.isfinite(ridge) and ridge >= 0.0):
+        raise ValueError(f"damping must be a finite number >= 0, got {damping!r}")
+    matrix = array.reshape(out_dim, in_dim * taps)
+    # B P without forming B: apply first over the in index of P viewed as [in, T·in·T].
+    projected = (first_arr @ moment.reshape(in_dim, -1)).reshape(width, in_dim * taps)  # B P
+    gram = (first_arr @ projected.reshape(rank_in, taps, in_dim, taps).transpose(2, 0, 1, 3)
+            .reshape(in_dim, -1)).reshape(rank_in, rank_in, taps, taps)
+    gram = gram.transpose(1, 2, 0, 3).reshape(width, width)  # B P Bᵀ
+    gram = 0.5 * (gram + gram.T)
+    target = matrix @ projected.T  # K P Bᵀ
+    scale = max(float(np.trace(gram)) / width, _TINY)
+    solved = np.linalg.solve(gram + ridge * scale * np.eye(width), target.T).T  # A
+    weighted = solved @ gram @ solved.T
+    _, vectors = np.linalg.eigh(0.5 * (weighted + weighted.T))
+    last = np.ascontiguousarray(vectors[:, ::-1][:, :rank_out])
+    last = last * _column_signs(last)
+    core = last.T @ solved
+    return last, core.reshape(rank_out, rank_in, *spatial)
 
 
 def reconstruct_tucker2(last: ArrayLike, core: ArrayLike, first: ArrayLike) -> Array:
