@@ -31,6 +31,7 @@ from mindspore import nn
 
 from frontends._patches import collects_patches, patch_moment_sum
 from lowrank_ir import Graph, LayerStats, Node, Op, verify
+from lowrank_ir._engine import stats_from_sums
 
 __all__ = ["LOWERINGS", "collect_cross_stats", "collect_stats", "count_parameters", "execution_groups", "lower",
            "register_lowering", "to_numpy"]
@@ -458,9 +459,8 @@ def collect_stats(model: nn.Cell, graph: Graph, datasets: Iterable[Any], max_ite
         if counts[name] == 0:
             logger.warning("layer %r saw no data during calibration; it is decomposed data-free", name)
             continue
-        patch_moment = patch_sums[name] / patch_counts[name] if patch_counts.get(name) else None
-        stats[name] = LayerStats(sums[name] / counts[name], counts[name], firsts[name] / counts[name],
-                                 patch_moment=patch_moment)
+        patch = (patch_sums[name], patch_counts[name]) if patch_counts.get(name) else None
+        stats[name] = stats_from_sums(name, counts[name], {"moment": sums[name], "mean": firsts[name]}, patch)
     return stats
 
 
@@ -561,10 +561,5 @@ def collect_cross_stats(original: nn.Cell, model: nn.Cell, graph: Graph, dataset
     for name in wanted:
         if counts[name] == 0:
             continue
-        mean = {key: value / counts[name] for key, value in sums[name].items()}
-        if not all(np.isfinite(value).all() for value in mean.values()):
-            raise ValueError(f"the input of layer {name!r} holds NaN or Inf values (seen during calibration); "
-                             f"statistics need finite activations")
-        stats[name] = LayerStats(mean["moment"], counts[name], mean["mean"], mean["cross"], mean["source"],
-                                 mean["source_mean"])
+        stats[name] = stats_from_sums(name, counts[name], sums[name])
     return stats

@@ -10,10 +10,11 @@ The graph's arrays share memory with the model's CPU tensors (no copy) and are m
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -22,6 +23,7 @@ from torch import nn
 from torch.nn import functional
 
 from lowrank_ir import Graph, LayerStats, Node, Op, verify
+from lowrank_ir._engine import stats_from_sums
 
 __all__ = ["LOWERINGS", "collect_cross_stats", "collect_stats", "count_parameters", "execution_groups", "lower",
            "register_lowering", "to_numpy"]
@@ -299,6 +301,29 @@ def _check_datasets(datasets: Any) -> None:
         raise TypeError(f"datasets must be an iterable of model inputs, got {type(datasets).__name__}")
 
 
+@contextlib.contextmanager
+def _calibrating(models: Sequence[nn.Module], hooks: Sequence[Mapping[str, Callable[..., None]]]) -> Iterator[None]:
+    """Forward pre-hooks on the named layers of each model, eval mode, ``torch.no_grad()``.
+
+    On exit, also on error, every hook is removed and every module's training flag restored: the
+    models are left as they were. (The mirror of MindSpore's ``_Calibration``.)
+    """
+    modes = {module: module.training for model in models for module in model.modules()}
+    handles = []
+    try:
+        for model, layer_hooks in zip(models, hooks, strict=True):
+            modules = dict(model.named_modules())
+            handles += [modules[name].register_forward_pre_hook(hook) for name, hook in layer_hooks.items()]
+            model.eval()
+        with torch.no_grad():
+            yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, training in modes.items():
+            module.training = training
+
+
 def collect_stats(model: nn.Module, graph: Graph, datasets: Iterable[Any], max_iter: int = -1,
                   names: Sequence[str] | None = None, stop_early: bool = False) -> dict[str, LayerStats]:
     """Input statistics (E[x xᵀ] in float64, and E[x]) of the Linear and Conv layers ``names``.
@@ -348,24 +373,15 @@ def collect_stats(model: nn.Module, graph: Graph, datasets: Iterable[Any], max_i
                 raise _Enough
         return hook
 
-    modes = {module: module.training for module in model.modules()}
-    handles = [modules[name].register_forward_pre_hook(make_hook(name)) for name in wanted]
     device = _model_device(model)
     seen = 0
-    try:
-        model.eval()
-        with torch.no_grad():
-            for index, element in enumerate(datasets):
-                pending.update(wanted)
-                _run_element(model, element, index, device)
-                seen += 1
-                if 0 < max_iter <= seen:  # stop before drawing another element (a DataLoader batch)
-                    break
-    finally:
-        for handle in handles:
-            handle.remove()
-        for module, training in modes.items():
-            module.training = training
+    with _calibrating([model], [{name: make_hook(name) for name in wanted}]):
+        for index, element in enumerate(datasets):
+            pending.update(wanted)
+            _run_element(model, element, index, device)
+            seen += 1
+            if 0 < max_iter <= seen:  # stop before drawing another element (a DataLoader batch)
+                break
     if seen == 0:
         raise ValueError("datasets is empty: data-aware decomposition needs at least one element")
     stats = {}
@@ -373,15 +389,9 @@ def collect_stats(model: nn.Module, graph: Graph, datasets: Iterable[Any], max_i
         if counts[name] == 0:
             logger.warning("layer %r saw no data during calibration; it is decomposed data-free", name)
             continue
-        moment = sums[name] / counts[name]
-        if not torch.isfinite(moment).all():
-            raise ValueError(f"the input of layer {name!r} holds NaN or Inf values (seen during calibration); "
-                             f"statistics need finite activations")
-        patch_moment = None
-        if patch_counts.get(name):
-            patch_moment = (patch_sums[name] / patch_counts[name]).cpu().numpy()
-        stats[name] = LayerStats(moment.cpu().numpy(), counts[name], (firsts[name] / counts[name]).cpu().numpy(),
-                                 patch_moment=patch_moment)
+        patch = (patch_sums[name].cpu().numpy(), patch_counts[name]) if patch_counts.get(name) else None
+        stats[name] = stats_from_sums(name, counts[name], {"moment": sums[name].cpu().numpy(),
+                                                           "mean": firsts[name].cpu().numpy()}, patch)
     return stats
 
 
@@ -433,41 +443,25 @@ def collect_cross_stats(original: nn.Module, model: nn.Module, graph: Graph, dat
         return hook
 
     seen = 0
-    runs = [(original, True), (model, False)]
-    handles = []
-    modes = {module: module.training for net, _ in runs for module in net.modules()}
-    try:
-        for net, source in runs:
-            modules = dict(net.named_modules())
-            handles += [modules[name].register_forward_pre_hook(make_hook(name, source)) for name in wanted]
-            net.eval()
-        with torch.no_grad():
-            for index, element in enumerate(datasets):
-                captured.clear()
-                for net, _ in runs:
-                    pending.clear()
-                    pending.update(wanted)
-                    _run_element(net, element, index, _model_device(net))
-                seen += 1
-                if 0 < max_iter <= seen:
-                    break
-    finally:
-        for handle in handles:
-            handle.remove()
-        for module, training in modes.items():
-            module.training = training
+    hooks = [{name: make_hook(name, source) for name in wanted} for source in (True, False)]
+    with _calibrating([original, model], hooks):
+        for index, element in enumerate(datasets):
+            captured.clear()
+            for net in (original, model):
+                pending.clear()
+                pending.update(wanted)
+                _run_element(net, element, index, _model_device(net))
+            seen += 1
+            if 0 < max_iter <= seen:
+                break
     if seen == 0:
         raise ValueError("datasets is empty: data-aware decomposition needs at least one element")
     stats = {}
     for name in wanted:
         if counts[name] == 0:
             continue
-        mean = {key: (value / counts[name]).cpu().numpy() for key, value in sums[name].items()}
-        if not all(np.isfinite(value).all() for value in mean.values()):
-            raise ValueError(f"the input of layer {name!r} holds NaN or Inf values (seen during calibration); "
-                             f"statistics need finite activations")
-        stats[name] = LayerStats(mean["moment"], counts[name], mean["mean"], mean["cross"], mean["source"],
-                                 mean["source_mean"])
+        stats[name] = stats_from_sums(name, counts[name],
+                                      {key: value.cpu().numpy() for key, value in sums[name].items()})
     return stats
 
 
@@ -489,19 +483,10 @@ def execution_groups(model: nn.Module, graph: Graph, datasets: Iterable[Any], na
                 order.append((name, id(args[0])))
         return hook
 
-    handles = [modules[name].register_forward_pre_hook(make_hook(name)) for name in names if name in modules]
-    modes = {module: module.training for module in model.modules()}
-    try:
-        model.eval()
-        with torch.no_grad():
-            for index, element in enumerate(datasets):
-                _run_element(model, element, index, _model_device(model))
-                break
-    finally:
-        for handle in handles:
-            handle.remove()
-        for module, training in modes.items():
-            module.training = training
+    with _calibrating([model], [{name: make_hook(name) for name in names if name in modules}]):
+        for index, element in enumerate(datasets):
+            _run_element(model, element, index, _model_device(model))
+            break
     groups: list[list[str]] = []
     last_input = None
     for name, input_id in order:

@@ -31,7 +31,7 @@ from lowrank_ir._evbmf import vbmf_ranks
 from lowrank_ir._ir import Graph, Node, Op, verify
 from lowrank_ir._policy import Policy, conv_ranks, matrix_rank
 
-__all__ = ["LayerStats", "Plan", "PlanEntry", "plan", "rewrite"]
+__all__ = ["LayerStats", "Plan", "PlanEntry", "plan", "rewrite", "stats_from_sums"]
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +66,29 @@ class LayerStats:
     source_moment: np.ndarray | None = None
     source_mean: np.ndarray | None = None
     patch_moment: np.ndarray | None = None
+
+
+#: Keys of :func:`stats_from_sums` and the LayerStats fields they become.
+_SUM_FIELDS = {"moment": "moment", "mean": "mean", "cross": "cross", "source": "source_moment",
+               "source_mean": "source_mean"}
+
+
+def stats_from_sums(name: str, count: int, sums: Mapping[str, np.ndarray],
+                    patch: tuple[np.ndarray, int] | None = None) -> LayerStats:
+    """A layer's statistics from a frontend's running float64 sums over ``count`` input rows.
+
+    ``sums`` holds ``moment`` (Σ x xᵀ) and optionally ``mean`` (Σ x), ``cross``, ``source``,
+    ``source_mean`` (the sequential mode's sums); ``patch`` is (Σ p pᵀ over im2col patches, patch count).
+    Raises ``ValueError`` naming the layer when a NaN or Inf reached the sums.
+    """
+    means = {_SUM_FIELDS[key]: np.asarray(value, dtype=np.float64) / count for key, value in sums.items()}
+    if patch is not None and patch[1]:
+        means["patch_moment"] = np.asarray(patch[0], dtype=np.float64) / patch[1]
+    if not all(np.isfinite(value).all() for value in means.values()):
+        raise ValueError(f"the input of layer {name!r} holds NaN or Inf values (seen during calibration); "
+                         f"statistics need finite activations")
+    moment = means.pop("moment")
+    return LayerStats(moment, count, **means)
 
 
 @dataclass(frozen=True, slots=True)
