@@ -119,7 +119,8 @@ def check_supported(graph: Graph, supported: Collection[str], target: str) -> No
         if node.op is Op.OPAQUE and node.attrs.get("source_op") not in supported:
             missing.setdefault(str(node.attrs.get("source_op")), []).append(node.name)
     if missing:
-        listed = "; ".join(f"{op} (e.g. node {names[0]!r}, {len(names)} node(s))" for op, names in sorted(missing.items()))
+        listed = "; ".join(f"{op} (e.g. node {names[0]!r}, {len(names)} node(s))"
+                           for op, names in sorted(missing.items()))
         raise ValueError(f"the graph uses ops {target} cannot rebuild: {listed}. Supported: "
                          f"{', '.join(sorted(supported))}")
 
