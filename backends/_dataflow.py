@@ -129,7 +129,7 @@ def trainable_params(graph: Graph) -> set[str]:
     """Params that become trainable parameters: layer weights/biases and floating-point initializers."""
     record = graph.meta.get("onnx", {})
     initializers = set(record.get("initializers", graph.params))
-    trainable = set()
+    trainable: set[str] = set()
     for node in graph.nodes:
         if node.is_layer:
             trainable.update(name for role, name in node.params.items() if role in ("weight", "bias"))

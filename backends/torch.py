@@ -15,9 +15,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from backends._torch_graph import GraphModule, graph_params, rebuild
 from lowrank_ir import Graph, Node, Op
 
-__all__ = ["BUILDERS", "ConstantMatMul", "build", "build_layer", "load_layers", "register_builder", "state_dict"]
+__all__ = ["BUILDERS", "ConstantMatMul", "GraphModule", "build", "build_layer", "graph_params", "load_layers",
+           "rebuild", "register_builder", "state_dict"]
 
 Builder = Callable[[Node, Graph], nn.Module]
 
