@@ -24,8 +24,8 @@ from mindspore import nn
 
 from lowrank_ir import Graph, Node, Op
 
-__all__ = ["BUILDERS", "build", "build_layer", "load_checkpoint", "load_layers", "native_array", "register_builder",
-           "state_dict"]
+__all__ = ["BUILDERS", "build", "build_layer", "copy_model", "load_checkpoint", "load_layers", "native_array",
+           "register_builder", "state_dict"]
 
 Builder = Callable[[Node, Graph, Any, "nn.Cell | None"], nn.Cell]
 
@@ -165,7 +165,7 @@ def _mixed_precision(cell: nn.Cell) -> Any:
     return {"FP16": ms.float16, "FP32": ms.float32, "BF16": ms.bfloat16}.get(kind)
 
 
-def _deepcopy(like: nn.Cell) -> nn.Cell:
+def copy_model(like: nn.Cell) -> nn.Cell:
     """``copy.deepcopy(like)`` with each cell's ``to_float`` type, which MindSpore's deepcopy drops."""
     model = copy.deepcopy(like)
     for (_, original), (_, copied) in zip(like.cells_and_names(), model.cells_and_names(), strict=True):
@@ -195,7 +195,7 @@ def build(graph: Graph, like: nn.Cell, weights: bool = True) -> nn.Cell:
     if not isinstance(like, nn.Cell):
         raise TypeError(f"like must be the mindspore.nn.Cell the graph was lowered from, got {type(like).__name__}")
     factorized: dict[str, list[str]] = graph.meta.get("factorized", {})
-    model = _deepcopy(like)
+    model = copy_model(like)
     cells = dict(model.cells_and_names())
     for original, part_names in factorized.items():
         old = cells.get(original)

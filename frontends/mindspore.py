@@ -312,7 +312,8 @@ class _Enough(Exception):
     """Raised by a hook to end a forward pass once every wanted layer has seen its input."""
 
 
-def _run_element(model: nn.Cell, element: Any, index: int) -> None:
+def _run_element(model: nn.Cell, element: Any, index: int) -> Any:
+    """Run the model on one datasets element; its output (None when a hook ended the pass early)."""
     if isinstance(element, Mapping):
         call = lambda: model(**{key: _as_tensor(value) for key, value in element.items()})  # noqa: E731
     elif isinstance(element, (list, tuple)):
@@ -324,9 +325,9 @@ def _run_element(model: nn.Cell, element: Any, index: int) -> None:
                         f"(keyword arguments), a list or tuple (positional arguments), a mindspore.Tensor or a "
                         f"numpy array")
     try:
-        call()
+        return call()
     except _Enough:
-        pass
+        return None
     except _StatsError:
         raise
     except Exception as err:
@@ -563,3 +564,72 @@ def collect_cross_stats(original: nn.Cell, model: nn.Cell, graph: Graph, dataset
             continue
         stats[name] = stats_from_sums(name, counts[name], sums[name])
     return stats
+
+
+# ------------------------------------------------------------------------------------ output errors
+
+def _float_outputs(value: Any) -> list[np.ndarray]:
+    """The floating-point tensors of a model output (tensors, tuples/lists, dicts), as float64 arrays."""
+    if isinstance(value, ms.Tensor):
+        if not ms.ops.is_floating_point(value):
+            return []
+        if value.dtype == ms.bfloat16:
+            value = value.astype(ms.float32)
+        return [value.asnumpy().astype(np.float64)]
+    if isinstance(value, Mapping):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        return [array for item in value for array in _float_outputs(item)]
+    return []
+
+
+def output_errors(model: nn.Cell, datasets: Iterable[Any], trials: Sequence[Mapping[str, np.ndarray]],
+                  max_iter: int = -1) -> list[float]:
+    """Per trial, the model's relative output error Σ‖y' − y‖² / Σ‖y‖² when its params are replaced.
+
+    A trial maps parameter names to replacement arrays in the IR's layout (e.g. one layer's weight
+    truncated to a low rank; a Conv1d weight is reshaped back to MindSpore's). ``y`` are the
+    floating-point outputs on the first ``max_iter`` elements of ``datasets`` (-1: all), ``y'`` the same
+    with the trial's arrays. Trials run on a copy of the model; ``model`` is not changed.
+    """
+    from backends.mindspore import copy_model
+
+    _check_datasets(datasets)
+    elements = []
+    for element in datasets:
+        elements.append(element)
+        if 0 < max_iter <= len(elements):
+            break
+    if not elements:
+        raise ValueError("datasets is empty: measuring output errors needs at least one element")
+    work = copy_model(model)
+    params = {param.name: param for param in work.get_parameters()}
+    for trial in trials:
+        for name, array in trial.items():
+            if name not in params:
+                raise ValueError(f"no parameter named {name!r} in the {type(model).__name__}")
+            if math.prod(params[name].shape) != np.size(array):
+                raise ValueError(f"the replacement for {name!r} has {np.size(array)} values, the model's "
+                                 f"parameter {list(params[name].shape)}")
+    errors = []
+    with _Calibration(work, {}):
+        reference = [_float_outputs(_run_element(work, element, index)) for index, element in enumerate(elements)]
+        norm = sum(float(np.sum(value ** 2)) for values in reference for value in values)
+        if not math.isfinite(norm):
+            raise ValueError("the model's outputs on datasets hold NaN or Inf values")
+        for trial in trials:
+            saved = {name: params[name].asnumpy().copy() for name in trial}
+            try:
+                for name, array in trial.items():
+                    native = np.asarray(array).reshape(params[name].shape)
+                    params[name].set_data(ms.Tensor(native, dtype=params[name].dtype))
+                squared = 0.0
+                for index, element in enumerate(elements):
+                    outputs = _float_outputs(_run_element(work, element, index))
+                    squared += sum(float(np.sum((new - old) ** 2))
+                                   for new, old in zip(outputs, reference[index], strict=True))
+            finally:
+                for name, array in saved.items():
+                    params[name].set_data(ms.Tensor(array, dtype=params[name].dtype))
+            errors.append(squared / norm if norm > 0 else 0.0)
+    return errors

@@ -1045,3 +1045,74 @@ def collect_stats(model: ModelSource, graph: Graph, datasets: Iterable[Any], max
         stats[node.name] = LayerStats(sums[node.name] / count, count, totals[node.name] / count,
                                       patch_moment=patch_moment)
     return stats
+
+
+# ------------------------------------------------------------------------------------------- output errors
+
+def _float_outputs(values: Sequence[Any]) -> list[np.ndarray]:
+    return [np.asarray(value, dtype=np.float64) for value in values
+            if isinstance(value, np.ndarray) and value.dtype.kind == "f"]
+
+
+def _weight_tensors(model: ModelProto) -> dict[str, TensorProto]:
+    """Initializers and dense ``Constant`` values of the main graph, by name (the protos themselves)."""
+    tensors = {tensor.name: tensor for tensor in model.graph.initializer}
+    for node in model.graph.node:
+        if is_constant_node(node):
+            tensors[node.output[0]] = node.attribute[0].t
+    return tensors
+
+
+def output_errors(model: ModelSource, datasets: Iterable[Any], trials: Sequence[Mapping[str, np.ndarray]],
+                  max_iter: int = -1) -> list[float]:
+    """Per trial, the model's relative output error Σ‖y' − y‖² / Σ‖y‖² with some weights replaced.
+
+    A trial maps initializer (or ``Constant``) names to replacement arrays holding the same number of
+    values (e.g. one layer's weight truncated to a low rank; reshaped to the stored tensor's shape).
+    ``y`` are the floating-point outputs in onnxruntime on the first ``max_iter`` feed dicts of
+    ``datasets`` (-1: all). Each trial runs a copy of the model; ``model`` is not changed.
+    """
+    proto = as_model(model)
+    if isinstance(datasets, (str, bytes, Mapping)) or not hasattr(datasets, "__iter__"):
+        raise TypeError(f"datasets must be an iterable of feed dicts (input name -> numpy array), got "
+                        f"{type(datasets).__name__}")
+    feeds = []
+    for index, element in enumerate(datasets):
+        feeds.append(check_feeds(proto, element, f"datasets element {index}"))
+        if 0 < max_iter <= len(feeds):
+            break
+    if not feeds:
+        raise ValueError("datasets is empty: measuring output errors needs at least one element")
+    work = copy.deepcopy(proto)
+    tensors = _weight_tensors(work)
+    for trial in trials:
+        for name, array in trial.items():
+            if name not in tensors:
+                raise ValueError(f"no initializer or constant named {name!r} in the model")
+            if math.prod(tensors[name].dims) != np.size(array):
+                raise ValueError(f"the replacement for {name!r} has {np.size(array)} values, the model's tensor "
+                                 f"{list(tensors[name].dims)}")
+    sess = session(work)
+    reference = [_float_outputs(run(sess, feed, where=f"datasets element {index}"))
+                 for index, feed in enumerate(feeds)]
+    norm = sum(float(np.sum(value ** 2)) for values in reference for value in values)
+    if not math.isfinite(norm):
+        raise ValueError("the model's outputs on datasets hold NaN or Inf values")
+    errors = []
+    for trial in trials:
+        saved = {name: copy.copy(tensors[name]) for name in trial}
+        try:
+            for name, array in trial.items():
+                original = numpy_helper.to_array(saved[name])
+                replacement = np.asarray(array).reshape(original.shape).astype(original.dtype)
+                tensors[name].CopyFrom(numpy_helper.from_array(replacement, name=saved[name].name))
+            trial_session = session(work)
+        finally:
+            for name, tensor in saved.items():
+                tensors[name].CopyFrom(tensor)
+        squared = 0.0
+        for index, feed in enumerate(feeds):
+            outputs = _float_outputs(run(trial_session, feed, where=f"datasets element {index}"))
+            squared += sum(float(np.sum((new - old) ** 2)) for new, old in zip(outputs, reference[index], strict=True))
+        errors.append(squared / norm if norm > 0 else 0.0)
+    return errors

@@ -227,7 +227,8 @@ def _to_device(value: Any, device: torch.device) -> Any:
     return value
 
 
-def _run_element(model: nn.Module, element: Any, index: int, device: torch.device) -> None:
+def _run_element(model: nn.Module, element: Any, index: int, device: torch.device) -> Any:
+    """Run the model on one datasets element; its output (None when a hook ended the pass early)."""
     if isinstance(element, Mapping):
         call = lambda: model(**{key: _to_device(value, device) for key, value in element.items()})  # noqa: E731
     elif isinstance(element, (list, tuple)):
@@ -238,9 +239,9 @@ def _run_element(model: nn.Module, element: Any, index: int, device: torch.devic
         raise TypeError(f"datasets element {index} is a {type(element).__name__}; each element must be a dict "
                         f"(keyword arguments), a list or tuple (positional arguments) or a torch.Tensor")
     try:
-        call()
+        return call()
     except _Enough:
-        pass
+        return None
     except Exception as err:
         raise ValueError(f"datasets element {index} does not fit the model: {type(err).__name__}: {err}") from err
 
@@ -498,3 +499,67 @@ def execution_groups(model: nn.Module, graph: Graph, datasets: Iterable[Any], na
     ran = {name for name, _ in order}
     groups.extend([name] for name in names if name not in ran)
     return groups
+
+
+# ------------------------------------------------------------------------------------ output errors
+
+def _float_outputs(value: Any) -> list[torch.Tensor]:
+    """The floating-point tensors of a model output (tensors, tuples/lists, dicts such as transformers' outputs)."""
+    if isinstance(value, torch.Tensor):
+        return [value.detach().to(torch.float64)] if value.is_floating_point() else []
+    if isinstance(value, Mapping):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        return [tensor for item in value for tensor in _float_outputs(item)]
+    return []
+
+
+def output_errors(model: nn.Module, datasets: Iterable[Any], trials: Sequence[Mapping[str, np.ndarray]],
+                  max_iter: int = -1) -> list[float]:
+    """Per trial, the model's relative output error Σ‖y' − y‖² / Σ‖y‖² when its params are replaced.
+
+    A trial maps state-dict names to replacement arrays of the same shape (e.g. one layer's weight
+    truncated to a low rank). ``y`` are the floating-point outputs on the first ``max_iter`` elements of
+    ``datasets`` (-1: all), ``y'`` the same with the trial's arrays. Trials run one at a time on a copy
+    of the model; ``model`` is not changed.
+    """
+    _check_datasets(datasets)
+    elements = []
+    for element in datasets:
+        elements.append(element)
+        if 0 < max_iter <= len(elements):
+            break
+    if not elements:
+        raise ValueError("datasets is empty: measuring output errors needs at least one element")
+    work = copy.deepcopy(model)
+    tensors = dict(work.named_parameters(remove_duplicate=False)) | dict(work.named_buffers(remove_duplicate=False))
+    for trial in trials:
+        for name, array in trial.items():
+            if name not in tensors:
+                raise ValueError(f"no parameter named {name!r} in the {type(model).__name__}")
+            if tuple(tensors[name].shape) != tuple(np.shape(array)):
+                raise ValueError(f"the replacement for {name!r} has shape {list(np.shape(array))}, the model's "
+                                 f"parameter {list(tensors[name].shape)}")
+    device = _model_device(work)
+    errors = []
+    with _calibrating([work], [{}]):
+        reference = [_float_outputs(_run_element(work, element, index, device))
+                     for index, element in enumerate(elements)]
+        norm = sum(float((tensor ** 2).sum()) for outputs in reference for tensor in outputs)
+        if not math.isfinite(norm):
+            raise ValueError("the model's outputs on datasets hold NaN or Inf values")
+        for trial in trials:
+            saved = {name: tensors[name].detach().clone() for name in trial}
+            try:
+                for name, array in trial.items():
+                    tensors[name].data.copy_(torch.from_numpy(np.asarray(array)))
+                squared = 0.0
+                for index, element in enumerate(elements):
+                    outputs = _float_outputs(_run_element(work, element, index, device))
+                    squared += sum(float(((new - old) ** 2).sum())
+                                   for new, old in zip(outputs, reference[index], strict=True))
+            finally:
+                for name, tensor in saved.items():
+                    tensors[name].data.copy_(tensor)
+            errors.append(squared / norm if norm > 0 else 0.0)
+    return errors

@@ -28,6 +28,7 @@ from lowrank_ir._engine import (
     Progress,
     _matrix_view,
     _why_not_decomposable,
+    approximations,
     plan,
     rewrite,
 )
@@ -94,6 +95,7 @@ class Decompose:
         self.report: Report | None = None
         self.plan: Plan | None = None
         self._stats: tuple[int, int, dict[str, LayerStats]] | None = None
+        self.sensitivities: dict[str, float] = {}
 
     # ------------------------------------------------------------------------------------ choosing ranks
 
@@ -140,14 +142,20 @@ class Decompose:
 
     def from_budget(self, params: float | int | None = None, flops: float | int | None = None,
                     excludes: Sequence[str] | None = None, divisor: int = 1, *, include: str | None = None,
-                    datasets: Any = None, max_iter: int = -1) -> Decompose:
+                    datasets: Any = None, max_iter: int = -1, estimate: str | None = None,
+                    probe_iter: int = 64) -> Decompose:
         """Ranks for the whole model from one target: ``params=`` or ``flops=`` (exactly one).
 
         A float in (0, 1) is the fraction of the candidate layers' current parameters (or FLOPs) to
         keep; an int is the absolute number their decomposed forms may have. Ranks are allocated
-        across layers to minimise the sum of the layers' estimated squared relative output errors
-        (from the spectra; with ``datasets``, the whitened ones) — see ``lowrank_ir._budget``. A layer
-        may be kept whole when that is the best use of the budget. Met to within one ``divisor`` step.
+        across layers to minimise the model's estimated output error — see ``lowrank_ir._budget``. A
+        layer may be kept whole when that is the best use of the budget. Met to within one ``divisor`` step.
+
+        ``estimate``: ``"measured"`` (the default with ``datasets``) weighs each layer's whitened
+        spectrum by its sensitivity, measured by running the model on the first ``probe_iter`` elements
+        of ``datasets`` with that layer alone truncated (one pass per candidate layer; the model itself
+        is not changed); ``"spectral"`` (the default without data) counts every layer's relative error
+        the same. The measured sensitivities are kept in ``self.sensitivities``.
         """
         if (params is None) == (flops is None):
             raise ValueError("from_budget takes exactly one of params= or flops=")
@@ -158,13 +166,41 @@ class Decompose:
         if not (valid_fraction or valid_count):
             raise ValueError(f"{kind} must be a float in (0, 1) (a fraction to keep) or an int > 0 (an absolute "
                              f"count), got {target!r}")
+        estimate = _check_estimate(estimate, datasets, probe_iter)
         graph, candidates = self._candidates(excludes, divisor, include, datasets, max_iter, kind)
         total = sum(cand.original_cost for cand in candidates)
         budget = float(target) * total if valid_fraction else float(target)  # type: ignore[arg-type]
+        if estimate == "measured" and budget < total:
+            candidates = self._measured(graph, candidates, budget / total, datasets, probe_iter)
         ranks = _budget.allocate(candidates, budget, validate_divisor(divisor))
         config: dict[str, int | list[int]] = {
             name: ([rank, rank] if graph.node(name).op is Op.CONV else rank) for name, rank in ranks.items() if rank}
         return self._choose_exact(graph, config, candidates, f"budget {kind}={target}")
+
+    def _measured(self, graph: Graph, candidates: list[_budget.Candidate], fraction: float, datasets: Any,
+                  probe_iter: int) -> list[_budget.Candidate]:
+        """Candidates scaled by each layer's measured effect on the model's output (see ``_budget.calibrate``)."""
+        probes = {cand.name: _budget.probe_rank(cand, fraction, 1) for cand in candidates}
+        config: dict[str, int | list[int]] = {
+            name: ([rank, rank] if graph.node(name).op is Op.CONV else rank) for name, rank in probes.items()}
+        probe_plan = plan(graph, Policy.config(config))
+        stats = self._stats[2] if self._stats is not None else {}
+        truncated = approximations(graph, probe_plan, stats)
+        names = list(truncated)
+        logger.info("measuring the output error of %d layers, each truncated alone, on %d elements",
+                    len(names), probe_iter)
+        errors = self._frontend.output_errors(self.model, datasets, [truncated[name] for name in names],
+                                              max_iter=probe_iter)
+        measured = dict(zip(names, errors, strict=True))
+        self.sensitivities = {}
+        for cand in candidates:
+            spectral = float(cand.errors[probes[cand.name]])
+            if cand.name in measured and spectral > 0:
+                self.sensitivities[cand.name] = measured[cand.name] / spectral
+        for name, error in measured.items():
+            logger.debug("%s: rank %d alone -> relative output error %.3g", name, probes[name], error)
+        kept = [cand for cand in candidates if cand.name not in measured]
+        return _budget.calibrate([cand for cand in candidates if cand.name in measured], measured, probes) + kept
 
     def _candidates(self, excludes: Sequence[str] | None, divisor: int, include: str | None, datasets: Any,
                     max_iter: int, kind: str) -> tuple[Graph, list[_budget.Candidate]]:
@@ -330,6 +366,18 @@ class Decompose:
             if progress is not None:
                 progress(done, len(names), group[-1])
         return errors
+
+
+def _check_estimate(estimate: str | None, datasets: Any, probe_iter: int) -> str:
+    if estimate is None:
+        estimate = "spectral" if datasets is None else "measured"
+    if estimate not in ("measured", "spectral"):
+        raise ValueError(f"estimate must be 'measured' or 'spectral', got {estimate!r}")
+    if estimate == "measured" and datasets is None:
+        raise ValueError("estimate='measured' needs datasets: sensitivities are measured by running the model")
+    if isinstance(probe_iter, bool) or not isinstance(probe_iter, int) or probe_iter < 1:
+        raise ValueError(f"probe_iter must be an int >= 1 (datasets elements used to measure), got {probe_iter!r}")
+    return estimate
 
 
 def _round_up(rank: int, divisor: int, limit: int) -> int:

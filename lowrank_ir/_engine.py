@@ -22,7 +22,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -31,9 +31,11 @@ from lowrank_ir._evbmf import vbmf_ranks
 from lowrank_ir._ir import Graph, Node, Op, verify
 from lowrank_ir._policy import Policy, conv_ranks, matrix_rank
 
-__all__ = ["LayerStats", "Plan", "PlanEntry", "plan", "rewrite", "stats_from_sums"]
+__all__ = ["LayerStats", "Plan", "PlanEntry", "approximations", "plan", "rewrite", "stats_from_sums"]
 
 logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 SVD = "svd"
 TUCKER2 = "tucker2"
@@ -466,6 +468,43 @@ def _parts_tucker2(node: Node, entry: PlanEntry, graph: Graph, arrays: list[np.n
     return parts, params
 
 
+def _approximation(node: Node, entry: PlanEntry, graph: Graph, stats: LayerStats | None) -> dict[str, np.ndarray]:
+    """The layer's weight (and bias) as its factors multiply back out, in the original param layout."""
+    weight = graph.param(node, "weight")
+    assert weight is not None
+    factors = _compute(node, entry, graph, stats)
+    if entry.form == TUCKER2:
+        first, core, last = factors.arrays
+        approx = _linalg.reconstruct_tucker2(last, core, first).reshape(weight.shape)
+    else:
+        left, right = factors.arrays
+        approx = left @ right
+        if node.op is Op.MATMUL and node.attrs.get("weight_side", "right") == "right":
+            approx = approx.T
+    arrays = {node.params["weight"]: approx.astype(weight.dtype)}
+    bias = graph.param(node, "bias")
+    if bias is not None and factors.bias_shift is not None:
+        arrays[node.params["bias"]] = (bias.astype(np.float64) + factors.bias_shift).astype(bias.dtype)
+    return arrays
+
+
+def approximations(graph: Graph, the_plan: Plan, stats: Mapping[str, LayerStats] | None = None,
+                   workers: int | None = None) -> dict[str, dict[str, np.ndarray]]:
+    """Per decomposed layer of ``the_plan``: param name -> the full-size array its factors amount to.
+
+    The same factorization :func:`rewrite` computes, multiplied back out (``W' = U V``, or the Tucker-2
+    reconstruction) with the bias correction applied, so a model can run with one layer truncated and
+    nothing else changed: how the budget policy measures each layer's effect on the model's output.
+    """
+    entries = [entry for entry in the_plan.decomposed() if entry.name in graph]
+    stats = stats or {}
+    tasks = [functools.partial(_approximation, graph.node(entry.name), entry, graph, stats.get(entry.name))
+             for entry in entries]
+    names = [entry.name for entry in entries]
+    results = _run_parallel(tasks, names, _workers(workers, len(tasks)))
+    return dict(zip(names, results, strict=True))
+
+
 @dataclass(slots=True)
 class RewriteResult:
     """The factorized graph, and per decomposed layer its error figure (None for structure only)."""
@@ -484,8 +523,8 @@ def _workers(requested: int | None, jobs: int) -> int:
 Progress = Callable[[int, int, str], None]
 
 
-def _run_parallel(tasks: Sequence[Callable[[], _Factors]], names: Sequence[str], workers: int,
-                  progress: Progress | None = None) -> list[_Factors]:
+def _run_parallel(tasks: Sequence[Callable[[], _T]], names: Sequence[str], workers: int,
+                  progress: Progress | None = None) -> list[_T]:
     """Run the layer tasks on ``workers`` threads, BLAS limited to ``cores // workers`` threads each."""
     if not tasks:
         return []

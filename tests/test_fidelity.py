@@ -238,3 +238,67 @@ def test_sequential_is_never_worse_than_one_shot_on_a_trained_model(rank: int) -
         error_one = float((one_shot(test_x) - reference).norm() / reference.norm())
         error_seq = float((sequential(test_x) - reference).norm() / reference.norm())
     assert error_seq <= error_one
+
+
+# ------------------------------------------------------------------ measured sensitivities
+
+def test_output_errors_measure_a_truncation_and_leave_the_model_alone() -> None:
+    from frontends import torch as torch_frontend
+
+    model, train_x, _ = trained_digits_mlp()
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    batches = list(train_x[:512].split(128))
+    zeros = {"2.weight": np.zeros((128, 128), dtype=np.float32)}
+    halved = {"2.weight": 0.5 * model[2].weight.detach().numpy()}
+    errors = torch_frontend.output_errors(model, batches, [{}, zeros, halved], max_iter=2)
+    assert errors[0] == 0.0
+    assert errors[1] > errors[2] > 0.0
+    with torch.no_grad():  # the measured figure is the relative squared error on the first two batches
+        inputs = torch.cat(batches[:2])
+        reference = model(inputs).double()
+        weight = model[2].weight.detach().clone()
+        model[2].weight.mul_(0.5)
+        expected = float(((model(inputs).double() - reference) ** 2).sum() / (reference ** 2).sum())
+        model[2].weight.copy_(weight)
+    assert errors[2] == pytest.approx(expected, rel=1e-6)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, before[name]), name
+    with pytest.raises(ValueError, match="no parameter named 'nope'"):
+        torch_frontend.output_errors(model, batches, [{"nope": np.zeros(3)}])
+    with pytest.raises(ValueError, match="has shape \\[3\\], the model's parameter \\[128, 128\\]"):
+        torch_frontend.output_errors(model, batches, [{"2.weight": np.zeros(3)}])
+    with pytest.raises(ValueError, match="datasets is empty"):
+        torch_frontend.output_errors(model, [], [{}])
+
+
+def test_measured_budget_beats_uniform_ratio_on_a_trained_model() -> None:
+    model, train_x, test_x = trained_digits_mlp()
+    batches = list(train_x.split(128))
+    uniform = Decompose(model).from_ratio(0.3, divisor=1)
+    budget = weight_cost(uniform, model)
+    measured = Decompose(model).from_budget(params=budget, divisor=1, datasets=batches)
+    assert weight_cost(measured, model) <= budget
+    assert set(measured.sensitivities) == {"0", "2", "4", "6"}
+    with torch.no_grad():
+        reference = model(test_x)
+
+        def error(decomposer: Decompose) -> float:
+            return float((decomposer.decompose_network(datasets=batches)(test_x) - reference).norm()
+                         / reference.norm())
+
+        assert error(measured) < error(uniform)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"estimate": "measured"}, "estimate='measured' needs datasets"),
+    ({"estimate": "exact", "datasets": [torch.zeros(1, 64)]}, "estimate must be 'measured' or 'spectral'"),
+    ({"probe_iter": 0, "datasets": [torch.zeros(1, 64)]}, "probe_iter must be an int >= 1"),
+])
+def test_measured_budget_validation(kwargs, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        Decompose(low_rank_mlp()).from_budget(params=0.5, **kwargs)
+
+
+def test_measured_budget_with_data_that_does_not_fit_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="datasets element 0 does not fit the model"):
+        Decompose(low_rank_mlp()).from_budget(params=0.5, datasets=[torch.zeros(2, 7)])

@@ -957,3 +957,24 @@ def test_count_parameters_counts_weights_not_moving_statistics(net) -> None:
     net.fc.weight.requires_grad = False  # frozen weights are parameters, as PyTorch counts them
     assert count_parameters(net) == weights
     assert count_parameters(Tied()) == 20 * 16 + 16 * 16 + 16 + 16 * 16 + 16  # tied and shared once
+
+
+def test_output_errors_and_measured_budget() -> None:
+    rng = np.random.default_rng(5)
+    model = LinearModel()
+    before = {param.name: param.asnumpy().copy() for param in model.get_parameters()}
+    mix = mixing(32, rng)
+    batches = [ms.Tensor(rng.standard_normal((16, 32)).astype(np.float32) @ mix) for _ in range(3)]
+    weight = model.fc.weight.asnumpy()
+    errors = ms_frontend.output_errors(model, batches, [{}, {"fc.weight": np.zeros_like(weight)},
+                                                        {"fc.weight": 0.5 * weight}], max_iter=2)
+    assert errors[0] == 0.0 and errors[1] > errors[2] > 0.0
+    outputs = np.concatenate([model(batch).asnumpy() for batch in batches[:2]]).astype(np.float64)
+    bias = model.fc.bias.asnumpy().astype(np.float64)  # a zero weight leaves only the bias
+    assert errors[1] == pytest.approx(float(((outputs - bias) ** 2).sum() / (outputs ** 2).sum()), rel=1e-5)
+    for param in model.get_parameters():
+        np.testing.assert_array_equal(param.asnumpy(), before[param.name])
+    with pytest.raises(ValueError, match="no parameter named 'nope'"):
+        ms_frontend.output_errors(model, batches, [{"nope": np.zeros(2)}])
+    decomposer = Decompose(model).from_budget(params=0.5, datasets=batches)
+    assert set(decomposer.sensitivities) == {"fc"}

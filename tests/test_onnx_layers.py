@@ -417,3 +417,22 @@ def test_sequential_data_aware_decomposition(rng) -> None:
     assert errors[True] <= errors[False] * 1.05
     with pytest.raises(ValueError, match="was not factorized"):
         onnx_backend.load_layers(model, graph, ["fc0"])
+
+
+def test_output_errors_and_measured_budget(rng) -> None:
+    model = om.mlp(rng, dims=(64, 64, 32))
+    before = model.SerializeToString()
+    mixing = rng.standard_normal((6, 64))
+    feeds = [_correlated(rng, 64, mixing) for _ in range(2)]
+    graph = onnx_frontend.lower(model)
+    weight = graph.param(graph.node("fc1"), "weight")
+    name = graph.node("fc1").params["weight"]
+    errors = onnx_frontend.output_errors(model, feeds, [{}, {name: np.zeros_like(weight)}, {name: 0.5 * weight}])
+    assert errors[0] == 0.0 and errors[1] > errors[2] > 0.0
+    assert model.SerializeToString() == before
+    with pytest.raises(ValueError, match="no initializer or constant named 'nope'"):
+        onnx_frontend.output_errors(model, feeds, [{"nope": np.zeros(2)}])
+    decomposer = Decompose(model).from_budget(params=0.5, datasets=feeds)
+    assert set(decomposer.sensitivities) == {"fc0", "fc1"}
+    assert all(value > 0 for value in decomposer.sensitivities.values())
+    assert model.SerializeToString() == before
