@@ -22,10 +22,11 @@ import mindspore as ms
 import numpy as np
 from mindspore import nn
 
+from backends._mindspore_graph import GraphCell, graph_params, rebuild
 from lowrank_ir import Graph, Node, Op
 
-__all__ = ["BUILDERS", "build", "build_layer", "copy_model", "load_checkpoint", "load_layers", "native_array",
-           "register_builder", "state_dict"]
+__all__ = ["BUILDERS", "GraphCell", "build", "build_layer", "copy_model", "graph_params", "load_checkpoint",
+           "load_layers", "native_array", "rebuild", "register_builder", "state_dict"]
 
 Builder = Callable[[Node, Graph, Any, "nn.Cell | None"], nn.Cell]
 
