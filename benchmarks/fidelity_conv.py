@@ -3,7 +3,7 @@
 Run:  python -m benchmarks.fidelity_conv [--calibration 16] [--held-out 8]
 
 Each model is decomposed at ratio 0.5 through the ONNX path (divisor 64; 16 for the narrow cls),
-data-free and data-aware (calibration on synthetic text images through PP-OCR's preprocessing; the
+data-free, data-aware and sequential (calibration on synthetic text images through PP-OCR's preprocessing; the
 held-out images are different ones), and run in onnxruntime: relative output error
 ``‖y' − y‖ / ‖y‖`` over the held-out batch, and what PP-OCR reads from the output (text-pixel mask
 for det, argmax for rec and cls).
@@ -54,9 +54,11 @@ def main(argv: list[str] | None = None) -> int:
         held = ppocr_feeds(kind, seed=0, batch=args.held_out)
         calib = [ppocr_feeds(kind, seed=1000 + index, batch=1) for index in range(args.calibration)]
         reference = _run(model, held)
-        for mode, data in (("data-free", None), ("data-aware", calib)):
+        for mode, data, sequential in (("data-free", None, False), ("data-aware", calib, False),
+                                       ("sequential", calib, True)):
             start = time.perf_counter()
-            decomposed = Decompose(model).from_ratio(0.5, divisor=DIVISOR[kind]).decompose_network(datasets=data)
+            decomposed = (Decompose(model).from_ratio(0.5, divisor=DIVISOR[kind])
+                          .decompose_network(datasets=data, sequential=sequential))
             seconds = time.perf_counter() - start
             result = _run(decomposed, held)
             error = float(np.linalg.norm(result - reference) / np.linalg.norm(reference))

@@ -48,6 +48,7 @@ from onnx import AttributeProto, GraphProto, ModelProto, NodeProto, TensorProto,
 
 from frontends._patches import collects_patches, patch_moment_sum
 from lowrank_ir import Graph, LayerStats, Node, Op, Value, verify
+from lowrank_ir._engine import stats_from_sums
 
 __all__ = [
     "ModelSource",
@@ -1046,6 +1047,50 @@ def collect_stats(model: ModelSource, graph: Graph, datasets: Iterable[Any], max
                                       patch_moment=patch_moment)
     return stats
 
+
+
+def collect_cross_stats(original: ModelSource, model: ModelSource, graph: Graph, datasets: Iterable[Any],
+                        max_iter: int = -1, names: Sequence[str] | None = None) -> dict[str, LayerStats]:
+    """Statistics relating each layer's input in ``model`` (x̃, partly decomposed) to its input in ``original`` (x).
+
+    Both models run in onnxruntime on every element with the layers' inputs exposed as extra outputs
+    (a decomposed layer's first part reads the value the layer read, so the names match). Returned per
+    layer: E[x̃ x̃ᵀ], E[x̃], E[x x̃ᵀ], E[x xᵀ], E[x] (float64), for the sequential mode to fit each layer
+    to the *original* outputs. Neither model is changed.
+    """
+    source, target = as_model(original), as_model(model)
+    if isinstance(datasets, (str, bytes, Mapping)) or not hasattr(datasets, "__iter__"):
+        raise TypeError(f"datasets must be an iterable of feed dicts (input name -> numpy array), got "
+                        f"{type(datasets).__name__}")
+    wanted = [graph.node(name) for name in (names if names is not None else [n.name for n in graph.layers()])]
+    wanted = [node for node in wanted if node.op in (Op.LINEAR, Op.MATMUL, Op.CONV) and node.inputs]
+    values = sorted({node.inputs[0] for node in wanted})
+    sessions = [session(_probe(proto, values, graph)) for proto in (source, target)] if wanted else []
+    sums: dict[str, dict[str, np.ndarray]] = {node.name: {} for node in wanted}
+    counts: dict[str, int] = {node.name: 0 for node in wanted}
+    seen = 0
+    for index, element in enumerate(datasets):
+        where = f"datasets element {index}"
+        feeds = check_feeds(source, element, where)
+        if sessions:
+            first, second = (dict(zip(values, run(sess, feeds, values, where), strict=True)) for sess in sessions)
+            for node in wanted:
+                x = _rows(node, np.asarray(first[node.inputs[0]])).astype(np.float64)
+                x_tilde = _rows(node, np.asarray(second[node.inputs[0]])).astype(np.float64)
+                if x.shape != x_tilde.shape:
+                    raise ValueError(f"layer {node.name!r} saw inputs of different shapes in the original and the "
+                                     f"decomposed model")
+                for key, value in (("moment", x_tilde.T @ x_tilde), ("mean", x_tilde.sum(0)), ("cross", x.T @ x_tilde),
+                                   ("source", x.T @ x), ("source_mean", x.sum(0))):
+                    sums[node.name][key] = value + sums[node.name].get(key, 0.0)
+                counts[node.name] += x.shape[0]
+        seen += 1
+        if 0 < max_iter <= seen:
+            break
+    if seen == 0:
+        raise ValueError("datasets is empty: data-aware decomposition needs at least one element")
+    return {node.name: stats_from_sums(node.name, counts[node.name], sums[node.name])
+            for node in wanted if counts[node.name]}
 
 # ------------------------------------------------------------------------------------------- output errors
 

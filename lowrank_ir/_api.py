@@ -11,10 +11,11 @@ changed: ``decompose_network`` returns a new one.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -167,7 +168,12 @@ class Decompose:
             raise ValueError(f"{kind} must be a float in (0, 1) (a fraction to keep) or an int > 0 (an absolute "
                              f"count), got {target!r}")
         estimate = _check_estimate(estimate, datasets, probe_iter)
+        source = datasets
+        if estimate == "measured" and isinstance(datasets, Iterator):  # one-shot: read once, used twice
+            datasets = list(itertools.islice(datasets, max_iter if max_iter > 0 else None))
         graph, candidates = self._candidates(excludes, divisor, include, datasets, max_iter, kind)
+        if self._stats is not None and datasets is not source:
+            self._stats = (id(source), *self._stats[1:])  # decompose_network(datasets=source) reuses them
         total = sum(cand.original_cost for cand in candidates)
         budget = float(target) * total if valid_fraction else float(target)  # type: ignore[arg-type]
         if estimate == "measured" and budget < total:

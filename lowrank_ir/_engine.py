@@ -46,6 +46,11 @@ TUCKER2 = "tucker2"
 HOOI_TOL = 1e-4
 HOOI_MAX_ITER = 50
 
+#: The sequential mode's compensating regression needs this many input rows per input feature; with
+#: fewer (e.g. squeeze-excitation layers on pooled features, one row per image) it overfits the
+#: calibration set, and the layer is fitted to its own outputs on its perturbed inputs instead.
+COMPENSATE_ROWS_PER_FEATURE = 4
+
 
 @dataclass(slots=True)
 class LayerStats:
@@ -290,7 +295,7 @@ def _factor_matrix(matrix: np.ndarray, rank: int, stats: LayerStats | None, corr
     if stats is None:
         left, right = _linalg.svd_factors(matrix64, rank)
         return _Factors([left, right], _linalg.relative_error(matrix64, left @ right))
-    if stats.cross is not None:
+    if stats.cross is not None and stats.count >= COMPENSATE_ROWS_PER_FEATURE * matrix.shape[1]:
         return _compensate(matrix64, rank, stats, correct_bias)
     left, right = _linalg.whitened_svd_factors(matrix64, stats.moment, rank)
     delta = matrix64 - left @ right
@@ -323,8 +328,23 @@ def _compensate(matrix: np.ndarray, rank: int, stats: LayerStats, correct_bias: 
     return _Factors([left, right], relative, "output", shift)
 
 
+def _factor_pointwise(kernel: np.ndarray, rank: int, stats: LayerStats | None, correct_bias: bool) -> _Factors:
+    """A 1x1 kernel at Tucker-2 ranks ``(r, r)``: the matrix factorization, with an identity core.
+
+    Any rank-r matrix is ``last @ core @ first``, so the best rank-r factors (data-free, whitened, or
+    compensating in the sequential mode) are the best Tucker-2 factors too.
+    """
+    out, inp = kernel.shape[:2]
+    factors = _factor_matrix(kernel.reshape(out, inp), rank, stats, correct_bias)
+    left, right = factors.arrays
+    factors.arrays = [right, np.eye(rank), left]
+    return factors
+
+
 def _factor_kernel(kernel: np.ndarray, ranks: tuple[int, int], stats: LayerStats | None,
                    correct_bias: bool) -> _Factors:
+    if int(np.prod(kernel.shape[2:])) == 1 and ranks[0] == ranks[1]:
+        return _factor_pointwise(kernel, ranks[0], stats, correct_bias)
     kernel64 = kernel.astype(np.float64)
     moment = None if stats is None else stats.moment
     last, core, first = _linalg.tucker2(kernel64, ranks[0], ranks[1], moment=moment, max_iter=HOOI_MAX_ITER,
