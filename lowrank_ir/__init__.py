@@ -6,6 +6,7 @@ by the frontends and backends when a model of theirs is handed in.
 """
 
 from lowrank_ir._api import Decompose, count_parameters
+from lowrank_ir._convert import ParityReport, ParityRow, convert, load_converted, parity, save_converted
 from lowrank_ir._engine import LayerStats, Plan, PlanEntry, RewriteResult, plan, rewrite
 from lowrank_ir._files import SafeWriteUmask, atomic_write, write_json
 from lowrank_ir._ir import Graph, GraphError, Node, Op, Value, verify
@@ -26,6 +27,8 @@ __all__ = [
     "Node",
     "Op",
     "Plan",
+    "ParityReport",
+    "ParityRow",
     "PlanEntry",
     "Policy",
     "Report",
@@ -35,12 +38,16 @@ __all__ = [
     "__version__",
     "atomic_write",
     "build_report",
+    "convert",
     "count_parameters",
     "framework_of",
+    "load_converted",
     "load_graph",
     "make_divisible",
+    "parity",
     "plan",
     "rewrite",
+    "save_converted",
     "save_graph",
     "set_logger_level",
     "verify",

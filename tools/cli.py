@@ -5,6 +5,10 @@ Commands:
   decompose   decompose a PyTorch model given as ``module:factory`` (+ weights) and save it, or an ONNX
               file (``MODEL.onnx -o OUT.onnx``, validated in onnxruntime; see ``tools/onnx_cli.py``)
   inspect     per-layer table of a model: shapes, chosen ranks, parameters and FLOPs before/after
+  convert     rebuild an ONNX file as a trainable PyTorch or MindSpore model, saved as a folder
+              (``MODEL.onnx --to torch|mindspore -o OUT``; see ``tools/parity_cli.py``)
+  parity      run a model in onnxruntime, PyTorch and MindSpore on the same inputs and compare them,
+              before and after decomposition; exit 1 above ``--tolerance``
 
 Bad input gives one line on stderr and exit code 2; nothing half-written is left behind.
 """
@@ -167,6 +171,18 @@ def _cmd_decompose(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from tools import parity_cli
+
+    return parity_cli.convert(args)
+
+
+def _cmd_parity(args: argparse.Namespace) -> int:
+    from tools import parity_cli
+
+    return parity_cli.parity(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lowrank",
@@ -216,6 +232,59 @@ def build_parser() -> argparse.ArgumentParser:
     decompose.add_argument("--opset", type=int, metavar="N",
                            help="ONNX: convert the model to this opset first (onnx.version_converter)")
     decompose.set_defaults(run=_cmd_decompose)
+
+    convert = commands.add_parser(
+        "convert", help="rebuild an ONNX model as a trainable PyTorch or MindSpore model",
+        description="Lower an ONNX model to the IR and rebuild it as a trainable PyTorch nn.Module or MindSpore "
+                    "nn.Cell whose parameters carry the ONNX initializer names. The -o folder receives the IR "
+                    "graph (graph.json + params.safetensors), the native weights (model.pt: a state dict, or "
+                    "model.ckpt: a checkpoint) and converted.json. Load it back in Python with "
+                    "lowrank_ir.load_converted(OUT), optionally with weights= a state dict or checkpoint saved "
+                    "after training.",
+        epilog="example: lowrank convert model.onnx --to torch -o model_torch")
+    convert.add_argument("model", help="the ONNX file to convert (MODEL.onnx)")
+    convert.add_argument("--to", required=True, metavar="torch|mindspore", help="the framework to rebuild it in")
+    convert.add_argument("-o", "--output", required=True, metavar="OUT",
+                         help="the folder to write (created; an earlier converted folder is replaced, any other "
+                              "existing folder is left alone)")
+    convert.add_argument("--input-shape", action="append", metavar="NAME=D1,D2,...",
+                         help="fix a dynamic input's dims for shape inference (e.g. x=1,3,224,224); repeat per input")
+    convert.set_defaults(run=_cmd_convert)
+
+    parity = commands.add_parser(
+        "parity", help="check that onnxruntime, PyTorch and MindSpore agree on a model, decomposed and not",
+        description="Run one model in onnxruntime and, rebuilt through the IR, in PyTorch and MindSpore (and as "
+                    "it is, when it is a PyTorch or MindSpore model: it is exported to ONNX first) on the same "
+                    "inputs, and print per output the max and mean absolute and relative differences from "
+                    "onnxruntime. Then the same for the model decomposed at --ratio, with how far the decomposed "
+                    "model is from the original as information. Exit code 0 when every difference is within "
+                    "--tolerance, 1 when one is not, 2 for bad input.",
+        epilog="examples: 'lowrank parity model.onnx --divisor 8'; 'lowrank parity mypkg.nets:small_cnn --weights "
+               "w.pt --input-shape x=1,3,32,32'")
+    parity.add_argument("model", help="an ONNX file (MODEL.onnx), or 'module:factory' where factory() returns a "
+                                      "PyTorch nn.Module or a MindSpore nn.Cell (the framework is detected)")
+    parity.add_argument("--weights", metavar="FILE",
+                        help="module:factory models: a PyTorch state dict (.pt) or MindSpore checkpoint (.ckpt) "
+                             "to load first (strictly: every name and shape must match)")
+    parity.add_argument("--feeds", metavar="FILE.npz",
+                        help="the inputs, one array per input by name (module:factory models: in the order the "
+                             "model takes them). Default: random inputs from the ONNX input specs")
+    parity.add_argument("--input-shape", action="append", metavar="NAME=D1,D2,...",
+                        help="an input's dims for random inputs (ONNX: fixes dynamic dims; module:factory models "
+                             "without --feeds: random float32 inputs of these shapes, in this order); repeat per "
+                             "input")
+    group = parity.add_mutually_exclusive_group()
+    group.add_argument("--ratio", type=float, default=0.5,
+                       help="also check the model decomposed at this per-layer parameter ratio (default 0.5)")
+    group.add_argument("--no-decompose", action="store_true", help="check the original model only")
+    parity.add_argument("--divisor", type=int, default=64,
+                        help="round the decomposed ranks to multiples of this (default 64; small models need a "
+                             "smaller one, e.g. 8)")
+    parity.add_argument("--tolerance", type=float, default=1e-4, metavar="REL",
+                        help="the largest relative difference max|d|/max|ref| allowed (default 1e-4)")
+    parity.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
+    parity.add_argument("--report", metavar="FILE.json", help="also write the rows as JSON here")
+    parity.set_defaults(run=_cmd_parity)
     return parser
 
 
