@@ -7,8 +7,11 @@ Sentence embeddings of held-out English sentences (Python standard-library docst
 model's: mean and minimum cosine similarity, at the parameter budget the reference reaches with
 ``from_ratio(0.5)`` on the encoder's Linear layers (``from_dict({encoder: 0.5})``, divisor 64). Rows:
 reference data-free and data-aware; ours data-free, data-aware, sequential, and budget-allocated
-(``from_budget(params=<that budget>)``, data-aware). Calibration batches hold one sentence each, so no
-padding tokens enter the statistics (the same batches go to every method).
+(``from_budget(params=<that budget>, divisor=16)``, data-aware) with the spectral estimate and with
+the measured one (then also sequential). A budget row's seconds include choosing the ranks (for the
+measured estimate: one model run per layer over the calibration set); the sequential budget row reuses
+the measured allocation. Calibration batches hold one sentence each, so no padding tokens enter the
+statistics (the same batches go to every method).
 """
 
 from __future__ import annotations
@@ -62,13 +65,23 @@ def main(argv: list[str] | None = None) -> int:
             ("reference data-aware",
              lambda: Reference(model).from_dict(minilm.ENCODER_RULES).decompose_network(datasets=calib)),
         ]
+    budgeted: dict[str, Decompose] = {}
+
+    def budget_allocation(estimate: str) -> Decompose:
+        if estimate not in budgeted:
+            budgeted[estimate] = Decompose(model).from_budget(params=budget, include=encoder, divisor=16,
+                                                              datasets=calib, estimate=estimate)
+        return budgeted[estimate]
+
     rows += [
         ("ours data-free", lambda: Decompose(model).from_dict(minilm.ENCODER_RULES).decompose_network()),
         ("ours data-aware", lambda: Decompose(model).from_dict(minilm.ENCODER_RULES).decompose_network(datasets=calib)),
         ("ours sequential", lambda: Decompose(model).from_dict(minilm.ENCODER_RULES)
          .decompose_network(datasets=calib, sequential=True)),
-        ("ours budget (data-aware)", lambda: Decompose(model)
-         .from_budget(params=budget, include=encoder, datasets=calib).decompose_network(datasets=calib)),
+        ("ours budget, spectral", lambda: budget_allocation("spectral").decompose_network(datasets=calib)),
+        ("ours budget, measured", lambda: budget_allocation("measured").decompose_network(datasets=calib)),
+        ("ours budget, measured, seq.", lambda: budget_allocation("measured")
+         .decompose_network(datasets=calib, sequential=True)),
     ]
     print(f"all-MiniLM-L6-v2: {len(calibration)} calibration / {len(held_out)} held-out sentences; encoder Linear "
           f"weights after decomposition: {budget:,}; torch threads {torch.get_num_threads()}")

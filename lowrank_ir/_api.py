@@ -144,7 +144,7 @@ class Decompose:
     def from_budget(self, params: float | int | None = None, flops: float | int | None = None,
                     excludes: Sequence[str] | None = None, divisor: int = 1, *, include: str | None = None,
                     datasets: Any = None, max_iter: int = -1, estimate: str | None = None,
-                    probe_iter: int = 64) -> Decompose:
+                    probe_iter: int | None = None) -> Decompose:
         """Ranks for the whole model from one target: ``params=`` or ``flops=`` (exactly one).
 
         A float in (0, 1) is the fraction of the candidate layers' current parameters (or FLOPs) to
@@ -153,8 +153,9 @@ class Decompose:
         layer may be kept whole when that is the best use of the budget. Met to within one ``divisor`` step.
 
         ``estimate``: ``"measured"`` (the default with ``datasets``) weighs each layer's whitened
-        spectrum by its sensitivity, measured by running the model on the first ``probe_iter`` elements
-        of ``datasets`` with that layer alone truncated (one pass per candidate layer; the model itself
+        spectrum by its sensitivity, measured by running the model on the calibration data (the first
+        ``probe_iter`` elements of ``datasets``; by default the ``max_iter`` the statistics use) with that
+        layer alone truncated (one pass per candidate layer; the model itself
         is not changed); ``"spectral"`` (the default without data) counts every layer's relative error
         the same. The measured sensitivities are kept in ``self.sensitivities``.
         """
@@ -168,6 +169,7 @@ class Decompose:
             raise ValueError(f"{kind} must be a float in (0, 1) (a fraction to keep) or an int > 0 (an absolute "
                              f"count), got {target!r}")
         estimate = _check_estimate(estimate, datasets, probe_iter)
+        probe_iter = max_iter if probe_iter is None else probe_iter
         source = datasets
         if estimate == "measured" and isinstance(datasets, Iterator):  # one-shot: read once, used twice
             datasets = list(itertools.islice(datasets, max_iter if max_iter > 0 else None))
@@ -185,7 +187,11 @@ class Decompose:
 
     def _measured(self, graph: Graph, candidates: list[_budget.Candidate], fraction: float, datasets: Any,
                   probe_iter: int) -> list[_budget.Candidate]:
-        """Candidates scaled by each layer's measured effect on the model's output (see ``_budget.calibrate``)."""
+        """Candidates scaled by each layer's measured effect on the model's output (see ``_budget.calibrate``).
+
+        Each layer is truncated alone at the rank the uniform ``fraction`` gives it (data-aware, with
+        the cached statistics); the model runs once per layer on ``probe_iter`` elements (-1: all).
+        """
         probes = {cand.name: _budget.probe_rank(cand, fraction, 1) for cand in candidates}
         config: dict[str, int | list[int]] = {
             name: ([rank, rank] if graph.node(name).op is Op.CONV else rank) for name, rank in probes.items()}
@@ -193,8 +199,7 @@ class Decompose:
         stats = self._stats[2] if self._stats is not None else {}
         truncated = approximations(graph, probe_plan, stats)
         names = list(truncated)
-        logger.info("measuring the output error of %d layers, each truncated alone, on %d elements",
-                    len(names), probe_iter)
+        logger.info("measuring the output error of %d layers, each truncated alone", len(names))
         errors = self._frontend.output_errors(self.model, datasets, [truncated[name] for name in names],
                                               max_iter=probe_iter)
         measured = dict(zip(names, errors, strict=True))
@@ -374,15 +379,17 @@ class Decompose:
         return errors
 
 
-def _check_estimate(estimate: str | None, datasets: Any, probe_iter: int) -> str:
+def _check_estimate(estimate: str | None, datasets: Any, probe_iter: int | None) -> str:
     if estimate is None:
         estimate = "spectral" if datasets is None else "measured"
     if estimate not in ("measured", "spectral"):
         raise ValueError(f"estimate must be 'measured' or 'spectral', got {estimate!r}")
     if estimate == "measured" and datasets is None:
         raise ValueError("estimate='measured' needs datasets: sensitivities are measured by running the model")
-    if isinstance(probe_iter, bool) or not isinstance(probe_iter, int) or probe_iter < 1:
-        raise ValueError(f"probe_iter must be an int >= 1 (datasets elements used to measure), got {probe_iter!r}")
+    if probe_iter is not None and (isinstance(probe_iter, bool) or not isinstance(probe_iter, int)
+                                   or not (probe_iter == -1 or probe_iter >= 1)):
+        raise ValueError(f"probe_iter must be None (as max_iter), -1 (all of datasets) or an int >= 1 (datasets "
+                         f"elements used to measure), got {probe_iter!r}")
     return estimate
 
 
