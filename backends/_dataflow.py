@@ -10,21 +10,28 @@ lowered from ONNX, whose nodes name their values). Each node becomes a :class:`C
   ``None`` for a skipped optional input.
 
 Params split into *trainable* ones (floating-point initializers and every layer weight and bias) and
-*constants* (integer arrays such as shapes and indices, and the outputs of ``Constant`` nodes).
-Nothing here imports a framework.
+the rest: *constants* (integer arrays such as shapes and indices, and the outputs of ``Constant``
+nodes) and the running mean and variance of a ``BatchNormalization`` (inference statistics, not weights).
+
+The native backends also share the framework-free halves of a few calls they mirror: the strict
+weights check of ``load_weights`` (:func:`check_weights_fit`) and the flattening of a model's result
+in ``run_numpy`` (:func:`native_outputs`). Nothing here imports a framework.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+import os
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from lowrank_ir import Graph, Node, Op
 
-__all__ = ["Arg", "Call", "DEFAULT_DOMAINS", "calls", "check_supported", "onnx_shape", "trainable_params"]
+__all__ = ["Arg", "Call", "DEFAULT_DOMAINS", "NativeOutputs", "batch_norm_statistics", "calls", "check_supported",
+           "check_weights_fit", "native_outputs", "onnx_shape", "trainable_params", "weights_file"]
 
 #: The ONNX domains of the standard operators.
 DEFAULT_DOMAINS = ("", "ai.onnx")
@@ -125,8 +132,22 @@ def check_supported(graph: Graph, supported: Collection[str], target: str) -> No
                          f"{', '.join(sorted(supported))}")
 
 
+def batch_norm_statistics(graph: Graph) -> set[str]:
+    """The params ``BatchNormalization`` nodes read as running mean and variance (inputs 3 and 4)."""
+    statistics: set[str] = set()
+    for node in graph.nodes:
+        if node.op is Op.OPAQUE and node.attrs.get("source_op") == "BatchNormalization":
+            statistics.update(arg.name for arg in _opaque_args(node)[3:5] if arg is not None and arg.kind == "param")
+    return statistics
+
+
 def trainable_params(graph: Graph) -> set[str]:
-    """Params that become trainable parameters: layer weights/biases and floating-point initializers."""
+    """Params that become trainable parameters: layer weights/biases and floating-point initializers.
+
+    The running mean and variance of a ``BatchNormalization`` (:func:`batch_norm_statistics`) are not
+    trainable even when they are float initializers: PyTorch keeps them as buffers, MindSpore as
+    ``requires_grad=False`` parameters.
+    """
     record = graph.meta.get("onnx", {})
     initializers = set(record.get("initializers", graph.params))
     trainable: set[str] = set()
@@ -136,7 +157,7 @@ def trainable_params(graph: Graph) -> set[str]:
     for name, array in graph.params.items():
         if name in initializers and np.asarray(array).dtype.kind == "f":
             trainable.add(name)
-    return trainable
+    return trainable - batch_norm_statistics(graph)
 
 
 def onnx_shape(values: Sequence[int], data_shape: Sequence[int], allow_zero: bool = False) -> list[int]:
@@ -144,3 +165,69 @@ def onnx_shape(values: Sequence[int], data_shape: Sequence[int], allow_zero: boo
     if allow_zero:
         return [int(v) for v in values]
     return [int(data_shape[i]) if int(v) == 0 else int(v) for i, v in enumerate(values)]
+
+
+# ------------------------------------------------------------------- native weights and native runs
+
+def weights_file(path: str | os.PathLike[str]) -> Path:
+    """``path`` as a ``Path`` if it is a file; ``FileNotFoundError`` otherwise."""
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"weights file {str(file)!r} does not exist")
+    return file
+
+
+def _shown(items: list[str], limit: int = 6) -> str:
+    return ", ".join(items[:limit]) + (f" (+{len(items) - limit} more)" if len(items) > limit else "")
+
+
+def check_weights_fit(model: object, file: str | os.PathLike[str], expected: Mapping[str, Sequence[int]],
+                      given: Mapping[str, Sequence[int]]) -> None:
+    """Raise ``ValueError`` unless the weights ``given`` (name -> shape) load strictly where ``expected`` is wanted.
+
+    The message names ``file`` and the model's class, then every kind of problem with up to six
+    names each: ``missing: a, b``, ``unexpected: c``, ``shape mismatches: d (file [1, 2], model [3, 2])``.
+    """
+    missing = [name for name in expected if name not in given]
+    unexpected = [name for name in given if name not in expected]
+    shapes = [f"{name} (file {list(given[name])}, model {list(shape)})" for name, shape in expected.items()
+              if name in given and tuple(given[name]) != tuple(shape)]
+    problems = [f"{label}: {_shown(items)}" for label, items in
+                (("missing", missing), ("unexpected", unexpected), ("shape mismatches", shapes)) if items]
+    if problems:
+        raise ValueError(f"weights {os.fspath(file)!r} do not fit this {type(model).__name__} (saved from another "
+                         f"model?): {'; '.join(problems)}")
+
+
+class NativeOutputs(NamedTuple):
+    """What ``run_numpy`` returns: a model's outputs as numpy arrays, in order, and their names or None.
+
+    ``names`` are the keys of a flat dict-like result (a ``transformers`` ``ModelOutput``:
+    ``last_hidden_state``, ``pooler_output``), for naming the outputs of an ONNX export.
+    """
+
+    arrays: list[np.ndarray]
+    names: list[str] | None
+
+
+def _flatten(value: Any) -> list[Any]:
+    """The tensors of a model's result, in order (tuples, lists, dicts and ``ModelOutput``s flattened)."""
+    if isinstance(value, Mapping):
+        return [item for part in value.values() if part is not None for item in _flatten(part)]
+    if isinstance(value, (list, tuple)):
+        return [item for part in value for item in _flatten(part)]
+    return [value]
+
+
+def _result_names(result: Any) -> list[str] | None:
+    if not isinstance(result, Mapping):
+        return None
+    entries = [(str(key), value) for key, value in result.items() if value is not None]
+    if not entries or any(isinstance(value, (Mapping, list, tuple)) for _, value in entries):
+        return None
+    return [key for key, _ in entries]
+
+
+def native_outputs(result: Any, to_numpy: Callable[[Any], np.ndarray]) -> NativeOutputs:
+    """A native model's ``result`` flattened, each tensor turned into numpy by ``to_numpy``, and its names."""
+    return NativeOutputs([to_numpy(item) for item in _flatten(result)], _result_names(result))

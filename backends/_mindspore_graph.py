@@ -15,14 +15,15 @@ accepts any string, ``onnx::MatMul_123`` included, so no escaping is needed; ``G
 maps checkpoint names to IR names all the same, and keeps working when the cell is attached under a
 parent that prefixes its names). The params of ``_dataflow.trainable_params`` (layer weights and
 biases, floating-point initializers) have ``requires_grad=True``; the others (integer shapes and
-indices, ``Constant`` node outputs) are *constants*: ``requires_grad=False`` parameters, saved in
+indices, ``Constant`` node outputs, and the running mean and variance of a ``BatchNormalization``,
+which PyTorch's ``GraphModule`` keeps as buffers) are ``requires_grad=False`` parameters, saved in
 checkpoints like the rest, so ``save_checkpoint`` / ``load_param_into_net`` restore a whole model.
 Params of a dtype MindSpore has no tensor type for (strings) and empty arrays (an empty ``Resize``
 ``roi``; checkpoints drop empty parameters) stay numpy arrays.
 
 ``weights=False`` builds the structure only: trainable parameters are zeros of the right shape and
-dtype (the graph's arrays may be placeholders); constants still come from the graph (they are part of
-the structure: shapes, indices), and a checkpoint loaded afterwards overwrites both.
+dtype (the graph's arrays may be placeholders); the others still come from the graph (they are part
+of the structure: shapes, indices, BN statistics), and a checkpoint loaded afterwards overwrites both.
 
 Run-time semantics follow the ONNX operators (numpy broadcasting, negative indices, ``Slice`` ends
 clamped like Python slices, ``Reshape``'s ``0``, integer ``Div`` truncating toward zero, ``Softmax``
@@ -1710,8 +1711,8 @@ class GraphCell(nn.Cell):
 def rebuild(graph: Graph, *, weights: bool = True) -> GraphCell:
     """The MindSpore ``nn.Cell`` running dataflow ``graph``, with a parameter per graph param.
 
-    ``weights=False`` builds the structure only (trainable parameters zero, constants from the
-    graph). ``ValueError`` for a graph without dataflow (lowered from a module tree) or with ops the
+    ``weights=False`` builds the structure only (trainable parameters zero; constants and BN
+    statistics from the graph). ``ValueError`` for a graph without dataflow (lowered from a module tree) or with ops the
     builder cannot run (all listed).
     """
     if not isinstance(graph, Graph):

@@ -16,8 +16,8 @@ graph's order (``backends/_dataflow.py`` reads the nodes as calls):
 Parameters and names. Every graph param a node reads is registered on the module:
 
 - as an ``nn.Parameter`` when it is trainable (``_dataflow.trainable_params``: layer weights and
-  biases, floating-point initializers), except the running mean and variance of a
-  ``BatchNormalization`` (inference-mode statistics, not weights);
+  biases, floating-point initializers, but not the running mean and variance of a
+  ``BatchNormalization``: inference-mode statistics, not weights);
 - as a persistent buffer otherwise (integer shapes and indices, ``Constant``-node outputs, BN
   statistics), so the state dict holds everything a rebuilt structure needs.
 
@@ -244,7 +244,7 @@ class GraphModule(nn.Module):
                 constants.append(step)
             else:
                 steps.append(step)
-        self._register_params(graph, calls, steps, weights)
+        self._register_params(graph, steps, weights)
         self._register_constants(constants)
         _plan_frees(steps, set(self.output_names))
         self._steps = steps
@@ -253,14 +253,12 @@ class GraphModule(nn.Module):
 
     # -------------------------------------------------------------------------------- params
 
-    def _register_params(self, graph: Graph, calls: list[_dataflow.Call], steps: list[_Step], weights: bool) -> None:
+    def _register_params(self, graph: Graph, steps: list[_Step], weights: bool) -> None:
         used = {arg[1] for step in steps for arg in step.args if arg is not None and arg[0] == "param"}
         used |= {name for step in steps for name in step.params.values()}
         used |= {name for name in self.output_names if name in graph.params}
         ordered = [name for name in graph.params if name in used]
-        statistics = {arg.name for call in calls if call.op == "BatchNormalization" and not call.is_layer
-                      for arg in call.args[3:5] if arg is not None and arg.kind == "param"}
-        trainable = _dataflow.trainable_params(graph) - statistics
+        trainable = _dataflow.trainable_params(graph)  # BN running statistics excluded: buffers
         layer_roles = {name: (step, role) for step in reversed(steps) if step.layer
                        for role, name in step.params.items()}
         keys = state_keys(ordered)

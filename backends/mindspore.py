@@ -9,24 +9,31 @@ checkpoint saved from one build loads into another with no missing or unexpected
 The new parts take the replaced layer's parameter dtype, mixed-precision type (``to_float``),
 ``requires_grad`` and training flag. A decomposed ``Dense`` applies its activation once, after the
 last factor (a copy of the original activation cell). ``like`` is not changed.
+
+Native weights and runs, mirrored by ``backends/torch.py`` (same names and arguments), so that
+framework-agnostic code (``lowrank_ir.convert`` / ``parity``) reaches MindSpore only through here:
+:func:`save_weights` / :func:`load_weights` (a ``.ckpt`` checkpoint, loaded strictly),
+:func:`for_inference`, :func:`as_tensors` / :func:`to_numpy` and :func:`run_numpy`.
 """
 
 from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import mindspore as ms
 import numpy as np
 from mindspore import nn
 
+from backends._dataflow import NativeOutputs, check_weights_fit, native_outputs, weights_file
 from backends._mindspore_graph import GraphCell, graph_params, rebuild
 from lowrank_ir import Graph, Node, Op
 
-__all__ = ["BUILDERS", "GraphCell", "build", "build_layer", "copy_model", "graph_params", "load_checkpoint",
-           "load_layers", "native_array", "rebuild", "register_builder", "state_dict"]
+__all__ = ["BUILDERS", "GraphCell", "NativeOutputs", "as_tensors", "build", "build_layer", "copy_model",
+           "for_inference", "graph_params", "load_checkpoint", "load_layers", "load_weights", "native_array",
+           "rebuild", "register_builder", "run_numpy", "save_weights", "state_dict", "to_numpy"]
 
 Builder = Callable[[Node, Graph, Any, "nn.Cell | None"], nn.Cell]
 
@@ -294,3 +301,66 @@ def load_checkpoint(cell: nn.Cell, checkpoint: str | os.PathLike[str] | Mapping[
     if not_loaded or unused:  # the checks above make this unreachable; kept as a guard
         raise ValueError(f"parameters not loaded: {not_loaded}; checkpoint entries not used: {unused}")
     return cell
+
+
+# ------------------------------------------------------------------------ native weights and runs
+
+def save_weights(model: nn.Cell, path: str | os.PathLike[str]) -> None:
+    """Write ``model``'s parameters to the checkpoint ``path`` (``save_checkpoint``); :func:`load_weights` reads it."""
+    ms.save_checkpoint(model, os.fspath(path))
+
+
+def load_weights(model: nn.Cell, path: str | os.PathLike[str]) -> nn.Cell:
+    """Load the checkpoint ``path`` into ``model``, strictly, in place; returns ``model``.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: ``path`` is not a checkpoint, or it was saved from another model: every missing and
+            unexpected name and every shape mismatch is named, and nothing is loaded.
+    """
+    file = weights_file(path)
+    try:
+        params = ms.load_checkpoint(str(file))
+    except Exception as err:  # MindSpore raises ValueError/RuntimeError for files that are not checkpoints
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"cannot read {str(file)!r} as a MindSpore checkpoint: {first}") from err
+    check_weights_fit(model, file, {param.name: tuple(param.shape) for param in model.get_parameters()},
+                      {name: tuple(param.shape) for name, param in params.items()})
+    return load_checkpoint(model, params)
+
+
+def for_inference(model: nn.Cell, weights: str | os.PathLike[str] | None = None) -> nn.Cell:
+    """``model`` with training off (``set_train(False)``) and ``weights`` (a checkpoint) loaded, strictly.
+
+    ``model`` itself when no cell of it is training and no weights are given; otherwise a copy
+    (:func:`copy_model`; ``model`` is never changed).
+    """
+    training = bool(model.training) or any(cell.training for _, cell in model.cells_and_names())
+    if weights is None and not training:
+        return model
+    ready = copy_model(model)
+    if weights is not None:
+        load_weights(ready, weights)
+    ready.set_train(False)
+    return ready
+
+
+def as_tensors(arrays: Iterable[np.ndarray]) -> tuple[ms.Tensor, ...]:
+    """The arrays as MindSpore tensors (copies), e.g. a cell's positional arguments for an ONNX export."""
+    return tuple(ms.Tensor(np.array(array, copy=True)) for array in arrays)
+
+
+def to_numpy(value: Any) -> np.ndarray:
+    """A tensor or parameter (or anything numpy takes) as a numpy array."""
+    if isinstance(value, ms.Tensor):
+        return value.asnumpy()
+    return np.asarray(value)
+
+
+def run_numpy(model: nn.Cell, arrays: Sequence[np.ndarray]) -> NativeOutputs:
+    """Run ``model`` on positional numpy inputs; its outputs as numpy arrays, in order.
+
+    A result of tuples, lists and dicts is flattened; the names are a flat dict-like result's keys,
+    else None. (PyNative mode: nothing is recorded for gradients unless a gradient function runs it.)
+    """
+    return native_outputs(model(*as_tensors(arrays)), to_numpy)

@@ -4,22 +4,31 @@ Mirrors ``frontends/torch.py``. ``build(graph, like=model)`` returns a deep copy
 every layer the engine factorized is an ``nn.Sequential`` of its parts, so the state-dict keys are
 ``fc.0.weight``, ``fc.1.weight``, ``fc.1.bias``, ``conv.0.weight`` ... The new weights take the
 replaced layer's dtype and device, and its ``requires_grad`` and training mode. ``like`` is not changed.
+
+Native weights and runs, mirrored by ``backends/mindspore.py`` (same names and arguments), so that
+framework-agnostic code (``lowrank_ir.convert`` / ``parity``) reaches PyTorch only through here:
+:func:`save_weights` / :func:`load_weights` (a state dict file, loaded strictly), :func:`for_inference`,
+:func:`as_tensors` / :func:`to_numpy` and :func:`run_numpy`.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from backends._dataflow import NativeOutputs, check_weights_fit, native_outputs, weights_file
 from backends._torch_graph import GraphModule, graph_params, rebuild
 from lowrank_ir import Graph, Node, Op
 
-__all__ = ["BUILDERS", "ConstantMatMul", "GraphModule", "build", "build_layer", "graph_params", "load_layers",
-           "rebuild", "register_builder", "state_dict"]
+__all__ = ["BUILDERS", "ConstantMatMul", "GraphModule", "NativeOutputs", "as_tensors", "build", "build_layer",
+           "for_inference", "graph_params", "load_layers", "load_weights", "rebuild", "register_builder",
+           "run_numpy", "save_weights", "state_dict", "to_numpy"]
 
 Builder = Callable[[Node, Graph], nn.Module]
 
@@ -171,3 +180,77 @@ def state_dict(graph: Graph) -> dict[str, torch.Tensor]:
     computed = set(graph.meta.get("computed_params", ()))
     return {name: torch.from_numpy(np.array(array, copy=True)) for name, array in graph.params.items()
             if name not in computed}
+
+
+# ------------------------------------------------------------------------ native weights and runs
+
+def save_weights(model: nn.Module, path: str | os.PathLike[str]) -> None:
+    """Write ``model``'s state dict to ``path`` (``torch.save``); :func:`load_weights` reads it back."""
+    torch.save(model.state_dict(), path)
+
+
+def _read_state_dict(file: os.PathLike[str]) -> dict[str, torch.Tensor]:
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle, zip and torch errors alike: not a state dict (details chained)
+        raise ValueError(f"cannot read {os.fspath(file)!r} as a PyTorch state dict (torch.load with "
+                         f"weights_only=True failed: {type(err).__name__}); save one with "
+                         f"torch.save(model.state_dict(), path)") from err
+    if not isinstance(state, Mapping) or not all(isinstance(value, torch.Tensor) for value in state.values()):
+        raise ValueError(f"{os.fspath(file)!r} is not a PyTorch state dict (a dict of name -> tensor); save one "
+                         f"with torch.save(model.state_dict(), path)")
+    return dict(state)
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
+    """Load the state dict file ``path`` into ``model``, strictly, in place; returns ``model``.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: ``path`` is not a state dict, or it was saved from another model: every missing and
+            unexpected key and every shape mismatch is named, and nothing is loaded.
+    """
+    file = weights_file(path)
+    state = _read_state_dict(file)
+    check_weights_fit(model, file, {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()},
+                      {name: tuple(tensor.shape) for name, tensor in state.items()})
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def for_inference(model: nn.Module, weights: str | os.PathLike[str] | None = None) -> nn.Module:
+    """``model`` in eval mode with ``weights`` (a state dict file) loaded, strictly.
+
+    ``model`` itself when it is already in eval mode and no weights are given; otherwise a deep copy
+    (``model`` is never changed).
+    """
+    if weights is None and not any(module.training for module in model.modules()):
+        return model
+    ready = copy.deepcopy(model)
+    if weights is not None:
+        load_weights(ready, weights)
+    return ready.eval()
+
+
+def as_tensors(arrays: Iterable[np.ndarray]) -> tuple[torch.Tensor, ...]:
+    """The arrays as CPU tensors (copies), e.g. a model's positional arguments for an ONNX export."""
+    return tuple(torch.from_numpy(np.array(array, copy=True)) for array in arrays)
+
+
+def to_numpy(value: Any) -> np.ndarray:
+    """A tensor (or anything numpy takes) as a numpy array: detached, on the CPU, bfloat16 as float32."""
+    if isinstance(value, torch.Tensor):
+        tensor = value.detach().cpu()
+        return (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy()
+    return np.asarray(value)
+
+
+def run_numpy(model: nn.Module, arrays: Sequence[np.ndarray]) -> NativeOutputs:
+    """Run ``model`` on positional numpy inputs without gradients; its outputs as numpy arrays, in order.
+
+    A result of tuples, lists and dicts (a ``transformers`` ``ModelOutput``) is flattened; the names
+    are a flat dict-like result's keys, else None.
+    """
+    with torch.no_grad():
+        result = model(*as_tensors(arrays))
+    return native_outputs(result, to_numpy)

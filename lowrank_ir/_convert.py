@@ -22,15 +22,15 @@ Three entry points, each a plain function over the frontends and backends:
   Then the same for the model decomposed at ``ratio`` (the ONNX facade, ``Decompose``), with how far
   the decomposed model is from the original as information. :class:`ParityReport` holds the rows.
 
-This module imports no framework at import time: the frontends and backends are loaded (through
-``lowrank_ir._registry``) when a model of theirs is handled, and the few framework calls that have no
-backend function (saving and strictly loading native weights, running a model on numpy inputs) import
-their framework inside the function.
+This module imports no framework, at import time or later: the frontends and backends are loaded
+(through ``lowrank_ir._registry``) when a model of theirs is handled, and every framework call goes
+through them. The PyTorch and MindSpore backends mirror the calls used here: ``rebuild``,
+``graph_params``, ``save_weights`` / ``load_weights`` (strict), ``for_inference``, ``as_tensors`` /
+``to_numpy`` and ``run_numpy``.
 """
 
 from __future__ import annotations
 
-import copy
 import importlib.util
 import json
 import logging
@@ -212,7 +212,7 @@ def save_converted(model: Any, path: str | os.PathLike[str], *, to: str | None =
         for name in (GRAPH_FILE, PARAMS_FILE):
             os.replace(folder / "ir" / name, folder / name)
         shutil.rmtree(folder / "ir")
-        _save_weights(model, framework, folder / weights_file)
+        _backend(framework).save_weights(model, folder / weights_file)
         (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1) + "\n")
     logger.info("saved the converted %s model in %s", framework, target)
     return target
@@ -261,156 +261,11 @@ def load_converted(path: str | os.PathLike[str], weights: str | os.PathLike[str]
     source = Path(path) / str(manifest.get("weights", WEIGHTS_FILES[framework])) if weights is None else Path(weights)
     if not source.is_file():
         raise FileNotFoundError(f"weights file {str(source)!r} does not exist")
-    native = _backend(framework).rebuild(graph, weights=False)
-    _load_weights(native, framework, source)
+    backend = _backend(framework)
+    native = backend.rebuild(graph, weights=False)
+    backend.load_weights(native, source)
     setattr(native, GRAPH_ATTRIBUTE, graph)
     return native
-
-
-# -------------------------------------------------------------------------- native weights and runs
-# These calls have no backend function yet; each imports its framework when called.
-
-def _shown(items: list[str], limit: int = 6) -> str:
-    return ", ".join(items[:limit]) + (f" (+{len(items) - limit} more)" if len(items) > limit else "")
-
-
-def _mismatches(expected: Mapping[str, tuple[int, ...]], given: Mapping[str, tuple[int, ...]]) -> list[str]:
-    """What keeps ``given`` (name -> shape) from loading where ``expected`` is wanted; empty when it fits."""
-    missing = [name for name in expected if name not in given]
-    unexpected = [name for name in given if name not in expected]
-    shapes = [f"{name} (file {list(given[name])}, model {list(shape)})" for name, shape in expected.items()
-              if name in given and tuple(given[name]) != tuple(shape)]
-    return [f"{label}: {_shown(items)}" for label, items in
-            (("missing", missing), ("unexpected", unexpected), ("shape mismatches", shapes)) if items]
-
-
-def _save_weights(model: Any, framework: str, file: Path) -> None:
-    if framework == "torch":
-        import torch
-
-        torch.save(model.state_dict(), file)
-    else:
-        import mindspore
-
-        mindspore.save_checkpoint(model, str(file))
-
-
-def _read_state_dict(file: Path) -> dict[str, Any]:
-    import torch
-
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle, zip and torch errors alike: not a state dict (details chained)
-        raise ValueError(f"cannot read {str(file)!r} as a PyTorch state dict (torch.load with weights_only=True "
-                         f"failed: {type(err).__name__}); save one with torch.save(model.state_dict(), path)") from err
-    if not isinstance(state, Mapping) or not all(isinstance(value, torch.Tensor) for value in state.values()):
-        raise ValueError(f"{str(file)!r} is not a PyTorch state dict (a dict of name -> tensor); save one with "
-                         f"torch.save(model.state_dict(), path)")
-    return dict(state)
-
-
-def _load_torch_weights(model: Any, file: Path) -> None:
-    state = _read_state_dict(file)
-    expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
-    problems = _mismatches(expected, {name: tuple(tensor.shape) for name, tensor in state.items()})
-    if problems:
-        raise ValueError(f"weights {str(file)!r} do not fit this {type(model).__name__} (saved from another "
-                         f"model?): {'; '.join(problems)}")
-    model.load_state_dict(state, strict=True)
-
-
-def _load_mindspore_weights(model: Any, file: Path) -> None:
-    import mindspore
-
-    try:
-        params = mindspore.load_checkpoint(str(file))
-    except Exception as err:  # MindSpore raises ValueError/RuntimeError for files that are not checkpoints
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"cannot read {str(file)!r} as a MindSpore checkpoint: {first}") from err
-    expected = {param.name: tuple(param.shape) for param in model.get_parameters()}
-    problems = _mismatches(expected, {name: tuple(param.shape) for name, param in params.items()})
-    if problems:
-        raise ValueError(f"weights {str(file)!r} do not fit this {type(model).__name__} (saved from another "
-                         f"model?): {'; '.join(problems)}")
-    _backend("mindspore").load_checkpoint(model, params)
-
-
-def _load_weights(model: Any, framework: str, file: Path) -> None:
-    if framework == "torch":
-        _load_torch_weights(model, file)
-    else:
-        _load_mindspore_weights(model, file)
-
-
-def _flatten(value: Any) -> list[Any]:
-    """The tensors of a model's result, in order (tuples, lists, dicts and ``ModelOutput``s flattened)."""
-    if isinstance(value, Mapping):
-        return [item for part in value.values() if part is not None for item in _flatten(part)]
-    if isinstance(value, (list, tuple)):
-        return [item for part in value for item in _flatten(part)]
-    return [value]
-
-
-def _call_native(model: Any, framework: str, arrays: Sequence[np.ndarray]) -> Any:
-    """A PyTorch or MindSpore model's result on positional numpy inputs (without gradients)."""
-    if framework == "torch":
-        import torch
-
-        with torch.no_grad():
-            return model(*(torch.from_numpy(np.array(array, copy=True)) for array in arrays))
-    import mindspore
-
-    return model(*(mindspore.Tensor(np.array(array, copy=True)) for array in arrays))
-
-
-def _as_numpy(value: Any) -> np.ndarray:
-    if hasattr(value, "detach"):
-        return value.detach().cpu().numpy()
-    if hasattr(value, "asnumpy"):
-        return value.asnumpy()
-    return np.asarray(value)
-
-
-def _run_native(model: Any, framework: str, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
-    """Run a PyTorch or MindSpore model on positional numpy inputs; its outputs as numpy arrays."""
-    return [_as_numpy(item) for item in _flatten(_call_native(model, framework, arrays))]
-
-
-def _output_names(result: Any, framework: str) -> list[str] | None:
-    """The names of a dict-like result's entries (``last_hidden_state`` ...), to name the ONNX outputs."""
-    if framework != "torch" or not isinstance(result, Mapping):
-        return None
-    entries = [(str(key), value) for key, value in result.items() if value is not None]
-    if not entries or any(isinstance(value, (Mapping, list, tuple)) for _, value in entries):
-        return None
-    return [key for key, _ in entries]
-
-
-def _for_inference(model: Any, framework: str, weights: str | os.PathLike[str] | None) -> Any:
-    """``model`` in inference mode with ``weights`` loaded: a copy whenever that changes anything."""
-    if framework == "torch":
-        training = any(module.training for module in model.modules())
-        if weights is None and not training:
-            return model
-        model = copy.deepcopy(model)
-        if weights is not None:
-            _load_torch_weights(model, _existing(weights))
-        return model.eval()
-    training = bool(model.training) or any(cell.training for _, cell in model.cells_and_names())
-    if weights is None and not training:
-        return model
-    model = _backend("mindspore").copy_model(model)
-    if weights is not None:
-        _load_mindspore_weights(model, _existing(weights))
-    model.set_train(False)
-    return model
-
-
-def _existing(path: str | os.PathLike[str]) -> Path:
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"weights file {str(file)!r} does not exist")
-    return file
 
 
 # --------------------------------------------------------------------------------------------- parity
@@ -549,11 +404,12 @@ def _frameworks(frameworks: Sequence[str] | None) -> tuple[list[str], dict[str, 
 
 def _rebuilt_runner(framework: str, graph: Graph) -> _Runner:
     """Rebuild ``graph`` now (unsupported ops fail here, before anything runs); run it later."""
-    native = _backend(framework).rebuild(graph)
+    backend = _backend(framework)
+    native = backend.rebuild(graph)
     names = [value.name for value in graph.inputs]
 
     def run(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        return _run_native(native, framework, [feeds[name] for name in names])
+        return backend.run_numpy(native, [feeds[name] for name in names]).arrays
 
     return _Runner(framework, run)
 
@@ -567,6 +423,14 @@ def _onnxruntime(model: Any) -> Callable[[dict[str, np.ndarray]], list[np.ndarra
         return [np.asarray(value) for value in frontend.run(session, feeds, names, "the feeds")]
 
     return run
+
+
+def _as_numpy(value: Any) -> np.ndarray:
+    """A feed as a numpy array: a PyTorch or MindSpore tensor through its backend's ``to_numpy``."""
+    framework = type(value).__module__.split(".")[0]  # as the registry tells models apart: no import
+    if framework in NATIVE_FRAMEWORKS:
+        return _backend(framework).to_numpy(value)
+    return np.asarray(value)
 
 
 def _read_feeds(feeds: Any) -> dict[str, np.ndarray] | None:
@@ -698,12 +562,13 @@ def parity(model: Any, *, feeds: Any = None, weights: str | os.PathLike[str] | N
         framework = framework_of(model)
         if framework not in NATIVE_FRAMEWORKS:
             raise TypeError(f"parity takes an ONNX, PyTorch or MindSpore model, got a {framework} model")
-        ready = _for_inference(model, framework, weights)
+        backend = _backend(framework)
+        ready = backend.for_inference(model, weights)
         arrays = _native_feeds(given, input_shapes, seed, framework)
-        result = _call_native(ready, framework, list(arrays.values()))
-        proto = onnx_backend.export(ready, _example_inputs(framework, arrays), input_names=list(arrays),
-                                    output_names=_output_names(result, framework))
-        native = ([_as_numpy(item) for item in _flatten(result)], framework)
+        result = backend.run_numpy(ready, list(arrays.values()))
+        proto = onnx_backend.export(ready, backend.as_tensors(arrays.values()), input_names=list(arrays),
+                                    output_names=result.names)
+        native = (result.arrays, framework)
     checked = onnx_frontend.check_feeds(proto, arrays, "feeds")
     names = [value.name for value in proto.graph.output]
 
@@ -740,17 +605,6 @@ def parity(model: Any, *, feeds: Any = None, weights: str | os.PathLike[str] | N
                                          runner.run(checked), "onnxruntime", CHECKED)
     logger.info("parity: %s (worst max rel %.3e)", "ok" if report.ok else "FAIL", report.worst())
     return report
-
-
-def _example_inputs(framework: str, arrays: Mapping[str, np.ndarray]) -> tuple[Any, ...]:
-    """The feeds as the native model's positional arguments (for the ONNX export)."""
-    if framework == "torch":
-        import torch
-
-        return tuple(torch.from_numpy(np.array(array, copy=True)) for array in arrays.values())
-    import mindspore
-
-    return tuple(mindspore.Tensor(np.array(array, copy=True)) for array in arrays.values())
 
 
 def _decompose(model: Any, graph: Graph, ratio: float, divisor: int) -> tuple[Any, int, int]:

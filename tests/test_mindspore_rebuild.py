@@ -372,6 +372,57 @@ def test_parameters_carry_the_ir_names_and_trainability() -> None:
         np.testing.assert_array_equal(exported[name], array)
 
 
+BN_STATISTICS = {"bn.running_mean", "bn.running_var"}
+
+
+def _batch_norm_model() -> onnx.ModelProto:
+    """Conv -> BatchNormalization -> Relu, the weights and the BN statistics all float initializers."""
+    rng = np.random.default_rng(7)
+    inits = {"conv.weight": rng.standard_normal((4, 3, 3, 3)).astype(np.float32) * 0.3,
+             "conv.bias": rng.standard_normal(4).astype(np.float32) * 0.1,
+             "bn.weight": np.abs(rng.standard_normal(4)).astype(np.float32) + 0.5,
+             "bn.bias": rng.standard_normal(4).astype(np.float32) * 0.1,
+             "bn.running_mean": rng.standard_normal(4).astype(np.float32) * 0.1,
+             "bn.running_var": np.abs(rng.standard_normal(4)).astype(np.float32) + 0.5}
+    nodes = [helper.make_node("Conv", ["x", "conv.weight", "conv.bias"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["c", "bn.weight", "bn.bias", "bn.running_mean",
+                                                     "bn.running_var"], ["b"], name="bn"),
+             helper.make_node("Relu", ["b"], ["y"], name="relu")]
+    return om.make_model(nodes, [om.tensor("x", ["n", 3, 6, 6])], [om.tensor("y", ["n", 4, 6, 6])], inits)
+
+
+def test_batch_norm_statistics_are_not_trainable() -> None:
+    """Like the PyTorch GraphModule's buffers: scale and bias train, running mean and variance do not."""
+    model = _batch_norm_model()
+    graph = onnx_frontend.lower(model)
+    cell = ms_backend.rebuild(graph)
+    params = {param.name: param for param in cell.get_parameters()}
+    assert set(params) == set(graph.params)
+    assert {param.name for param in cell.trainable_params()} == {"conv.weight", "conv.bias", "bn.weight", "bn.bias"}
+    assert _dataflow.batch_norm_statistics(graph) == BN_STATISTICS
+    assert not BN_STATISTICS & _dataflow.trainable_params(graph)
+    for name in BN_STATISTICS:
+        assert not params[name].requires_grad and params[name].dtype == ms.float32
+    assert params["bn.weight"].requires_grad and params["bn.bias"].requires_grad
+    feeds = {"x": np.random.default_rng(8).standard_normal((2, 3, 6, 6)).astype(np.float32)}
+    assert_agrees(graph, model, feeds, cell)
+
+    # one SGD step over the trainable parameters moves scale and bias, never the statistics
+    optimizer = nn.SGD(cell.trainable_params(), learning_rate=0.5)
+    step = ms.value_and_grad(lambda x: ops.mean(cell(x) ** 2), None, optimizer.parameters)
+    before = {name: param.asnumpy().copy() for name, param in params.items()}
+    _, grads = step(ms.Tensor(feeds["x"]))
+    optimizer(grads)
+    changed = {name for name, param in params.items() if not np.array_equal(param.asnumpy(), before[name])}
+    assert {"bn.weight", "bn.bias"} <= changed and not changed & BN_STATISTICS
+
+    # a structure-only rebuild takes the statistics from the graph, as the PyTorch backend does its buffers
+    empty = {param.name: param for param in ms_backend.rebuild(graph, weights=False).get_parameters()}
+    for name in BN_STATISTICS:
+        np.testing.assert_array_equal(empty[name].asnumpy(), graph.params[name])
+    assert not empty["bn.weight"].asnumpy().any()
+
+
 def test_graph_params_follow_the_cell_and_survive_a_parent_prefix() -> None:
     graph = onnx_frontend.lower(_odd_model())
     cell = ms_backend.rebuild(graph)
