@@ -56,6 +56,8 @@ def test_inspect_prints_the_plan(capsys) -> None:
     (["inspect", "tests.models:resnet50", "--ratio", "1.5"], "ratio must be a float strictly between 0 and 1"),
     (["inspect", "tests.models:resnet50", "--fixed", "0"], "fixed rank must be an int > 0"),
     (["inspect", "tests.models:resnet50", "--divisor", "0"], "divisor must be an int > 0"),
+    (["inspect", "tests.models:resnet50", "--energy", "1.5"], "keep must be a float in (0, 1]"),
+    (["inspect", "tests.models:resnet50", "--budget-params", "10"], "cannot be met"),
     (["inspect", "tests.models:resnet50", "--dict", "missing.json"], "does not exist"),
     (["inspect", "tests.models:resnet50", "--weights", "missing.pt"], "does not exist"),
 ])
@@ -87,3 +89,10 @@ def test_decompose_writes_a_complete_folder(tmp_path, capsys) -> None:
     model = resnet50()
     assert torch.equal(model.fc.weight, resnet50().fc.weight)  # factories are deterministic
     capsys.readouterr()
+
+
+@pytest.mark.parametrize("option", [["--energy", "0.8"], ["--budget-params", "0.5"], ["--budget-flops", "0.5"]])
+def test_inspect_with_global_policies(option, capsys) -> None:
+    assert main(["inspect", "tests.models:resnet50", *option, "--divisor", "16"]) == 0
+    table = capsys.readouterr().out
+    assert "layer1.0.conv2" in table

@@ -286,3 +286,35 @@ def test_cli_large_models_go_through_external_data(mlp_file, tmp_path, monkeypat
     capsys.readouterr()
     assert sorted(path.name for path in out.parent.iterdir()) == ["small.onnx", "small.onnx.data"]
     assert onnx_backend.validate(mlp_file, out).max_rel < 1
+
+
+@pytest.mark.parametrize("option", [["--budget-params", "0.4"], ["--budget-flops", "0.4"], ["--energy", "0.9"]])
+def test_cli_global_policies_with_calibration(tmp_path, rng, capsys, option) -> None:
+    model_file = tmp_path / "mlp.onnx"
+    model_file.write_bytes(om.mlp(rng, dims=(64, 96, 48, 32)).SerializeToString())
+    calib = _npz(tmp_path / "calib.npz", x=rng.standard_normal((256, 64)).astype(np.float32))
+    report_file = tmp_path / "report.json"
+    assert main(["decompose", str(model_file), "-o", str(tmp_path / "out.onnx"), *option, "--divisor", "4",
+                 "--calib", str(calib), "--report", str(report_file)]) == 0
+    report = json.loads(report_file.read_text())
+    assert report["data_aware"] and report["decompose_config"]
+    if option[0] == "--budget-params":
+        graph = onnx_frontend.lower(om.mlp(np.random.default_rng(0), dims=(64, 96, 48, 32)))
+        total = sum(int(np.prod(graph.param(node, "weight").shape)) for node in graph.layers())
+        kept = sum(rank * sum(graph.param(graph.node(name), "weight").shape)
+                   for name, rank in report["decompose_config"].items())
+        kept += sum(int(np.prod(graph.param(node, "weight").shape)) for node in graph.layers()
+                    if node.name not in report["decompose_config"])
+        assert kept <= 0.4 * total
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize(("value", "message"), [("1.5", "neither a fraction"), ("abc", "neither a fraction"),
+                                                 ("0", "neither a fraction")])
+def test_cli_budget_values_are_checked(tmp_path, rng, capsys, value, message) -> None:
+    model_file = tmp_path / "mlp.onnx"
+    model_file.write_bytes(om.mlp(rng).SerializeToString())
+    with pytest.raises(SystemExit) as exit_info:
+        main(["inspect", str(model_file), "--budget-params", value])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -80,8 +81,37 @@ def read_rules(file: str) -> Any:
         raise UsageError(f"--dict file {file!r} is not valid JSON: {err}") from err
 
 
+def budget_target(text: str) -> float | int:
+    """A ``--budget-params``/``--budget-flops`` value: a fraction in (0, 1) or an absolute count."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if 0.0 < value < 1.0:
+        return value
+    if value >= 1.0 and value == int(value):
+        return int(value)
+    raise argparse.ArgumentTypeError(f"{text!r} is neither a fraction in (0, 1) nor a whole count >= 1")
+
+
+def global_policy(decomposer: Any, args: argparse.Namespace, datasets: Any = None) -> Any:
+    """``--energy`` / ``--budget-params`` / ``--budget-flops`` applied to ``decomposer``, or None if none is given."""
+    excludes = [name for name in (getattr(args, "excludes", None) or "").split(",") if name] or None
+    if getattr(args, "energy", None) is not None:
+        return decomposer.from_energy(args.energy, excludes, args.divisor, datasets=datasets)
+    for kind in ("params", "flops"):
+        target = getattr(args, f"budget_{kind}", None)
+        if target is not None:
+            return decomposer.from_budget(**{kind: target}, excludes=excludes, divisor=args.divisor,
+                                          datasets=datasets)
+    return None
+
+
 def _choose(decomposer: Any, args: argparse.Namespace) -> Any:
     excludes = [name for name in (args.excludes or "").split(",") if name] or None
+    chosen = global_policy(decomposer, args)
+    if chosen is not None:
+        return chosen
     if args.fixed is not None:
         return decomposer.from_fixed(args.fixed, excludes, args.divisor)
     if args.dict is not None:
@@ -98,6 +128,15 @@ def _add_policy_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--fixed", type=int, help="the same rank for every layer")
     group.add_argument("--dict", metavar="FILE", help='JSON file of {"regex": rank | ratio | "vbmf"} rules')
     group.add_argument("--vbmf", action="store_true", help="ranks estimated by EVBMF from the weights")
+    group.add_argument("--energy", type=float, metavar="KEEP",
+                       help="each layer keeps this fraction in (0, 1] of its spectral energy (of its output "
+                            "energy with --calib)")
+    group.add_argument("--budget-params", type=budget_target, metavar="N",
+                       help="one parameter target for the decomposable layers together: a fraction in (0, 1) "
+                            "or a count; ranks go where they cost the least output error (with --calib, "
+                            "each layer's effect on the output is measured)")
+    group.add_argument("--budget-flops", type=budget_target, metavar="N",
+                       help="the same with a FLOP target")
     parser.add_argument("--excludes", metavar="A,B", help="comma-separated layer names to leave alone")
     parser.add_argument("--divisor", type=int, default=64,
                         help="round ranks to multiples of this (1 disables; default 64)")

@@ -47,9 +47,15 @@ def parse_input_shapes(items: list[str] | None) -> dict[str, list[int]] | None:
     return shapes
 
 
-def policy_from_args(args: argparse.Namespace) -> Any:
-    from lowrank_ir import Policy
+def policy_from_args(args: argparse.Namespace, model: Any = None, calib: dict[str, Any] | None = None) -> Any:
+    """The rank policy the options ask for; ``--energy``/``--budget-*`` are chosen on ``model`` (with ``calib``)."""
+    from lowrank_ir import Decompose, Policy
+    from tools.cli import global_policy
 
+    if model is not None:
+        chosen = global_policy(Decompose(model), args, None if calib is None else [calib])
+        if chosen is not None:
+            return Policy.config(chosen.decompose_config)
     excludes = [name for name in (args.excludes or "").split(",") if name] or None
     if args.fixed is not None:
         return Policy.fixed(args.fixed, excludes, args.divisor)
@@ -79,8 +85,8 @@ def inspect(args: argparse.Namespace) -> int:
 
     if args.weights:
         raise UsageError("--weights loads a PyTorch state dict; an ONNX model carries its own weights")
-    policy = policy_from_args(args)
     model = load_model(args.model)
+    policy = policy_from_args(args, model)
     graph = lower(model, input_shapes=parse_input_shapes(args.input_shape))
     chosen = plan(graph, policy)
     print(_describe(model, args.model))
@@ -113,11 +119,11 @@ def decompose(args: argparse.Namespace) -> int:
         raise UsageError(f"-o {args.output!r}: {'is a folder' if output.is_dir() else 'its folder does not exist'}")
     if args.tolerance is not None and not args.tolerance >= 0:
         raise UsageError(f"--tolerance must be a number >= 0, got {args.tolerance!r}")
-    policy = policy_from_args(args)
     input_shapes = parse_input_shapes(args.input_shape)
     original = load_model(args.model)
     model = original if args.opset is None else convert_opset(original, args.opset)
     calib = _feeds(args.calib, model, "--calib feeds")
+    policy = policy_from_args(args, model, calib)
     feeds = _feeds(args.feeds, original, "--feeds")
     known = calib if calib is not None else feeds  # the feeds' shapes resolve dynamic dims (per-sample FLOPs)
     if input_shapes is None and known is not None:
