@@ -17,6 +17,7 @@ statistics (the same batches go to every method).
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 from collections.abc import Callable
@@ -45,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from lowrank_ir import Decompose, count_parameters
+
+    logging.disable(logging.INFO)  # the reference logs every calibration batch
 
     tokenizer, model = minilm.load()
     calibration, held_out = text.split(args.calibration, args.held_out)
