@@ -37,7 +37,7 @@ from lowrank_ir._files import write_json
 from lowrank_ir._ir import Graph, Node, Op
 from lowrank_ir._policy import Policy, RankSpec, validate_config, validate_divisor, validate_excludes
 from lowrank_ir._registry import backend_for, frontend_for
-from lowrank_ir._report import Report, build_report
+from lowrank_ir._report import Report, _positions, build_report
 
 __all__ = ["Decompose", "count_parameters"]
 
@@ -148,7 +148,9 @@ class Decompose:
         """Ranks for the whole model from one target: ``params=`` or ``flops=`` (exactly one).
 
         A float in (0, 1) is the fraction of the candidate layers' current parameters (or FLOPs) to
-        keep; an int is the absolute number their decomposed forms may have. Ranks are allocated
+        keep; an int is the absolute number their decomposed forms may have. FLOPs are counted as the
+        report counts them: per sample where the graph knows each layer's positions (an ONNX model
+        with fixed input shapes), else per output position. Ranks are allocated
         across layers to minimise the model's estimated output error — see ``lowrank_ir._budget``. A
         layer may be kept whole when that is the best use of the budget. Met to within one ``divisor`` step.
 
@@ -398,10 +400,16 @@ def _round_up(rank: int, divisor: int, limit: int) -> int:
 
 
 def _candidate(node: Node, graph: Graph, stats: LayerStats | None, kind: str) -> _budget.Candidate:
-    """Error curve and cost function of one layer (cost in parameters, or FLOPs per output position)."""
+    """Error curve and cost function of one layer (cost in parameters, or FLOPs as the report counts them).
+
+    FLOPs are per sample where the graph knows the layers' positions per sample (ONNX models with
+    fixed input shapes), else per output position.
+    """
     weight = graph.param(node, "weight")
     assert weight is not None
-    scale = 2 if kind == "flops" else 1
+    flops = kind == "flops"
+    in_pos, out_pos = _positions(node) if flops else (1, 1)
+    scale = 2 if flops else 1
     moment = None if stats is None else stats.moment
     if node.op is Op.CONV:
         out, inp, taps = weight.shape[0], weight.shape[1], int(np.prod(weight.shape[2:]))
@@ -419,10 +427,12 @@ def _candidate(node: Node, graph: Graph, stats: LayerStats | None, kind: str) ->
         total = float(np.sum(out_mode))
         errors = np.minimum(_budget.tail_errors(out_mode, total)[:min(out, inp) + 1]
                             + _budget.tail_errors(in_mode, total)[:min(out, inp) + 1], 1.0)
-        return _budget.Candidate(node.name, errors, lambda h: scale * (inp * h + h * h * taps + h * out),
-                                 scale * out * inp * taps, min(out, inp))
+        return _budget.Candidate(node.name, errors,
+                                 lambda h: scale * (inp * h * in_pos + (h * h * taps + h * out) * out_pos),
+                                 scale * out * inp * taps * out_pos, min(out, inp))
     matrix = _matrix_view(node, weight)
     out, inp = matrix.shape
     usable = moment if node.op in (Op.LINEAR, Op.MATMUL) else None
     errors = _budget.tail_errors(_budget.matrix_spectrum(matrix, usable))
-    return _budget.Candidate(node.name, errors, lambda r: scale * r * (out + inp), scale * out * inp, min(out, inp))
+    return _budget.Candidate(node.name, errors, lambda r: scale * r * (out + inp) * out_pos,
+                             scale * out * inp * out_pos, min(out, inp))

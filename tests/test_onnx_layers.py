@@ -436,3 +436,21 @@ def test_output_errors_and_measured_budget(rng) -> None:
     assert set(decomposer.sensitivities) == {"fc0", "fc1"}
     assert all(value > 0 for value in decomposer.sensitivities.values())
     assert model.SerializeToString() == before
+
+
+def test_flops_budget_counts_each_layer_at_its_resolution(rng) -> None:
+    """Two 1x1 convs of the same shape, one at 16x16 and one (after a stride-4 conv) at 4x4: per sample,
+    the first costs 16x the FLOPs, so a FLOP budget must cut it harder; the budget is met per sample."""
+    weights = {name: om.decaying(rng, (32, 32, 1, 1)) for name in ("big.weight", "small.weight")}
+    weights["down.weight"] = om.decaying(rng, (32, 32, 4, 4))
+    nodes = [helper.make_node("Conv", ["x", "big.weight"], ["a"], name="big"),
+             helper.make_node("Relu", ["a"], ["b"], name="relu"),
+             helper.make_node("Conv", ["b", "down.weight"], ["c"], name="down", strides=[4, 4]),
+             helper.make_node("Conv", ["c", "small.weight"], ["y"], name="small")]
+    model = om.make_model(nodes, [om.tensor("x", [1, 32, 16, 16])], [om.tensor("y", [1, 32, 4, 4])], weights)
+    decomposer = Decompose(model).from_budget(flops=0.5, divisor=1, excludes=["down"])
+    report = {layer.name: layer for layer in decomposer.report}
+    assert sum(report[name].flops_after for name in ("big", "small")) <= 0.5 * sum(
+        report[name].flops_before for name in ("big", "small"))
+    assert report["big"].rank is not None
+    assert report["small"].rank is None or report["small"].rank > report["big"].rank
