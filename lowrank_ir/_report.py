@@ -40,6 +40,7 @@ class LayerReport:
     error_kind: str | None = None
     reason: str = ""
     energy: float | None = None
+    weight: str = ""  # the weight's param name (for tied weights, the first layer's): counted once in totals
 
 
 def _positions(node: Node) -> tuple[int, int]:
@@ -109,14 +110,21 @@ def build_report(graph: Graph, plan: Plan, errors: dict[str, tuple[float, str]] 
     errors = errors or {}
     energy = energy or {}
     layers = []
+    owners: dict[tuple[int, tuple[int, ...], tuple[int, ...]], str] = {}
     for entry in plan.entries.values():
         node = graph.node(entry.name)
+        weight_name = node.params.get("weight", "")
+        weight = graph.params.get(weight_name)
+        if isinstance(weight, np.ndarray) and weight.size and 0 not in weight.strides:
+            # One array under several names (PyTorch's tied weights are views of one tensor): its first name.
+            key = (weight.__array_interface__["data"][0], weight.shape, weight.strides)
+            weight_name = owners.setdefault(key, weight_name)
         figures = _layer_figures(entry, node, "bias" in node.params)
         error = errors.get(entry.name)
         rank = list(entry.rank) if isinstance(entry.rank, tuple) else entry.rank
         layers.append(LayerReport(entry.name, entry.op.value, list(entry.shape), entry.form, rank, *figures,
                                   None if error is None else error[0], None if error is None else error[1],
-                                  entry.reason, energy.get(entry.name)))
+                                  entry.reason, energy.get(entry.name), weight_name))
     return Report(layers, per_sample=any("out_positions" in node.attrs for node in graph.layers()))
 
 
@@ -144,11 +152,16 @@ class Report:
         raise KeyError(f"no layer {name!r} in the report")
 
     def totals(self) -> dict[str, Any]:
+        """Sums over the layers; a weight several layers share (tied) counts its parameters once."""
+        owners: dict[str, LayerReport] = {}
+        for layer in self.layers:
+            owners.setdefault(layer.weight or f"#{layer.name}", layer)
+        counted = list(owners.values())
         return {
             "layers": len(self.layers),
             "decomposed": sum(1 for layer in self.layers if layer.form),
-            "params_before": sum(layer.params_before for layer in self.layers),
-            "params_after": sum(layer.params_after for layer in self.layers),
+            "params_before": sum(layer.params_before for layer in counted),
+            "params_after": sum(layer.params_after for layer in counted),
             "flops_before": sum(layer.flops_before for layer in self.layers),
             "flops_after": sum(layer.flops_after for layer in self.layers),
             "flops_unit": "per sample" if self.per_sample else "per output position",

@@ -17,7 +17,7 @@ from torch import nn  # noqa: E402
 
 import frontends.torch as torch_frontend  # noqa: E402
 from backends import torch as torch_backend  # noqa: E402
-from lowrank_ir import Decompose, Policy, load_graph, plan, rewrite, save_graph  # noqa: E402
+from lowrank_ir import Decompose, Policy, count_parameters, load_graph, plan, rewrite, save_graph  # noqa: E402
 
 FULL_RANK_TOLERANCE = 1e-5
 
@@ -341,6 +341,10 @@ def test_tied_weights_are_left_alone() -> None:
     assert decomposed.head.weight is decomposed.emb.weight  # the tie survives the copy
     assert decomposed.emb.weight is not model.emb.weight
     assert isinstance(decomposed.mid, nn.Sequential)
+    totals = decomposer.report.totals()  # the tied table counts once, as count_parameters does
+    assert totals["params_before"] == count_parameters(model) == 40 * 16 + 16 * 16 + 16
+    assert totals["params_after"] == count_parameters(decomposed) == 40 * 16 + 4 * 32 + 16
+    assert decomposer.report["head"].weight == "emb.weight"
 
 
 PARAMETRIZATIONS = {
