@@ -20,6 +20,7 @@ key). The graph's arrays are read-only copies of the parameters.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -31,6 +32,7 @@ from mindspore import nn
 
 from frontends._patches import collects_patches, patch_moment_sum
 from lowrank_ir import Graph, LayerStats, Node, Op, verify
+from lowrank_ir._budget import first_elements, relative_output_errors
 from lowrank_ir._engine import stats_from_sums
 
 __all__ = ["LOWERINGS", "collect_cross_stats", "collect_stats", "count_parameters", "execution_groups", "lower",
@@ -595,13 +597,7 @@ def output_errors(model: nn.Cell, datasets: Iterable[Any], trials: Sequence[Mapp
     from backends.mindspore import copy_model
 
     _check_datasets(datasets)
-    elements = []
-    for element in datasets:
-        elements.append(element)
-        if 0 < max_iter <= len(elements):
-            break
-    if not elements:
-        raise ValueError("datasets is empty: measuring output errors needs at least one element")
+    elements = first_elements(datasets, max_iter)
     work = copy_model(model)
     params = {param.name: param for param in work.get_parameters()}
     for trial in trials:
@@ -611,25 +607,21 @@ def output_errors(model: nn.Cell, datasets: Iterable[Any], trials: Sequence[Mapp
             if math.prod(params[name].shape) != np.size(array):
                 raise ValueError(f"the replacement for {name!r} has {np.size(array)} values, the model's "
                                  f"parameter {list(params[name].shape)}")
-    errors = []
+
+    def outputs(index: int) -> list[np.ndarray]:
+        return _float_outputs(_run_element(work, elements[index], index))
+
+    @contextlib.contextmanager
+    def applied(trial: Mapping[str, np.ndarray]) -> Iterator[None]:
+        saved = {name: params[name].asnumpy().copy() for name in trial}
+        try:
+            for name, array in trial.items():
+                native = np.asarray(array).reshape(params[name].shape)
+                params[name].set_data(ms.Tensor(native, dtype=params[name].dtype))
+            yield
+        finally:
+            for name, array in saved.items():
+                params[name].set_data(ms.Tensor(array, dtype=params[name].dtype))
+
     with _Calibration(work, {}):
-        reference = [_float_outputs(_run_element(work, element, index)) for index, element in enumerate(elements)]
-        norm = sum(float(np.sum(value ** 2)) for values in reference for value in values)
-        if not math.isfinite(norm):
-            raise ValueError("the model's outputs on datasets hold NaN or Inf values")
-        for trial in trials:
-            saved = {name: params[name].asnumpy().copy() for name in trial}
-            try:
-                for name, array in trial.items():
-                    native = np.asarray(array).reshape(params[name].shape)
-                    params[name].set_data(ms.Tensor(native, dtype=params[name].dtype))
-                squared = 0.0
-                for index, element in enumerate(elements):
-                    outputs = _float_outputs(_run_element(work, element, index))
-                    squared += sum(float(np.sum((new - old) ** 2))
-                                   for new, old in zip(outputs, reference[index], strict=True))
-            finally:
-                for name, array in saved.items():
-                    params[name].set_data(ms.Tensor(array, dtype=params[name].dtype))
-            errors.append(squared / norm if norm > 0 else 0.0)
-    return errors
+        return relative_output_errors(outputs, len(elements), trials, applied)

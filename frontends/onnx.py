@@ -32,6 +32,7 @@ functions) are a ``ValueError`` saying so, never a silently changed model.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -48,6 +49,7 @@ from onnx import AttributeProto, GraphProto, ModelProto, NodeProto, TensorProto,
 
 from frontends._patches import collects_patches, patch_moment_sum
 from lowrank_ir import Graph, LayerStats, Node, Op, Value, verify
+from lowrank_ir._budget import first_elements, relative_output_errors
 from lowrank_ir._engine import stats_from_sums
 
 __all__ = [
@@ -985,6 +987,18 @@ def _probe(model: ModelProto, values: Sequence[str], graph: Graph) -> ModelProto
     return probe
 
 
+def _check_feed_datasets(datasets: Any) -> None:
+    if isinstance(datasets, (str, bytes, Mapping)) or not hasattr(datasets, "__iter__"):
+        raise TypeError(f"datasets must be an iterable of feed dicts (input name -> numpy array), got "
+                        f"{type(datasets).__name__}")
+
+
+def _calibrated_layers(graph: Graph, names: Sequence[str] | None) -> list[Node]:
+    """The layers among ``names`` (default: all) whose input statistics can be collected."""
+    nodes = [graph.node(name) for name in (names if names is not None else [n.name for n in graph.layers()])]
+    return [node for node in nodes if node.op in (Op.LINEAR, Op.MATMUL, Op.CONV) and node.inputs]
+
+
 def collect_stats(model: ModelSource, graph: Graph, datasets: Iterable[Any], max_iter: int = -1,
                   names: Sequence[str] | None = None, stop_early: bool = False) -> dict[str, LayerStats]:
     """Input second moments E[x xᵀ] and means E[x] (float64) of the Linear, MatMul and Conv layers ``names``.
@@ -996,11 +1010,8 @@ def collect_stats(model: ModelSource, graph: Graph, datasets: Iterable[Any], max
     what the requested values need, so every run stops at the layers' inputs anyway.
     """
     proto = as_model(model)
-    if isinstance(datasets, (str, bytes, Mapping)) or not hasattr(datasets, "__iter__"):
-        raise TypeError(f"datasets must be an iterable of feed dicts (input name -> numpy array), got "
-                        f"{type(datasets).__name__}")
-    wanted = [graph.node(name) for name in (names if names is not None else [n.name for n in graph.layers()])]
-    wanted = [node for node in wanted if node.op in (Op.LINEAR, Op.MATMUL, Op.CONV) and node.inputs]
+    _check_feed_datasets(datasets)
+    wanted = _calibrated_layers(graph, names)
     values = sorted({node.inputs[0] for node in wanted})
     sess = session(_probe(proto, values, graph)) if wanted else None
     sums: dict[str, np.ndarray] = {}
@@ -1059,11 +1070,8 @@ def collect_cross_stats(original: ModelSource, model: ModelSource, graph: Graph,
     to the *original* outputs. Neither model is changed.
     """
     source, target = as_model(original), as_model(model)
-    if isinstance(datasets, (str, bytes, Mapping)) or not hasattr(datasets, "__iter__"):
-        raise TypeError(f"datasets must be an iterable of feed dicts (input name -> numpy array), got "
-                        f"{type(datasets).__name__}")
-    wanted = [graph.node(name) for name in (names if names is not None else [n.name for n in graph.layers()])]
-    wanted = [node for node in wanted if node.op in (Op.LINEAR, Op.MATMUL, Op.CONV) and node.inputs]
+    _check_feed_datasets(datasets)
+    wanted = _calibrated_layers(graph, names)
     values = sorted({node.inputs[0] for node in wanted})
     sessions = [session(_probe(proto, values, graph)) for proto in (source, target)] if wanted else []
     sums: dict[str, dict[str, np.ndarray]] = {node.name: {} for node in wanted}
@@ -1118,16 +1126,9 @@ def output_errors(model: ModelSource, datasets: Iterable[Any], trials: Sequence[
     ``datasets`` (-1: all). Each trial runs a copy of the model; ``model`` is not changed.
     """
     proto = as_model(model)
-    if isinstance(datasets, (str, bytes, Mapping)) or not hasattr(datasets, "__iter__"):
-        raise TypeError(f"datasets must be an iterable of feed dicts (input name -> numpy array), got "
-                        f"{type(datasets).__name__}")
-    feeds = []
-    for index, element in enumerate(datasets):
-        feeds.append(check_feeds(proto, element, f"datasets element {index}"))
-        if 0 < max_iter <= len(feeds):
-            break
-    if not feeds:
-        raise ValueError("datasets is empty: measuring output errors needs at least one element")
+    _check_feed_datasets(datasets)
+    feeds = [check_feeds(proto, element, f"datasets element {index}")
+             for index, element in enumerate(first_elements(datasets, max_iter))]
     work = copy.deepcopy(proto)
     tensors = _weight_tensors(work)
     for trial in trials:
@@ -1137,27 +1138,23 @@ def output_errors(model: ModelSource, datasets: Iterable[Any], trials: Sequence[
             if math.prod(tensors[name].dims) != np.size(array):
                 raise ValueError(f"the replacement for {name!r} has {np.size(array)} values, the model's tensor "
                                  f"{list(tensors[name].dims)}")
-    sess = session(work)
-    reference = [_float_outputs(run(sess, feed, where=f"datasets element {index}"))
-                 for index, feed in enumerate(feeds)]
-    norm = sum(float(np.sum(value ** 2)) for values in reference for value in values)
-    if not math.isfinite(norm):
-        raise ValueError("the model's outputs on datasets hold NaN or Inf values")
-    errors = []
-    for trial in trials:
+    current = [session(work)]
+
+    def outputs(index: int) -> list[np.ndarray]:
+        return _float_outputs(run(current[0], feeds[index], where=f"datasets element {index}"))
+
+    @contextlib.contextmanager
+    def applied(trial: Mapping[str, np.ndarray]) -> Iterator[None]:
         saved = {name: copy.copy(tensors[name]) for name in trial}
         try:
             for name, array in trial.items():
                 original = numpy_helper.to_array(saved[name])
                 replacement = np.asarray(array).reshape(original.shape).astype(original.dtype)
                 tensors[name].CopyFrom(numpy_helper.from_array(replacement, name=saved[name].name))
-            trial_session = session(work)
+            current[0] = session(work)  # onnxruntime keeps its own copy of the weights
         finally:
             for name, tensor in saved.items():
                 tensors[name].CopyFrom(tensor)
-        squared = 0.0
-        for index, feed in enumerate(feeds):
-            outputs = _float_outputs(run(trial_session, feed, where=f"datasets element {index}"))
-            squared += sum(float(np.sum((new - old) ** 2)) for new, old in zip(outputs, reference[index], strict=True))
-        errors.append(squared / norm if norm > 0 else 0.0)
-    return errors
+        yield
+
+    return relative_output_errors(outputs, len(feeds), trials, applied)

@@ -23,6 +23,7 @@ from torch import nn
 from torch.nn import functional
 
 from lowrank_ir import Graph, LayerStats, Node, Op, verify
+from lowrank_ir._budget import first_elements, relative_output_errors
 from lowrank_ir._engine import stats_from_sums
 
 __all__ = ["LOWERINGS", "collect_cross_stats", "collect_stats", "count_parameters", "execution_groups", "lower",
@@ -524,13 +525,7 @@ def output_errors(model: nn.Module, datasets: Iterable[Any], trials: Sequence[Ma
     of the model; ``model`` is not changed.
     """
     _check_datasets(datasets)
-    elements = []
-    for element in datasets:
-        elements.append(element)
-        if 0 < max_iter <= len(elements):
-            break
-    if not elements:
-        raise ValueError("datasets is empty: measuring output errors needs at least one element")
+    elements = first_elements(datasets, max_iter)
     work = copy.deepcopy(model)
     tensors = dict(work.named_parameters(remove_duplicate=False)) | dict(work.named_buffers(remove_duplicate=False))
     for trial in trials:
@@ -541,25 +536,20 @@ def output_errors(model: nn.Module, datasets: Iterable[Any], trials: Sequence[Ma
                 raise ValueError(f"the replacement for {name!r} has shape {list(np.shape(array))}, the model's "
                                  f"parameter {list(tensors[name].shape)}")
     device = _model_device(work)
-    errors = []
+
+    def outputs(index: int) -> list[torch.Tensor]:
+        return _float_outputs(_run_element(work, elements[index], index, device))
+
+    @contextlib.contextmanager
+    def applied(trial: Mapping[str, np.ndarray]) -> Iterator[None]:
+        saved = {name: tensors[name].detach().clone() for name in trial}
+        try:
+            for name, array in trial.items():
+                tensors[name].data.copy_(torch.from_numpy(np.asarray(array)))
+            yield
+        finally:
+            for name, tensor in saved.items():
+                tensors[name].data.copy_(tensor)
+
     with _calibrating([work], [{}]):
-        reference = [_float_outputs(_run_element(work, element, index, device))
-                     for index, element in enumerate(elements)]
-        norm = sum(float((tensor ** 2).sum()) for outputs in reference for tensor in outputs)
-        if not math.isfinite(norm):
-            raise ValueError("the model's outputs on datasets hold NaN or Inf values")
-        for trial in trials:
-            saved = {name: tensors[name].detach().clone() for name in trial}
-            try:
-                for name, array in trial.items():
-                    tensors[name].data.copy_(torch.from_numpy(np.asarray(array)))
-                squared = 0.0
-                for index, element in enumerate(elements):
-                    outputs = _float_outputs(_run_element(work, element, index, device))
-                    squared += sum(float(((new - old) ** 2).sum())
-                                   for new, old in zip(outputs, reference[index], strict=True))
-            finally:
-                for name, tensor in saved.items():
-                    tensors[name].data.copy_(tensor)
-            errors.append(squared / norm if norm > 0 else 0.0)
-    return errors
+        return relative_output_errors(outputs, len(elements), trials, applied)

@@ -12,7 +12,6 @@ changed: ``decompose_network`` returns a new one.
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -33,7 +32,7 @@ from lowrank_ir._engine import (
     plan,
     rewrite,
 )
-from lowrank_ir._files import write_json
+from lowrank_ir._files import read_json, write_json
 from lowrank_ir._ir import Graph, Node, Op
 from lowrank_ir._policy import Policy, RankSpec, validate_config, validate_divisor, validate_excludes
 from lowrank_ir._registry import backend_for, frontend_for
@@ -205,15 +204,10 @@ class Decompose:
         errors = self._frontend.output_errors(self.model, datasets, [truncated[name] for name in names],
                                               max_iter=probe_iter)
         measured = dict(zip(names, errors, strict=True))
-        self.sensitivities = {}
-        for cand in candidates:
-            spectral = float(cand.errors[probes[cand.name]])
-            if cand.name in measured and spectral > 0:
-                self.sensitivities[cand.name] = measured[cand.name] / spectral
         for name, error in measured.items():
             logger.debug("%s: rank %d alone -> relative output error %.3g", name, probes[name], error)
-        kept = [cand for cand in candidates if cand.name not in measured]
-        return _budget.calibrate([cand for cand in candidates if cand.name in measured], measured, probes) + kept
+        self.sensitivities = _budget.sensitivities(candidates, measured, probes)
+        return _budget.calibrate(candidates, self.sensitivities)
 
     def _candidates(self, excludes: Sequence[str] | None, divisor: int, include: str | None, datasets: Any,
                     max_iter: int, kind: str) -> tuple[Graph, list[_budget.Candidate]]:
@@ -268,10 +262,7 @@ class Decompose:
         if not self.config_file.is_file():
             raise ValueError(f"config_file {str(self.config_file)!r} does not exist; call another from_* "
                              f"method with this config_file first to save one")
-        try:
-            config = json.loads(self.config_file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"config_file {str(self.config_file)!r} is not valid JSON: {err}") from err
+        config = read_json(self.config_file, f"config_file {str(self.config_file)!r}")
         config = validate_config(config, f"config_file {str(self.config_file)!r}")
         graph = self._lower()
         self.plan = plan(graph, Policy.config(config))

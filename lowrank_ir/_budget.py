@@ -36,12 +36,15 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import numpy as np
 
-__all__ = ["Candidate", "allocate", "calibrate", "energy_rank", "matrix_spectrum", "probe_rank", "tail_errors"]
+__all__ = ["Candidate", "allocate", "calibrate", "energy_rank", "first_elements", "matrix_spectrum", "probe_rank",
+           "relative_output_errors", "sensitivities", "tail_errors"]
 
 
 def matrix_spectrum(matrix: np.ndarray, moment: np.ndarray | None = None) -> np.ndarray:
@@ -137,17 +140,60 @@ def probe_rank(candidate: Candidate, fraction: float, divisor: int) -> int:
     return min(rank, candidate.max_rank)
 
 
-def calibrate(candidates: list[Candidate], measured: dict[str, float], probes: dict[str, int]) -> list[Candidate]:
-    """Candidates whose error curves are scaled to the measured output errors at the probe ranks.
-
-    A layer whose spectral error at its probe rank is zero (it is exactly low-rank there) gets the
-    median sensitivity of the others: its measured error says nothing about its scale.
-    """
-    scales: dict[str, float] = {}
+def sensitivities(candidates: list[Candidate], measured: dict[str, float], probes: dict[str, int]) -> dict[str, float]:
+    """``s_l = E_l / e_l(r_probe)²`` for the measured layers whose spectral error at the probe is not zero."""
+    result = {}
     for cand in candidates:
         spectral = float(cand.errors[probes[cand.name]])
-        if spectral > 0:
-            scales[cand.name] = max(measured[cand.name], 0.0) / spectral
+        if cand.name in measured and spectral > 0:
+            result[cand.name] = max(measured[cand.name], 0.0) / spectral
+    return result
+
+
+def calibrate(candidates: list[Candidate], scales: dict[str, float]) -> list[Candidate]:
+    """Candidates whose error curves are scaled by their sensitivities (:func:`sensitivities`).
+
+    A layer without one (not measured, or exactly low-rank at its probe, where the measured error says
+    nothing about its scale) gets the median sensitivity of the others.
+    """
     fallback = float(np.median(list(scales.values()))) if scales else 1.0
     return [Candidate(cand.name, cand.errors * scales.get(cand.name, fallback), cand.cost, cand.original_cost,
                       cand.max_rank) for cand in candidates]
+
+
+# ------------------------------------------------------------------------------------ measuring
+
+_Trial = TypeVar("_Trial")
+
+
+def first_elements(datasets: Iterable[Any], max_iter: int) -> list[Any]:
+    """The first ``max_iter`` elements of ``datasets`` (-1: all); ``ValueError`` when there are none."""
+    elements = []
+    for element in datasets:
+        elements.append(element)
+        if 0 < max_iter <= len(elements):
+            break
+    if not elements:
+        raise ValueError("datasets is empty: measuring output errors needs at least one element")
+    return elements
+
+
+def relative_output_errors(outputs: Callable[[int], Sequence[Any]], count: int, trials: Sequence[_Trial],
+                           applied: Callable[[_Trial], AbstractContextManager[object]]) -> list[float]:
+    """Per trial, ``Σ‖y' − y‖² / Σ‖y‖²`` over ``count`` elements: what the frontends' ``output_errors`` share.
+
+    ``outputs(i)`` runs the model on element ``i`` and returns its floating-point outputs (float64 arrays
+    or tensors); ``applied(trial)`` is a context that puts the trial's weights in place and takes them
+    out again. ``y`` is measured before any trial.
+    """
+    reference = [outputs(index) for index in range(count)]
+    norm = sum(float((value ** 2).sum()) for values in reference for value in values)
+    if not math.isfinite(norm):
+        raise ValueError("the model's outputs on datasets hold NaN or Inf values")
+    errors = []
+    for trial in trials:
+        with applied(trial):
+            squared = sum(float(((new - old) ** 2).sum()) for index in range(count)
+                          for new, old in zip(outputs(index), reference[index], strict=True))
+        errors.append(squared / norm if norm > 0 else 0.0)
+    return errors

@@ -46,7 +46,7 @@ import numpy as np
 
 from lowrank_ir._api import Decompose
 from lowrank_ir._engine import plan
-from lowrank_ir._files import atomic_directory
+from lowrank_ir._files import atomic_directory, read_json
 from lowrank_ir._ir import Graph
 from lowrank_ir._policy import Policy
 from lowrank_ir._registry import FRAMEWORKS, _load, framework_of
@@ -227,10 +227,7 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not file.is_file():
         raise ValueError(f"{str(folder)!r} is not a converted model: {MANIFEST_FILE} is missing "
                          f"(save_converted / 'lowrank convert' write it)")
-    try:
-        manifest = json.loads(file.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{str(file)!r} is not valid JSON: {err}") from err
+    manifest = read_json(file)
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
         raise ValueError(f"{str(file)!r} does not describe a lowrank-ir converted model")
     if manifest.get("version") != MANIFEST_VERSION:

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-__all__ = ["SafeWriteUmask", "atomic_directory", "atomic_write", "write_json"]
+__all__ = ["SafeWriteUmask", "atomic_directory", "atomic_write", "read_json", "write_json"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -117,3 +117,11 @@ def write_json(path: str | os.PathLike[str], data: Any) -> None:
     text = json.dumps(data, indent=2, sort_keys=False) + "\n"
     with atomic_write(path, "w") as stream:
         stream.write(text)
+
+
+def read_json(path: str | os.PathLike[str], what: str | None = None) -> Any:
+    """The JSON in ``path``; ``ValueError("<what> is not valid JSON: ...")`` when it is not (what: the quoted path)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{what or repr(str(path))} is not valid JSON: {err}") from err

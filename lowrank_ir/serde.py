@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from lowrank_ir._files import atomic_directory
+from lowrank_ir._files import atomic_directory, read_json
 from lowrank_ir._ir import Graph, Node, Op, Value, verify
 
 __all__ = ["load_graph", "save_graph"]
@@ -98,10 +98,7 @@ def load_graph(directory: str | os.PathLike[str]) -> Graph:
         if not path.is_file():
             raise FileNotFoundError(f"{str(folder)!r} is not a saved graph: {path.name} is missing "
                                     f"(a saved graph has {GRAPH_FILE} and {PARAMS_FILE})")
-    try:
-        structure = json.loads(graph_file.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{str(graph_file)!r} is not valid JSON: {err}") from err
+    structure = read_json(graph_file)
     if not isinstance(structure, dict) or structure.get("format") != "lowrank-ir graph":
         raise ValueError(f"{str(graph_file)!r} is not a lowrank-ir graph file")
     if structure.get("version") != FORMAT_VERSION:

@@ -29,6 +29,18 @@ def _seed_everything() -> None:
         torch.manual_seed(SEED)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Any:
+    """One torch intra-op thread for a module (``pytest.mark.usefixtures``): the machine's cores are
+    shared, and results do not depend on it."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def write_config(tmp_path: Path) -> Callable[..., Path]:
     """``write_config(config, name="config.json")``: a JSON ``decompose_config`` file in ``tmp_path``."""

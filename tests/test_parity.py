@@ -31,9 +31,11 @@ from backends.torch import GraphModule  # noqa: E402
 from frontends import onnx as onnx_frontend  # noqa: E402
 from lowrank_ir import ParityReport, convert, load_converted, parity, save_converted  # noqa: E402
 from tests import onnx_models as om  # noqa: E402
+from tests.rebuild_cases import TOLERANCE, relative_error  # noqa: E402
 from tools.cli import main  # noqa: E402
 
-TOLERANCE = 1e-4
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 RUNTIMES = {"onnxruntime", "torch", "mindspore"}
 
 #: Real English sentences of different lengths (the batch is padded: attention_mask matters).
@@ -42,19 +44,6 @@ SENTENCES = [
     "Low-rank factors make a transformer smaller and faster.",
     "She forgot her umbrella, so she waited under the bridge until the rain stopped.",
 ]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: the machine's cores are shared, and results do not depend on it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def relative_error(got: np.ndarray, ref: np.ndarray) -> float:
-    return float(np.abs(np.asarray(got, np.float64) - ref).max() / np.abs(ref).max())
 
 
 def one_line_error(capsys, *words: str) -> str:

@@ -30,16 +30,7 @@ from tests import rebuild_cases  # noqa: E402
 from tests.onnx_models import ppocr_feeds, ppocr_model, session  # noqa: E402
 from tests.rebuild_cases import CASES, REQUIRED_OPS, TOLERANCE, relative_error  # noqa: E402
 
-pytestmark = pytest.mark.torch
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: the machine's cores are shared, and results do not depend on it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
+pytestmark = [pytest.mark.torch, pytest.mark.usefixtures("one_torch_thread")]
 
 def run(module: GraphModule, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
     with torch.no_grad():

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import math
 import sys
 from collections.abc import Sequence
@@ -72,13 +71,15 @@ def _load_model(spec: str, weights: str | None) -> Any:
 
 def read_rules(file: str) -> Any:
     """The ``--dict`` file's JSON rules."""
+    from lowrank_ir._files import read_json
+
     path = Path(file)
     if not path.is_file():
         raise UsageError(f"--dict file {file!r} does not exist")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise UsageError(f"--dict file {file!r} is not valid JSON: {err}") from err
+        return read_json(path, f"--dict file {file!r}")
+    except ValueError as err:
+        raise UsageError(str(err)) from err
 
 
 def budget_target(text: str) -> float | int:
