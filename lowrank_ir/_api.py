@@ -32,7 +32,7 @@ from lowrank_ir._engine import (
     plan,
     rewrite,
 )
-from lowrank_ir._files import read_json, write_json
+from lowrank_ir._files import check_file_target, read_json, write_json
 from lowrank_ir._ir import Graph, Node, Op
 from lowrank_ir._policy import Policy, RankSpec, validate_config, validate_divisor, validate_excludes
 from lowrank_ir._registry import backend_for, frontend_for
@@ -59,8 +59,7 @@ def _check_config_file(config_file: object) -> Path | None:
     if not isinstance(config_file, (str, os.PathLike)) or not os.fspath(config_file).endswith(".json"):
         raise ValueError(f"config_file must be a path ending in '.json', got {config_file!r}")
     path = Path(config_file)
-    if not path.parent.is_dir():
-        raise ValueError(f"config_file {str(path)!r} is in folder {str(path.parent)!r}, which does not exist")
+    check_file_target(path, f"config_file {str(path)!r}")  # a folder, or no folder to write in, fails now
     return path
 
 
