@@ -901,7 +901,7 @@ def check_feeds(model: ModelProto, feeds: object, where: str = "feeds") -> dict[
                                      f"{_show(spec.shape)} (dimension {axis} must be {want})")
         if array.dtype.kind in "fc" and not np.isfinite(array).all():  # NaN compares false: checks would pass
             bad = int(array.size - np.count_nonzero(np.isfinite(array)))
-            raise ValueError(f"{where}: input {name!r} holds {bad} values that are not finite (NaN or Inf); "
+            raise ValueError(f"{where}: input {name!r} has {bad} of {array.size} values not finite (NaN or Inf); "
                              f"feeds must be finite numbers")
         checked[name] = array
     return checked

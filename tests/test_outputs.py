@@ -283,6 +283,14 @@ def test_feeds_with_nan_or_inf_are_refused(option, bad, mlp_file, tmp_path, caps
     assert not out.exists()
 
 
+def test_parity_refuses_feeds_with_nan(mlp_file, tmp_path, capsys) -> None:
+    x = np.ones((2, 64), np.float32)
+    x[1, 0] = np.nan
+    feeds = _npz(tmp_path / "bad.npz", x=x)
+    assert main(["parity", str(mlp_file), "--feeds", str(feeds), "--no-decompose"]) == 2
+    _one_line_error(capsys, f"feeds {str(feeds)!r}", "input 'x' has 1 of 128 values not finite")
+
+
 def test_a_config_file_that_is_a_folder_is_refused_at_once(tmp_path) -> None:
     from tools.demo import demo_model
 
