@@ -339,7 +339,14 @@ class Outputs:
         return key
 
     def check(self) -> None:
-        """Raise ``ValueError`` (``FileExistsError`` for names that exist, without ``force``) on the first problem."""
+        """Raise on the first problem of any input or output path, before the work starts.
+
+        ``FileNotFoundError`` for a missing input, ``FileExistsError`` for an output name that exists
+        (without ``force``), ``ValueError`` for the rest.
+        """
+        for path, what in self._inputs:
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{what} {path!r} {'is a folder' if os.path.isdir(path) else 'does not exist'}")
         for key, output in self._outputs.items():
             for path, what in self._inputs:
                 if _same_file(key, path):

@@ -187,6 +187,17 @@ def test_two_outputs_naming_one_file_are_refused(tmp_path, capsys) -> None:
 
 # ------------------------------------------------------------------------------ all or nothing
 
+def test_every_input_path_is_checked_before_the_work(mlp_file, tmp_path, capsys) -> None:
+    calib = _npz(tmp_path / "calib.npz", x=np.ones((4, 64), np.float32))
+    argv = ["decompose", str(mlp_file), "-o", str(tmp_path / "s.onnx"), "--budget-params", "0.5", "--divisor", "8",
+            "--calib", str(calib)]
+    assert main([*argv, "--feeds", str(tmp_path / "missing.npz")]) == 2  # not after measuring the budget
+    _one_line_error(capsys, "the --feeds file", "missing.npz' does not exist")
+    assert main([*argv, "--feeds", str(tmp_path)]) == 2
+    _one_line_error(capsys, "the --feeds file", "is a folder")
+    assert _names(tmp_path) == ["calib.npz", "m.onnx"]
+
+
 def test_a_report_in_a_missing_folder_is_refused_before_any_work(mlp_file, tmp_path, capsys) -> None:
     out = tmp_path / "out"
     assert main(["decompose", *TORCH_MODEL, "-o", str(out), "--report", str(tmp_path / "nodir" / "r.json")]) == 2
