@@ -383,9 +383,9 @@ class Outputs:
 
     @contextlib.contextmanager
     def writing(self) -> Iterator[Staging]:
-        """Check again, then yield the staging area; on success move every output into place."""
+        """Check again, then yield the staging area; when the block ends without error, move every output into place."""
         self.check()
-        stage = Staging(self)
+        stage = Staging(self._outputs, self._folders, self.force)
         try:
             stage.prepare()
             yield stage
@@ -397,23 +397,25 @@ class Outputs:
 class Staging:
     """Where the outputs of :class:`Outputs` are written before they are moved into place."""
 
-    def __init__(self, outputs: Outputs) -> None:
+    def __init__(self, outputs: dict[Path, _Output], folders: dict[Path, _Output], force: bool) -> None:
         self._outputs = outputs
+        self._new = {folder: output for folder, output in folders.items() if not folder.is_dir()}
+        self._force = force
         self._dropped: set[Path] = set()
         self._folders: dict[Path, Path] = {}  # destination folder -> its temporary folder
 
     def prepare(self) -> None:
         """Create one temporary folder per destination folder."""
-        for key in self._outputs._outputs:
+        for key in self._outputs:
             destination = key.parent
             if destination not in self._folders:
                 # a new output folder is staged beside itself and renamed; an existing one is staged inside
-                beside = destination if not destination.is_dir() else destination / key.name
+                beside = destination if destination in self._new else destination / key.name
                 self._folders[destination] = temporary_folder(beside)
 
     def path(self, target: Path) -> Path:
         """Where to write the output ``target`` (a key that ``Outputs.file`` or ``Outputs.folder`` gave)."""
-        if target not in self._outputs._outputs:
+        if target not in self._outputs:
             raise KeyError(f"{str(target)!r} is not one of this command's outputs")
         return self._folders[target.parent] / target.name
 
@@ -426,31 +428,30 @@ class Staging:
         self._dropped.add(target)
 
     def commit(self) -> None:
-        outputs = self._outputs
+        """Move every written output into place: new folders by one rename each, other files one by one."""
         moves = []
-        for key, output in outputs._outputs.items():
+        for key, output in self._outputs.items():
             staged = self.path(key)
             if key in self._dropped or (output.optional and not os.path.lexists(staged)):
                 continue
             if not os.path.isfile(staged):
                 raise RuntimeError(f"{output.label}: {key.name} was not written")
-            os.chmod(staged, FILE_MODE)
+            appeared = key.parent in self._new and os.path.lexists(key.parent)
+            if appeared or (os.path.lexists(key) and not self._force):
+                raise FileExistsError(f"{output.label} appeared while this command ran; nothing was written")
             moves.append((staged, key))
-        new = {folder for folder in outputs._folders if not folder.is_dir()}
-        for folder in new:
-            if any(key.parent == folder for _, key in moves):
-                if os.path.lexists(folder):
-                    raise FileExistsError(f"{outputs._folders[folder].label} appeared while this command ran; "
-                                          f"nothing was written")
-                os.chmod(self._folders[folder], FOLDER_MODE)
-                os.rename(self._folders[folder], folder)
-                del self._folders[folder]
+        for staged, _ in moves:
+            os.chmod(staged, FILE_MODE)
+        for folder in {key.parent for _, key in moves if key.parent in self._new}:
+            os.chmod(self._folders[folder], FOLDER_MODE)
+            os.rename(self._folders.pop(folder), folder)
         for staged, key in moves:
-            if key.parent not in new:
+            if key.parent not in self._new:
                 os.replace(staged, key)
         logger.info("wrote %s", ", ".join(str(key) for _, key in moves))
 
     def remove(self) -> None:
+        """Remove what is left of the temporary folders (all of them, after an error)."""
         for tmp in self._folders.values():
             shutil.rmtree(tmp, ignore_errors=True)
         self._folders.clear()

@@ -23,7 +23,7 @@ onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
 from lowrank_ir import Decompose, save_graph  # noqa: E402
-from lowrank_ir._files import FILE_MODE, FOLDER_MODE  # noqa: E402
+from lowrank_ir._files import FILE_MODE, FOLDER_MODE, Outputs  # noqa: E402
 from tests import onnx_models as om  # noqa: E402
 from tools.cli import main  # noqa: E402
 
@@ -237,6 +237,28 @@ def test_created_folders_and_files_have_one_mode_whatever_the_umask(umask, tmp_p
     for folder in (tmp_path / "demo", tmp_path / "out"):
         assert _mode(folder) == FOLDER_MODE == 0o750, oct(_mode(folder))
         assert {_mode(path) for path in folder.iterdir()} == {FILE_MODE} == {0o640}
+
+
+def test_an_output_that_appears_during_the_work_is_not_replaced(tmp_path) -> None:
+    outputs = Outputs()
+    report = outputs.file(tmp_path / "r.json", "--report")
+    folder = outputs.folder(tmp_path / "new", ["a.txt"], "-o")
+    outputs.check()
+    with pytest.raises(FileExistsError, match="appeared while this command ran"), outputs.writing() as stage:
+        stage.path(report).write_text("ours")
+        stage.path(folder / "a.txt").write_text("ours")
+        (tmp_path / "r.json").write_text("someone's")
+    assert (tmp_path / "r.json").read_text() == "someone's" and _names(tmp_path) == ["r.json"]
+
+
+def test_a_dropped_output_is_not_written_and_the_rest_is(tmp_path) -> None:
+    outputs = Outputs()
+    model, report = outputs.file(tmp_path / "m.onnx", "-o"), outputs.file(tmp_path / "r.json", "--report")
+    with outputs.writing() as stage:
+        stage.path(model).write_bytes(b"model")
+        stage.path(report).write_text("{}")
+        stage.drop(model)
+    assert _names(tmp_path) == ["r.json"] and _mode(tmp_path / "r.json") == FILE_MODE
 
 
 # ------------------------------------------------------------------------------ killed runs
