@@ -109,6 +109,21 @@ def test_an_existing_output_file_is_replaced_only_with_force(mlp_file, tmp_path,
     onnx.checker.check_model(onnx.load(out), full_check=True)
 
 
+def test_a_model_with_external_data_appears_with_it_or_not_at_all(mlp_file, tmp_path, monkeypatch, capsys) -> None:
+    from tools import onnx_cli
+
+    monkeypatch.setattr(onnx_cli, "PROTOBUF_LIMIT", 1000)  # this small model takes the 2 GB path
+    out = tmp_path / "small.onnx"
+    argv = ["decompose", str(mlp_file), "-o", str(out), "--divisor", "8", "--fixed", "8"]
+    assert main([*argv, "--tolerance", "1e-6"]) == 1
+    assert _names(tmp_path) == ["m.onnx"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert _names(tmp_path) == ["m.onnx", "small.onnx", "small.onnx.data"]
+    assert {_mode(tmp_path / name) for name in ("small.onnx", "small.onnx.data")} == {FILE_MODE}
+    onnx.checker.check_model(str(out), full_check=True)
+
+
 def test_output_dot_writes_into_the_current_folder(tmp_path, monkeypatch, capsys) -> None:
     monkeypatch.chdir(tmp_path)
     (tmp_path / "notes.txt").write_text("mine")
@@ -151,16 +166,17 @@ def test_saving_a_graph_never_deletes_files_it_did_not_write(tmp_path) -> None:
 def test_an_output_that_is_an_input_is_refused(mlp_file, tmp_path, monkeypatch, capsys) -> None:
     original = mlp_file.read_bytes()
     (tmp_path / "link.onnx").symlink_to(mlp_file)
+    os.link(mlp_file, tmp_path / "hard.onnx")
     (tmp_path / "sub").mkdir()
     monkeypatch.chdir(tmp_path)
-    for output in ("m.onnx", "./m.onnx", str(mlp_file), "link.onnx", "sub/../m.onnx"):
+    for output in ("m.onnx", "./m.onnx", str(mlp_file), "link.onnx", "hard.onnx", "sub/../m.onnx"):
         for force in ([], ["--force"]):
             assert main(["decompose", "m.onnx", "-o", output, "--divisor", "8", *force]) == 2, output
             _one_line_error(capsys, f"-o {output!r}", "is the input model")
     assert main(["decompose", "m.onnx", "-o", "small.onnx", "--divisor", "8", "--report", "m.onnx", "--force"]) == 2
     _one_line_error(capsys, "--report 'm.onnx'", "is the input model")
     assert mlp_file.read_bytes() == original
-    assert _names(tmp_path) == ["link.onnx", "m.onnx", "sub"]
+    assert _names(tmp_path) == ["hard.onnx", "link.onnx", "m.onnx", "sub"]
 
 
 def test_a_report_that_is_an_input_file_is_refused(mlp_file, tmp_path, capsys) -> None:
