@@ -307,13 +307,19 @@ class Outputs:
     def __init__(self, force: bool = False) -> None:
         self.force = force
         self._inputs: list[tuple[str, str]] = []
+        self._required: list[tuple[str, str]] = []
         self._outputs: dict[Path, _Output] = {}
         self._folders: dict[Path, _Output] = {}
 
-    def read(self, path: str | os.PathLike[str] | None, what: str) -> None:
-        """Record a file the command reads (``what``: e.g. "the --feeds file"); None is ignored."""
+    def read(self, path: str | os.PathLike[str] | None, what: str, *, check: bool = True) -> None:
+        """Record a file the command reads (``what``: e.g. "the --feeds file"); None is ignored.
+
+        ``check``: :meth:`check` refuses it when it is not a file (False: the command checks it itself).
+        """
         if path is not None:
             self._inputs.append((os.fspath(path), what))
+            if check:
+                self._required.append((os.fspath(path), what))
 
     def file(self, path: str | os.PathLike[str], what: str, *, optional: bool = False) -> Path:
         """Record a file the command writes (``what``: the option naming it); return its key for ``stage.path``.
@@ -344,7 +350,7 @@ class Outputs:
         ``FileNotFoundError`` for a missing input, ``FileExistsError`` for an output name that exists
         (without ``force``), ``ValueError`` for the rest.
         """
-        for path, what in self._inputs:
+        for path, what in self._required:
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"{what} {path!r} {'is a folder' if os.path.isdir(path) else 'does not exist'}")
         for key, output in self._outputs.items():

@@ -50,7 +50,7 @@ def command_outputs(args: argparse.Namespace) -> Any:
     outputs = Outputs(force=getattr(args, "force", False))
     model = getattr(args, "model", None)
     if model is not None and is_onnx_path(model):
-        outputs.read(model, "the input model")
+        outputs.read(model, "the input model", check=False)  # each command says how a model is missing
     for option, what in INPUT_OPTIONS.items():
         outputs.read(getattr(args, option, None), what)
     return outputs
