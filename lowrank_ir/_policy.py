@@ -116,8 +116,8 @@ def _validate_spec(spec: object, where: str) -> RankSpec:
     if _is_int(spec):
         try:
             return validate_fixed(spec)
-        except ValueError as err:
-            raise ValueError(f"{where}: {err}") from err
+        except ValueError as err:  # the reference reads 0 as "leave alone"; excludes says that by name
+            raise ValueError(f"{where}: {err} (to leave layers alone, name them in excludes)") from err
     if isinstance(spec, (list, tuple)):
         pair = _rank_pair(spec)
         if pair is None:

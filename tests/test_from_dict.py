@@ -154,7 +154,7 @@ REFUSED = {
     "one-rank-in-a-list": ([16], SKIPPED, r"rank pair must be.*got \[16\]"),
     "three-ranks": ((8, 8, 8), SKIPPED, r"rank pair must be.*got \(8, 8, 8\)"),
     "pair-with-vbmf": (("vbmf", 8), SKIPPED, r"rank pair must be.*\('vbmf', 8\)"),
-    "rank-0": (0, SKIPPED, r"fixed rank must be an int > 0.*got 0"),
+    "rank-0": (0, SKIPPED, r"fixed rank must be an int > 0.*got 0 \(to leave layers alone, name them in excludes\)"),
     "negative-rank": (-16, SKIPPED, r"fixed rank must be an int > 0.*got -16"),
     "none": (None, SKIPPED, r"a value must be an int rank > 0, a float ratio in \(0, 1\), 'vbmf' or an \(out rank"),
     # a bool is an int to the reference: True is rank 1, rounded up to the divisor
@@ -173,6 +173,15 @@ def test_values_the_reference_skips_or_misreads_are_refused_clearly(case: str, m
     with pytest.raises(ValueError, match=r"^from_dict\['feature\.0'\]: .*" + message):
         decomposer.from_dict(rules, divisor=16)
     assert decomposer.decompose_config is None
+
+
+@pytest.mark.reference
+def test_excludes_says_what_a_rule_of_zero_does_in_the_reference(model, reference) -> None:
+    """A first-matching rule with value 0 leaves a layer alone in the reference; we refuse 0 and point to
+    excludes, which gives the same config."""
+    theirs = reference(model).from_dict({"feature.0": 0, "feature": 16}, divisor=16).decompose_config
+    ours = Decompose(model).from_dict({"feature": 16}, divisor=16, excludes=["feature.0"]).decompose_config
+    assert ours == {"feature.2": [16, 16]} == {name: list(rank) for name, rank in theirs.items()}
 
 
 @pytest.mark.reference
