@@ -232,6 +232,20 @@ def test_decompose_config_given_back_gives_the_same_config_and_outputs(made_by: 
     assert not torch.equal(actual, model(ids))  # something was decomposed
 
 
+def test_conv_ranks_capped_at_the_channels_come_back_capped() -> None:
+    """A 3-channel stem at ratio 0.3, divisor 1 gets [7, 3] (in-rank capped at its 3 channels); given back,
+    the pair [7, 3] passes the same saving check and gives the same layer."""
+    torch.manual_seed(4)
+    stem = nn.Sequential(nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)).eval()
+    first = Decompose(stem).from_ratio(0.3, divisor=1)
+    assert first.decompose_config == {"0": [7, 3]}
+    again = Decompose(stem).from_dict(first.decompose_config, divisor=1)
+    assert again.decompose_config == {"0": [7, 3]}
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(again.decompose_network()(x), first.decompose_network()(x))
+
+
 @pytest.mark.reference
 def test_the_reference_reads_our_config_as_rules_the_same_way(model, reference) -> None:
     config = Decompose(model).from_ratio(0.5, divisor=16).decompose_config
