@@ -10,7 +10,6 @@ shows both sides. The same rules go through the ONNX facade and the command line
 from __future__ import annotations
 
 import json
-import logging
 import re
 from typing import Any
 
@@ -27,15 +26,9 @@ from tools.cli import main  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def reference() -> Any:
-    """The reference's PyTorch ``Decompose`` class, its logs quietened (it logs every Tucker iteration)."""
-    module = pytest.importorskip("msmodelslim.pytorch.low_rank_decompose")
-    from msmodelslim import logger
-
-    level = logger.level
-    logger.setLevel(logging.WARNING)
-    yield module.Decompose
-    logger.setLevel(level)
+def reference(quiet_reference) -> Any:
+    """The reference's PyTorch ``Decompose`` class."""
+    return pytest.importorskip("msmodelslim.pytorch.low_rank_decompose").Decompose
 
 
 @pytest.fixture(scope="module")

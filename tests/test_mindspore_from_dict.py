@@ -11,7 +11,6 @@ import os
 
 os.environ.setdefault("GLOG_v", "3")  # MindSpore's C++ logs: errors only
 
-import logging  # noqa: E402
 import re  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -27,17 +26,7 @@ from lowrank_ir import Decompose, count_parameters  # noqa: E402
 
 RefDecompose = reference.Decompose
 
-pytestmark = [pytest.mark.reference, pytest.mark.mindspore]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _quiet_reference():
-    from msmodelslim import logger
-
-    level = logger.level
-    logger.setLevel(logging.WARNING)
-    yield
-    logger.setLevel(level)
+pytestmark = [pytest.mark.reference, pytest.mark.mindspore, pytest.mark.usefixtures("quiet_reference")]
 
 
 def _lists(config: dict[str, Any]) -> dict[str, Any]:
