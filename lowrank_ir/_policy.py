@@ -112,7 +112,8 @@ def _validate_spec(spec: object, where: str) -> RankSpec:
         try:
             return validate_ratio(spec)
         except ValueError as err:  # the reference would read 64.0 as rank 64; we ask for the int
-            raise ValueError(f"{where}: {err} (a rank is given as an int)") from err
+            hint = " (a rank is given as an int)" if spec >= 1.0 else ""
+            raise ValueError(f"{where}: {err}{hint}") from err
     if _is_int(spec):
         try:
             return validate_fixed(spec)
