@@ -14,7 +14,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ from lowrank_ir._engine import (
 )
 from lowrank_ir._files import read_json, write_json
 from lowrank_ir._ir import Graph, Node, Op
-from lowrank_ir._policy import Policy, RankSpec, validate_config, validate_divisor, validate_excludes
+from lowrank_ir._policy import Policy, Rules, validate_config, validate_divisor, validate_excludes
 from lowrank_ir._registry import backend_for, frontend_for
 from lowrank_ir._report import Report, _positions, build_report
 
@@ -113,9 +113,15 @@ class Decompose:
         """The same rank ``channel_fixed`` (an int > 0, rounded by ``divisor``) for every layer."""
         return self._choose(Policy.fixed(channel_fixed, excludes, divisor))
 
-    def from_dict(self, channel_dict: Mapping[str, RankSpec], excludes: Sequence[str] | None = None,
+    def from_dict(self, channel_dict: Rules, excludes: Sequence[str] | None = None,
                   divisor: int = 64) -> Decompose:
-        """Per-layer rules ``{regex: int | float | "vbmf"}``; the first key that ``re.search``-matches wins."""
+        """Per-layer rules ``{regex: int | float | "vbmf" | (out, in)}``; the first key that ``re.search``-matches wins.
+
+        Keys are strings or compiled ``re.Pattern``. A value is an int rank, a float ratio in (0, 1),
+        ``"vbmf"``, or an ``(out rank, in rank)`` pair (list or tuple): a conv's Tucker-2 ranks, the
+        larger of the two for a matrix layer. Every rank is rounded by ``divisor``, so a
+        ``decompose_config`` given back with the divisor it was made with gives the same config.
+        """
         return self._choose(Policy.from_dict(channel_dict, excludes, divisor))
 
     def from_vbmf(self, excludes: Sequence[str] | None = None, divisor: int = 64) -> Decompose:

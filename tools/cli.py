@@ -127,7 +127,9 @@ def _add_policy_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--ratio", type=float, default=0.5,
                        help="keep this fraction of each layer's parameters (default 0.5)")
     group.add_argument("--fixed", type=int, help="the same rank for every layer")
-    group.add_argument("--dict", metavar="FILE", help='JSON file of {"regex": rank | ratio | "vbmf"} rules')
+    group.add_argument("--dict", metavar="FILE",
+                       help='JSON file of {"regex": rank | ratio | "vbmf" | [out, in]} rules (the first key that '
+                            'matches a layer name wins; a saved decompose_config.json is one)')
     group.add_argument("--vbmf", action="store_true", help="ranks estimated by EVBMF from the weights")
     group.add_argument("--energy", type=float, metavar="KEEP",
                        help="each layer keeps this fraction in (0, 1] of its spectral energy (of its output "
