@@ -51,6 +51,7 @@ from frontends._patches import collects_patches, patch_moment_sum
 from lowrank_ir import Graph, LayerStats, Node, Op, Value, verify
 from lowrank_ir._budget import first_elements, relative_output_errors
 from lowrank_ir._engine import stats_from_sums
+from lowrank_ir._files import path_inside
 from lowrank_ir._limits import check_array, check_bytes, format_bytes, limited
 
 __all__ = [
@@ -193,8 +194,8 @@ def check_external_data(model: ModelProto, folder: str | os.PathLike[str]) -> No
         location = info.get("location", "")
         if not location:
             raise ValueError(f"{where} is stored as external data but names no file ('location' is missing)")
-        target = (base / location).resolve()
-        if Path(location).is_absolute() or not target.is_relative_to(base):
+        target = path_inside(base, location)
+        if target is None:
             raise ValueError(f"{where}: external data location {location!r} escapes the model's folder "
                              f"{str(base)!r}; only files inside that folder are read")
         if not target.is_file():

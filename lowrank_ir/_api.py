@@ -29,9 +29,9 @@ from lowrank_ir._engine import (
     _matrix_view,
     _why_not_decomposable,
     approximations,
-    check_excludes,
     plan,
     rewrite,
+    warn_unknown_excludes,
 )
 from lowrank_ir._files import read_json, write_json
 from lowrank_ir._ir import Graph, Node, Op
@@ -236,7 +236,7 @@ class Decompose:
         except (re.error, TypeError) as err:
             raise ValueError(f"include must be a regular expression string, got {include!r}: {err}") from err
         graph = self._lower()
-        check_excludes(graph, excluded)
+        warn_unknown_excludes(graph, sorted(excluded))
         nodes = [node for node in graph.layers()
                  if node.name not in excluded and (pattern is None or pattern.search(node.name))
                  and not _why_not_decomposable(node, graph)]

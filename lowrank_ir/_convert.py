@@ -46,7 +46,7 @@ import numpy as np
 
 from lowrank_ir._api import Decompose
 from lowrank_ir._engine import plan
-from lowrank_ir._files import atomic_directory, check_schema, read_json
+from lowrank_ir._files import atomic_directory, check_schema, path_inside, read_json
 from lowrank_ir._ir import Graph
 from lowrank_ir._limits import check_array, limited
 from lowrank_ir._policy import Policy, plain_number, validate_divisor, validate_ratio
@@ -249,18 +249,11 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
     if manifest["framework"] not in NATIVE_FRAMEWORKS:
         raise ValueError(f"{str(file)!r} names framework {manifest['framework']!r}; expected one of "
                          f"{', '.join(NATIVE_FRAMEWORKS)}")
-    _inside(folder, manifest["weights"], f"{str(file)!r}: weights")
+    if path_inside(folder, manifest["weights"]) is None:
+        raise ValueError(f"{str(file)!r}: weights {manifest['weights']!r} is not a file inside the folder "
+                         f"{str(folder)!r}; a converted-model folder names its own files (e.g. "
+                         f"{WEIGHTS_FILES['torch']!r})")
     return manifest
-
-
-def _inside(folder: Path, name: str, what: str) -> Path:
-    """``folder / name``, refused when ``name`` is absolute or leads outside ``folder`` (also through a symlink)."""
-    base = folder.resolve()
-    target = (base / name).resolve()
-    if not name or Path(name).is_absolute() or not target.is_relative_to(base) or target == base:
-        raise ValueError(f"{what} {name!r} is not a file inside the folder {str(folder)!r}; a converted-model "
-                         f"folder names its own files (e.g. {WEIGHTS_FILES['torch']!r})")
-    return folder / name
 
 
 def load_converted(path: str | os.PathLike[str], weights: str | os.PathLike[str] | None = None) -> Any:

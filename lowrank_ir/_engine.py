@@ -32,7 +32,8 @@ from lowrank_ir._evbmf import vbmf_ranks
 from lowrank_ir._ir import Graph, Node, Op, verify
 from lowrank_ir._policy import Policy, conv_ranks, matrix_rank, ratio_rank, smallest_ratio
 
-__all__ = ["LayerStats", "Plan", "PlanEntry", "approximations", "check_excludes", "plan", "rewrite", "stats_from_sums"]
+__all__ = ["LayerStats", "Plan", "PlanEntry", "approximations", "plan", "rewrite", "stats_from_sums",
+           "warn_unknown_excludes"]
 
 logger = logging.getLogger(__name__)
 
@@ -200,12 +201,12 @@ def _plan_entry(node: Node, graph: Graph, policy: Policy) -> PlanEntry | None:
 def plan(graph: Graph, policy: Policy) -> Plan:
     """Choose a form and rank for every layer of ``graph`` under ``policy``.
 
-    Raises ``ValueError`` when ``policy.excludes`` names a layer the graph does not have, when a ratio
-    rounds the rank of every layer it applies to down to 0, when a layer to be decomposed has NaN/Inf
-    weights, and, for an exact ``config`` policy, when the config names layers the graph does not have
-    or ranks that don't fit.
+    Logs a warning when ``policy.excludes`` names a layer the graph does not have. Raises ``ValueError``
+    when a ratio rounds the rank of every layer it applies to down to 0, when a layer to be decomposed
+    has NaN/Inf weights, and, for an exact ``config`` policy, when the config names layers the graph
+    does not have or ranks that don't fit.
     """
-    check_excludes(graph, policy.excludes)
+    warn_unknown_excludes(graph, policy.excludes)
     _check_ratios(graph, policy)
     result = Plan()
     for node in graph.layers():
@@ -217,18 +218,22 @@ def plan(graph: Graph, policy: Policy) -> Plan:
     return result
 
 
-def check_excludes(graph: Graph, excludes: Iterable[str]) -> None:
-    """``ValueError`` when ``excludes`` names a layer ``graph`` lacks (a typo would decompose the layer meant)."""
+def warn_unknown_excludes(graph: Graph, excludes: Iterable[str]) -> list[str]:
+    """Names in ``excludes`` that are not layers of ``graph``, logged as a warning with the nearest layer names.
+
+    A warning, not an error: the reference tool ignores such names, and scripts written for it pass one
+    exclude list to a family of models (``layer{stage}.{block}`` for every block any of them has); a
+    typo is still shown, with the name it probably meant.
+    """
     layers = [node.name for node in graph.layers()]
     known = set(layers)
     unknown = [name for name in excludes if name not in known]
-    if not unknown:
-        return
-    hints = {name: difflib.get_close_matches(name, layers, n=1) for name in unknown}
-    detail = "; ".join(f"{name!r} (did you mean {hint[0]!r}?)" for name, hint in hints.items() if hint)
-    shown = ", ".join(repr(name) for name in layers[:8]) + (" ..." if len(layers) > 8 else "")
-    raise ValueError(f"excludes names layers the model does not have: {unknown}{'; ' + detail if detail else ''}; "
-                     f"excludes are exact layer names, the model's layers are: {shown or 'none'}")
+    if unknown:
+        hints = {name: difflib.get_close_matches(name, layers, n=1) for name in unknown}
+        detail = "".join(f"; {name!r}: did you mean {hint[0]!r}?" for name, hint in hints.items() if hint)
+        logger.warning("excludes names %d layer(s) the model does not have, ignored (excludes are exact layer "
+                       "names): %s%s", len(unknown), unknown, detail)
+    return unknown
 
 
 def _check_ratios(graph: Graph, policy: Policy) -> None:

@@ -12,8 +12,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-__all__ = ["ANY", "MapOf", "SafeWriteUmask", "atomic_directory", "atomic_write", "check_schema", "read_json",
-           "write_json"]
+__all__ = ["ANY", "MapOf", "SafeWriteUmask", "atomic_directory", "atomic_write", "check_schema", "path_inside",
+           "read_json", "write_json"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -111,6 +111,19 @@ def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def path_inside(folder: str | os.PathLike[str], name: str) -> Path | None:
+    """The resolved ``folder / name`` when ``name`` is a relative path that stays inside ``folder``, else None.
+
+    Symlinks are resolved first, so a link leading out of ``folder`` is outside; ``folder`` itself is
+    not inside it.
+    """
+    base = Path(folder).resolve()
+    target = (base / name).resolve()
+    if not name or Path(name).is_absolute() or target == base or not target.is_relative_to(base):
+        return None
+    return target
 
 
 def write_json(path: str | os.PathLike[str], data: Any) -> None:
