@@ -12,6 +12,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+from lowrank_ir._policy import plain_number
+
 __all__ = ["ANY", "MapOf", "SafeWriteUmask", "atomic_directory", "atomic_write", "check_schema", "path_inside",
            "read_json", "write_json"]
 
@@ -32,6 +34,7 @@ class SafeWriteUmask:
     def __init__(self, func: Callable[..., Any] | None = None, umask: int = SAFE_UMASK) -> None:
         if func is not None and not callable(func):
             raise TypeError(f"SafeWriteUmask wraps a function; got {func!r}")
+        umask = plain_number(umask)  # type: ignore[assignment]
         if isinstance(umask, bool) or not isinstance(umask, int) or not 0 <= umask <= 0o777:
             raise ValueError(f"umask must be an int between 0 and 0o777, got {umask!r}")
         self.func = func

@@ -527,3 +527,23 @@ def test_config_file_that_is_a_folder_is_refused_up_front(tmp_path) -> None:
     (tmp_path / "config.json").mkdir()
     with pytest.raises(ValueError, match=r"config_file .*config\.json' is a folder"):
         Decompose(torch.nn.Sequential(torch.nn.Linear(64, 64)), config_file=tmp_path / "config.json")
+
+
+def test_safe_umask_takes_a_numpy_int(tmp_path) -> None:
+    import os
+
+    from lowrank_ir import SafeWriteUmask
+
+    with SafeWriteUmask(umask=np.int64(0o077)):
+        (tmp_path / "f").write_text("x")
+    assert os.stat(tmp_path / "f").st_mode & 0o077 == 0
+
+
+def test_an_unforeseen_memory_error_is_one_line_and_exit_2(monkeypatch, mlp_file, capsys) -> None:
+    from tools import onnx_cli
+
+    def exhausted(args: object) -> int:
+        raise MemoryError("Unable to allocate 3.64 TiB")
+
+    monkeypatch.setattr(onnx_cli, "inspect", exhausted)
+    _one_line_exit_2(capsys, ["inspect", str(mlp_file)], "out of memory (Unable to allocate 3.64 TiB)")
