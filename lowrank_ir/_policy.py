@@ -36,6 +36,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 __all__ = [
     "Policy",
     "RankSpec",
@@ -43,6 +45,9 @@ __all__ = [
     "conv_ranks",
     "make_divisible",
     "matrix_rank",
+    "plain_number",
+    "ratio_rank",
+    "smallest_ratio",
     "validate_config",
     "validate_dict",
     "validate_divisor",
@@ -61,23 +66,41 @@ RankSpec = int | float | str | tuple[int, int]
 Rules = Mapping[str | re.Pattern[str], int | float | str | Sequence[int]]
 
 
+def plain_number(value: object) -> object:
+    """A numpy int or float scalar (``np.float32(0.5)``, ``np.int64(8)``) as the Python number; others as given.
+
+    Every number the API takes goes through this first, so numpy scalars of any width are accepted
+    where Python numbers are (booleans, numpy's included, stay booleans and are refused as numbers).
+    """
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    if isinstance(value, (list, tuple)):
+        return type(value)(plain_number(item) for item in value)
+    return value
+
+
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
 def validate_ratio(ratio: object) -> float:
+    ratio = plain_number(ratio)
     if isinstance(ratio, bool) or not isinstance(ratio, float) or not 0.0 < ratio < 1.0:
         raise ValueError(f"ratio must be a float strictly between 0 and 1 (e.g. 0.5), got {ratio!r}")
     return ratio
 
 
 def validate_fixed(rank: object) -> int:
+    rank = plain_number(rank)
     if not _is_int(rank) or rank <= 0:  # type: ignore[operator]
         raise ValueError(f"fixed rank must be an int > 0 (not a bool or float), got {rank!r}")
     return rank  # type: ignore[return-value]
 
 
 def validate_divisor(divisor: object) -> int:
+    divisor = plain_number(divisor)
     if not _is_int(divisor) or divisor <= 0:  # type: ignore[operator]
         raise ValueError(f"divisor must be an int > 0 (1 disables rounding), got {divisor!r}")
     return divisor  # type: ignore[return-value]
@@ -195,7 +218,8 @@ class Policy:
     @classmethod
     def from_dict(cls, rules: Rules, excludes: Sequence[str] | None = None,
                   divisor: int = 64) -> Policy:
-        return cls("dict", validate_dict(rules), validate_excludes(excludes), validate_divisor(divisor))
+        plain: Any = {key: plain_number(spec) for key, spec in rules.items()} if isinstance(rules, Mapping) else rules
+        return cls("dict", validate_dict(plain), validate_excludes(excludes), validate_divisor(divisor))
 
     @classmethod
     def vbmf(cls, excludes: Sequence[str] | None = None, divisor: int = 64) -> Policy:
@@ -228,6 +252,27 @@ def make_divisible(value: float, divisor: int) -> int:
     return rounded
 
 
+def ratio_rank(shape: tuple[int, ...], ratio: float) -> float:
+    """The rank keeping a fraction ``ratio`` of a weight's parameters, before rounding (formulas above).
+
+    ``shape`` is ``[out, in]`` for a matrix, ``[out, in, *k]`` for a conv kernel (Tucker-2, same rank
+    on both modes).
+    """
+    out, inp = shape[0], shape[1]
+    if len(shape) == 2:
+        return float(int(ratio * out * inp / (out + inp)))
+    taps = math.prod(shape[2:])
+    target = ratio * out * inp * taps
+    return (-(inp + out) + math.sqrt((inp + out) ** 2 + 4 * taps * target)) / (2 * taps)
+
+
+def smallest_ratio(shape: tuple[int, ...]) -> float:
+    """The smallest ratio whose :func:`ratio_rank` for ``shape`` reaches 1."""
+    out, inp = shape[0], shape[1]
+    taps = math.prod(shape[2:])
+    return (taps + inp + out) / (out * inp * taps)
+
+
 def matrix_rank(shape: tuple[int, int], spec: RankSpec, divisor: int,
                 vbmf_ranks: Any = None, require_saving: bool = True) -> tuple[int, str]:
     """Rank for a 2-D weight ``[out, in]``; returns ``(rank, "")`` or ``(0, reason it is left alone)``.
@@ -239,7 +284,7 @@ def matrix_rank(shape: tuple[int, int], spec: RankSpec, divisor: int,
     if spec == VBMF:
         rank = float(max(vbmf_ranks()))
     elif isinstance(spec, float):
-        rank = float(int(spec * out * inp / (out + inp)))
+        rank = ratio_rank(shape, spec)
     elif isinstance(spec, tuple):  # an (out, in) pair: one rank serves both sides, so the larger
         rank = float(max(spec))
     else:
@@ -260,8 +305,7 @@ def conv_ranks(shape: tuple[int, ...], spec: Any, divisor: int,
         rank_out, rank_in = vbmf_ranks()
         ranks = (float(rank_out), float(rank_in))
     elif isinstance(spec, float):
-        target = spec * out * inp * taps
-        root = (-(inp + out) + math.sqrt((inp + out) ** 2 + 4 * taps * target)) / (2 * taps)
+        root = ratio_rank(shape, spec)
         ranks = (root, root)
     elif isinstance(spec, (list, tuple)):
         ranks = (float(spec[0]), float(spec[1]))
