@@ -57,6 +57,7 @@ from frontends.onnx import (
 )
 from lowrank_ir import Graph, Node, Op, Value, verify
 from lowrank_ir._files import FILE_MODE, SafeWriteUmask, atomic_write, temporary_folder
+from lowrank_ir._limits import check_array, check_npz, limited
 
 __all__ = [
     "OutputError",
@@ -622,11 +623,17 @@ def save(model: ModelProto, path: str | os.PathLike[str], *, external_data: bool
     return target
 
 
-def load_feeds(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
-    """Feeds from an ``.npz`` file: one array per model input, keyed by the input's name."""
+@limited
+def load_feeds(path: str | os.PathLike[str], *, max_bytes: int | str | None = None) -> dict[str, np.ndarray]:
+    """Feeds from an ``.npz`` file: one array per model input, keyed by the input's name.
+
+    Each array's size is checked from its header against ``max_bytes`` (default half of physical memory)
+    before it is read.
+    """
     source = Path(path)
     if not source.is_file():
         raise FileNotFoundError(f"feeds file {str(source)!r} does not exist")
+    check_npz(source, f"feeds file {str(source)!r}")
     try:
         with np.load(source, allow_pickle=False) as archive:
             return {name: archive[name] for name in archive.files}
@@ -647,12 +654,14 @@ def _index_bound(model: ModelProto, name: str) -> int:
     return max(1, min(bounds)) if bounds else 2
 
 
+@limited
 def random_feeds(model: ModelSource, input_shapes: Mapping[str, Sequence[int]] | None = None,
-                 seed: int = 0) -> dict[str, np.ndarray]:
+                 seed: int = 0, *, max_bytes: int | str | None = None) -> dict[str, np.ndarray]:
     """Random feeds for ``model``'s inputs: dynamic dims from ``input_shapes``, else 1 (batch) or 32.
 
     Floats are standard normal; integers index the tables they are gathered from (else 0 or 1);
-    booleans are fair coin flips.
+    booleans are fair coin flips. Each feed's size is checked against ``max_bytes`` (default half of
+    physical memory) before it is made: a model may declare, or ``input_shapes`` ask for, any size.
     """
     proto = as_model(model)
     rng = np.random.default_rng(seed)
@@ -667,6 +676,7 @@ def random_feeds(model: ModelSource, input_shapes: Mapping[str, Sequence[int]] |
             dims = [dim if isinstance(dim, int) and dim > 0 else (1 if axis == 0 else DEFAULT_DIM)
                     for axis, dim in enumerate(spec.shape)]
         dtype = np.dtype(spec.dtype)
+        check_array(dims, dtype, f"random feed {name!r}")
         if dtype.kind == "f":
             feeds[name] = rng.standard_normal(dims).astype(dtype)
         elif dtype.kind in "iu":

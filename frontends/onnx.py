@@ -51,12 +51,15 @@ from frontends._patches import collects_patches, patch_moment_sum
 from lowrank_ir import Graph, LayerStats, Node, Op, Value, verify
 from lowrank_ir._budget import first_elements, relative_output_errors
 from lowrank_ir._engine import stats_from_sums
+from lowrank_ir._files import path_inside
+from lowrank_ir._limits import check_array, check_bytes, format_bytes, limited
 
 __all__ = [
     "ModelSource",
     "as_model",
     "check_external_data",
     "check_feeds",
+    "check_input_shapes",
     "collect_stats",
     "count_parameters",
     "decode_attribute",
@@ -66,6 +69,7 @@ __all__ = [
     "load_model",
     "lower",
     "parse_model",
+    "tensor_bytes",
     "value_from_info",
 ]
 
@@ -134,15 +138,39 @@ def _node_tensors(node: NodeProto) -> Iterator[TensorProto]:
         if attr.HasField("t"):
             yield attr.t
         yield from attr.tensors
+        sparse = [attr.sparse_tensor] if attr.HasField("sparse_tensor") else []
+        for tensor in [*sparse, *attr.sparse_tensors]:  # a Constant's sparse_value, for one
+            yield tensor.values
+            yield tensor.indices
         for sub in _subgraphs(attr):
             yield from _graph_tensors(sub)
 
 
 def _model_tensors(model: ModelProto) -> Iterator[TensorProto]:
+    """Every tensor of ``model``: graphs, subgraphs, functions, sparse tensors and training_info graphs."""
     yield from _graph_tensors(model.graph)
     for function in model.functions:
         for node in function.node:
             yield from _node_tensors(node)
+    for training in model.training_info:
+        yield from _graph_tensors(training.initialization)
+        yield from _graph_tensors(training.algorithm)
+
+
+#: Element types stored two to a byte.
+_PACKED_TYPES = {getattr(TensorProto, name) for name in ("INT4", "UINT4", "FLOAT4E2M1") if hasattr(TensorProto, name)}
+
+
+def tensor_bytes(tensor: TensorProto) -> int | None:
+    """Bytes the raw data of ``tensor`` holds, from its dims and type (None for strings and unknown types)."""
+    if tensor.data_type == TensorProto.STRING:
+        return None
+    try:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    except (KeyError, ValueError, TypeError):
+        return None
+    count = math.prod(int(dim) for dim in tensor.dims)
+    return (count + 1) // 2 if tensor.data_type in _PACKED_TYPES else count * itemsize
 
 
 def _external(tensor: TensorProto) -> bool:
@@ -153,7 +181,9 @@ def check_external_data(model: ModelProto, folder: str | os.PathLike[str]) -> No
     """Check every external-data reference of ``model`` before anything is read.
 
     A location must be relative and stay inside ``folder`` (also after resolving symlinks), the file
-    must exist and be long enough for the offset and length the tensor names.
+    must exist and be long enough for the offset and length the tensor names, and the bytes read
+    (``length``, or the rest of the file) must be what the tensor's dims and type need and within the
+    memory limit (:mod:`lowrank_ir._limits`). Sparse tensors and ``training_info`` graphs are checked too.
     """
     base = Path(folder).resolve()
     for tensor in _model_tensors(model):
@@ -164,8 +194,8 @@ def check_external_data(model: ModelProto, folder: str | os.PathLike[str]) -> No
         location = info.get("location", "")
         if not location:
             raise ValueError(f"{where} is stored as external data but names no file ('location' is missing)")
-        target = (base / location).resolve()
-        if Path(location).is_absolute() or not target.is_relative_to(base):
+        target = path_inside(base, location)
+        if target is None:
             raise ValueError(f"{where}: external data location {location!r} escapes the model's folder "
                              f"{str(base)!r}; only files inside that folder are read")
         if not target.is_file():
@@ -179,13 +209,31 @@ def check_external_data(model: ModelProto, folder: str | os.PathLike[str]) -> No
         if offset < 0 or length < 0 or offset + length > size:
             raise ValueError(f"{where}: external data file {location!r} holds {size} bytes, the tensor needs "
                              f"bytes {offset}..{offset + length}")
+        read = length if "length" in info else size - offset  # what onnx would read
+        expected = tensor_bytes(tensor)
+        if expected is not None and read != expected:
+            declared = f"declares length {length}" if "length" in info else f"would read {read} bytes"
+            raise ValueError(f"{where}: external data {declared}, but its dims {list(tensor.dims)} and type "
+                             f"{TensorProto.DataType.Name(tensor.data_type)} need {expected} bytes")
+        check_bytes(read, f"{where} (external data of dims {list(tensor.dims)})")
 
 
-def load_model(path: str | os.PathLike[str]) -> ModelProto:
-    """Read an ONNX file and its external data (checked with :func:`check_external_data`)."""
+@limited
+def load_model(path: str | os.PathLike[str], *, max_bytes: int | str | None = None) -> ModelProto:
+    """Read an ONNX file and its external data (checked with :func:`check_external_data`).
+
+    ``max_bytes``: the most the file, and each tensor of external data, may take (an int or a size such
+    as ``"64G"``; default half of physical memory), checked before anything is read. A file over
+    2 GB is not an ONNX file (protobuf's limit: larger models keep their weights in external data).
+    """
     source = Path(path)
     if not source.is_file():
         raise FileNotFoundError(f"ONNX model {str(source)!r} does not exist or is not a file")
+    size = source.stat().st_size
+    if size > PROTOBUF_LIMIT:
+        raise ValueError(f"{str(source)!r} holds {format_bytes(size)}: an ONNX file holds at most 2 GB (larger "
+                         f"models keep their weights in external data), so it is not an ONNX model")
+    check_bytes(size, f"ONNX model {str(source)!r}")
     model = parse_model(source.read_bytes(), f"{str(source)!r}")
     check_external_data(model, source.parent)
     if any(_external(tensor) for tensor in _model_tensors(model)):
@@ -724,21 +772,34 @@ def _unique(preferred: Sequence[str], fallbacks: Sequence[str], layers: Sequence
     return names
 
 
-def lower(model: ModelSource, *, input_shapes: Mapping[str, Sequence[int]] | None = None) -> Graph:
+@limited
+def lower(model: ModelSource, *, input_shapes: Mapping[str, Sequence[int]] | None = None,
+          max_bytes: int | str | None = None) -> Graph:
     """Lower an ONNX model (a ``ModelProto`` or a path) to a dataflow IR graph.
 
     ``input_shapes`` (input name -> dims) fixes dynamic input dims for shape inference only, so that
     layers get ``out_positions``/``in_positions`` and reports count FLOPs per sample; the graph's
     inputs keep the model's own (symbolic) shapes. Raises ``ValueError`` for a file that is not a
-    valid ONNX model and for unsupported constructs, naming the node.
+    valid ONNX model and for unsupported constructs, naming the node, and for an input of
+    ``input_shapes`` (or a file) larger than ``max_bytes`` (default half of physical memory).
     """
     proto = as_model(model)
+    check_input_shapes(proto, input_shapes)
     _check_model(proto, f"{str(model)!r}" if not isinstance(model, ModelProto) else "the model")
     _check_supported(proto)
     return _Lowering(proto, input_shapes).run()
 
 
 # ------------------------------------------------------------------------------------------ shapes
+
+def check_input_shapes(model: ModelProto, input_shapes: Mapping[str, Sequence[int]] | None) -> None:
+    """``ValueError`` when an input of ``input_shapes`` would take more than the memory limit."""
+    specs = input_specs(model)
+    for name, dims in (input_shapes or {}).items():
+        spec = specs.get(name)
+        dtype = spec.dtype if spec is not None and spec.dtype is not None else "float32"
+        check_array(dims, dtype, f"input {name!r} of input_shapes")
+
 
 def _fixed_inputs(model: ModelProto, input_shapes: Mapping[str, Sequence[int]] | None) -> ModelProto:
     if not input_shapes:

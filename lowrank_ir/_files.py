@@ -26,8 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-__all__ = ["FILE_MODE", "FOLDER_MODE", "Outputs", "SafeWriteUmask", "atomic_directory", "atomic_write",
-           "check_file_target", "read_json", "remove_leftovers", "temporary_folder", "write_json"]
+from lowrank_ir._policy import plain_number
+
+__all__ = ["ANY", "FILE_MODE", "FOLDER_MODE", "MapOf", "Outputs", "SafeWriteUmask", "atomic_directory", "atomic_write",
+           "check_file_target", "check_schema", "path_inside", "read_json", "remove_leftovers", "temporary_folder",
+           "write_json"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +59,7 @@ class SafeWriteUmask:
     def __init__(self, func: Callable[..., Any] | None = None, umask: int = SAFE_UMASK) -> None:
         if func is not None and not callable(func):
             raise TypeError(f"SafeWriteUmask wraps a function; got {func!r}")
+        umask = plain_number(umask)  # type: ignore[assignment]
         if isinstance(umask, bool) or not isinstance(umask, int) or not 0 <= umask <= 0o777:
             raise ValueError(f"umask must be an int between 0 and 0o777, got {umask!r}")
         self.func = func
@@ -233,6 +237,19 @@ def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
         raise
 
 
+def path_inside(folder: str | os.PathLike[str], name: str) -> Path | None:
+    """The resolved ``folder / name`` when ``name`` is a relative path that stays inside ``folder``, else None.
+
+    Symlinks are resolved first, so a link leading out of ``folder`` is outside; ``folder`` itself is
+    not inside it.
+    """
+    base = Path(folder).resolve()
+    target = (base / name).resolve()
+    if not name or Path(name).is_absolute() or target == base or not target.is_relative_to(base):
+        return None
+    return target
+
+
 def write_json(path: str | os.PathLike[str], data: Any) -> None:
     """Write ``data`` as indented JSON to ``path`` atomically, with safe permissions."""
     text = json.dumps(data, indent=2, sort_keys=False) + "\n"
@@ -240,12 +257,126 @@ def write_json(path: str | os.PathLike[str], data: Any) -> None:
         stream.write(text)
 
 
-def read_json(path: str | os.PathLike[str], what: str | None = None) -> Any:
-    """The JSON in ``path``; ``ValueError("<what> is not valid JSON: ...")`` when it is not (what: the quoted path)."""
+#: Largest JSON file read (config files, manifests, ``graph.json``), in bytes.
+MAX_JSON_BYTES = 256 * 2**20
+
+#: Deepest nesting accepted in a JSON file (ours nest a handful of levels).
+MAX_JSON_DEPTH = 64
+
+
+class MapOf:
+    """Schema of a JSON object with any keys whose values all match ``values``."""
+
+    __slots__ = ("values",)
+
+    def __init__(self, values: Any) -> None:
+        self.values = values
+
+
+#: Schema of anything at all.
+ANY = object
+
+
+def _describe(schema: Any) -> str:
+    if isinstance(schema, tuple):
+        return " or ".join(_describe(item) for item in schema)
+    if isinstance(schema, (dict, MapOf)):
+        return "an object"
+    if isinstance(schema, list):
+        return "an array"
+    return {str: "a string", int: "an integer", float: "a number", bool: "true or false", dict: "an object",
+            list: "an array", type(None): "null"}.get(schema, getattr(schema, "__name__", str(schema)))
+
+
+def _matches_type(value: Any, schema: Any) -> bool:
+    if isinstance(schema, tuple):
+        return any(_matches_type(value, item) for item in schema)
+    if isinstance(schema, (dict, MapOf)):
+        return isinstance(value, dict)
+    if isinstance(schema, list):
+        return isinstance(value, list)
+    if schema is ANY:
+        return True
+    if schema is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if schema is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, schema)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def check_schema(value: Any, schema: Any, what: str, where: str = "") -> None:
+    """``ValueError`` naming ``what`` (the file) and the key when ``value`` does not match ``schema``.
+
+    A schema is a type (``str``, ``int`` — not bool —, ``float`` — any number —, ``bool``, ``dict``,
+    ``list``, ``ANY``), a tuple of schemas (any of them), ``{key: schema}`` (an object with these
+    keys; a key ending in ``?`` may be missing; other keys are allowed), ``[schema]`` (an array of
+    items matching it) or :class:`MapOf` (an object with any keys).
+    """
+    stack = [(value, schema, where)]
+    while stack:
+        item, expected, path = stack.pop()
+        if not _matches_type(item, expected):
+            shown = f"{path} " if path else "the top level "
+            raise ValueError(f"{what}: {shown}must be {_describe(expected)}, got {_short(item)}")
+        if isinstance(expected, tuple):
+            expected = next(choice for choice in expected if _matches_type(item, choice))
+        if isinstance(expected, dict):
+            for key, sub in expected.items():
+                name = key.rstrip("?")
+                if name not in item:
+                    if key.endswith("?"):
+                        continue
+                    inside = f" in {path}" if path else ""
+                    raise ValueError(f"{what}: key {name!r} is missing{inside}")
+                stack.append((item[name], sub, f"{path}.{name}" if path else name))
+        elif isinstance(expected, MapOf):
+            stack.extend((sub, expected.values, f"{path}[{key!r}]") for key, sub in item.items())
+        elif isinstance(expected, list):
+            stack.extend((sub, expected[0], f"{path}[{index}]") for index, sub in enumerate(item))
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of parsed JSON (a scalar is 0), without recursion."""
+    deepest = 0
+    stack = [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, level)
+        stack.extend((child, level + 1) for child in children if isinstance(child, (dict, list)))
+    return deepest
+
+
+def read_json(path: str | os.PathLike[str], what: str | None = None, *, schema: Any = ANY,
+              max_bytes: int = MAX_JSON_BYTES, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """The JSON in ``path``, at most ``max_bytes`` long and ``max_depth`` deep, checked against ``schema``.
+
+    Every problem is a ``ValueError`` that starts with ``what`` (default: the quoted path): not
+    valid JSON, too large, nested too deep, or (see :func:`check_schema`) a key missing or of the
+    wrong type.
+    """
+    label = what or repr(str(path))
+    with open(path, "rb") as stream:  # bounded read: also safe on a FIFO or a device
+        data = stream.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise ValueError(f"{label} is larger than {max_bytes} bytes, the most a JSON file read here may hold")
     try:
-        return json.loads(Path(path).read_text())
+        value = json.loads(data.decode("utf-8"))
+    except RecursionError as err:
+        raise ValueError(f"{label} is nested deeper than {max_depth} levels, the most accepted") from err
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{what or repr(str(path))} is not valid JSON: {err}") from err
+        raise ValueError(f"{label} is not valid JSON: {err}") from err
+    if _depth(value) > max_depth:
+        raise ValueError(f"{label} is nested deeper than {max_depth} levels, the most accepted")
+    check_schema(value, schema, label)
+    return value
 
 
 # ------------------------------------------------------------------------------ a command's outputs

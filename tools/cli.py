@@ -94,16 +94,39 @@ def _load_model(spec: str, weights: str | None) -> Any:
 
 
 def read_rules(file: str) -> Any:
-    """The ``--dict`` file's JSON rules."""
+    """The ``--dict`` file's JSON rules, checked (errors name the file and the rule)."""
+    from lowrank_ir import Policy
     from lowrank_ir._files import read_json
 
     path = Path(file)
     if not path.is_file():
         raise UsageError(f"--dict file {file!r} does not exist")
     try:
-        return read_json(path, f"--dict file {file!r}")
+        rules = read_json(path, f"--dict file {file!r}", schema=dict)
     except ValueError as err:
         raise UsageError(str(err)) from err
+    try:
+        Policy.from_dict(rules)
+    except ValueError as err:
+        raise UsageError(f"--dict file {file!r}: {err}") from err
+    return rules
+
+
+def byte_size(text: str) -> int:
+    """A ``--max-bytes`` value: bytes, or a size with a unit (``64G``)."""
+    from lowrank_ir._limits import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
+
+
+def add_limit_arg(parser: argparse.ArgumentParser) -> None:
+    """``--max-bytes``: the most one array (a tensor, a feed, an input of --input-shape) may take."""
+    parser.add_argument("--max-bytes", type=byte_size, metavar="SIZE",
+                        help="the most one tensor, feed or --input-shape input may take, checked before it is "
+                             "read or allocated (e.g. 64G; default half of physical memory)")
 
 
 def budget_target(text: str) -> float | int:
@@ -151,7 +174,9 @@ def _add_policy_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--ratio", type=float, default=0.5,
                        help="keep this fraction of each layer's parameters (default 0.5)")
     group.add_argument("--fixed", type=int, help="the same rank for every layer")
-    group.add_argument("--dict", metavar="FILE", help='JSON file of {"regex": rank | ratio | "vbmf"} rules')
+    group.add_argument("--dict", metavar="FILE",
+                       help='JSON file of {"regex": rank | ratio | "vbmf" | [out, in]} rules (the first key that '
+                            'matches a layer name wins; a saved decompose_config.json is one)')
     group.add_argument("--vbmf", action="store_true", help="ranks estimated by EVBMF from the weights")
     group.add_argument("--energy", type=float, metavar="KEEP",
                        help="each layer keeps this fraction in (0, 1] of its spectral energy (of its output "
@@ -168,6 +193,7 @@ def _add_policy_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input-shape", action="append", metavar="NAME=D1,D2,...",
                         help="ONNX: fix a dynamic input's dims (for per-sample FLOPs and random validation "
                              "feeds); repeat for each input")
+    add_limit_arg(parser)
 
 
 def _progress_bar(label: str) -> Any:
@@ -326,6 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "else in it is touched)")
     convert.add_argument("--input-shape", action="append", metavar="NAME=D1,D2,...",
                          help="fix a dynamic input's dims for shape inference (e.g. x=1,3,224,224); repeat per input")
+    add_limit_arg(convert)
     _add_force(convert)
     convert.set_defaults(run=_cmd_convert)
 
@@ -362,18 +389,26 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the largest relative difference max|d|/max|ref| allowed (default 1e-4)")
     parity.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
     parity.add_argument("--report", metavar="FILE.json", help="also write the rows as JSON here")
+    add_limit_arg(parity)
     _add_force(parity)
     parity.set_defaults(run=_cmd_parity)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from lowrank_ir._limits import size_limit
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.run(args))
+        with size_limit(getattr(args, "max_bytes", None)):
+            return int(args.run(args))
     except (UsageError, ValueError, TypeError, OSError, ImportError) as err:
         print(f"lowrank {args.command}: error: {err}".splitlines()[0], file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except MemoryError as err:  # what the size checks could not foresee (intermediate results)
+        print(f"lowrank {args.command}: error: out of memory ({err or 'MemoryError'}); use smaller inputs or "
+              f"a machine with more memory".splitlines()[0], file=sys.stderr)
         return EXIT_BAD_INPUT
 
 
