@@ -1294,12 +1294,38 @@ def _weight_tensors(model: ModelProto) -> dict[str, TensorProto]:
     return tensors
 
 
+def _store_folded(model: ModelProto, names: Iterable[str]) -> None:
+    """Make each of ``names`` that a chain of constant ops computes an initializer holding its value, in place.
+
+    The chain's last node writes to a renamed value nobody reads, so replacing the initializer
+    replaces the folded weight (as the decomposition does) and nothing else.
+    """
+    stored = _weight_tensors(model)
+    wanted = [name for name in dict.fromkeys(names) if name not in stored]
+    if not wanted:
+        return
+    lowering = _Lowering(model)
+    taken = {name for node in model.graph.node for name in node.output} | set(lowering.initializers)
+    for name in wanted:
+        value = lowering.fold(name)
+        if isinstance(value, str):
+            continue  # not a folded weight: the caller reports the unknown name
+        replacement = f"{name}.unfolded"
+        while replacement in taken:
+            replacement += "_"
+        taken.add(replacement)
+        producer = model.graph.node[lowering.producers[name]]
+        producer.output[:] = [replacement if output == name else output for output in producer.output]
+        model.graph.initializer.append(numpy_helper.from_array(np.asarray(value), name))
+
+
 def output_errors(model: ModelSource, datasets: Iterable[Any], trials: Sequence[Mapping[str, np.ndarray]],
                   max_iter: int = -1) -> list[float]:
     """Per trial, the model's relative output error Σ‖y' − y‖² / Σ‖y‖² with some weights replaced.
 
-    A trial maps initializer (or ``Constant``) names to replacement arrays holding the same number of
-    values (e.g. one layer's weight truncated to a low rank; reshaped to the stored tensor's shape).
+    A trial maps initializer (or ``Constant``, or folded: see the module docstring) names to replacement
+    arrays holding the same number of values (e.g. one layer's weight truncated to a low rank; reshaped
+    to the stored tensor's shape).
     ``y`` are the floating-point outputs in onnxruntime on the first ``max_iter`` feed dicts of
     ``datasets`` (-1: all). Each trial runs a copy of the model; ``model`` is not changed.
     """
@@ -1308,6 +1334,7 @@ def output_errors(model: ModelSource, datasets: Iterable[Any], trials: Sequence[
     feeds = [check_feeds(proto, element, f"datasets element {index}")
              for index, element in enumerate(first_elements(datasets, max_iter))]
     work = copy.deepcopy(proto)
+    _store_folded(work, [name for trial in trials for name in trial])
     tensors = _weight_tensors(work)
     for trial in trials:
         for name, array in trial.items():
