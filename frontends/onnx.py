@@ -491,6 +491,8 @@ class _Lowering:
         result: np.ndarray | str
         if proto.op_type not in FOLDABLE_OPS or proto.domain not in DEFAULT_DOMAINS or len(proto.output) != 1:
             result = f"{name!r} is computed at run time (by {where}), not a constant"
+        elif any(attr.name == "sparse_value" for attr in proto.attribute):
+            result = f"{name!r} is a sparse constant (of any declared size), not folded"
         elif depth >= MAX_FOLD_DEPTH:
             result = f"{name!r} is computed by a chain of more than {MAX_FOLD_DEPTH} constant ops"
         else:

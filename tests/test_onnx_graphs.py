@@ -16,7 +16,7 @@ import pytest
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-from onnx import TensorProto, helper  # noqa: E402
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from backends import onnx as onnx_backend  # noqa: E402
 from frontends import onnx as onnx_frontend  # noqa: E402
@@ -214,6 +214,16 @@ def test_overridable_initializer_is_not_folded() -> None:
     assert graph.layers() == []
     report = build_report(graph, plan(graph, Policy.ratio(0.5, divisor=1)))
     assert "caller may override" in report["fc"].reason
+
+
+def test_sparse_constant_is_not_folded() -> None:
+    """A sparse ``Constant`` may declare any size: it is not densified to be folded."""
+    sparse = helper.make_sparse_tensor(numpy_helper.from_array(np.ones(2, np.float32), "values"),
+                                       numpy_helper.from_array(np.array([0, 5], np.int64), "indices"), [OUT, IN])
+    node = helper.make_node("Constant", [], ["w"], name="sparse", sparse_value=sparse)
+    graph = onnx_frontend.lower(_gemm_model([node], "w", {}))
+    assert graph.layers() == []
+    assert graph.meta["unlowered"]["fc"]["reason"] == "'w' is a sparse constant (of any declared size), not folded"
 
 
 def _candidates_model(rng: np.random.Generator) -> Any:
