@@ -61,7 +61,7 @@ from frontends.onnx import (
     value_from_info,
 )
 from lowrank_ir import Graph, Node, Op, Value, verify
-from lowrank_ir._files import SafeWriteUmask, atomic_write
+from lowrank_ir._files import FILE_MODE, SafeWriteUmask, atomic_write, temporary_folder
 from lowrank_ir._limits import check_array, check_npz, limited
 
 __all__ = [
@@ -658,8 +658,7 @@ def save(model: ModelProto, path: str | os.PathLike[str], *, external_data: bool
     if not folder.is_dir():
         raise FileNotFoundError(f"cannot write {str(target)!r}: folder {str(folder)!r} does not exist")
     location = f"{target.name}.data"
-    with SafeWriteUmask():
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder))
+    tmp = temporary_folder(target)
     try:
         with SafeWriteUmask():
             onnx.save_model(copy.deepcopy(model), tmp / target.name, save_as_external_data=True,
@@ -667,7 +666,7 @@ def save(model: ModelProto, path: str | os.PathLike[str], *, external_data: bool
         onnx.checker.check_model(str(tmp / target.name), full_check=True)
         for name in (location, target.name):
             if (tmp / name).exists():
-                os.chmod(tmp / name, 0o640)
+                os.chmod(tmp / name, FILE_MODE)
                 os.replace(tmp / name, folder / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

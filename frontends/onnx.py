@@ -1106,8 +1106,8 @@ def input_specs(model: ModelProto) -> dict[str, Value]:
 def check_feeds(model: ModelProto, feeds: object, where: str = "feeds") -> dict[str, Any]:
     """``feeds`` checked against the model's inputs, returned as numpy arrays.
 
-    Every input must be present, no unknown name given, and dtypes and fixed dims must be as the model
-    declares them; ``where`` starts each error message.
+    Every input must be present, no unknown name given, dtypes and fixed dims must be as the model
+    declares them, and float values finite; ``where`` starts each error message.
     """
     if not isinstance(feeds, Mapping):
         raise TypeError(f"{where} must be a dict of input name -> numpy array, got {type(feeds).__name__}")
@@ -1140,6 +1140,10 @@ def check_feeds(model: ModelProto, feeds: object, where: str = "feeds") -> dict[
                 if isinstance(want, int) and want > 0 and got != want:
                     raise ValueError(f"{where}: input {name!r} has shape {list(array.shape)}, the model expects "
                                      f"{_show(spec.shape)} (dimension {axis} must be {want})")
+        if array.dtype.kind in "fc" and not np.isfinite(array).all():  # NaN compares false: checks would pass
+            bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+            raise ValueError(f"{where}: input {name!r} has {bad} of {array.size} values not finite (NaN or Inf); "
+                             f"feeds must be finite numbers")
         checked[name] = array
     return checked
 

@@ -33,7 +33,7 @@ from lowrank_ir._engine import (
     rewrite,
     warn_unknown_excludes,
 )
-from lowrank_ir._files import read_json, write_json
+from lowrank_ir._files import check_file_target, read_json, write_json
 from lowrank_ir._ir import Graph, Node, Op
 from lowrank_ir._policy import (
     Policy,
@@ -67,11 +67,7 @@ def _check_config_file(config_file: object) -> Path | None:
     if not isinstance(config_file, (str, os.PathLike)) or not os.fspath(config_file).endswith(".json"):
         raise ValueError(f"config_file must be a path ending in '.json', got {config_file!r}")
     path = Path(config_file)
-    if path.is_dir():
-        raise ValueError(f"config_file {str(path)!r} is a folder; give the path of a .json file (it is written "
-                         f"there by from_* and read back by from_file)")
-    if not path.parent.is_dir():
-        raise ValueError(f"config_file {str(path)!r} is in folder {str(path.parent)!r}, which does not exist")
+    check_file_target(path, f"config_file {str(path)!r}")  # a folder, or no folder to write in, fails now
     return path
 
 

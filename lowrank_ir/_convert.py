@@ -592,7 +592,8 @@ def parity(model: Any, *, feeds: Any = None, weights: str | os.PathLike[str] | N
         proto = onnx_backend.export(ready, backend.as_tensors(arrays.values()), input_names=list(arrays),
                                     output_names=result.names)
         native = (result.arrays, framework)
-    checked = onnx_frontend.check_feeds(proto, arrays, "feeds")
+    where = f"feeds {os.fspath(feeds)!r}" if isinstance(feeds, (str, os.PathLike)) else "feeds"
+    checked = onnx_frontend.check_feeds(proto, arrays, where)
     names = [value.name for value in proto.graph.output]
 
     graph = onnx_frontend.lower(proto, input_shapes=input_shapes)
