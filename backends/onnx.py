@@ -15,6 +15,11 @@ initializers named after the factorized params (``fc.0.weight``, ``fc.1.weight``
 A ``Linear`` part written as ``MatMul`` (the projection after an embedding, a bias-free Gemm below
 opset 11) stores its initializer transposed, ``[in, out]``, under the same name.
 
+A param the frontend folded from a chain of constant ops (``meta["onnx"]["folded"]``) is written back
+as that chain, which the graph still holds; a chain that no written node reads any more (its layer was
+factorized) is dropped, with the constants only it read. Everything else a factorization does not
+replace stays: a chain or an initializer another node still reads is written as it was.
+
 The result passes ``onnx.checker.check_model(full_check=True)`` (which includes strict shape
 inference); a model the check rejects is an error unless the original model (``like``) already
 fails the same check. ``save`` writes atomically with permissions 0640, with external data when the
@@ -56,7 +61,8 @@ from frontends.onnx import (
     value_from_info,
 )
 from lowrank_ir import Graph, Node, Op, Value, verify
-from lowrank_ir._files import SafeWriteUmask, atomic_write
+from lowrank_ir._files import FILE_MODE, SafeWriteUmask, atomic_write, temporary_folder
+from lowrank_ir._limits import check_array, check_npz, limited
 
 __all__ = [
     "OutputError",
@@ -203,6 +209,8 @@ class _Writer:
     like: ModelProto | None
     record: dict[str, Any]
     nodes: list[NodeProto] = field(default_factory=list)
+    owners: list[str] = field(default_factory=list)  # per written node: the graph node (or constant) it is
+    dropped_values: set[str] = field(default_factory=set)  # outputs of the chains prune() dropped
     chains: dict[str, _Chain] = field(default_factory=dict)
     transposed: set[str] = field(default_factory=set)
     like_inits: dict[str, TensorProto] = field(default_factory=dict)
@@ -376,7 +384,8 @@ class _Writer:
         anchors = {node.name for node in self.graph} | {chain.original for chain in self.chains.values()}
         early = [name for key, names in constants.items() if key is not None and key not in anchors for name in names]
         emitted = set(early)
-        self.nodes.extend(self.constant_node(name) for name in early)
+        for name in early:
+            self.add_constant(name)
         for node in self.graph:
             keys = [node.name]
             chain = self.chains.get(node.name)
@@ -384,16 +393,54 @@ class _Writer:
                 keys.insert(0, chain.original)
             for key in keys:
                 for name in constants.get(key, []):
-                    self.nodes.append(self.constant_node(name))
+                    self.add_constant(name)
                     emitted.add(name)
+            written = len(self.nodes)
             try:
                 self.node(node)
             except (ValueError, KeyError, IndexError) as err:
                 raise ValueError(f"while writing node {node.name!r} ({node.op.value}): {err}") from err
+            self.owners.extend([node.name] * (len(self.nodes) - written))
         for name in constants.get(None, []):
-            self.nodes.append(self.constant_node(name))
+            self.add_constant(name)
             emitted.add(name)
         return emitted
+
+    def add_constant(self, name: str) -> None:
+        self.nodes.append(self.constant_node(name))
+        self.owners.append(f"#constant:{name}")
+
+    def prune(self) -> set[str]:
+        """Drop the folded chains no written node reads any more; the params only they read.
+
+        A chain node is dropped when none of its outputs is read by a node written after it, a
+        subgraph, or the graph's outputs; a param is dropped when every graph node using it was.
+        """
+        chain_nodes = {name for names in self.record.get("folded", {}).values() for name in names}
+        if not chain_nodes:
+            return set()
+        from frontends.onnx import outer_reads
+
+        needed = {value.name for value in self.graph.outputs}
+        dropped: set[str] = set()
+        for proto, owner in zip(reversed(self.nodes), reversed(self.owners), strict=True):
+            if owner in chain_nodes and not any(output in needed for output in proto.output):
+                dropped.add(owner)
+                continue
+            needed.update(proto.input)
+            needed.update(outer_reads(proto))
+        users: dict[str, set[str]] = {}
+        for node in self.graph:
+            for param in node.params.values():
+                users.setdefault(param, set()).add(node.name)
+        unused = {param for param, names in users.items() if names <= dropped and param not in needed}
+        kept = [(proto, owner) for proto, owner in zip(self.nodes, self.owners, strict=True)
+                if owner not in dropped and owner.removeprefix("#constant:") not in unused]
+        self.dropped_values = {output for proto, owner in zip(self.nodes, self.owners, strict=True)
+                               if owner in dropped for output in proto.output}
+        self.nodes = [proto for proto, _ in kept]
+        self.owners = [owner for _, owner in kept]
+        return unused
 
     def inputs(self, initializers: list[TensorProto]) -> list[ValueInfoProto]:
         data = {value.name: value for value in self.graph.inputs}
@@ -444,7 +491,10 @@ class _Writer:
 
     def model(self) -> ModelProto:
         emitted = self.write_nodes()
-        initializers = [self.initializer(name) for name in self.graph.params if name not in emitted]
+        unused = self.prune()
+        folded = set(self.record.get("folded", {}))  # written as the chains that compute them
+        initializers = [self.initializer(name) for name in self.graph.params
+                        if name not in emitted and name not in unused and name not in folded]
         graph = GraphProto()
         if self.record.get("graph_rest"):
             graph.ParseFromString(self.record["graph_rest"])
@@ -456,6 +506,7 @@ class _Writer:
         graph.output.extend(self.outputs())
         gone = (set(self.record.get("initializers", [])) | set(self.record.get("constants", {}))) \
             - set(self.graph.params)
+        gone |= unused | self.dropped_values
         if gone:
             kept = [info for info in graph.value_info if info.name not in gone]
             del graph.value_info[:]
@@ -607,8 +658,7 @@ def save(model: ModelProto, path: str | os.PathLike[str], *, external_data: bool
     if not folder.is_dir():
         raise FileNotFoundError(f"cannot write {str(target)!r}: folder {str(folder)!r} does not exist")
     location = f"{target.name}.data"
-    with SafeWriteUmask():
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder))
+    tmp = temporary_folder(target)
     try:
         with SafeWriteUmask():
             onnx.save_model(copy.deepcopy(model), tmp / target.name, save_as_external_data=True,
@@ -616,18 +666,24 @@ def save(model: ModelProto, path: str | os.PathLike[str], *, external_data: bool
         onnx.checker.check_model(str(tmp / target.name), full_check=True)
         for name in (location, target.name):
             if (tmp / name).exists():
-                os.chmod(tmp / name, 0o640)
+                os.chmod(tmp / name, FILE_MODE)
                 os.replace(tmp / name, folder / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
-def load_feeds(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
-    """Feeds from an ``.npz`` file: one array per model input, keyed by the input's name."""
+@limited
+def load_feeds(path: str | os.PathLike[str], *, max_bytes: int | str | None = None) -> dict[str, np.ndarray]:
+    """Feeds from an ``.npz`` file: one array per model input, keyed by the input's name.
+
+    Each array's size is checked from its header against ``max_bytes`` (default half of physical memory)
+    before it is read.
+    """
     source = Path(path)
     if not source.is_file():
         raise FileNotFoundError(f"feeds file {str(source)!r} does not exist")
+    check_npz(source, f"feeds file {str(source)!r}")
     try:
         with np.load(source, allow_pickle=False) as archive:
             return {name: archive[name] for name in archive.files}
@@ -648,12 +704,14 @@ def _index_bound(model: ModelProto, name: str) -> int:
     return max(1, min(bounds)) if bounds else 2
 
 
+@limited
 def random_feeds(model: ModelSource, input_shapes: Mapping[str, Sequence[int]] | None = None,
-                 seed: int = 0) -> dict[str, np.ndarray]:
+                 seed: int = 0, *, max_bytes: int | str | None = None) -> dict[str, np.ndarray]:
     """Random feeds for ``model``'s inputs: dynamic dims from ``input_shapes``, else 1 (batch) or 32.
 
     Floats are standard normal; integers index the tables they are gathered from (else 0 or 1);
-    booleans are fair coin flips.
+    booleans are fair coin flips. Each feed's size is checked against ``max_bytes`` (default half of
+    physical memory) before it is made: a model may declare, or ``input_shapes`` ask for, any size.
     """
     proto = as_model(model)
     rng = np.random.default_rng(seed)
@@ -668,6 +726,7 @@ def random_feeds(model: ModelSource, input_shapes: Mapping[str, Sequence[int]] |
             dims = [dim if isinstance(dim, int) and dim > 0 else (1 if axis == 0 else DEFAULT_DIM)
                     for axis, dim in enumerate(spec.shape)]
         dtype = np.dtype(spec.dtype)
+        check_array(dims, dtype, f"random feed {name!r}")
         if dtype.kind == "f":
             feeds[name] = rng.standard_normal(dims).astype(dtype)
         elif dtype.kind in "iu":

@@ -3,7 +3,8 @@
 Mirrors ``backends/onnx.py``: every node lowered here is written back by the backend exactly as it
 came, and the layers the engine factorizes are written as two MatMul/Gemm or three Conv nodes.
 
-Layer nodes (weights must be constant: an initializer, or the output of a ``Constant`` node)::
+Layer nodes (weights must be constant: an initializer, the output of a ``Constant`` node, or a value
+folded from constants, see below)::
 
     Gemm(x, B, C), transA=0, transB=1     -> Linear   weight = B [out, in], bias = C [out] (or [1, out])
     Gemm(x, B, C), transA=0, transB=0     -> MatMul   weight = B [in, out], bias = C; alpha/beta kept
@@ -19,9 +20,25 @@ Constants: initializers and ``Constant`` nodes holding a dense ``value`` both be
 ``graph.params`` (PP-OCR exports keep every weight in ``Constant`` nodes); ``meta["onnx"]`` records
 which was which so the backend writes each back in its own form and place.
 
+Folding: a layer's weight or bias reached through a chain of :data:`FOLDABLE_OPS` on constants
+(``Identity``, ``Cast``, ``Reshape``, ``Transpose``, ``Squeeze``, ``Unsqueeze``, ``DequantizeLinear``,
+``Constant``; evaluated by ``onnx.reference``) is recognised: the layer's param is the chain's output
+value, holding the folded array, and ``meta["onnx"]["folded"]`` maps it to the chain's nodes. The chain
+stays in the graph as opaque nodes; the backend writes a folded param back as its chain, and drops a
+chain (and the constants only it read) once no node reads it. So the TorchScript exporter's
+de-duplicated equal weights (``Identity`` of one initializer) are split per layer. A constant that is
+also a graph input a caller may override is not folded.
+
 A layer is *locked* (reported, never decomposed) when replacing its weight would change something
-else: the weight is also read by another node, a subgraph or a graph output; it is a graph input a
-caller may override (IR version >= 4); or the model carries ``training_info``.
+else: the weight value is also read by another node (a tied weight: several layers reading one value
+are left alone, as the PyTorch frontend leaves tied weights), a subgraph or a graph output; it is a
+graph input a caller may override (IR version >= 4); or the model carries ``training_info``. Chains
+that fold it into other layers' weights do not count as readers.
+
+Every ``Conv``, ``ConvTranspose`` and ``Gemm``, every ``MatMul`` with a constant operand and every
+``Gather`` from a constant appears in the report: a node that does not become a layer is listed in
+``graph.meta["unlowered"]`` (node name -> op, weight name and shape, reason), which
+``lowrank_ir.build_report`` turns into rows that say why.
 
 Files: external data is read only from inside the model's folder (a location that is absolute or
 escapes the folder, even through a symlink, is rejected); a file that is not ONNX, is truncated, or
@@ -51,12 +68,15 @@ from frontends._patches import collects_patches, patch_moment_sum
 from lowrank_ir import Graph, LayerStats, Node, Op, Value, verify
 from lowrank_ir._budget import first_elements, relative_output_errors
 from lowrank_ir._engine import stats_from_sums
+from lowrank_ir._files import path_inside
+from lowrank_ir._limits import check_array, check_bytes, format_bytes, limited
 
 __all__ = [
     "ModelSource",
     "as_model",
     "check_external_data",
     "check_feeds",
+    "check_input_shapes",
     "collect_stats",
     "count_parameters",
     "decode_attribute",
@@ -66,6 +86,7 @@ __all__ = [
     "load_model",
     "lower",
     "parse_model",
+    "tensor_bytes",
     "value_from_info",
 ]
 
@@ -94,6 +115,16 @@ _PROTO_LIST_TYPES = {
 
 #: attrs keys of an opaque node that are the IR's own, not ONNX attributes.
 RESERVED_ATTRS = ("source_op", "onnx", "locked")
+
+#: Ops whose output is constant when their inputs are: a layer's weight reached through them is folded.
+FOLDABLE_OPS = frozenset({"Identity", "Cast", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "DequantizeLinear",
+                          "Constant"})
+
+#: Longest chain of foldable ops followed back from a layer's weight.
+MAX_FOLD_DEPTH = 32
+
+#: Node types that are candidate layers; each one appears in the report, lowered or with the reason.
+CANDIDATE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Gather")
 
 
 # ------------------------------------------------------------------------------------------- loading
@@ -134,15 +165,39 @@ def _node_tensors(node: NodeProto) -> Iterator[TensorProto]:
         if attr.HasField("t"):
             yield attr.t
         yield from attr.tensors
+        sparse = [attr.sparse_tensor] if attr.HasField("sparse_tensor") else []
+        for tensor in [*sparse, *attr.sparse_tensors]:  # a Constant's sparse_value, for one
+            yield tensor.values
+            yield tensor.indices
         for sub in _subgraphs(attr):
             yield from _graph_tensors(sub)
 
 
 def _model_tensors(model: ModelProto) -> Iterator[TensorProto]:
+    """Every tensor of ``model``: graphs, subgraphs, functions, sparse tensors and training_info graphs."""
     yield from _graph_tensors(model.graph)
     for function in model.functions:
         for node in function.node:
             yield from _node_tensors(node)
+    for training in model.training_info:
+        yield from _graph_tensors(training.initialization)
+        yield from _graph_tensors(training.algorithm)
+
+
+#: Element types stored two to a byte.
+_PACKED_TYPES = {getattr(TensorProto, name) for name in ("INT4", "UINT4", "FLOAT4E2M1") if hasattr(TensorProto, name)}
+
+
+def tensor_bytes(tensor: TensorProto) -> int | None:
+    """Bytes the raw data of ``tensor`` holds, from its dims and type (None for strings and unknown types)."""
+    if tensor.data_type == TensorProto.STRING:
+        return None
+    try:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    except (KeyError, ValueError, TypeError):
+        return None
+    count = math.prod(int(dim) for dim in tensor.dims)
+    return (count + 1) // 2 if tensor.data_type in _PACKED_TYPES else count * itemsize
 
 
 def _external(tensor: TensorProto) -> bool:
@@ -153,7 +208,9 @@ def check_external_data(model: ModelProto, folder: str | os.PathLike[str]) -> No
     """Check every external-data reference of ``model`` before anything is read.
 
     A location must be relative and stay inside ``folder`` (also after resolving symlinks), the file
-    must exist and be long enough for the offset and length the tensor names.
+    must exist and be long enough for the offset and length the tensor names, and the bytes read
+    (``length``, or the rest of the file) must be what the tensor's dims and type need and within the
+    memory limit (:mod:`lowrank_ir._limits`). Sparse tensors and ``training_info`` graphs are checked too.
     """
     base = Path(folder).resolve()
     for tensor in _model_tensors(model):
@@ -164,8 +221,8 @@ def check_external_data(model: ModelProto, folder: str | os.PathLike[str]) -> No
         location = info.get("location", "")
         if not location:
             raise ValueError(f"{where} is stored as external data but names no file ('location' is missing)")
-        target = (base / location).resolve()
-        if Path(location).is_absolute() or not target.is_relative_to(base):
+        target = path_inside(base, location)
+        if target is None:
             raise ValueError(f"{where}: external data location {location!r} escapes the model's folder "
                              f"{str(base)!r}; only files inside that folder are read")
         if not target.is_file():
@@ -179,13 +236,31 @@ def check_external_data(model: ModelProto, folder: str | os.PathLike[str]) -> No
         if offset < 0 or length < 0 or offset + length > size:
             raise ValueError(f"{where}: external data file {location!r} holds {size} bytes, the tensor needs "
                              f"bytes {offset}..{offset + length}")
+        read = length if "length" in info else size - offset  # what onnx would read
+        expected = tensor_bytes(tensor)
+        if expected is not None and read != expected:
+            declared = f"declares length {length}" if "length" in info else f"would read {read} bytes"
+            raise ValueError(f"{where}: external data {declared}, but its dims {list(tensor.dims)} and type "
+                             f"{TensorProto.DataType.Name(tensor.data_type)} need {expected} bytes")
+        check_bytes(read, f"{where} (external data of dims {list(tensor.dims)})")
 
 
-def load_model(path: str | os.PathLike[str]) -> ModelProto:
-    """Read an ONNX file and its external data (checked with :func:`check_external_data`)."""
+@limited
+def load_model(path: str | os.PathLike[str], *, max_bytes: int | str | None = None) -> ModelProto:
+    """Read an ONNX file and its external data (checked with :func:`check_external_data`).
+
+    ``max_bytes``: the most the file, and each tensor of external data, may take (an int or a size such
+    as ``"64G"``; default half of physical memory), checked before anything is read. A file over
+    2 GB is not an ONNX file (protobuf's limit: larger models keep their weights in external data).
+    """
     source = Path(path)
     if not source.is_file():
         raise FileNotFoundError(f"ONNX model {str(source)!r} does not exist or is not a file")
+    size = source.stat().st_size
+    if size > PROTOBUF_LIMIT:
+        raise ValueError(f"{str(source)!r} holds {format_bytes(size)}: an ONNX file holds at most 2 GB (larger "
+                         f"models keep their weights in external data), so it is not an ONNX model")
+    check_bytes(size, f"ONNX model {str(source)!r}")
     model = parse_model(source.read_bytes(), f"{str(source)!r}")
     check_external_data(model, source.parent)
     if any(_external(tensor) for tensor in _model_tensors(model)):
@@ -357,6 +432,15 @@ def _outer_names(graph: GraphProto) -> set[str]:
     return used
 
 
+def outer_reads(node: NodeProto) -> set[str]:
+    """Names the subgraphs of ``node`` (``If``/``Loop``/``Scan`` bodies) read from the enclosing scope."""
+    outer: set[str] = set()
+    for attr in node.attribute:
+        for sub in _subgraphs(attr):
+            outer |= _outer_names(sub)
+    return outer
+
+
 # ------------------------------------------------------------------------------------------- lowering
 
 @dataclass(slots=True)
@@ -368,6 +452,15 @@ class _LayerSpec:
     params: dict[str, str]
     layout: list[int | str]
     data: list[str]
+
+
+@dataclass(slots=True)
+class _Unlowered:
+    """A candidate layer node that stays opaque: its weight (name and shape, when constant) and why."""
+
+    weight: str
+    shape: list[int]
+    reason: str
 
 
 @dataclass(slots=True)
@@ -384,6 +477,10 @@ class _Lowering:
     overridable: set[str] = field(default_factory=set)
     graph_outputs: set[str] = field(default_factory=set)
     param_shapes: dict[str, list[int]] = field(default_factory=dict)
+    producers: dict[str, int] = field(default_factory=dict)  # value name -> index of the node computing it
+    folds: dict[str, np.ndarray | str] = field(default_factory=dict)  # value -> folded array, or why not
+    layer_params: dict[int, set[str]] = field(default_factory=dict)  # layer node index -> its weight/bias names
+    fold_only: dict[int, bool] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         graph = self.model.graph
@@ -393,10 +490,10 @@ class _Lowering:
                 self.constants[node.output[0]] = index
             for name in node.input:
                 self.consumers.setdefault(name, set()).add(index)
-            outer = set()
-            for attr in node.attribute:
-                for sub in _subgraphs(attr):
-                    outer |= _outer_names(sub)
+            for name in node.output:
+                if name:
+                    self.producers.setdefault(name, index)
+            outer = outer_reads(node)
             if outer:
                 self.outer_reads[index] = outer
                 for name in outer:
@@ -409,6 +506,76 @@ class _Lowering:
 
     def is_constant(self, name: str) -> bool:
         return name in self.initializers or name in self.constants
+
+    def is_folded(self, name: str) -> bool:
+        """Whether ``name`` is not stored as a constant but computed from constants (see :meth:`fold`)."""
+        return bool(name) and not self.is_constant(name) and isinstance(self.fold(name), np.ndarray)
+
+    def constant_value(self, name: str) -> np.ndarray | None:
+        """The value of ``name`` when it is a constant, stored or folded; None when computed at run time."""
+        if not name:
+            return None
+        if self.is_constant(name):
+            return self.array(name)
+        value = self.fold(name)
+        return value if isinstance(value, np.ndarray) else None
+
+    def fold(self, name: str, depth: int = 0) -> np.ndarray | str:
+        """The array ``name`` holds when a chain of :data:`FOLDABLE_OPS` computes it from constants; else why not.
+
+        A stored constant folds to itself, unless it is a graph input a caller may override.
+        """
+        if name in self.overridable:
+            return f"{name!r} is a graph input a caller may override, not a constant"
+        if self.is_constant(name):
+            return self.array(name)
+        if name in self.folds:
+            return self.folds[name]
+        index = self.producers.get(name)
+        if index is None:
+            return f"{name!r} is a graph input, not a constant"
+        proto = self.model.graph.node[index]
+        where = f"{proto.op_type} node {proto.name or '#' + str(index)!r}"
+        result: np.ndarray | str
+        if proto.op_type not in FOLDABLE_OPS or proto.domain not in DEFAULT_DOMAINS or len(proto.output) != 1:
+            result = f"{name!r} is computed at run time (by {where}), not a constant"
+        elif any(attr.name == "sparse_value" for attr in proto.attribute):
+            result = f"{name!r} is a sparse constant (of any declared size), not folded"
+        elif depth >= MAX_FOLD_DEPTH:
+            result = f"{name!r} is computed by a chain of more than {MAX_FOLD_DEPTH} constant ops"
+        else:
+            inputs = {value: self.fold(value, depth + 1) for value in proto.input if value}
+            unknown = next((reason for reason in inputs.values() if isinstance(reason, str)), None)
+            result = unknown if unknown is not None else self._evaluate(proto, where, inputs)  # type: ignore[arg-type]
+        self.folds[name] = result
+        return result
+
+    def _evaluate(self, proto: NodeProto, where: str, inputs: dict[str, np.ndarray]) -> np.ndarray | str:
+        """``proto`` run by ``onnx.reference`` on constant inputs (read-only result), or why it cannot run."""
+        from onnx.reference import ReferenceEvaluator
+
+        opsets = {opset.domain or "": int(opset.version) for opset in self.model.opset_import}
+        try:
+            outputs: Any = ReferenceEvaluator(proto, opsets=opsets).run(None, inputs)
+            array = np.asarray(outputs[0])
+        except Exception as err:  # the reference runtime raises many types; the node then stays as it is
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            return f"{where} could not be folded: {first}"
+        array.flags.writeable = False
+        return array
+
+    def feeds_layers_only(self, index: int) -> bool:
+        """Whether node ``index`` is a foldable op whose output is read only as folded layer weights/biases."""
+        if index not in self.fold_only:
+            self.fold_only[index] = False  # a cycle (invalid ONNX) is not followed twice
+            proto = self.model.graph.node[index]
+            output = proto.output[0] if len(proto.output) == 1 else ""
+            readers = self.consumers.get(output, set())
+            self.fold_only[index] = (
+                self.is_folded(output) and output not in self.graph_outputs and bool(readers)
+                and all(output in self.layer_params.get(reader, set()) or self.feeds_layers_only(reader)
+                        for reader in readers))
+        return self.fold_only[index]
 
     def array(self, name: str) -> np.ndarray:
         """The value of constant ``name`` (decoded once, read-only)."""
@@ -434,7 +601,8 @@ class _Lowering:
             return f"the weight {weight!r} is also a graph input, which a caller may override"
         if weight in self.graph_outputs:
             return f"the weight {weight!r} is also a graph output"
-        others = sorted(self.consumers.get(weight, set()) - {index})
+        others = sorted(reader for reader in self.consumers.get(weight, set()) - {index}
+                        if not self.feeds_layers_only(reader))
         if others:
             node = self.model.graph.node[others[0]]
             return (f"the weight {weight!r} is also read by {node.op_type} node "
@@ -449,24 +617,47 @@ class _Lowering:
 
     # ---------------------------------------------------------------------------------- layers
 
-    def layer(self, index: int, proto: NodeProto, attrs: dict[str, Any]) -> _LayerSpec | None:
-        """The layer ``proto`` is, or None (it stays opaque; the reason is logged)."""
-        if proto.domain not in DEFAULT_DOMAINS or len(proto.output) != 1:
+    def layer(self, index: int, proto: NodeProto, attrs: dict[str, Any]) -> _LayerSpec | _Unlowered | None:
+        """The layer ``proto`` is; for a candidate layer that stays opaque, why; None for other nodes."""
+        if proto.domain not in DEFAULT_DOMAINS or proto.op_type not in CANDIDATE_OPS:
             return None
+        weight = self._candidate_weight(proto)
+        if weight is None:
+            return None  # a MatMul of two run-time values, a Gather from a run-time tensor
+        if len(proto.output) != 1:
+            return self._unlowered(weight, f"it has {len(proto.output)} outputs")
         lowering = {"Gemm": self._gemm, "MatMul": self._matmul, "Conv": self._conv, "Gather": self._gather}
         function = lowering.get(proto.op_type)
         if function is None:
-            return None
+            return self._unlowered(weight, f"{proto.op_type} layers are not decomposed yet")
         spec_or_reason = function(index, proto, attrs)
         if isinstance(spec_or_reason, str):
             logger.debug("%s node %r stays opaque: %s", proto.op_type, proto.name, spec_or_reason)
-            return None
+            return self._unlowered(weight, spec_or_reason)
         return spec_or_reason
 
+    def _candidate_weight(self, proto: NodeProto) -> str | None:
+        """The input that would be a candidate layer's weight; None when the node is no candidate."""
+        inputs = list(proto.input) + ["", ""]
+        if proto.op_type in ("Conv", "ConvTranspose", "Gemm"):
+            if proto.op_type == "Gemm" and self.constant_value(inputs[0]) is not None \
+                    and self.constant_value(inputs[1]) is None:
+                return inputs[0]
+            return inputs[1]
+        if proto.op_type == "MatMul":
+            return next((name for name in (inputs[1], inputs[0]) if self.constant_value(name) is not None), None)
+        return inputs[0] if self.constant_value(inputs[0]) is not None else None  # Gather
+
+    def _unlowered(self, weight: str, reason: str) -> _Unlowered:
+        value = self.constant_value(weight)
+        return _Unlowered(weight, [] if value is None else [int(dim) for dim in value.shape], reason)
+
     def _weight(self, name: str, ndim: int | None = None) -> np.ndarray | str:
-        if not name or not self.is_constant(name):
-            return f"{name!r} is computed at run time, not a constant"
-        array = self.array(name)
+        if not name:
+            return "the weight input is empty"
+        array = self.fold(name) if not self.is_constant(name) else self.array(name)
+        if isinstance(array, str):
+            return array
         if ndim is not None and array.ndim != ndim:
             return f"constant {name!r} has {array.ndim} dimensions, not {ndim}"
         if not _is_float(array):
@@ -479,7 +670,7 @@ class _Lowering:
         c = inputs[2] if len(inputs) > 2 else ""
         if attrs.get("transA", 0):
             return "transA=1"
-        if not x or self.is_constant(x):
+        if not x or self.constant_value(x) is not None:
             return "its input A is a constant"
         weight = self._weight(b, 2)
         if isinstance(weight, str):
@@ -493,7 +684,9 @@ class _Lowering:
             bias = self._weight(c)
             if isinstance(bias, str):
                 return f"C: {bias}"
-            if bias.shape == (1, out) and self.exclusive(index, c):
+            if bias.shape == (1, out) and self.is_folded(c):  # written back as its chain: reshaped freely
+                self.folds[c] = bias.reshape(out)
+            elif bias.shape == (1, out) and self.exclusive(index, c):
                 self.param_shapes[c] = [1, int(out)]
                 self.arrays[c] = bias.reshape(out)
             elif bias.shape != (out,):
@@ -509,7 +702,7 @@ class _Lowering:
 
     def _matmul(self, index: int, proto: NodeProto, attrs: dict[str, Any]) -> _LayerSpec | str:
         a, b = proto.input[0], proto.input[1]
-        a_const, b_const = self.is_constant(a), self.is_constant(b)
+        a_const, b_const = self.constant_value(a) is not None, self.constant_value(b) is not None
         if a_const == b_const:
             return "both inputs are constants" if a_const else "no input is a constant"
         weight = self._weight(b if b_const else a, 2)
@@ -526,7 +719,7 @@ class _Lowering:
         inputs = list(proto.input)
         x, w = inputs[0], inputs[1]
         b = inputs[2] if len(inputs) > 2 else ""
-        if not x or self.is_constant(x):
+        if not x or self.constant_value(x) is not None:
             return "its input X is a constant"
         weight = self._weight(w)
         if isinstance(weight, str):
@@ -568,7 +761,7 @@ class _Lowering:
 
     def _gather(self, index: int, proto: NodeProto, attrs: dict[str, Any]) -> _LayerSpec | str:
         table, ids = proto.input[0], proto.input[1]
-        if not ids or self.is_constant(ids):
+        if not ids or self.constant_value(ids) is not None:
             return "its indices are constants"
         weight = self._weight(table, 2)
         if isinstance(weight, str):
@@ -610,16 +803,22 @@ class _Lowering:
         built: list[tuple[int, Node]] = []
         preferred: list[str] = []
         pending: list[tuple[int, NodeProto, _LayerSpec | None, tuple[Any, ...]]] = []
+        unlowered: dict[int, _Unlowered] = {}
         for index, proto in enumerate(graph_proto.node):
             if self.constants.get(proto.output[0] if proto.output else "") == index:
                 continue
             where = f"{proto.op_type} node {proto.name or '#' + str(index)!r}"
             try:
                 values, types, docs = _attributes(proto)
-                spec = self.layer(index, proto, values)
-                pending.append((index, proto, spec, (values, types, docs)))
+                found = self.layer(index, proto, values)
             except ValueError as err:
                 raise ValueError(f"while lowering {where}: {err}") from err
+            spec = found if isinstance(found, _LayerSpec) else None
+            if isinstance(found, _Unlowered):
+                unlowered[index] = found
+            if spec is not None:
+                self.layer_params[index] = set(spec.params.values())
+            pending.append((index, proto, spec, (values, types, docs)))
             name = proto.name
             if spec is not None:
                 weight = spec.params["weight"]
@@ -645,11 +844,40 @@ class _Lowering:
             graph.add_node(node)
         for name in list(self.initializers) + list(self.constants):
             graph.set_param(name, self.array(name))
+        folded = self.folded_params(built)
+        for name in folded:
+            graph.set_param(name, self.folds[name])  # type: ignore[arg-type]
+        if folded:
+            graph.meta["onnx"]["folded"] = folded
+        if unlowered:
+            by_index = dict(built)
+            graph.meta["unlowered"] = {
+                by_index[index].name: {"op": graph_proto.node[index].op_type, "weight": item.weight,
+                                    "shape": item.shape, "reason": item.reason}
+                for index, item in unlowered.items()}
         inits = set(self.initializers)
         graph.inputs = [value_from_info(value) for value in graph_proto.input if value.name not in inits]
         graph.outputs = [value_from_info(value) for value in graph_proto.output]
         _add_positions(graph, model, self.input_shapes)
         return verify(graph)
+
+    def folded_params(self, built: list[tuple[int, Node]]) -> dict[str, list[str]]:
+        """Folded layer params -> the names of the nodes of the chain computing each (in graph order)."""
+        names = {index: node.name for index, node in built}
+        folded: dict[str, list[str]] = {}
+        for index in self.layer_params:
+            for value in sorted(self.layer_params[index]):
+                if value in folded or not self.is_folded(value):
+                    continue
+                chain: set[int] = set()
+                stack = [value]
+                while stack:
+                    producer = self.producers.get(stack.pop())
+                    if producer is not None and producer not in chain and producer in names:
+                        chain.add(producer)
+                        stack.extend(name for name in self.model.graph.node[producer].input if name)
+                folded[value] = [names[producer] for producer in sorted(chain)]
+        return folded
 
     def meta(self, built: list[tuple[int, Node]]) -> dict[str, Any]:
         """The model-level record the backend writes back (``graph.meta["onnx"]``)."""
@@ -724,21 +952,34 @@ def _unique(preferred: Sequence[str], fallbacks: Sequence[str], layers: Sequence
     return names
 
 
-def lower(model: ModelSource, *, input_shapes: Mapping[str, Sequence[int]] | None = None) -> Graph:
+@limited
+def lower(model: ModelSource, *, input_shapes: Mapping[str, Sequence[int]] | None = None,
+          max_bytes: int | str | None = None) -> Graph:
     """Lower an ONNX model (a ``ModelProto`` or a path) to a dataflow IR graph.
 
     ``input_shapes`` (input name -> dims) fixes dynamic input dims for shape inference only, so that
     layers get ``out_positions``/``in_positions`` and reports count FLOPs per sample; the graph's
     inputs keep the model's own (symbolic) shapes. Raises ``ValueError`` for a file that is not a
-    valid ONNX model and for unsupported constructs, naming the node.
+    valid ONNX model and for unsupported constructs, naming the node, and for an input of
+    ``input_shapes`` (or a file) larger than ``max_bytes`` (default half of physical memory).
     """
     proto = as_model(model)
+    check_input_shapes(proto, input_shapes)
     _check_model(proto, f"{str(model)!r}" if not isinstance(model, ModelProto) else "the model")
     _check_supported(proto)
     return _Lowering(proto, input_shapes).run()
 
 
 # ------------------------------------------------------------------------------------------ shapes
+
+def check_input_shapes(model: ModelProto, input_shapes: Mapping[str, Sequence[int]] | None) -> None:
+    """``ValueError`` when an input of ``input_shapes`` would take more than the memory limit."""
+    specs = input_specs(model)
+    for name, dims in (input_shapes or {}).items():
+        spec = specs.get(name)
+        dtype = spec.dtype if spec is not None and spec.dtype is not None else "float32"
+        check_array(dims, dtype, f"input {name!r} of input_shapes")
+
 
 def _fixed_inputs(model: ModelProto, input_shapes: Mapping[str, Sequence[int]] | None) -> ModelProto:
     if not input_shapes:
@@ -865,8 +1106,8 @@ def input_specs(model: ModelProto) -> dict[str, Value]:
 def check_feeds(model: ModelProto, feeds: object, where: str = "feeds") -> dict[str, Any]:
     """``feeds`` checked against the model's inputs, returned as numpy arrays.
 
-    Every input must be present, no unknown name given, and dtypes and fixed dims must be as the model
-    declares them; ``where`` starts each error message.
+    Every input must be present, no unknown name given, dtypes and fixed dims must be as the model
+    declares them, and float values finite; ``where`` starts each error message.
     """
     if not isinstance(feeds, Mapping):
         raise TypeError(f"{where} must be a dict of input name -> numpy array, got {type(feeds).__name__}")
@@ -899,6 +1140,10 @@ def check_feeds(model: ModelProto, feeds: object, where: str = "feeds") -> dict[
                 if isinstance(want, int) and want > 0 and got != want:
                     raise ValueError(f"{where}: input {name!r} has shape {list(array.shape)}, the model expects "
                                      f"{_show(spec.shape)} (dimension {axis} must be {want})")
+        if array.dtype.kind in "fc" and not np.isfinite(array).all():  # NaN compares false: checks would pass
+            bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+            raise ValueError(f"{where}: input {name!r} has {bad} of {array.size} values not finite (NaN or Inf); "
+                             f"feeds must be finite numbers")
         checked[name] = array
     return checked
 
@@ -1116,12 +1361,38 @@ def _weight_tensors(model: ModelProto) -> dict[str, TensorProto]:
     return tensors
 
 
+def _store_folded(model: ModelProto, names: Iterable[str]) -> None:
+    """Make each of ``names`` that a chain of constant ops computes an initializer holding its value, in place.
+
+    The chain's last node writes to a renamed value nobody reads, so replacing the initializer
+    replaces the folded weight (as the decomposition does) and nothing else.
+    """
+    stored = _weight_tensors(model)
+    wanted = [name for name in dict.fromkeys(names) if name not in stored]
+    if not wanted:
+        return
+    lowering = _Lowering(model)
+    taken = {name for node in model.graph.node for name in node.output} | set(lowering.initializers)
+    for name in wanted:
+        value = lowering.fold(name)
+        if isinstance(value, str):
+            continue  # not a folded weight: the caller reports the unknown name
+        replacement = f"{name}.unfolded"
+        while replacement in taken:
+            replacement += "_"
+        taken.add(replacement)
+        producer = model.graph.node[lowering.producers[name]]
+        producer.output[:] = [replacement if output == name else output for output in producer.output]
+        model.graph.initializer.append(numpy_helper.from_array(np.asarray(value), name))
+
+
 def output_errors(model: ModelSource, datasets: Iterable[Any], trials: Sequence[Mapping[str, np.ndarray]],
                   max_iter: int = -1) -> list[float]:
     """Per trial, the model's relative output error Σ‖y' − y‖² / Σ‖y‖² with some weights replaced.
 
-    A trial maps initializer (or ``Constant``) names to replacement arrays holding the same number of
-    values (e.g. one layer's weight truncated to a low rank; reshaped to the stored tensor's shape).
+    A trial maps initializer (or ``Constant``, or folded: see the module docstring) names to replacement
+    arrays holding the same number of values (e.g. one layer's weight truncated to a low rank; reshaped
+    to the stored tensor's shape).
     ``y`` are the floating-point outputs in onnxruntime on the first ``max_iter`` feed dicts of
     ``datasets`` (-1: all). Each trial runs a copy of the model; ``model`` is not changed.
     """
@@ -1130,6 +1401,7 @@ def output_errors(model: ModelSource, datasets: Iterable[Any], trials: Sequence[
     feeds = [check_feeds(proto, element, f"datasets element {index}")
              for index, element in enumerate(first_elements(datasets, max_iter))]
     work = copy.deepcopy(proto)
+    _store_folded(work, [name for trial in trials for name in trial])
     tensors = _weight_tensors(work)
     for trial in trials:
         for name, array in trial.items():

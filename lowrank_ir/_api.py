@@ -14,7 +14,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +31,18 @@ from lowrank_ir._engine import (
     approximations,
     plan,
     rewrite,
+    warn_unknown_excludes,
 )
-from lowrank_ir._files import read_json, write_json
+from lowrank_ir._files import check_file_target, read_json, write_json
 from lowrank_ir._ir import Graph, Node, Op
-from lowrank_ir._policy import Policy, RankSpec, validate_config, validate_divisor, validate_excludes
+from lowrank_ir._policy import (
+    Policy,
+    Rules,
+    plain_number,
+    validate_config,
+    validate_divisor,
+    validate_excludes,
+)
 from lowrank_ir._registry import backend_for, frontend_for
 from lowrank_ir._report import Report, _positions, build_report
 
@@ -59,8 +67,7 @@ def _check_config_file(config_file: object) -> Path | None:
     if not isinstance(config_file, (str, os.PathLike)) or not os.fspath(config_file).endswith(".json"):
         raise ValueError(f"config_file must be a path ending in '.json', got {config_file!r}")
     path = Path(config_file)
-    if not path.parent.is_dir():
-        raise ValueError(f"config_file {str(path)!r} is in folder {str(path.parent)!r}, which does not exist")
+    check_file_target(path, f"config_file {str(path)!r}")  # a folder, or no folder to write in, fails now
     return path
 
 
@@ -113,9 +120,15 @@ class Decompose:
         """The same rank ``channel_fixed`` (an int > 0, rounded by ``divisor``) for every layer."""
         return self._choose(Policy.fixed(channel_fixed, excludes, divisor))
 
-    def from_dict(self, channel_dict: Mapping[str, RankSpec], excludes: Sequence[str] | None = None,
+    def from_dict(self, channel_dict: Rules, excludes: Sequence[str] | None = None,
                   divisor: int = 64) -> Decompose:
-        """Per-layer rules ``{regex: int | float | "vbmf"}``; the first key that ``re.search``-matches wins."""
+        """Per-layer rules ``{regex: int | float | "vbmf" | (out, in)}``; the first key that ``re.search``-matches wins.
+
+        Keys are strings or compiled ``re.Pattern``. A value is an int rank, a float ratio in (0, 1),
+        ``"vbmf"``, or an ``(out rank, in rank)`` pair (list or tuple): a conv's Tucker-2 ranks, the
+        larger of the two for a matrix layer. Every rank is rounded by ``divisor``, so a
+        ``decompose_config`` given back with the divisor it was made with gives the same config.
+        """
         return self._choose(Policy.from_dict(channel_dict, excludes, divisor))
 
     def from_vbmf(self, excludes: Sequence[str] | None = None, divisor: int = 64) -> Decompose:
@@ -130,6 +143,7 @@ class Decompose:
         the kept fraction is one of the layer's *output* energy. ``include``: a regex; only layers whose
         name it matches are candidates. Ranks are rounded up to multiples of ``divisor``.
         """
+        keep = plain_number(keep)  # type: ignore[assignment]
         if isinstance(keep, bool) or not isinstance(keep, float) or not 0.0 < keep <= 1.0:
             raise ValueError(f"keep must be a float in (0, 1], the fraction of spectral energy kept, got {keep!r}")
         graph, candidates = self._candidates(excludes, divisor, include, datasets, max_iter, "params")
@@ -162,13 +176,15 @@ class Decompose:
         """
         if (params is None) == (flops is None):
             raise ValueError("from_budget takes exactly one of params= or flops=")
-        target = params if params is not None else flops
+        target = plain_number(params if params is not None else flops)
         kind = "params" if params is not None else "flops"
         valid_fraction = isinstance(target, float) and 0.0 < target < 1.0
         valid_count = isinstance(target, int) and not isinstance(target, bool) and target > 0
         if not (valid_fraction or valid_count):
             raise ValueError(f"{kind} must be a float in (0, 1) (a fraction to keep) or an int > 0 (an absolute "
                              f"count), got {target!r}")
+        probe_iter = plain_number(probe_iter)  # type: ignore[assignment]
+        max_iter = plain_number(max_iter)  # type: ignore[assignment]
         estimate = _check_estimate(estimate, datasets, probe_iter)
         probe_iter = max_iter if probe_iter is None else probe_iter
         source = datasets
@@ -216,11 +232,13 @@ class Decompose:
 
         excluded = set(validate_excludes(excludes))
         validate_divisor(divisor)
+        max_iter = plain_number(max_iter)  # type: ignore[assignment]
         try:
             pattern = re.compile(include) if include is not None else None
         except (re.error, TypeError) as err:
             raise ValueError(f"include must be a regular expression string, got {include!r}: {err}") from err
         graph = self._lower()
+        warn_unknown_excludes(graph, sorted(excluded))
         nodes = [node for node in graph.layers()
                  if node.name not in excluded and (pattern is None or pattern.search(node.name))
                  and not _why_not_decomposable(node, graph)]
@@ -318,6 +336,7 @@ class Decompose:
                              "or from_file before decompose_network")
         if not isinstance(do_decompose_weight, bool):
             raise TypeError(f"do_decompose_weight must be a bool, got {do_decompose_weight!r}")
+        max_iter = plain_number(max_iter)  # type: ignore[assignment]
         if isinstance(max_iter, bool) or not isinstance(max_iter, int):
             raise TypeError(f"max_iter must be an int (-1 for the whole dataset), got {max_iter!r}")
         if not (max_iter == -1 or max_iter > 0):

@@ -46,9 +46,10 @@ import numpy as np
 
 from lowrank_ir._api import Decompose
 from lowrank_ir._engine import plan
-from lowrank_ir._files import atomic_directory, read_json
+from lowrank_ir._files import atomic_directory, check_schema, path_inside, read_json
 from lowrank_ir._ir import Graph
-from lowrank_ir._policy import Policy
+from lowrank_ir._limits import check_array, limited
+from lowrank_ir._policy import Policy, plain_number, validate_divisor, validate_ratio
 from lowrank_ir._registry import FRAMEWORKS, _load, framework_of
 from lowrank_ir.serde import GRAPH_FILE, PARAMS_FILE, load_graph, save_graph
 
@@ -63,6 +64,10 @@ NATIVE_FRAMEWORKS = ("torch", "mindspore")
 MANIFEST_FILE = "converted.json"
 MANIFEST_FORMAT = "lowrank-ir converted model"
 MANIFEST_VERSION = 1
+
+#: What ``converted.json`` must hold (``read_manifest`` names the file and the key when it does not).
+MANIFEST_SCHEMA = {"format": str, "version": int, "framework": str, "weights": str, "graph?": str, "params?": str,
+                   "model_class?": str, "inputs?": [str], "outputs?": [str]}
 
 #: The native weights file of a converted-model folder, per framework.
 WEIGHTS_FILES = {"torch": "model.pt", "mindspore": "model.ckpt"}
@@ -123,7 +128,9 @@ def _as_graph(model: Any, input_shapes: Mapping[str, Sequence[int]] | None) -> G
 
 # ------------------------------------------------------------------------------------------- convert
 
-def convert(model: Any, to: str, *, input_shapes: Mapping[str, Sequence[int]] | None = None) -> Any:
+@limited
+def convert(model: Any, to: str, *, input_shapes: Mapping[str, Sequence[int]] | None = None,
+            max_bytes: int | str | None = None) -> Any:
     """Rebuild ``model`` as a trainable PyTorch or MindSpore model through the IR.
 
     Args:
@@ -133,6 +140,9 @@ def convert(model: Any, to: str, *, input_shapes: Mapping[str, Sequence[int]] | 
             ``"mindspore"`` (a ``backends.mindspore.GraphCell``, an ``nn.Cell``, PyNative mode).
         input_shapes: input name -> dims, fixing dynamic input dims for shape inference while
             lowering (the rebuilt model still takes any size the graph allows).
+        max_bytes: the most one array (a tensor of the model, an input of ``input_shapes``) may take,
+            checked before it is read or allocated: an int or a size such as ``"64G"``; default half of
+            physical memory.
 
     Returns:
         The native model, its parameters filled from the graph and named after the IR params. It
@@ -172,8 +182,9 @@ def check_output_folder(path: str | os.PathLike[str]) -> None:
                               f"choose a new folder, the old one is not replaced")
 
 
+@limited
 def save_converted(model: Any, path: str | os.PathLike[str], *, to: str | None = None,
-                   input_shapes: Mapping[str, Sequence[int]] | None = None) -> Path:
+                   input_shapes: Mapping[str, Sequence[int]] | None = None, max_bytes: int | str | None = None) -> Path:
     """Write a converted model to the folder ``path`` (created, or an earlier one replaced, atomically).
 
     Args:
@@ -184,6 +195,7 @@ def save_converted(model: Any, path: str | os.PathLike[str], *, to: str | None =
         to: the framework to convert an ONNX model / Graph to (``"torch"`` | ``"mindspore"``); for a
             converted model, None or its own framework.
         input_shapes: as in :func:`convert`, when converting here.
+        max_bytes: as in :func:`convert`.
 
     Returns:
         ``path``, holding ``converted.json``, ``graph.json``, ``params.safetensors`` and the native
@@ -233,9 +245,14 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
     if manifest.get("version") != MANIFEST_VERSION:
         raise ValueError(f"{str(file)!r} has format version {manifest.get('version')!r}; this lowrank-ir reads "
                          f"version {MANIFEST_VERSION}")
-    if manifest.get("framework") not in NATIVE_FRAMEWORKS:
-        raise ValueError(f"{str(file)!r} names framework {manifest.get('framework')!r}; expected one of "
+    check_schema(manifest, MANIFEST_SCHEMA, repr(str(file)))
+    if manifest["framework"] not in NATIVE_FRAMEWORKS:
+        raise ValueError(f"{str(file)!r} names framework {manifest['framework']!r}; expected one of "
                          f"{', '.join(NATIVE_FRAMEWORKS)}")
+    if path_inside(folder, manifest["weights"]) is None:
+        raise ValueError(f"{str(file)!r}: weights {manifest['weights']!r} is not a file inside the folder "
+                         f"{str(folder)!r}; a converted-model folder names its own files (e.g. "
+                         f"{WEIGHTS_FILES['torch']!r})")
     return manifest
 
 
@@ -255,7 +272,7 @@ def load_converted(path: str | os.PathLike[str], weights: str | os.PathLike[str]
     manifest = read_manifest(path)
     framework = str(manifest["framework"])
     graph = load_graph(path)
-    source = Path(path) / str(manifest.get("weights", WEIGHTS_FILES[framework])) if weights is None else Path(weights)
+    source = Path(path) / manifest["weights"] if weights is None else Path(weights)
     if not source.is_file():
         raise FileNotFoundError(f"weights file {str(source)!r} does not exist")
     backend = _backend(framework)
@@ -463,6 +480,8 @@ def _native_feeds(feeds: dict[str, np.ndarray] | None, input_shapes: Mapping[str
                          f"takes them, or an .npz file) or input_shapes (input name -> dims, for random float32 "
                          f"inputs) to be exported to ONNX and run")
     _check_shapes(input_shapes, None)
+    for name, dims in input_shapes.items():
+        check_array(dims, np.float32, f"random input {name!r}")
     rng = np.random.default_rng(seed)
     return {name: rng.standard_normal([int(dim) for dim in dims]).astype(np.float32)
             for name, dims in input_shapes.items()}
@@ -496,10 +515,11 @@ def _reference_rows(stage: str, names: Sequence[str], outputs: Sequence[Any]) ->
                       REFERENCE) for name, value in zip(names, outputs, strict=True)]
 
 
+@limited
 def parity(model: Any, *, feeds: Any = None, weights: str | os.PathLike[str] | None = None,
            ratio: float | None = 0.5, tolerance: float = 1e-4,
            input_shapes: Mapping[str, Sequence[int]] | None = None, seed: int = 0, divisor: int = 64,
-           frameworks: Sequence[str] | None = None) -> ParityReport:
+           frameworks: Sequence[str] | None = None, max_bytes: int | str | None = None) -> ParityReport:
     """Run ``model`` in onnxruntime, PyTorch and MindSpore on the same inputs and compare the outputs.
 
     The PyTorch and MindSpore versions are rebuilt from the ONNX model through the IR
@@ -530,17 +550,23 @@ def parity(model: Any, *, feeds: Any = None, weights: str | os.PathLike[str] | N
             small one: at 64 their layers would not be decomposed).
         frameworks: which of ``"torch"``, ``"mindspore"`` to rebuild in; default both, or those
             installed (the others are listed in ``report.skipped``).
+        max_bytes: the most one array (a model tensor, a feed, an input of ``input_shapes``) may take,
+            checked before it is read or allocated: an int or a size such as ``"64G"``; default half of
+            physical memory.
 
     Raises:
         ValueError: bad feeds (missing or unknown inputs, wrong dtype or shape), ops a backend cannot
             run (all listed), weights for another model, no layer to decompose at ``ratio``, ...
         TypeError: a model of no supported framework.
     """
+    tolerance, ratio, seed = plain_number(tolerance), plain_number(ratio), plain_number(seed)  # type: ignore[assignment]
     if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not tolerance >= 0:
         raise ValueError(f"tolerance must be a number >= 0, got {tolerance!r}")
-    if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < 1):
-        raise ValueError(f"ratio must be a float strictly between 0 and 1, or None to skip decomposition; "
-                         f"got {ratio!r}")
+    if ratio is not None:
+        ratio = validate_ratio(ratio)
+    divisor = validate_divisor(divisor)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
     chosen, skipped = _frameworks(frameworks)
     if not chosen and _is_onnx_source(model):
         raise ValueError("no framework to compare with onnxruntime: install torch or mindspore, or name one in "
@@ -566,7 +592,8 @@ def parity(model: Any, *, feeds: Any = None, weights: str | os.PathLike[str] | N
         proto = onnx_backend.export(ready, backend.as_tensors(arrays.values()), input_names=list(arrays),
                                     output_names=result.names)
         native = (result.arrays, framework)
-    checked = onnx_frontend.check_feeds(proto, arrays, "feeds")
+    where = f"feeds {os.fspath(feeds)!r}" if isinstance(feeds, (str, os.PathLike)) else "feeds"
+    checked = onnx_frontend.check_feeds(proto, arrays, where)
     names = [value.name for value in proto.graph.output]
 
     graph = onnx_frontend.lower(proto, input_shapes=input_shapes)

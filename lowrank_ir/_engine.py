@@ -15,11 +15,12 @@ one thread per worker: oversubscribed OpenBLAS on a small machine is up to 100x 
 
 from __future__ import annotations
 
+import difflib
 import functools
 import logging
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -29,9 +30,10 @@ import numpy as np
 from lowrank_ir import _linalg
 from lowrank_ir._evbmf import vbmf_ranks
 from lowrank_ir._ir import Graph, Node, Op, verify
-from lowrank_ir._policy import Policy, conv_ranks, matrix_rank
+from lowrank_ir._policy import Policy, conv_ranks, matrix_rank, ratio_rank, smallest_ratio
 
-__all__ = ["LayerStats", "Plan", "PlanEntry", "approximations", "plan", "rewrite", "stats_from_sums"]
+__all__ = ["LayerStats", "Plan", "PlanEntry", "approximations", "plan", "rewrite", "stats_from_sums",
+           "warn_unknown_excludes"]
 
 logger = logging.getLogger(__name__)
 
@@ -199,9 +201,13 @@ def _plan_entry(node: Node, graph: Graph, policy: Policy) -> PlanEntry | None:
 def plan(graph: Graph, policy: Policy) -> Plan:
     """Choose a form and rank for every layer of ``graph`` under ``policy``.
 
-    Raises ``ValueError`` when a layer to be decomposed has NaN/Inf weights, and, for an exact
-    ``config`` policy, when the config names layers the graph does not have or ranks that don't fit.
+    Logs a warning when ``policy.excludes`` names a layer the graph does not have. Raises ``ValueError``
+    when a ratio rounds the rank of every layer it applies to down to 0, when a layer to be decomposed
+    has NaN/Inf weights, and, for an exact ``config`` policy, when the config names layers the graph
+    does not have or ranks that don't fit.
     """
+    warn_unknown_excludes(graph, policy.excludes)
+    _check_ratios(graph, policy)
     result = Plan()
     for node in graph.layers():
         entry = _plan_entry(node, graph, policy)
@@ -210,6 +216,43 @@ def plan(graph: Graph, policy: Policy) -> Plan:
     if policy.kind == "config":
         _check_config_fits(graph, policy.value, result)
     return result
+
+
+def warn_unknown_excludes(graph: Graph, excludes: Iterable[str]) -> list[str]:
+    """Names in ``excludes`` that are not layers of ``graph``, logged as a warning with the nearest layer names.
+
+    A warning, not an error: the reference tool ignores such names, and scripts written for it pass one
+    exclude list to a family of models (``layer{stage}.{block}`` for every block any of them has); a
+    typo is still shown, with the name it probably meant.
+    """
+    layers = [node.name for node in graph.layers()]
+    known = set(layers)
+    unknown = [name for name in excludes if name not in known]
+    if unknown:
+        hints = {name: difflib.get_close_matches(name, layers, n=1) for name in unknown}
+        detail = "".join(f"; {name!r}: did you mean {hint[0]!r}?" for name, hint in hints.items() if hint)
+        logger.warning("excludes names %d layer(s) the model does not have, ignored (excludes are exact layer "
+                       "names): %s%s", len(unknown), unknown, detail)
+    return unknown
+
+
+def _check_ratios(graph: Graph, policy: Policy) -> None:
+    """``ValueError`` for a parameter ratio that rounds the rank of every layer it applies to down to 0."""
+    ranks: dict[float, list[tuple[float, tuple[int, ...]]]] = {}
+    for node in graph.layers():
+        spec = policy.spec_for(node.name)
+        if not isinstance(spec, float) or _why_not_decomposable(node, graph):
+            continue
+        weight = graph.param(node, "weight")
+        assert weight is not None
+        shape = tuple(int(dim) for dim in (weight.shape if node.op is Op.CONV else _matrix_view(node, weight).shape))
+        ranks.setdefault(spec, []).append((ratio_rank(shape, spec), shape))
+    for ratio, found in ranks.items():
+        needed = min(smallest_ratio(shape) for _, shape in found)
+        if max(rank for rank, _ in found) < 1 and needed < 1:  # (else the layers are too small for any ratio)
+            raise ValueError(f"ratio {ratio!r} is too small to represent: it rounds the rank of every layer it "
+                             f"applies to ({len(found)}) to 0; the smallest ratio giving any of them rank 1 is "
+                             f"{needed:.3g}")
 
 
 def _check_config_fits(graph: Graph, config: Mapping[str, Any], result: Plan) -> None:

@@ -95,7 +95,7 @@ LAYER_OPS = frozenset({Op.LINEAR, Op.CONV, Op.CONV_TRANSPOSE, Op.EMBEDDING, Op.M
 
 
 class GraphError(ValueError):
-    """A graph failed :func:`verify`; the message lists every problem found."""
+    """A graph failed :func:`verify`; the message lists every problem found, on one line."""
 
 
 @dataclass(slots=True, eq=False)
@@ -336,7 +336,8 @@ def verify(graph: Graph) -> Graph:
         if graph.nodes and any(node.outputs for node in graph.nodes) and value.name not in produced:
             problems.append(f"graph output {value.name!r} is produced by no node")
     if problems:
-        raise GraphError("invalid graph:\n  " + "\n  ".join(problems))
+        raise GraphError(f"invalid graph ({len(problems)} problem{'s' if len(problems) > 1 else ''}): "
+                         + "; ".join(problems))
     return graph
 
 

@@ -19,6 +19,13 @@ Divisor rounding (hardware likes multiples of 64)::
 
 ``d = 1`` rounds to the nearest integer. A layer whose factorized form would not have fewer
 parameters than the original is left alone.
+
+Per-layer rules (``from_dict``), as the reference tool reads them: keys are regular expressions
+(strings or compiled ``re.Pattern``), tried in dict order with ``re.search``; the first that matches a
+layer's name gives its value (``excludes``, exact names, are checked before any rule). A value is an
+int rank, a float ratio in (0, 1), ``"vbmf"`` (any case), or an ``(out rank, in rank)`` pair: a conv's
+Tucker-2 ranks, each rounded to the divisor on its own; on a matrix layer (Linear, Embedding, MatMul) a
+pair means its larger rank, ``max(out, in)``, rounded.
 """
 
 from __future__ import annotations
@@ -29,12 +36,18 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 __all__ = [
     "Policy",
     "RankSpec",
+    "Rules",
     "conv_ranks",
     "make_divisible",
     "matrix_rank",
+    "plain_number",
+    "ratio_rank",
+    "smallest_ratio",
     "validate_config",
     "validate_dict",
     "validate_divisor",
@@ -45,8 +58,27 @@ __all__ = [
 
 VBMF = "vbmf"
 
-#: What a user may ask for one layer: a rank, a parameter ratio in (0, 1), or "vbmf".
-RankSpec = int | float | str
+#: What a user may ask for one layer: a rank, a parameter ratio in (0, 1), "vbmf", or an
+#: ``(out rank, in rank)`` pair (a list is accepted for a pair, as JSON gives it).
+RankSpec = int | float | str | tuple[int, int]
+
+#: ``from_dict`` rules: a regular expression (string or compiled) -> what its layers get.
+Rules = Mapping[str | re.Pattern[str], int | float | str | Sequence[int]]
+
+
+def plain_number(value: object) -> object:
+    """A numpy int or float scalar (``np.float32(0.5)``, ``np.int64(8)``) as the Python number; others as given.
+
+    Every number the API takes goes through this first, so numpy scalars of any width are accepted
+    where Python numbers are (booleans, numpy's included, stay booleans and are refused as numbers).
+    """
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    if isinstance(value, (list, tuple)):
+        return type(value)(plain_number(item) for item in value)
+    return value
 
 
 def _is_int(value: object) -> bool:
@@ -54,18 +86,21 @@ def _is_int(value: object) -> bool:
 
 
 def validate_ratio(ratio: object) -> float:
+    ratio = plain_number(ratio)
     if isinstance(ratio, bool) or not isinstance(ratio, float) or not 0.0 < ratio < 1.0:
         raise ValueError(f"ratio must be a float strictly between 0 and 1 (e.g. 0.5), got {ratio!r}")
     return ratio
 
 
 def validate_fixed(rank: object) -> int:
+    rank = plain_number(rank)
     if not _is_int(rank) or rank <= 0:  # type: ignore[operator]
         raise ValueError(f"fixed rank must be an int > 0 (not a bool or float), got {rank!r}")
     return rank  # type: ignore[return-value]
 
 
 def validate_divisor(divisor: object) -> int:
+    divisor = plain_number(divisor)
     if not _is_int(divisor) or divisor <= 0:  # type: ignore[operator]
         raise ValueError(f"divisor must be an int > 0 (1 disables rounding), got {divisor!r}")
     return divisor  # type: ignore[return-value]
@@ -83,33 +118,67 @@ def validate_excludes(excludes: object) -> tuple[str, ...]:
     return tuple(excludes)
 
 
+def _rank_pair(value: object) -> tuple[int, int] | None:
+    """``value`` as an ``(out rank, in rank)`` pair if it is a list or tuple of two ints > 0, else None."""
+    if (isinstance(value, (list, tuple)) and len(value) == 2
+            and all(_is_int(item) and item > 0 for item in value)):
+        return int(value[0]), int(value[1])
+    return None
+
+
 def _validate_spec(spec: object, where: str) -> RankSpec:
     if isinstance(spec, str):
         if spec.lower() != VBMF:
             raise ValueError(f"{where}: the only method name accepted is 'vbmf', got {spec!r}")
         return VBMF
     if isinstance(spec, float):
-        return validate_ratio(spec)
+        try:
+            return validate_ratio(spec)
+        except ValueError as err:  # the reference would read 64.0 as rank 64; we ask for the int
+            hint = " (a rank is given as an int)" if spec >= 1.0 else ""
+            raise ValueError(f"{where}: {err}{hint}") from err
     if _is_int(spec):
-        return validate_fixed(spec)
-    raise ValueError(f"{where}: a value must be an int rank > 0, a float ratio in (0, 1) or 'vbmf', "
-                     f"got {spec!r}")
+        try:
+            return validate_fixed(spec)
+        except ValueError as err:  # the reference reads 0 as "leave alone"; excludes says that by name
+            raise ValueError(f"{where}: {err} (to leave layers alone, name them in excludes)") from err
+    if isinstance(spec, (list, tuple)):
+        pair = _rank_pair(spec)
+        if pair is None:
+            raise ValueError(f"{where}: a rank pair must be (out rank, in rank), two ints > 0 (not bools or "
+                             f"floats), got {spec!r}")
+        return pair
+    raise ValueError(f"{where}: a value must be an int rank > 0, a float ratio in (0, 1), 'vbmf' or an "
+                     f"(out rank, in rank) pair of ints, got {spec!r}")
+
+
+def _compile_key(key: object) -> re.Pattern[str]:
+    if isinstance(key, re.Pattern) and isinstance(key.pattern, str):
+        return key
+    if not isinstance(key, str):
+        raise ValueError(f"from_dict keys must be regular-expression strings, got {key!r} (a compiled "
+                         f"re.Pattern of a str pattern is accepted too)")
+    try:
+        return re.compile(key)
+    except re.error as err:
+        raise ValueError(f"from_dict key {key!r} is not a valid regular expression: {err}") from err
 
 
 def validate_dict(rules: object) -> tuple[tuple[re.Pattern[str], RankSpec], ...]:
-    """Check a ``{regex: int | float | "vbmf"}`` dict; return the compiled rules in dict order."""
+    """Check ``{regex: int | float | "vbmf" | (out, in)}`` rules; return the compiled rules in dict order.
+
+    Keys that compile to the same pattern (``"fc"`` and ``re.compile("fc")``) are one rule, at the
+    first key's place with the last key's value, as in the reference tool (which builds a dict of
+    compiled keys).
+    """
     if not isinstance(rules, Mapping) or not rules:
-        raise ValueError(f"from_dict takes a non-empty dict {{regex: int | float | 'vbmf'}}, got {rules!r}")
-    compiled = []
+        raise ValueError(f"from_dict takes a non-empty dict {{regex: int | float | 'vbmf' | [out, in]}}, "
+                         f"got {rules!r}")
+    compiled: dict[re.Pattern[str], RankSpec] = {}
     for key, spec in rules.items():
-        if not isinstance(key, str):
-            raise ValueError(f"from_dict keys must be regular-expression strings, got {key!r}")
-        try:
-            pattern = re.compile(key)
-        except re.error as err:
-            raise ValueError(f"from_dict key {key!r} is not a valid regular expression: {err}") from err
-        compiled.append((pattern, _validate_spec(spec, f"from_dict[{key!r}]")))
-    return tuple(compiled)
+        pattern = _compile_key(key)
+        compiled[pattern] = _validate_spec(spec, f"from_dict[{key!r}]")
+    return tuple(compiled.items())
 
 
 def validate_config(config: object, source: str = "decompose_config") -> dict[str, int | list[int]]:
@@ -119,11 +188,11 @@ def validate_config(config: object, source: str = "decompose_config") -> dict[st
                          f"got {config!r}")
     checked: dict[str, int | list[int]] = {}
     for name, rank in config.items():
+        pair = _rank_pair(rank)
         if _is_int(rank) and rank > 0:
             checked[name] = rank
-        elif (isinstance(rank, (list, tuple)) and len(rank) == 2
-              and all(_is_int(item) and item > 0 for item in rank)):
-            checked[name] = [int(rank[0]), int(rank[1])]
+        elif pair is not None:
+            checked[name] = list(pair)
         else:
             raise ValueError(f"{source}[{name!r}] must be an int rank > 0 or [out rank, in rank], got {rank!r}")
     return checked
@@ -147,9 +216,10 @@ class Policy:
         return cls("fixed", validate_fixed(rank), validate_excludes(excludes), validate_divisor(divisor))
 
     @classmethod
-    def from_dict(cls, rules: Mapping[str, RankSpec], excludes: Sequence[str] | None = None,
+    def from_dict(cls, rules: Rules, excludes: Sequence[str] | None = None,
                   divisor: int = 64) -> Policy:
-        return cls("dict", validate_dict(rules), validate_excludes(excludes), validate_divisor(divisor))
+        plain: Any = {key: plain_number(spec) for key, spec in rules.items()} if isinstance(rules, Mapping) else rules
+        return cls("dict", validate_dict(plain), validate_excludes(excludes), validate_divisor(divisor))
 
     @classmethod
     def vbmf(cls, excludes: Sequence[str] | None = None, divisor: int = 64) -> Policy:
@@ -182,6 +252,27 @@ def make_divisible(value: float, divisor: int) -> int:
     return rounded
 
 
+def ratio_rank(shape: tuple[int, ...], ratio: float) -> float:
+    """The rank keeping a fraction ``ratio`` of a weight's parameters, before rounding (formulas above).
+
+    ``shape`` is ``[out, in]`` for a matrix, ``[out, in, *k]`` for a conv kernel (Tucker-2, same rank
+    on both modes).
+    """
+    out, inp = shape[0], shape[1]
+    if len(shape) == 2:
+        return float(int(ratio * out * inp / (out + inp)))
+    taps = math.prod(shape[2:])
+    target = ratio * out * inp * taps
+    return (-(inp + out) + math.sqrt((inp + out) ** 2 + 4 * taps * target)) / (2 * taps)
+
+
+def smallest_ratio(shape: tuple[int, ...]) -> float:
+    """The smallest ratio whose :func:`ratio_rank` for ``shape`` reaches 1."""
+    out, inp = shape[0], shape[1]
+    taps = math.prod(shape[2:])
+    return (taps + inp + out) / (out * inp * taps)
+
+
 def matrix_rank(shape: tuple[int, int], spec: RankSpec, divisor: int,
                 vbmf_ranks: Any = None, require_saving: bool = True) -> tuple[int, str]:
     """Rank for a 2-D weight ``[out, in]``; returns ``(rank, "")`` or ``(0, reason it is left alone)``.
@@ -193,7 +284,9 @@ def matrix_rank(shape: tuple[int, int], spec: RankSpec, divisor: int,
     if spec == VBMF:
         rank = float(max(vbmf_ranks()))
     elif isinstance(spec, float):
-        rank = float(int(spec * out * inp / (out + inp)))
+        rank = ratio_rank(shape, spec)
+    elif isinstance(spec, tuple):  # an (out, in) pair: one rank serves both sides, so the larger
+        rank = float(max(spec))
     else:
         rank = float(spec)
     hidden = make_divisible(rank, divisor)
@@ -212,8 +305,7 @@ def conv_ranks(shape: tuple[int, ...], spec: Any, divisor: int,
         rank_out, rank_in = vbmf_ranks()
         ranks = (float(rank_out), float(rank_in))
     elif isinstance(spec, float):
-        target = spec * out * inp * taps
-        root = (-(inp + out) + math.sqrt((inp + out) ** 2 + 4 * taps * target)) / (2 * taps)
+        root = ratio_rank(shape, spec)
         ranks = (root, root)
     elif isinstance(spec, (list, tuple)):
         ranks = (float(spec[0]), float(spec[1]))

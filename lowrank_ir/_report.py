@@ -7,6 +7,11 @@ otherwise they are per output position (one token, one output pixel).
 ``energy`` (optional, :func:`spectral_energy`) is the fraction of a weight's spectral energy its
 planned rank keeps, ``Σ_{i<r} s_i² / Σ s_i²``: of the weight matrix for SVD, of the weaker of the
 kernel's out- and in-mode unfoldings for Tucker-2 (an upper bound on what the factors keep).
+
+Nodes a frontend recognised as candidate layers but kept opaque (``graph.meta["unlowered"]``: node name
+-> ``op``, ``weight``, ``shape``, ``reason``; e.g. an ONNX ``ConvTranspose``, or a ``Gemm`` with
+``transA=1``) get a row too, in graph order, with their reason: their weight's parameters before and
+after, and no FLOPs (the IR does not know their shapes).
 """
 
 from __future__ import annotations
@@ -125,7 +130,23 @@ def build_report(graph: Graph, plan: Plan, errors: dict[str, tuple[float, str]] 
         layers.append(LayerReport(entry.name, entry.op.value, list(entry.shape), entry.form, rank, *figures,
                                   None if error is None else error[0], None if error is None else error[1],
                                   entry.reason, energy.get(entry.name), weight_name))
+    layers.extend(_unlowered_rows(graph))
+    order = {node.name: position for position, node in enumerate(graph.nodes)}
+    layers.sort(key=lambda layer: order.get(layer.name, len(order)))
     return Report(layers, per_sample=any("out_positions" in node.attrs for node in graph.layers()))
+
+
+def _unlowered_rows(graph: Graph) -> list[LayerReport]:
+    """The rows of the candidate layers the frontend kept opaque (see the module docstring)."""
+    rows = []
+    for name, info in graph.meta.get("unlowered", {}).items():
+        if name not in graph:
+            continue
+        shape = [int(dim) for dim in info.get("shape", [])]
+        params = math.prod(shape) if shape else 0
+        rows.append(LayerReport(name, str(info["op"]), shape, None, None, params, params, 0, 0,
+                                reason=str(info["reason"]), weight=str(info.get("weight", ""))))
+    return rows
 
 
 class Report:

@@ -13,14 +13,22 @@ from typing import Any
 
 import numpy as np
 
-from lowrank_ir._files import atomic_directory, read_json
-from lowrank_ir._ir import Graph, Node, Op, Value, verify
+from lowrank_ir._files import MapOf, atomic_directory, check_schema, read_json
+from lowrank_ir._ir import Graph, GraphError, Node, Op, Value, verify
 
-__all__ = ["load_graph", "save_graph"]
+__all__ = ["GRAPH_SCHEMA", "load_graph", "read_params", "save_graph"]
 
 FORMAT_VERSION = 1
 GRAPH_FILE = "graph.json"
 PARAMS_FILE = "params.safetensors"
+
+_VALUE_SCHEMA = {"name": str, "dtype?": (str, type(None)), "shape?": ([(int, str, type(None))], type(None))}
+
+#: What ``graph.json`` must hold; ``load_graph`` names the file and the key when it does not.
+GRAPH_SCHEMA = {
+    "format": str, "version": int, "meta": dict, "inputs": [_VALUE_SCHEMA], "outputs": [_VALUE_SCHEMA],
+    "nodes": [{"op": str, "name": str, "attrs": dict, "params": MapOf(str), "inputs": [str], "outputs": [str]}],
+}
 
 
 def _jsonable(value: Any) -> Any:
@@ -88,25 +96,53 @@ def save_graph(graph: Graph, directory: str | os.PathLike[str]) -> Path:
     return Path(directory)
 
 
-def load_graph(directory: str | os.PathLike[str]) -> Graph:
-    """Read a graph written by :func:`save_graph` and verify it."""
+def read_params(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
+    """The arrays of a safetensors file; ``ValueError`` naming the file when it is empty, truncated or forged."""
+    from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
+    try:
+        return load_file(str(path))
+    except (SafetensorError, ValueError, TypeError, OverflowError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{str(path)!r} is not a readable safetensors file ({first}); is it empty, truncated "
+                         f"or of another format?") from err
+
+
+def load_graph(directory: str | os.PathLike[str]) -> Graph:
+    """Read a graph written by :func:`save_graph` and verify it.
+
+    A file that is not what :func:`save_graph` writes (a key missing or of the wrong type, an unknown op,
+    a truncated ``params.safetensors``, an inconsistent graph) is a ``ValueError`` naming the file.
+    """
     folder = Path(directory)
     graph_file, params_file = folder / GRAPH_FILE, folder / PARAMS_FILE
     for path in (graph_file, params_file):
         if not path.is_file():
             raise FileNotFoundError(f"{str(folder)!r} is not a saved graph: {path.name} is missing "
                                     f"(a saved graph has {GRAPH_FILE} and {PARAMS_FILE})")
+    label = repr(str(graph_file))
     structure = read_json(graph_file)
     if not isinstance(structure, dict) or structure.get("format") != "lowrank-ir graph":
-        raise ValueError(f"{str(graph_file)!r} is not a lowrank-ir graph file")
+        raise ValueError(f"{label} is not a lowrank-ir graph file")
     if structure.get("version") != FORMAT_VERSION:
-        raise ValueError(f"{str(graph_file)!r} has format version {structure.get('version')!r}; "
+        raise ValueError(f"{label} has format version {structure.get('version')!r}; "
                          f"this lowrank-ir reads version {FORMAT_VERSION}")
-    params = load_file(str(params_file))
-    nodes = [Node(Op(item["op"]), item["name"], _from_json(item["attrs"]), dict(item["params"]),
-                  list(item["inputs"]), list(item["outputs"])) for item in structure["nodes"]]
-    graph = Graph(nodes, params, [_value_from_json(v) for v in structure["inputs"]],
-                  [_value_from_json(v) for v in structure["outputs"]], _from_json(structure["meta"]))
-    return verify(graph)
+    check_schema(structure, GRAPH_SCHEMA, label)
+    params = read_params(params_file)
+    nodes = []
+    for index, item in enumerate(structure["nodes"]):
+        try:
+            nodes.append(Node(Op(item["op"]), item["name"], _from_json(item["attrs"]), dict(item["params"]),
+                              list(item["inputs"]), list(item["outputs"])))
+        except (ValueError, TypeError, KeyError) as err:
+            raise ValueError(f"{label}: nodes[{index}] ({item['name']!r}) cannot be read: {err}; ops are "
+                             f"{', '.join(op.value for op in Op)}") from err
+    try:
+        graph = Graph(nodes, params, [_value_from_json(v) for v in structure["inputs"]],
+                      [_value_from_json(v) for v in structure["outputs"]], _from_json(structure["meta"]))
+        return verify(graph)
+    except GraphError as err:
+        raise GraphError(f"{label}: {err}") from err
+    except (ValueError, TypeError, KeyError) as err:
+        raise ValueError(f"{label} does not describe a consistent graph: {err}") from err

@@ -7,6 +7,7 @@ numpy-only core tests stay framework-free.
 from __future__ import annotations
 
 import json
+import logging
 import random
 import sys
 from collections.abc import Callable, Mapping
@@ -39,6 +40,16 @@ def one_torch_thread() -> Any:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def quiet_reference() -> Any:
+    """The reference tool's logger at WARNING for a module (it logs every Tucker iteration at INFO)."""
+    logger = pytest.importorskip("msmodelslim").logger
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    yield logger
+    logger.setLevel(level)
 
 
 @pytest.fixture

@@ -71,3 +71,36 @@ class ResNet50(nn.Module):
 def resnet50(seed: int = 0) -> ResNet50:
     torch.manual_seed(seed)
     return ResNet50().eval()
+
+
+class Mixed(nn.Module):
+    """Every layer kind the reference decomposes: Embedding, Linear, a 3x3 and a 1x1 Conv2d.
+
+    Token ids ``[batch, 10, 10]`` -> ``embedding`` (Embedding, Linear) -> ``feature`` (3x3 conv, 1x1 conv,
+    with a residual) -> 2x2 average pool -> ``inner`` (Linear) -> ``classifier`` (two Linears). The
+    names (``embedding.0``, ``feature.2``, ``classifier.0`` ...) are those of the reference's own
+    documentation examples.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = nn.Sequential(nn.Embedding(16, 32), nn.Linear(32, 64), nn.ReLU())
+        self.feature = nn.Sequential(nn.Conv2d(64, 128, 3, padding=1), nn.ReLU(), nn.Conv2d(128, 64, 1), nn.ReLU())
+        self.pool = nn.AvgPool2d(2)
+        self.inner = nn.Linear(64 * 5 * 5, 512)
+        self.classifier = nn.Sequential(nn.Linear(512, 256), nn.Linear(256, 10))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embedding(ids).permute(0, 3, 1, 2)
+        x = self.pool(self.feature(x) + x)
+        return self.classifier(self.inner(torch.flatten(x, 1)))
+
+
+def mixed(seed: int = 0) -> Mixed:
+    torch.manual_seed(seed)
+    return Mixed().eval()
+
+
+def mixed_ids(seed: int = 0, batch: int = 2) -> torch.Tensor:
+    """Token ids for :class:`Mixed`."""
+    return torch.randint(0, 16, (batch, 10, 10), generator=torch.Generator().manual_seed(seed))

@@ -123,3 +123,29 @@ class CellSnapshot:
         assert self._params(model) == self.params
         for param in model.get_parameters():
             assert np.array_equal(param.asnumpy(), self.values[param.name], equal_nan=True), f"{param.name} changed"
+
+
+class Mixed(nn.Cell):
+    """The MindSpore twin of ``tests/models.py``'s ``Mixed``: Embedding, Dense, 3x3 and 1x1 Conv2d, same names."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = nn.SequentialCell([nn.Embedding(16, 32), nn.Dense(32, 64), nn.ReLU()])
+        self.feature = nn.SequentialCell([nn.Conv2d(64, 128, 3, pad_mode="pad", padding=1, has_bias=True), nn.ReLU(),
+                                          nn.Conv2d(128, 64, 1, has_bias=True), nn.ReLU()])
+        self.pool = nn.AvgPool2d(2, stride=2)
+        self.flatten = nn.Flatten()
+        self.inner = nn.Dense(64 * 5 * 5, 512)
+        self.classifier = nn.SequentialCell([nn.Dense(512, 256), nn.Dense(256, 10)])
+
+    def construct(self, ids: ms.Tensor) -> ms.Tensor:
+        x = ops.transpose(self.embedding(ids), (0, 3, 1, 2))
+        x = self.pool(self.feature(x) + x)
+        return self.classifier(self.inner(self.flatten(x)))
+
+
+def mixed(seed: int = 0) -> Mixed:
+    ms.set_seed(seed)
+    model = Mixed()
+    model.set_train(False)
+    return model

@@ -81,7 +81,9 @@ BAD_CALLS = {
     "dict-bad-regex": ("from_dict", ({"(": 4},), {}, ValueError, r"key '\(' is not a valid regular expression"),
     "dict-key-int": ("from_dict", ({3: 4},), {}, ValueError, r"keys must be regular-expression strings, got 3"),
     "dict-value-svd": ("from_dict", ({"fc": "svd"},), {}, ValueError, r"from_dict\['fc'\].*'vbmf'.*'svd'"),
-    "dict-value-0": ("from_dict", ({"fc": 0},), {}, ValueError, r"fixed rank must be an int > 0.*got 0$"),
+    "dict-value-0": ("from_dict", ({"fc": 0},), {}, ValueError,
+                     r"from_dict\['fc'\]: fixed rank must be an int > 0.*got 0 \(to leave layers alone, name them in "
+                     r"excludes\)$"),
     "dict-value-1.5": ("from_dict", ({"fc": 1.5},), {}, ValueError, r"ratio must be a float.*1\.5"),
     "dict-value-none": ("from_dict", ({"fc": None},), {}, ValueError, r"from_dict\['fc'\].*got None"),
     "dict-value-bool": ("from_dict", ({"fc": True},), {}, ValueError, r"from_dict\['fc'\].*got True"),

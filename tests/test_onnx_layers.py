@@ -105,16 +105,20 @@ def test_matmul_sides_and_embedding(rng) -> None:
 
 
 def test_computed_weights_stay_opaque(rng) -> None:
-    """A MatMul of two data inputs, and a Conv whose weight is computed, are not layers."""
+    """A MatMul of two data inputs, and a Conv whose weight is computed at run time, are not layers."""
     nodes = [helper.make_node("MatMul", ["a", "b"], ["c"], name="mm"),
-             helper.make_node("Identity", ["w0"], ["w"], name="copy"),
+             helper.make_node("Relu", ["w0"], ["w"], name="relu"),
              helper.make_node("Conv", ["x", "w"], ["y"], name="conv", kernel_shape=[1, 1])]
     model = om.make_model(nodes, [om.tensor("a", [2, 3]), om.tensor("b", [3, 4]), om.tensor("x", [1, 2, 4, 4])],
                           [om.tensor("c", [2, 4]), om.tensor("y", [1, 2, 4, 4])],
                           {"w0": rng.standard_normal((2, 2, 1, 1)).astype(np.float32)})
     graph = onnx_frontend.lower(model)
     assert graph.layers() == []
-    assert graph.node("conv").params == {} and graph.node("copy").params == {"input:0": "w0"}
+    assert graph.node("conv").params == {} and graph.node("relu").params == {"input:0": "w0"}
+    # The Conv is still listed, with the reason; the MatMul of two run-time values is no candidate.
+    assert graph.meta["unlowered"] == {"conv": {"op": "Conv", "weight": "w", "shape": [],
+                                                "reason": "'w' is computed at run time (by Relu node 'relu'), "
+                                                          "not a constant"}}
 
 
 def test_per_sample_positions_from_shapes(rng) -> None:

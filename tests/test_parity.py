@@ -295,9 +295,11 @@ def test_convert_leaves_other_folders_alone(cls_model, tmp_path, capsys) -> None
     keep = tmp_path / "mine"
     keep.mkdir()
     (keep / "notes.txt").write_text("mine")
-    assert main(["convert", path, "--to", "torch", "-o", str(keep)]) == 2
-    one_line_error(capsys, "is not a converted-model folder")
-    assert [p.name for p in keep.iterdir()] == ["notes.txt"]
+    assert main(["convert", path, "--to", "torch", "-o", str(keep)]) == 0  # written beside notes.txt
+    capsys.readouterr()
+    assert sorted(p.name for p in keep.iterdir()) == ["converted.json", "graph.json", "model.pt", "notes.txt",
+                                                      "params.safetensors"]
+    assert (keep / "notes.txt").read_text() == "mine"
 
 
 # ------------------------------------------------------------------------------------- CLI parity

@@ -10,7 +10,9 @@ Commands:
   parity      run a model in onnxruntime, PyTorch and MindSpore on the same inputs and compare them,
               before and after decomposition; exit 1 above ``--tolerance``
 
-Bad input gives one line on stderr and exit code 2; nothing half-written is left behind.
+Bad input gives one line on stderr and exit code 2; nothing half-written is left behind. Outputs never
+replace an input; an existing output folder only receives the command's own file names, and files of
+those names are replaced only with ``--force`` (``lowrank_ir._files.Outputs``).
 """
 
 from __future__ import annotations
@@ -30,6 +32,28 @@ EXIT_BAD_INPUT = 2
 
 class UsageError(ValueError):
     """Bad command-line input: reported as one line, exit code 2."""
+
+
+#: The files ``lowrank decompose module:factory -o DIR`` writes in ``DIR``.
+TORCH_OUTPUT_FILES = ("state_dict.pt", "decompose_config.json", "report.json")
+
+#: The files a command may read, by option: an output resolving to one of them is refused.
+INPUT_OPTIONS = {"weights": "the --weights file", "dict": "the --dict file", "feeds": "the --feeds file",
+                 "calib": "the --calib file"}
+
+
+def command_outputs(args: argparse.Namespace) -> Any:
+    """A ``lowrank_ir._files.Outputs`` for this command: ``--force`` and the files it reads recorded."""
+    from lowrank_ir._files import Outputs
+    from tools.onnx_cli import is_onnx_path
+
+    outputs = Outputs(force=getattr(args, "force", False))
+    model = getattr(args, "model", None)
+    if model is not None and is_onnx_path(model):
+        outputs.read(model, "the input model", check=False)  # each command says how a model is missing
+    for option, what in INPUT_OPTIONS.items():
+        outputs.read(getattr(args, option, None), what)
+    return outputs
 
 
 def _load_factory(spec: str) -> Any:
@@ -70,16 +94,39 @@ def _load_model(spec: str, weights: str | None) -> Any:
 
 
 def read_rules(file: str) -> Any:
-    """The ``--dict`` file's JSON rules."""
+    """The ``--dict`` file's JSON rules, checked (errors name the file and the rule)."""
+    from lowrank_ir import Policy
     from lowrank_ir._files import read_json
 
     path = Path(file)
     if not path.is_file():
         raise UsageError(f"--dict file {file!r} does not exist")
     try:
-        return read_json(path, f"--dict file {file!r}")
+        rules = read_json(path, f"--dict file {file!r}", schema=dict)
     except ValueError as err:
         raise UsageError(str(err)) from err
+    try:
+        Policy.from_dict(rules)
+    except ValueError as err:
+        raise UsageError(f"--dict file {file!r}: {err}") from err
+    return rules
+
+
+def byte_size(text: str) -> int:
+    """A ``--max-bytes`` value: bytes, or a size with a unit (``64G``)."""
+    from lowrank_ir._limits import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
+
+
+def add_limit_arg(parser: argparse.ArgumentParser) -> None:
+    """``--max-bytes``: the most one array (a tensor, a feed, an input of --input-shape) may take."""
+    parser.add_argument("--max-bytes", type=byte_size, metavar="SIZE",
+                        help="the most one tensor, feed or --input-shape input may take, checked before it is "
+                             "read or allocated (e.g. 64G; default half of physical memory)")
 
 
 def budget_target(text: str) -> float | int:
@@ -127,7 +174,9 @@ def _add_policy_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--ratio", type=float, default=0.5,
                        help="keep this fraction of each layer's parameters (default 0.5)")
     group.add_argument("--fixed", type=int, help="the same rank for every layer")
-    group.add_argument("--dict", metavar="FILE", help='JSON file of {"regex": rank | ratio | "vbmf"} rules')
+    group.add_argument("--dict", metavar="FILE",
+                       help='JSON file of {"regex": rank | ratio | "vbmf" | [out, in]} rules (the first key that '
+                            'matches a layer name wins; a saved decompose_config.json is one)')
     group.add_argument("--vbmf", action="store_true", help="ranks estimated by EVBMF from the weights")
     group.add_argument("--energy", type=float, metavar="KEEP",
                        help="each layer keeps this fraction in (0, 1] of its spectral energy (of its output "
@@ -144,6 +193,7 @@ def _add_policy_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input-shape", action="append", metavar="NAME=D1,D2,...",
                         help="ONNX: fix a dynamic input's dims (for per-sample FLOPs and random validation "
                              "feeds); repeat for each input")
+    add_limit_arg(parser)
 
 
 def _progress_bar(label: str) -> Any:
@@ -162,7 +212,7 @@ def _progress_bar(label: str) -> Any:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from tools.demo import run_demo
 
-    run_demo(out=args.out, ratio=args.ratio, framework=args.framework, divisor=args.divisor)
+    run_demo(out=args.out, ratio=args.ratio, framework=args.framework, divisor=args.divisor, force=args.force)
     return 0
 
 
@@ -194,20 +244,23 @@ def _cmd_decompose(args: argparse.Namespace) -> int:
     import torch
 
     from lowrank_ir import Decompose, SafeWriteUmask, write_json
-    from lowrank_ir._files import atomic_directory
 
+    outputs = command_outputs(args)
+    folder = outputs.folder(args.output, TORCH_OUTPUT_FILES, "-o")
+    report = outputs.file(args.report, "--report") if args.report else None
+    outputs.check()
     model = _load_model(args.model, args.weights)
     decomposer = _choose(Decompose(model), args)
     decomposed = decomposer.decompose_network(progress=_progress_bar("decomposing"))
-    with atomic_directory(args.output) as folder:
+    with outputs.writing() as stage:
         with SafeWriteUmask():
-            torch.save(decomposed.state_dict(), folder / "state_dict.pt")
-        write_json(folder / "decompose_config.json", decomposer.decompose_config)
-        write_json(folder / "report.json", decomposer.report.to_dict())
-    if args.report:
-        write_json(args.report, decomposer.report.to_dict())
+            torch.save(decomposed.state_dict(), stage.path(folder / "state_dict.pt"))
+        write_json(stage.path(folder / "decompose_config.json"), decomposer.decompose_config)
+        write_json(stage.path(folder / "report.json"), decomposer.report.to_dict())
+        if report is not None:
+            write_json(stage.path(report), decomposer.report.to_dict())
     print(decomposer.report.table(only_decomposed=True))
-    print(f"saved state_dict.pt, decompose_config.json and report.json in {args.output}")
+    print(f"saved {', '.join(TORCH_OUTPUT_FILES)} in {args.output}")
     return 0
 
 
@@ -223,6 +276,12 @@ def _cmd_parity(args: argparse.Namespace) -> int:
     return parity_cli.parity(args)
 
 
+def _add_force(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--force", action="store_true",
+                        help="replace files that exist under the names this command writes (nothing else is touched; "
+                             "an input is never replaced)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lowrank",
@@ -233,11 +292,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="decompose a built-in model and show what changed",
                                description="Decompose a built-in CNN + MLP at --ratio, print the per-layer "
                                            "table and the agreement with the original, save the results.")
-    demo.add_argument("--out", metavar="DIR", help="folder for the results (default: a new temporary folder)")
+    demo.add_argument("--out", metavar="DIR", help="folder for the results (created, or an existing one receives "
+                                                   "the three files; default: a new temporary folder)")
     demo.add_argument("--ratio", type=float, default=0.5, help="parameter ratio per layer (default 0.5)")
     demo.add_argument("--divisor", type=int, default=16, help="round ranks to multiples of this (default 16)")
     demo.add_argument("--framework", default="torch", choices=["torch", "mindspore"],
                       help="framework of the demo model (the same model and weights in both; default torch)")
+    _add_force(demo)
     demo.set_defaults(run=_cmd_demo)
 
     inspect = commands.add_parser("inspect", help="per-layer table of a model under a rank policy",
@@ -258,7 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
                                          "(e.g. tests.models:resnet50)")
     decompose.add_argument("--weights", metavar="FILE", help="PyTorch: state dict (.pt) to load into the model")
     decompose.add_argument("-o", "--output", required=True, metavar="OUT",
-                           help="ONNX: the decomposed model's file (OUT.onnx); PyTorch: the output folder")
+                           help="ONNX: the decomposed model's file (OUT.onnx); PyTorch: the output folder (created, "
+                                "or an existing one receives the three files; nothing else in it is touched)")
     decompose.add_argument("--report", metavar="FILE.json", help="also write the report here")
     _add_policy_args(decompose)
     decompose.add_argument("--calib", metavar="FEEDS.npz",
@@ -271,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 "max|d|/max|ref| exceeds this")
     decompose.add_argument("--opset", type=int, metavar="N",
                            help="ONNX: convert the model to this opset first (onnx.version_converter)")
+    _add_force(decompose)
     decompose.set_defaults(run=_cmd_decompose)
 
     convert = commands.add_parser(
@@ -285,10 +348,12 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("model", help="the ONNX file to convert (MODEL.onnx)")
     convert.add_argument("--to", required=True, metavar="torch|mindspore", help="the framework to rebuild it in")
     convert.add_argument("-o", "--output", required=True, metavar="OUT",
-                         help="the folder to write (created; an earlier converted folder is replaced, any other "
-                              "existing folder is left alone)")
+                         help="the folder to write (created, or an existing one receives the four files; nothing "
+                              "else in it is touched)")
     convert.add_argument("--input-shape", action="append", metavar="NAME=D1,D2,...",
                          help="fix a dynamic input's dims for shape inference (e.g. x=1,3,224,224); repeat per input")
+    add_limit_arg(convert)
+    _add_force(convert)
     convert.set_defaults(run=_cmd_convert)
 
     parity = commands.add_parser(
@@ -324,17 +389,26 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the largest relative difference max|d|/max|ref| allowed (default 1e-4)")
     parity.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
     parity.add_argument("--report", metavar="FILE.json", help="also write the rows as JSON here")
+    add_limit_arg(parity)
+    _add_force(parity)
     parity.set_defaults(run=_cmd_parity)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from lowrank_ir._limits import size_limit
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.run(args))
+        with size_limit(getattr(args, "max_bytes", None)):
+            return int(args.run(args))
     except (UsageError, ValueError, TypeError, OSError, ImportError) as err:
         print(f"lowrank {args.command}: error: {err}".splitlines()[0], file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except MemoryError as err:  # what the size checks could not foresee (intermediate results)
+        print(f"lowrank {args.command}: error: out of memory ({err or 'MemoryError'}); use smaller inputs or "
+              f"a machine with more memory".splitlines()[0], file=sys.stderr)
         return EXIT_BAD_INPUT
 
 

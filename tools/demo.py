@@ -9,6 +9,7 @@ and saves the decomposed weights (state dict / ``.ckpt``), the config and the re
 from __future__ import annotations
 
 import logging
+import secrets
 import tempfile
 from pathlib import Path
 from typing import Any, TextIO
@@ -178,47 +179,54 @@ def _agreement(reference: np.ndarray, output: np.ndarray) -> dict[str, float]:
 
 
 def run_demo(out: str | None = None, ratio: float = 0.5, framework: str = "torch", divisor: int = 16,
-             stream: TextIO | None = None) -> Path:
+             stream: TextIO | None = None, force: bool = False) -> Path:
     """Run the demo; return the folder holding the decomposed weights, the config and the report.
 
     The weights are ``state_dict.pt`` for PyTorch, ``decomposed.ckpt`` for MindSpore. Both frameworks run
-    the same model with the same weights and inputs, so they print the same table.
+    the same model with the same weights and inputs, so they print the same table. ``out`` is created, or
+    an existing folder receives the three files (files of those names are replaced only with ``force``);
+    they appear together when the demo has finished, or not at all.
     """
     import sys
 
     from lowrank_ir import Decompose, SafeWriteUmask, count_parameters, write_json
+    from lowrank_ir._files import Outputs
 
     if framework not in FRAMEWORKS:
         raise ValueError(f"unknown framework {framework!r}; the demo runs with: {', '.join(FRAMEWORKS)}")
     native = FRAMEWORKS[framework]()
     stream = stream or sys.stdout
-    folder = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="lowrank-demo-"))
-    folder.mkdir(parents=True, exist_ok=True)
+    outputs = Outputs(force=force)
+    given = out if out is not None else Path(tempfile.gettempdir()) / f"lowrank-demo-{secrets.token_hex(4)}"
+    folder = outputs.folder(given, [native.saved, "decompose_config.json", "report.json"], "--out")
+    outputs.check()
     model = native.model()
     calibration = [native.tensor(demo_inputs(64, seed)) for seed in range(8)]
     held_out = demo_inputs(256, seed=100)
 
-    decomposer = Decompose(model, config_file=folder / "decompose_config.json").from_ratio(ratio, divisor=divisor)
-    data_free = decomposer.decompose_network()
-    free_report = decomposer.report
-    data_aware = decomposer.decompose_network(datasets=calibration)
-    assert decomposer.report is not None and free_report is not None
-    print(f"lowrank demo ({native.name}): a small CNN + MLP, decomposed at ratio {ratio} (ranks rounded to "
-          f"multiples of {divisor})\n", file=stream)
-    print(decomposer.report.table(), file=stream)
-    print(f"\nparameters: {count_parameters(model):,} -> {count_parameters(data_aware):,}", file=stream)
-    print("\nagreement with the original on 256 held-out inputs:", file=stream)
-    reference = native.run(model, held_out)
-    rows = {"data-free": _agreement(reference, native.run(data_free, held_out)),
-            "data-aware": _agreement(reference, native.run(data_aware, held_out))}
-    for mode, figures in rows.items():
-        print(f"  {mode:<10}  relative error {figures['relative_error']:.4f}   cosine {figures['cosine']:.4f}"
-              f"   top-1 agreement {figures['top1_agreement']:.1%}", file=stream)
-    with SafeWriteUmask():
-        native.save(data_aware, folder / native.saved)
-    write_json(folder / "report.json", {"ratio": ratio, "framework": native.name, "agreement": rows,
-                                        **decomposer.report.to_dict()})
-    print(f"\nsaved {native.saved}, decompose_config.json and report.json in {folder}", file=stream)
+    with outputs.writing() as stage:
+        decomposer = Decompose(model, config_file=stage.path(folder / "decompose_config.json"))
+        decomposer.from_ratio(ratio, divisor=divisor)
+        data_free = decomposer.decompose_network()
+        free_report = decomposer.report
+        data_aware = decomposer.decompose_network(datasets=calibration)
+        assert decomposer.report is not None and free_report is not None
+        print(f"lowrank demo ({native.name}): a small CNN + MLP, decomposed at ratio {ratio} (ranks rounded to "
+              f"multiples of {divisor})\n", file=stream)
+        print(decomposer.report.table(), file=stream)
+        print(f"\nparameters: {count_parameters(model):,} -> {count_parameters(data_aware):,}", file=stream)
+        print("\nagreement with the original on 256 held-out inputs:", file=stream)
+        reference = native.run(model, held_out)
+        rows = {"data-free": _agreement(reference, native.run(data_free, held_out)),
+                "data-aware": _agreement(reference, native.run(data_aware, held_out))}
+        for mode, figures in rows.items():
+            print(f"  {mode:<10}  relative error {figures['relative_error']:.4f}   cosine {figures['cosine']:.4f}"
+                  f"   top-1 agreement {figures['top1_agreement']:.1%}", file=stream)
+        with SafeWriteUmask():
+            native.save(data_aware, stage.path(folder / native.saved))
+        write_json(stage.path(folder / "report.json"), {"ratio": ratio, "framework": native.name, "agreement": rows,
+                                                         **decomposer.report.to_dict()})
+    print(f"\nsaved {native.saved}, decompose_config.json and report.json in {given}", file=stream)
     print("rebuild it with Decompose(model, config_file=...).from_file()"
           f".decompose_network(do_decompose_weight=False), {native.recipe}", file=stream)
     return folder

@@ -9,10 +9,7 @@ not written (the report is, when asked for) and the exit code is 1.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -109,20 +106,23 @@ def decompose(args: argparse.Namespace) -> int:
     from frontends.onnx import collect_stats, count_parameters, load_model, lower
     from lowrank_ir import build_report, plan, rewrite, write_json
     from lowrank_ir._report import spectral_energy
+    from tools.cli import command_outputs
 
     if args.weights:
         raise UsageError("--weights loads a PyTorch state dict; an ONNX model carries its own weights")
-    output = Path(args.output)
-    if not output.name.lower().endswith(".onnx"):
+    if not Path(args.output).name.lower().endswith(".onnx"):
         raise UsageError(f"-o {args.output!r}: the decomposed ONNX model is written to a file ending in .onnx")
-    if output.is_dir() or not (output.parent if str(output.parent) else Path(".")).is_dir():
-        raise UsageError(f"-o {args.output!r}: {'is a folder' if output.is_dir() else 'its folder does not exist'}")
     if args.tolerance is not None and not args.tolerance >= 0:
         raise UsageError(f"--tolerance must be a number >= 0, got {args.tolerance!r}")
+    outputs = command_outputs(args)
+    output = outputs.file(args.output, "-o")
+    external = outputs.file(f"{args.output}.data", "-o", optional=True)  # written from 2 GB on
+    report_file = outputs.file(args.report, "--report") if args.report else None
+    outputs.check()
     input_shapes = parse_input_shapes(args.input_shape)
     original = load_model(args.model)
     model = original if args.opset is None else convert_opset(original, args.opset)
-    calib = _feeds(args.calib, model, "--calib feeds")
+    calib = _feeds(args.calib, model, "--calib")
     policy = policy_from_args(args, model, calib)
     feeds = _feeds(args.feeds, original, "--feeds")
     known = calib if calib is not None else feeds  # the feeds' shapes resolve dynamic dims (per-sample FLOPs)
@@ -140,12 +140,10 @@ def decompose(args: argparse.Namespace) -> int:
         stats = collect_stats(model, graph, [calib], names=[entry.name for entry in chosen.decomposed()])
     result = rewrite(graph, chosen, stats=stats, progress=_progress_bar("decomposing"))
     decomposed = build(result.graph, like=model)
-    with contextlib.ExitStack() as stack:
+    with outputs.writing() as stage:
         candidate: Any = decomposed
         if decomposed.ByteSize() >= PROTOBUF_LIMIT:  # onnxruntime reads it from disk, with its external data
-            folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f".{output.name}.",
-                                                                          dir=output.parent)))
-            candidate = save(decomposed, folder / output.name, external_data=True)
+            candidate = save(decomposed, stage.path(output), external_data=True)
         reference = args.model if original.ByteSize() >= PROTOBUF_LIMIT else original
         validation = validate(reference, candidate, feeds, input_shapes=input_shapes)
         report = build_report(graph, chosen, result.errors, spectral_energy(graph, chosen))
@@ -155,22 +153,22 @@ def decompose(args: argparse.Namespace) -> int:
         print(validation.table())
         print(f"float constants {params['before']:,} -> {params['after']:,}; worst relative error "
               f"{validation.max_rel:.3e}" + ("" if args.tolerance is None else f" (tolerance {args.tolerance:g})"))
-        if args.report:
-            write_json(args.report, {
+        if report_file is not None:
+            write_json(stage.path(report_file), {
                 "model": args.model, "output": args.output, "opset": args.opset, "policy": policy.kind,
                 "data_aware": calib is not None, "decompose_config": chosen.decompose_config(),
                 "parameters": params, "layers": report.to_dict(), "validation": validation.to_dict(),
                 "tolerance": args.tolerance, "passed": passed,
             })
-        if not passed:
-            print(f"lowrank decompose: the decomposed model is further from the original than --tolerance "
-                  f"{args.tolerance:g} (worst relative error {validation.max_rel:.3e}); {args.output} not written",
-                  file=sys.stderr)
-            return EXIT_ABOVE_TOLERANCE
-        if isinstance(candidate, Path):  # already written and checked, with its external data: move both
-            for name in (f"{candidate.name}.data", candidate.name):
-                os.replace(candidate.parent / name, output.parent / name)
-        else:
-            save(decomposed, output)
+        if passed and candidate is decomposed:
+            save(decomposed, stage.path(output))
+        elif not passed:  # the report is written, the model is not
+            stage.drop(output)
+            stage.drop(external)
+    if not passed:
+        print(f"lowrank decompose: the decomposed model is further from the original than --tolerance "
+              f"{args.tolerance:g} (worst relative error {validation.max_rel:.3e}); {args.output} not written",
+              file=sys.stderr)
+        return EXIT_ABOVE_TOLERANCE
     print(f"saved {args.output}")
     return 0

@@ -9,6 +9,7 @@ onnxruntime, before and after decomposition, and exits 0 within ``--tolerance``,
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections import Counter
 from pathlib import Path
@@ -43,7 +44,9 @@ def convert(args: argparse.Namespace) -> int:
     """Convert an ONNX file to a PyTorch or MindSpore model folder, and say what was written."""
     from lowrank_ir import convert as convert_model
     from lowrank_ir import save_converted
-    from lowrank_ir._convert import check_output_folder
+    from lowrank_ir._convert import MANIFEST_FILE, WEIGHTS_FILES
+    from lowrank_ir.serde import GRAPH_FILE, PARAMS_FILE
+    from tools.cli import command_outputs
     from tools.onnx_cli import is_onnx_path, parse_input_shapes
 
     if args.to not in TARGETS:
@@ -54,19 +57,26 @@ def convert(args: argparse.Namespace) -> int:
     if not Path(args.model).is_file():
         raise UsageError(f"ONNX model {args.model!r} does not exist")
     input_shapes = parse_input_shapes(args.input_shape)
-    check_output_folder(args.output)  # before the work, not after it
+    names = [MANIFEST_FILE, GRAPH_FILE, PARAMS_FILE, WEIGHTS_FILES[args.to]]
+    outputs = command_outputs(args)
+    folder = outputs.folder(args.output, names, "-o")
+    outputs.check()  # before the work, not after it
     native = convert_model(args.model, args.to, input_shapes=input_shapes)
     graph = native.source_graph
-    folder = save_converted(native, args.output)
+    with outputs.writing() as stage:
+        written = save_converted(native, stage.folder(folder) / "converted")
+        for name in names:
+            os.replace(written / name, stage.path(folder / name))
+        written.rmdir()
     values = sum(int(array.size) for array in graph.params.values())
     print(f"converted {args.model} to {args.to}: a {type(native).__name__} of {len(graph.nodes)} nodes "
           f"({len(graph.layers())} layers; {_op_counts(graph)})")
     inputs = ", ".join(value.name for value in graph.inputs)
-    outputs = ", ".join(value.name for value in graph.outputs)
-    print(f"params: {len(graph.params)} arrays, {values:,} values; inputs {inputs}; outputs {outputs}")
-    files = ", ".join(f"{path.name} ({_size(path)})" for path in sorted(folder.iterdir()))
-    print(f"wrote {folder}: {files}")
-    print(f"load it with: lowrank_ir.load_converted({str(folder)!r})")
+    results = ", ".join(value.name for value in graph.outputs)
+    print(f"params: {len(graph.params)} arrays, {values:,} values; inputs {inputs}; outputs {results}")
+    files = ", ".join(f"{name} ({_size(folder / name)})" for name in sorted(names))
+    print(f"wrote {args.output}: {files}")
+    print(f"load it with: lowrank_ir.load_converted({args.output!r})")
     return 0
 
 
@@ -88,6 +98,7 @@ def parity(args: argparse.Namespace) -> int:
     """Compare onnxruntime, PyTorch and MindSpore on one model; exit 1 above ``--tolerance``."""
     from lowrank_ir import parity as run_parity
     from lowrank_ir import write_json
+    from tools.cli import command_outputs
     from tools.onnx_cli import is_onnx_path, parse_input_shapes
 
     if not args.tolerance >= 0:
@@ -99,13 +110,17 @@ def parity(args: argparse.Namespace) -> int:
         raise UsageError(f"--feeds file {args.feeds!r} does not exist")
     if args.weights is not None and not Path(args.weights).is_file():
         raise UsageError(f"--weights file {args.weights!r} does not exist")
+    outputs = command_outputs(args)
+    report_file = outputs.file(args.report, "--report") if args.report else None
+    outputs.check()
     model = _model(args.model)
     ratio = None if args.no_decompose else args.ratio
     report = run_parity(model, feeds=args.feeds, weights=args.weights, ratio=ratio, tolerance=args.tolerance,
                         input_shapes=parse_input_shapes(args.input_shape), seed=args.seed, divisor=args.divisor)
     print(report.table())
-    if args.report:
-        write_json(args.report, report.to_dict())
+    if report_file is not None:
+        with outputs.writing() as stage:
+            write_json(stage.path(report_file), report.to_dict())
     if not report.ok:
         worst = max(report.failures(), key=lambda row: row.max_rel)
         print(f"lowrank parity: {len(report.failures())} outputs differ from onnxruntime by more than --tolerance "
