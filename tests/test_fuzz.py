@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import onnx
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
@@ -358,7 +358,8 @@ def mutate_graph_json(structure: dict[str, Any], rng: np.random.Generator) -> An
     elif choice == 1:
         del node[str(rng.choice(list(node)))]
     elif choice == 2:
-        node[str(rng.choice(list(node)))] = rng.choice([None, 7, "x", [1, [2]], {"__array__": [1], "dtype": "evil"}])
+        junk: list[Any] = [None, 7, "x", [1, [2]], {"__array__": [1], "dtype": "evil"}, {"__tuple__": 5}]
+        node[str(rng.choice(list(node)))] = junk[int(rng.integers(len(junk)))]
     elif choice == 3:
         node["op"] = "NotAnOp"
     elif choice == 4:
@@ -475,7 +476,8 @@ def manifest_mutations(manifest: dict[str, Any], rng: np.random.Generator) -> An
     if choice == 0:
         del manifest[str(rng.choice(keys))]
     elif choice == 1:
-        manifest[str(rng.choice(keys))] = rng.choice([None, 3, [1], {"a": 1}, "../outside.pt"])
+        junk: list[Any] = [None, 3, [1], {"a": 1}, "../outside.pt"]
+        manifest[str(rng.choice(keys))] = junk[int(rng.integers(len(junk)))]
     elif choice == 2:
         for key in keys:
             if isinstance(manifest[key], str) and manifest[key].endswith((".pt", ".ckpt")):
@@ -561,6 +563,7 @@ def test_random_command_lines(tmp_path: Path, command: str, output: str, chosen:
     outputs = (output, f"{output}.data", report) if command == "decompose" else ()
     code, err = run_cli(argv, root, outputs=tuple(name for name in outputs if name), reports=(report,),
                         inputs=("in.onnx", "feeds.npz", "nan_feeds.npz", "bad_feeds.npz", "rules.json", "sub/keep.txt"))
+    event(f"exit {code}")
     if code == 0 and command == "decompose":
         for value in ("nan_feeds.npz",):
             assert value not in (chosen.get("--feeds"), chosen.get("--calib")), f"NaN feeds were accepted: {argv}"
@@ -610,6 +613,7 @@ def test_random_factory_command_lines(tmp_path: Path, output: str, chosen: dict[
     inputs = ("in.onnx", "feeds.npz", "rules.json", "sub/keep.txt", "state.pt", "evil.pt", "link.onnx")
     code, err = run_cli(argv, root, outputs=tuple(name for name in (output, report) if name), reports=(report,),
                         inputs=inputs)
+    event(f"exit {code}")
     assert (root / "rules.json").exists(), "a pickle in --weights was executed"
     if code == 0:
         assert chosen.get("--weights") in (None, "state.pt"), f"bad --weights accepted: {argv}"
@@ -624,5 +628,6 @@ def test_random_convert_command_lines(tmp_path: Path, to: str, output: str, shap
     argv = ["convert", "in.onnx", "--to", to, "-o", output] + ([] if shape is None else ["--input-shape", shape])
     inputs = ("in.onnx", "feeds.npz", "rules.json", "sub/keep.txt", "link.onnx")
     code, _ = run_cli(argv, root, outputs=(output,), inputs=inputs)
+    event(f"exit {code}")
     if code == 0:
         assert (root / output / "converted.json").is_file()
