@@ -87,6 +87,19 @@ def test_case_agrees_with_onnxruntime(case: rebuild_cases.Case) -> None:
     assert_agree(run(module, case.feeds), rebuild_cases.reference(case))
 
 
+@pytest.mark.parametrize("where", [0, 1])
+def test_a_nan_in_any_output_fails_the_check(where: int) -> None:
+    """The agreement check fails on a NaN in the rebuilt module's outputs, first or not (``max`` would drop it)."""
+    case = next(item for item in CASES if item.model.graph.output[0].type.tensor_type.elem_type == 1)
+    got = run(rebuild(onnx_frontend.lower(case.model)), case.feeds)[0]
+    expected = rebuild_cases.reference(case)[0]
+    assert_agree([got, got.copy()], [expected, expected])
+    poisoned = [got.copy(), got.copy()]
+    poisoned[where].flat[0] = np.nan
+    with pytest.raises(AssertionError, match="relative error inf"):
+        assert_agree(poisoned, [expected, expected])
+
+
 def _conv_transpose_as_layer(item: rebuild_cases.Case):
     """The case's graph with its opaque ConvTranspose node replaced by an IR ``ConvTranspose`` layer."""
     graph = onnx_frontend.lower(item.model)
