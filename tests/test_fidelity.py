@@ -68,7 +68,9 @@ def test_sequential_refines_every_layer_and_leaves_the_model_alone() -> None:
         reference = model(held_out)
         err_seq = float((sequential(held_out) - reference).norm() / reference.norm())
         err_one = float((one_shot(held_out) - reference).norm() / reference.norm())
-    assert np.isfinite(err_seq) and err_seq < 1.0 and err_one < 1.0
+        err_free = float((decomposer.decompose_network()(held_out) - reference).norm() / reference.norm())
+    # measured (seeded): 0.35, 0.41 and 0.93; a NaN fails every comparison
+    assert err_seq < err_one < 0.5 * err_free
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key])
 

@@ -285,7 +285,13 @@ def test_cli_large_models_go_through_external_data(mlp_file, tmp_path, monkeypat
     assert main(["decompose", str(mlp_file), "-o", str(out), "--divisor", "8"]) == 0
     capsys.readouterr()
     assert sorted(path.name for path in out.parent.iterdir()) == ["small.onnx", "small.onnx.data"]
-    assert onnx_backend.validate(mlp_file, out).max_rel < 1
+    monkeypatch.undo()
+    inline = tmp_path / "inline.onnx"
+    assert main(["decompose", str(mlp_file), "-o", str(inline), "--divisor", "8"]) == 0
+    capsys.readouterr()
+    assert not (tmp_path / "inline.onnx.data").exists()
+    assert onnx_backend.validate(inline, out).max_rel == 0.0  # the same model, its weights stored outside
+    assert onnx_backend.validate(mlp_file, out).max_rel > 1e-3
 
 
 @pytest.mark.parametrize("option", [["--budget-params", "0.4"], ["--budget-flops", "0.4"], ["--energy", "0.9"]])
