@@ -166,18 +166,56 @@ def test_parity_of_a_torch_module_leaves_it_unchanged(tmp_path) -> None:
         assert torch.equal(tensor, before[name]), name
 
 
-def test_parity_loads_weights_into_a_copy(tmp_path) -> None:
+def exported_models(monkeypatch: pytest.MonkeyPatch) -> list[onnx.ModelProto]:
+    """The ONNX models ``backends.onnx.export`` writes from now on (the real export runs)."""
+    from backends import onnx as onnx_backend
+
+    models: list[onnx.ModelProto] = []
+    export = onnx_backend.export
+
+    def recording(*args, **kwargs):
+        models.append(export(*args, **kwargs))
+        return models[-1]
+
+    monkeypatch.setattr(onnx_backend, "export", recording)
+    return models
+
+
+def test_parity_loads_weights_into_a_copy(tmp_path, monkeypatch) -> None:
     other = small_cnn(seed=1).eval()
     torch.save(other.state_dict(), tmp_path / "other.pt")
     model = small_cnn(seed=0)
     reference = model.fc.weight.detach().clone()
-    shapes = {"x": [2, 3, 8, 8]}
-    loaded = parity(model, weights=tmp_path / "other.pt", input_shapes=shapes, ratio=None, frameworks=["torch"])
-    direct = parity(other, input_shapes=shapes, ratio=None, frameworks=["torch"])
-    assert [(row.runtime, row.max_abs) for row in loaded.rows] == [(row.runtime, row.max_abs) for row in direct.rows]
+    x = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    exported = exported_models(monkeypatch)
+    loaded = parity(model, feeds={"x": x}, weights=tmp_path / "other.pt", ratio=None, frameworks=["torch"])
+    assert loaded.ok, loaded.table()
+    (proto,) = exported  # what every runtime ran: it computes what the loaded weights compute
+    with torch.no_grad():
+        want, unloaded = other(torch.from_numpy(x)).numpy(), small_cnn(seed=0).eval()(torch.from_numpy(x)).numpy()
+    got = om.run(proto, {"x": x})[0]
+    assert relative_error(got, want) <= TOLERANCE
+    assert relative_error(got, unloaded) > 0.1
     assert torch.equal(model.fc.weight, reference)
     assert loaded.runtimes("original") == ["onnxruntime", "torch", "torch (native)"]
     assert "decomposed" not in {row.stage for row in loaded.rows}
+
+
+def test_parity_loads_a_checkpoint_into_a_copy(tmp_path, monkeypatch) -> None:
+    other = tiny_cell(seed=1)
+    ms.save_checkpoint(other, str(tmp_path / "other.ckpt"))
+    cell = tiny_cell(seed=0)
+    before = {param.name: param.asnumpy().copy() for param in cell.get_parameters()}
+    x = np.random.default_rng(0).standard_normal((2, 8, 8, 8)).astype(np.float32)
+    exported = exported_models(monkeypatch)
+    loaded = parity(cell, feeds={"x": x}, weights=tmp_path / "other.ckpt", ratio=None, frameworks=["mindspore"])
+    assert loaded.ok, loaded.table()
+    (proto,) = exported
+    got = om.run(proto, {"x": x})[0]
+    assert relative_error(got, other(ms.Tensor(x)).asnumpy()) <= TOLERANCE
+    assert relative_error(got, cell(ms.Tensor(x)).asnumpy()) > 0.1
+    for param in cell.get_parameters():
+        np.testing.assert_array_equal(param.asnumpy(), before[param.name])
 
 
 def test_parity_of_a_mindspore_cell() -> None:
