@@ -91,8 +91,25 @@ def test_decompose_writes_a_complete_folder(tmp_path, capsys) -> None:
     capsys.readouterr()
 
 
-@pytest.mark.parametrize("option", [["--energy", "0.8"], ["--budget-params", "0.5"], ["--budget-flops", "0.5"]])
-def test_inspect_with_global_policies(option, capsys) -> None:
+@pytest.mark.parametrize(("option", "policy"), [
+    (["--energy", "0.8"], {"from_energy": 0.8}),
+    (["--budget-params", "0.5"], {"from_budget": {"params": 0.5}}),
+    (["--budget-flops", "0.5"], {"from_budget": {"flops": 0.5}}),
+])
+def test_inspect_with_global_policies(option, policy, capsys) -> None:
+    from lowrank_ir import Decompose
+    from tests.models import resnet50
+
     assert main(["inspect", "tests.models:resnet50", *option, "--divisor", "16"]) == 0
-    table = capsys.readouterr().out
-    assert "layer1.0.conv2" in table
+    printed = capsys.readouterr().out
+    ((call, argument),) = policy.items()
+    method = getattr(Decompose(resnet50()), call)
+    expected = method(argument, divisor=16) if call == "from_energy" else method(**argument, divisor=16)
+    assert expected.report.table() in printed  # the option runs that policy
+    totals = expected.report.totals()
+    if option[0] == "--budget-flops":
+        assert 0.45 * totals["flops_before"] < totals["flops_after"] <= 0.5 * totals["flops_before"]
+    elif option[0] == "--budget-params":
+        assert 0.45 * totals["params_before"] < totals["params_after"] <= 0.5 * totals["params_before"]
+    else:
+        assert totals["decomposed"] > 0

@@ -312,6 +312,11 @@ def test_cli_global_policies_with_calibration(tmp_path, rng, capsys, option) -> 
         kept += sum(int(np.prod(graph.param(node, "weight").shape)) for node in graph.layers()
                     if node.name not in report["decompose_config"])
         assert kept <= 0.4 * total
+    if option[0] == "--budget-flops":  # per sample: 2 x out x in for each Gemm
+        totals = report["layers"]["totals"]
+        assert totals["flops_unit"] == "per sample"
+        assert totals["flops_before"] == 2 * (64 * 96 + 96 * 48 + 48 * 32)
+        assert totals["flops_after"] <= 0.4 * totals["flops_before"]
     capsys.readouterr()
 
 
