@@ -360,6 +360,43 @@ def test_cli_parity_of_a_mindspore_factory(capsys) -> None:
     assert "mindspore (native)" in capsys.readouterr().out
 
 
+def test_cli_parity_of_a_torch_factory_with_weights(tmp_path, monkeypatch, capsys) -> None:
+    other = small_cnn(seed=1).eval()
+    torch.save(other.state_dict(), tmp_path / "other.pt")
+    x = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    np.savez(tmp_path / "feeds.npz", x=x)
+    exported = exported_models(monkeypatch)
+    assert main(["parity", "test_parity:small_cnn", "--weights", str(tmp_path / "other.pt"), "--feeds",
+                 str(tmp_path / "feeds.npz"), "--divisor", "8", "--report", str(tmp_path / "r.json")]) == 0
+    assert "torch (native)" in capsys.readouterr().out
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["ok"] and report["decomposed_layers"] >= 2 and report["feeds"] == {"x": [2, 3, 8, 8]}
+    (proto,) = exported
+    with torch.no_grad():
+        want = other(torch.from_numpy(x)).numpy()
+    assert relative_error(om.run(proto, {"x": x})[0], want) <= TOLERANCE  # the weights given were loaded
+
+
+def test_cli_convert_with_input_shape(tmp_path, capsys) -> None:
+    """``--input-shape`` fixes the dynamic dims for shape inference: the layers get their positions per sample."""
+    model = om.conv(np.random.default_rng(0), channels=(16, 24), spatial=12)
+    for value, names in ((model.graph.input[0], ("h", "w")), (model.graph.output[0], ("oh", "ow"))):
+        for dim, name in zip(value.type.tensor_type.shape.dim[2:], names, strict=True):
+            dim.dim_param = name
+    onnx.checker.check_model(model, full_check=True)
+    path = tmp_path / "conv.onnx"
+    path.write_bytes(model.SerializeToString())
+    assert main(["convert", str(path), "--to", "torch", "-o", str(tmp_path / "fixed"),
+                 "--input-shape", "x=1,16,12,12"]) == 0
+    assert main(["convert", str(path), "--to", "torch", "-o", str(tmp_path / "free")]) == 0
+    capsys.readouterr()
+    fixed, free = load_converted(tmp_path / "fixed"), load_converted(tmp_path / "free")
+    assert fixed.source_graph.node("conv").attrs["out_positions"] == 12 * 12  # pads 1: 12x12 outputs
+    assert "out_positions" not in free.source_graph.node("conv").attrs
+    x = np.random.default_rng(1).standard_normal((2, 16, 9, 7)).astype(np.float32)  # still any size
+    assert relative_error(run_converted(fixed, {"x": x}), om.run(str(path), {"x": x})[0]) <= TOLERANCE
+
+
 def test_cli_parity_with_feeds(tmp_path, capsys) -> None:
     path = mlp_file(tmp_path, dims=(48, 64, 40))
     np.savez(tmp_path / "good.npz", x=np.ones((3, 48), np.float32))
