@@ -43,6 +43,11 @@ def test_console_script_help() -> None:
         assert command in result.stdout
 
 
+def _rows(table: str) -> dict[str, list[str]]:
+    """The words of each line of a printed report table, by the line's first word (the layer name)."""
+    return {line.split()[0]: line.split() for line in table.splitlines() if line.strip()}
+
+
 def test_inspect_prints_the_plan(capsys) -> None:
     from lowrank_ir import Decompose
     from tests.models import resnet50
@@ -50,8 +55,8 @@ def test_inspect_prints_the_plan(capsys) -> None:
     assert main(["inspect", "tests.models:resnet50", "--ratio", "0.5"]) == 0
     printed = capsys.readouterr().out
     assert Decompose(resnet50()).from_ratio(0.5).report.table() in printed
-    rows = {line.split()[0]: line.split() for line in printed.splitlines() if line.strip()}
-    # int(0.5 * 1000 * 2048 / 3048) = 335 and the root of 9h^2 + 1024h - 0.5 * 512 * 512 * 9 = 309.6: 320, the nearest 64x
+    rows = _rows(printed)
+    # int(0.5 * 1000 * 2048 / 3048) = 335; the root of 9h^2 + 1024h - 0.5 * 512 * 512 * 9 is 309.6: both 320 in 64s
     assert rows["fc"][1:4] == ["Linear", "1000x2048", "320"]  # layer, kind, weight, rank
     assert rows["layer4.2.conv2"][1:4] == ["Conv", "512x512x3x3", "320x320"]
     assert rows["TOTAL"][1] == "39/54"
@@ -78,7 +83,7 @@ def test_inspect_with_dict_rules(write_config, capsys) -> None:
                  "--divisor", "16"]) == 0
     printed = capsys.readouterr().out
     assert _table("from_dict", rules, divisor=16) in printed
-    rows = {line.split()[0]: line.split() for line in printed.splitlines() if line.strip()}
+    rows = _rows(printed)
     assert rows["fc"][3] == "64" and rows["layer4.0.conv2"][3] != "-" and rows["layer3.0.conv2"][3] == "-"
 
 
