@@ -2,6 +2,9 @@
 
 This file imports no framework: torch is seeded only when a test module has imported it, so the
 numpy-only core tests stay framework-free.
+
+In CI (``CI=true``) a skip that ``tests/skips.py`` does not list fails the run, and so does a listed
+test that does not skip: CI installs every dependency, so nothing may be skipped silently.
 """
 
 from __future__ import annotations
@@ -17,7 +20,43 @@ from typing import Any
 import numpy as np
 import pytest
 
+from tests.skips import EXPECTED_SKIPS, IN_CI
+
 SEED = 0
+
+
+def _skip_reason(report: pytest.TestReport | pytest.CollectReport) -> str:
+    longrepr = report.longrepr
+    reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+    return reason.removeprefix("Skipped: ")
+
+
+def _fail_unlisted_skip(report: pytest.TestReport | pytest.CollectReport) -> None:
+    """In CI, turn a skip ``tests/skips.py`` does not list, or a listed test that ran, into a failure."""
+    expected = EXPECTED_SKIPS.get(report.nodeid)
+    if report.skipped:
+        reason = _skip_reason(report)
+        if expected is None or expected not in reason:
+            report.outcome = "failed"
+            report.longrepr = (f"skipped in CI ({reason!r}), and tests/skips.py does not list this skip: install "
+                               f"what is missing, or list the skip with its reason")
+    elif report.passed and expected is not None and getattr(report, "when", "call") == "call":
+        report.outcome = "failed"
+        report.longrepr = f"tests/skips.py lists this test as skipping ({expected!r}), but it ran: update the list"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    outcome = yield
+    if IN_CI:
+        _fail_unlisted_skip(outcome.get_result())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector) -> Any:
+    outcome = yield
+    if IN_CI:  # a module-level importorskip: the whole file would silently not run
+        _fail_unlisted_skip(outcome.get_result())
 
 
 @pytest.fixture(autouse=True)

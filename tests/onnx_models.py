@@ -19,6 +19,8 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
+from tests.skips import missing
+
 OPSET = 17
 
 
@@ -277,6 +279,14 @@ def ppocr_model(kind: str) -> Path | None:
         return None
     path = Path(next(iter(spec.submodule_search_locations))) / "models" / PPOCR_FILES[kind]
     return path if path.is_file() else None
+
+
+def ppocr_file(kind: str) -> Path:
+    """The PP-OCR model file for a test: when ``rapidocr-onnxruntime`` is missing the test skips, or fails in CI."""
+    path = ppocr_model(kind)
+    if path is None:
+        missing("rapidocr-onnxruntime (the PP-OCR models)")
+    return path
 
 
 def text_image(height: int, width: int, seed: int) -> np.ndarray:

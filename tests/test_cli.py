@@ -43,10 +43,79 @@ def test_console_script_help() -> None:
         assert command in result.stdout
 
 
+def _rows(table: str) -> dict[str, list[str]]:
+    """The words of each line of a printed report table, by the line's first word (the layer name)."""
+    return {line.split()[0]: line.split() for line in table.splitlines() if line.strip()}
+
+
 def test_inspect_prints_the_plan(capsys) -> None:
+    from lowrank_ir import Decompose
+    from tests.models import resnet50
+
     assert main(["inspect", "tests.models:resnet50", "--ratio", "0.5"]) == 0
     printed = capsys.readouterr().out
-    assert "layer4.2.conv2" in printed and "320" in printed and "39/54" in printed
+    assert Decompose(resnet50()).from_ratio(0.5).report.table() in printed
+    rows = _rows(printed)
+    # int(0.5 * 1000 * 2048 / 3048) = 335; the root of 9h^2 + 1024h - 0.5 * 512 * 512 * 9 is 309.6: both 320 in 64s
+    assert rows["fc"][1:4] == ["Linear", "1000x2048", "320"]  # layer, kind, weight, rank
+    assert rows["layer4.2.conv2"][1:4] == ["Conv", "512x512x3x3", "320x320"]
+    assert rows["TOTAL"][1] == "39/54"
+
+
+def _table(policy: str, *args: object, **kwargs: object) -> str:
+    """The table the API's ``Decompose(resnet50()).<policy>(*args, **kwargs)`` reports."""
+    from lowrank_ir import Decompose
+    from tests.models import resnet50
+
+    return getattr(Decompose(resnet50()), policy)(*args, **kwargs).report.table()
+
+
+def test_inspect_with_vbmf(capsys) -> None:
+    assert main(["inspect", "tests.models:resnet50", "--vbmf", "--divisor", "16"]) == 0
+    printed = capsys.readouterr().out
+    assert _table("from_vbmf", divisor=16) in printed
+    assert _table("from_vbmf", divisor=16) != _table("from_ratio", 0.5, divisor=16)
+
+
+def test_inspect_with_dict_rules(write_config, capsys) -> None:
+    rules = {r"^fc$": 64, r"layer4\.\d\.conv2": 0.25, r"layer1": "vbmf"}
+    assert main(["inspect", "tests.models:resnet50", "--dict", str(write_config(rules, "rules.json")),
+                 "--divisor", "16"]) == 0
+    printed = capsys.readouterr().out
+    assert _table("from_dict", rules, divisor=16) in printed
+    rows = _rows(printed)
+    assert rows["fc"][3] == "64" and rows["layer4.0.conv2"][3] != "-" and rows["layer3.0.conv2"][3] == "-"
+
+
+def test_decompose_loads_matching_weights(tmp_path, write_config, capsys) -> None:
+    from lowrank_ir import Decompose
+    from tests.models import resnet50
+
+    trained = resnet50(seed=1)
+    torch.save(trained.state_dict(), tmp_path / "w.pt")
+    rules = write_config({r"^fc$": 64}, "rules.json")
+    out = tmp_path / "out"
+    assert main(["decompose", "tests.models:resnet50", "--weights", str(tmp_path / "w.pt"), "--dict", str(rules),
+                 "-o", str(out)]) == 0
+    capsys.readouterr()
+    state = torch.load(out / "state_dict.pt")
+    expected = Decompose(trained).from_dict({r"^fc$": 64}).decompose_network().state_dict()
+    assert list(state) == list(expected)
+    for name, tensor in expected.items():  # the loaded weights were decomposed, not the factory's own
+        assert torch.equal(state[name], tensor), name
+    assert not torch.equal(state["conv1.weight"], resnet50().conv1.weight)
+
+
+def test_demo_with_ratio_and_divisor(tmp_path, capsys) -> None:
+    from lowrank_ir import Decompose
+    from tools.demo import demo_model
+
+    assert main(["demo", "--out", str(tmp_path), "--ratio", "0.3", "--divisor", "8"]) == 0
+    capsys.readouterr()
+    config = json.loads((tmp_path / "decompose_config.json").read_text())
+    expected = Decompose(demo_model()).from_ratio(0.3, divisor=8).decompose_config
+    assert config == {name: list(rank) if isinstance(rank, tuple) else rank for name, rank in expected.items()}
+    assert config != Decompose(demo_model()).from_ratio(0.5, divisor=16).decompose_config
 
 
 @pytest.mark.parametrize(("argv", "message"), [
@@ -91,8 +160,25 @@ def test_decompose_writes_a_complete_folder(tmp_path, capsys) -> None:
     capsys.readouterr()
 
 
-@pytest.mark.parametrize("option", [["--energy", "0.8"], ["--budget-params", "0.5"], ["--budget-flops", "0.5"]])
-def test_inspect_with_global_policies(option, capsys) -> None:
+@pytest.mark.parametrize(("option", "policy"), [
+    (["--energy", "0.8"], {"from_energy": 0.8}),
+    (["--budget-params", "0.5"], {"from_budget": {"params": 0.5}}),
+    (["--budget-flops", "0.5"], {"from_budget": {"flops": 0.5}}),
+])
+def test_inspect_with_global_policies(option, policy, capsys) -> None:
+    from lowrank_ir import Decompose
+    from tests.models import resnet50
+
     assert main(["inspect", "tests.models:resnet50", *option, "--divisor", "16"]) == 0
-    table = capsys.readouterr().out
-    assert "layer1.0.conv2" in table
+    printed = capsys.readouterr().out
+    ((call, argument),) = policy.items()
+    method = getattr(Decompose(resnet50()), call)
+    expected = method(argument, divisor=16) if call == "from_energy" else method(**argument, divisor=16)
+    assert expected.report.table() in printed  # the option runs that policy
+    totals = expected.report.totals()
+    if option[0] == "--budget-flops":
+        assert 0.45 * totals["flops_before"] < totals["flops_after"] <= 0.5 * totals["flops_before"]
+    elif option[0] == "--budget-params":
+        assert 0.45 * totals["params_before"] < totals["params_after"] <= 0.5 * totals["params_before"]
+    else:
+        assert totals["decomposed"] > 0

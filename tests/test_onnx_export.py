@@ -14,6 +14,7 @@ pytest.importorskip("onnxruntime")
 from backends import onnx as onnx_backend  # noqa: E402
 from lowrank_ir import Decompose  # noqa: E402
 from tests import onnx_models as om  # noqa: E402
+from tests.skips import require  # noqa: E402
 
 RATIO, DIVISOR = 0.5, 8
 
@@ -91,8 +92,7 @@ def _mindspore_net():
     import os
 
     os.environ.setdefault("GLOG_v", "3")  # MindSpore's C++ logs: errors only
-    ms = pytest.importorskip("mindspore")
-    pytest.importorskip("backends.mindspore")
+    ms = require("mindspore")
     from mindspore import nn
 
     class Net(nn.Cell):

@@ -285,7 +285,13 @@ def test_cli_large_models_go_through_external_data(mlp_file, tmp_path, monkeypat
     assert main(["decompose", str(mlp_file), "-o", str(out), "--divisor", "8"]) == 0
     capsys.readouterr()
     assert sorted(path.name for path in out.parent.iterdir()) == ["small.onnx", "small.onnx.data"]
-    assert onnx_backend.validate(mlp_file, out).max_rel < 1
+    monkeypatch.undo()
+    inline = tmp_path / "inline.onnx"
+    assert main(["decompose", str(mlp_file), "-o", str(inline), "--divisor", "8"]) == 0
+    capsys.readouterr()
+    assert not (tmp_path / "inline.onnx.data").exists()
+    assert onnx_backend.validate(inline, out).max_rel == 0.0  # the same model, its weights stored outside
+    assert onnx_backend.validate(mlp_file, out).max_rel > 1e-3
 
 
 @pytest.mark.parametrize("option", [["--budget-params", "0.4"], ["--budget-flops", "0.4"], ["--energy", "0.9"]])
@@ -306,6 +312,11 @@ def test_cli_global_policies_with_calibration(tmp_path, rng, capsys, option) -> 
         kept += sum(int(np.prod(graph.param(node, "weight").shape)) for node in graph.layers()
                     if node.name not in report["decompose_config"])
         assert kept <= 0.4 * total
+    if option[0] == "--budget-flops":  # per sample: 2 x out x in for each Gemm
+        totals = report["layers"]["totals"]
+        assert totals["flops_unit"] == "per sample"
+        assert totals["flops_before"] == 2 * (64 * 96 + 96 * 48 + 48 * 32)
+        assert totals["flops_after"] <= 0.4 * totals["flops_before"]
     capsys.readouterr()
 
 

