@@ -339,19 +339,21 @@ class Decompose:
         result = rewrite(graph, chosen, stats=stats, weights=do_decompose_weight, progress=progress)
         backend = backend_for(self.model)
         model = backend.build(result.graph, like=self.model, weights=do_decompose_weight)
-        errors = result.errors
+        errors, flushed = result.errors, result.flushed
         if sequential and do_decompose_weight:
-            errors = self._refine_sequentially(model, graph, chosen, datasets, max_iter, names, progress)
+            errors, flushed = self._refine_sequentially(model, graph, chosen, datasets, max_iter, names, progress)
         self.plan = chosen
-        self.report = build_report(graph, chosen, errors)
+        self.report = build_report(graph, chosen, errors, flushed=flushed)
         return model
 
     def _refine_sequentially(self, model: Any, graph: Graph, chosen: Plan, datasets: Any, max_iter: int,
-                             names: list[str], progress: Progress | None) -> dict[str, tuple[float, str]]:
+                             names: list[str], progress: Progress | None,
+                             ) -> tuple[dict[str, tuple[float, str]], dict[str, int]]:
         """Redo each group of layers, in execution order, from statistics of ``model`` as refined so far."""
         backend = backend_for(self.model)
         groups = self._frontend.execution_groups(model, graph, datasets, names)
         errors: dict[str, tuple[float, str]] = {}
+        flushed: dict[str, int] = {}
         done = 0
         # Frontends that can run the original beside the decomposed model fit each layer to the original
         # outputs (compensating upstream error); the others refit to the layer's own outputs on x̃.
@@ -366,10 +368,11 @@ class Decompose:
             result = rewrite(graph, part, stats=stats, workers=1)
             backend.load_layers(model, result.graph, group)
             errors.update(result.errors)
+            flushed.update(result.flushed)
             done += len(group)
             if progress is not None:
                 progress(done, len(names), group[-1])
-        return errors
+        return errors, flushed
 
 
 def _check_estimate(estimate: str | None, datasets: Any, probe_iter: int | None) -> str:

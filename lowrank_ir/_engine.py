@@ -9,6 +9,9 @@ number their parts the way ``nn.Sequential`` numbers children:
 * ``tucker2`` (Conv): ``conv`` -> ``conv.0`` (1x1, in -> r_in), ``conv.1`` (the k x k core, original
   stride/padding/dilation), ``conv.2`` (1x1, r_out -> out, the original bias).
 
+Every written value is cast to the layer's dtype in one place, with its subnormals flushed to zero
+(:func:`_cast_for_writing`).
+
 Layers are decomposed in parallel threads (numpy's LAPACK calls release the GIL) with BLAS limited to
 one thread per worker: oversubscribed OpenBLAS on a small machine is up to 100x slower.
 """
@@ -419,7 +422,7 @@ def _parts_svd(node: Node, entry: PlanEntry, graph: Graph, arrays: list[np.ndarr
     if arrays is None:
         left, right = _placeholder((out, rank), dtype), _placeholder((rank, inp), dtype)
     else:
-        left, right = (array.astype(dtype) for array in arrays)
+        left, right = arrays
     params: dict[str, np.ndarray] = {}
     if node.op is Op.EMBEDDING:
         lookup = {key: value for key, value in node.attrs.items() if key not in ("embedding_dim",)}
@@ -468,7 +471,7 @@ def _parts_tucker2(node: Node, entry: PlanEntry, graph: Graph, arrays: list[np.n
     if arrays is None:
         kernels = [_placeholder(shape, dtype) for shape in shapes]
     else:
-        kernels = [array.reshape(shape).astype(dtype) for array, shape in zip(arrays, shapes, strict=True)]
+        kernels = [array.reshape(shape) for array, shape in zip(arrays, shapes, strict=True)]
     keep = {key: value for key, value in node.attrs.items()
             if key not in ("in_channels", "out_channels", "kernel_size", "groups")}
     parts = [
@@ -486,6 +489,23 @@ def _parts_tucker2(node: Node, entry: PlanEntry, graph: Graph, arrays: list[np.n
         parts[2].params["bias"] = f"{name}.2.bias"
         params[f"{name}.2.bias"] = bias
     return parts, params
+
+
+def _cast_for_writing(params: dict[str, np.ndarray], parts: list[Node], node: Node, graph: Graph) -> int:
+    """Cast the parts' float64 factors (and bias) to the layer's dtypes, subnormals flushed; returns the count.
+
+    Every value the tool writes for a factorized layer passes through here once: weights take the
+    original weight's dtype, the bias the original bias's. Subnormals of that dtype become zero
+    (``_linalg.flush_subnormals``): near-dead channels of trained weights leave them in the factors,
+    and CPU kernels that meet them can run tens of times slower.
+    """
+    dtypes = {role: array.dtype for role in ("weight", "bias") if (array := graph.param(node, role)) is not None}
+    count = 0
+    for part in parts:
+        for role, name in part.params.items():
+            params[name], flushed = _linalg.flush_subnormals(params[name].astype(dtypes[role], copy=False))
+            count += flushed
+    return count
 
 
 def _approximation(node: Node, entry: PlanEntry, graph: Graph, stats: LayerStats | None) -> dict[str, np.ndarray]:
@@ -527,10 +547,14 @@ def approximations(graph: Graph, the_plan: Plan, stats: Mapping[str, LayerStats]
 
 @dataclass(slots=True)
 class RewriteResult:
-    """The factorized graph, and per decomposed layer its error figure (None for structure only)."""
+    """The factorized graph; per decomposed layer its error figure and how many subnormals were flushed.
+
+    Both are empty for a structure-only rewrite.
+    """
 
     graph: Graph
     errors: dict[str, tuple[float, str]]
+    flushed: dict[str, int] = field(default_factory=dict)
 
 
 def _workers(requested: int | None, jobs: int) -> int:
@@ -590,15 +614,17 @@ def rewrite(graph: Graph, the_plan: Plan, stats: Mapping[str, LayerStats] | None
     new = graph.copy()
     factorized: dict[str, list[str]] = dict(new.meta.get("factorized", {}))
     errors: dict[str, tuple[float, str]] = {}
+    flushed: dict[str, int] = {}
     for entry, result in zip(entries, results, strict=True):
         node = new.node(entry.name)
         arrays = None if result is None else result.arrays
         builder = _parts_tucker2 if entry.form == TUCKER2 else _parts_svd
         parts, params = builder(node, entry, new, arrays)
-        if result is not None and result.bias_shift is not None:
-            bias_name = parts[-1].params["bias"]
-            bias = params[bias_name]
-            params[bias_name] = (bias.astype(np.float64) + result.bias_shift).astype(bias.dtype)
+        if result is not None:
+            if result.bias_shift is not None:
+                bias_name = parts[-1].params["bias"]
+                params[bias_name] = params[bias_name].astype(np.float64) + result.bias_shift
+            flushed[entry.name] = _cast_for_writing(params, parts, node, new)
         _wire(parts, node)
         new.replace_node(node.name, parts, params, drop_params=node.params.values())
         factorized[entry.name] = [part.name for part in parts]
@@ -606,4 +632,8 @@ def rewrite(graph: Graph, the_plan: Plan, stats: Mapping[str, LayerStats] | None
             errors[entry.name] = (result.error, result.error_kind)
     new.meta["factorized"] = factorized
     verify(new)
-    return RewriteResult(new, errors)
+    total = sum(flushed.values())
+    if total:
+        logger.info("flushed %d subnormal values to zero in the factors of %d layers", total,
+                    sum(1 for count in flushed.values() if count))
+    return RewriteResult(new, errors, flushed)

@@ -148,7 +148,7 @@ def decompose(args: argparse.Namespace) -> int:
             candidate = save(decomposed, folder / output.name, external_data=True)
         reference = args.model if original.ByteSize() >= PROTOBUF_LIMIT else original
         validation = validate(reference, candidate, feeds, input_shapes=input_shapes)
-        report = build_report(graph, chosen, result.errors, spectral_energy(graph, chosen))
+        report = build_report(graph, chosen, result.errors, spectral_energy(graph, chosen), result.flushed)
         passed = args.tolerance is None or validation.passed(args.tolerance)
         params = {"before": count_parameters(original), "after": count_parameters(decomposed)}
         print(report.table(only_decomposed=True))
