@@ -31,6 +31,8 @@ from lowrank_ir._engine import (
     approximations,
     plan,
     rewrite,
+    validate_layout,
+    with_layout,
 )
 from lowrank_ir._files import read_json, write_json
 from lowrank_ir._ir import Graph, Node, Op
@@ -295,7 +297,7 @@ class Decompose:
 
     def decompose_network(self, do_decompose_weight: bool = True, datasets: Any = None,
                           max_iter: int = -1, *, sequential: bool = False,
-                          progress: Progress | None = None) -> Any:
+                          progress: Progress | None = None, layout: str | None = None) -> Any:
         """A new model with every layer of ``decompose_config`` replaced by its low-rank factors.
 
         Args:
@@ -312,7 +314,13 @@ class Decompose:
                 compound unseen. Layers fed the same tensor (query/key/value) share one calibration
                 pass, and each pass stops as soon as the layers it serves have seen their input.
             progress: optional ``progress(done, total, layer name)`` callback, called as layers finish.
+            layout: ``"reference"`` (the reference tool's: a 1x1 conv becomes three convs, so its
+                checkpoints load) or ``"compact"`` (a 1x1 conv becomes two, without the r x r middle
+                conv: the same function with fewer parameters and kernels). Default: the backend's,
+                ``"reference"`` for PyTorch and MindSpore, ``"compact"`` for ONNX.
         """
+        if layout is not None:
+            validate_layout(layout)
         if self.decompose_config is None:
             raise ValueError("no decompose_config yet: call from_ratio, from_fixed, from_dict, from_vbmf "
                              "or from_file before decompose_network")
@@ -327,7 +335,9 @@ class Decompose:
         if sequential and datasets is None:
             raise ValueError("sequential=True needs datasets: it refines each layer on calibration data")
         graph = self._lower()
-        chosen = _keep_reasons(plan(graph, Policy.config(self.decompose_config)), self.plan)
+        backend = backend_for(self.model)
+        chosen = with_layout(_keep_reasons(plan(graph, Policy.config(self.decompose_config)), self.plan),
+                             layout or backend.DEFAULT_LAYOUT)
         stats = None
         names = [entry.name for entry in chosen.decomposed()]
         if datasets is not None and do_decompose_weight:
@@ -337,7 +347,6 @@ class Decompose:
             else:
                 stats = self._frontend.collect_stats(self.model, graph, datasets, max_iter=max_iter, names=names)
         result = rewrite(graph, chosen, stats=stats, weights=do_decompose_weight, progress=progress)
-        backend = backend_for(self.model)
         model = backend.build(result.graph, like=self.model, weights=do_decompose_weight)
         errors, flushed = result.errors, result.flushed
         if sequential and do_decompose_weight:

@@ -8,6 +8,23 @@ number their parts the way ``nn.Sequential`` numbers children:
   ``emb.0``'s table keeps the source's attribute name (``emb.0.weight``; MindSpore ``emb.0.embedding_table``).
 * ``tucker2`` (Conv): ``conv`` -> ``conv.0`` (1x1, in -> r_in), ``conv.1`` (the k x k core, original
   stride/padding/dilation), ``conv.2`` (1x1, r_out -> out, the original bias).
+* ``svd`` of a 1x1 Conv (the ``compact`` layout): ``conv`` -> ``conv.0`` (1x1, in -> r, original
+  stride/padding/dilation), ``conv.1`` (1x1, r -> out, the original bias).
+
+Layouts (:func:`with_layout`): ``reference`` is the reference tool's, whose checkpoints must load: a 1x1
+conv becomes three convs, the middle one an r x r identity core. ``compact`` writes a 1x1 conv at
+equal ranks as the two-factor ``svd`` form, the same function at rank r. Per 1x1 conv [out, in] at
+rank r and P output positions:
+
+=========  =========================  ==============================  =======
+layout     parameters                 multiply-adds                   kernels
+=========  =========================  ==============================  =======
+original   out·in                     out·in·P                        1
+reference  r·(in + out) + r²          (r·(in + out) + r²)·P           3
+compact    r·(in + out)               r·(in + out)·P                  2
+=========  =========================  ==============================  =======
+
+(the reference layout's first conv runs at the input resolution when the conv is strided).
 
 Every written value is cast to the layer's dtype in one place, with its subnormals flushed to zero
 (:func:`_cast_for_writing`).
@@ -34,7 +51,8 @@ from lowrank_ir._evbmf import vbmf_ranks
 from lowrank_ir._ir import Graph, Node, Op, verify
 from lowrank_ir._policy import Policy, conv_ranks, matrix_rank
 
-__all__ = ["LayerStats", "Plan", "PlanEntry", "approximations", "plan", "rewrite", "stats_from_sums"]
+__all__ = ["LAYOUTS", "LayerStats", "Plan", "PlanEntry", "approximations", "plan", "rewrite", "stats_from_sums",
+           "validate_layout", "with_layout"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +60,9 @@ _T = TypeVar("_T")
 
 SVD = "svd"
 TUCKER2 = "tucker2"
+
+#: How factorized layers are laid out (see the module docstring): the reference tool's, or compact.
+LAYOUTS = ("reference", "compact")
 
 #: HOOI stops when the relative fit ||core|| / ||K|| improves by less than this between sweeps. Past
 #: this point a sweep buys < 0.01% of error (measured on ResNet-50-sized kernels) for the cost of a full
@@ -164,7 +185,12 @@ def _check_finite(node: Node, weight: np.ndarray) -> None:
 
 
 def _matrix_view(node: Node, weight: np.ndarray) -> np.ndarray:
-    """The layer's weight as ``[out, in]`` (a right-hand MatMul weight is stored ``[in, out]``)."""
+    """The layer's weight as ``[out, in]``.
+
+    A right-hand MatMul weight is stored ``[in, out]``, a 1x1 conv's kernel ``[out, in, 1, ...]``.
+    """
+    if node.op is Op.CONV:
+        return weight.reshape(weight.shape[0], -1)
     return weight.T if node.op is Op.MATMUL and node.attrs.get("weight_side", "right") == "right" else weight
 
 
@@ -213,6 +239,34 @@ def plan(graph: Graph, policy: Policy) -> Plan:
     if policy.kind == "config":
         _check_config_fits(graph, policy.value, result)
     return result
+
+
+def _pointwise(entry: PlanEntry) -> bool:
+    return entry.op is Op.CONV and all(size == 1 for size in entry.shape[2:])
+
+
+def validate_layout(layout: object) -> str:
+    """``layout`` if it is one of :data:`LAYOUTS`; else ``ValueError`` naming it and the layouts."""
+    if not isinstance(layout, str) or layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(repr(name) for name in LAYOUTS)}, got {layout!r}")
+    return layout
+
+
+def with_layout(the_plan: Plan, layout: str) -> Plan:
+    """``the_plan`` written in ``layout`` (one of :data:`LAYOUTS`; see the module docstring).
+
+    ``compact`` turns each Tucker-2 entry of a 1x1 conv into the two-factor ``svd`` form at rank
+    ``min(r_out, r_in)``, the rank its three factors can reach; every other entry is kept.
+    ``reference`` returns ``the_plan`` itself.
+    """
+    if validate_layout(layout) == "reference":
+        return the_plan
+    entries = {}
+    for name, entry in the_plan.entries.items():
+        if entry.form == TUCKER2 and _pointwise(entry) and isinstance(entry.rank, tuple):
+            entry = PlanEntry(entry.name, entry.op, entry.shape, SVD, min(entry.rank), entry.reason)
+        entries[name] = entry
+    return Plan(entries)
 
 
 def _check_config_fits(graph: Graph, config: Mapping[str, Any], result: Plan) -> None:
@@ -431,6 +485,17 @@ def _parts_svd(node: Node, entry: PlanEntry, graph: Graph, arrays: list[np.ndarr
         second = Node(Op.LINEAR, f"{name}.1", {"in_features": rank, "out_features": inp},
                       {"weight": f"{name}.1.weight"})
         params[table], params[f"{name}.1.weight"] = left, _transposed(right)
+    elif node.op is Op.CONV:
+        # The first 1x1 conv takes the original stride and padding: the second runs at the output resolution.
+        ones = (1,) * len(node.attrs["kernel_size"])
+        keep = {key: value for key, value in node.attrs.items()
+                if key not in ("in_channels", "out_channels", "kernel_size", "groups")}
+        first = Node(Op.CONV, f"{name}.0", {**keep, "in_channels": inp, "out_channels": rank, "kernel_size": ones,
+                                            "groups": 1}, {"weight": f"{name}.0.weight"})
+        second = Node(Op.CONV, f"{name}.1", {"in_channels": rank, "out_channels": out, **_pointwise_attrs(ones)},
+                      {"weight": f"{name}.1.weight"})
+        params[f"{name}.0.weight"] = right.reshape(rank, inp, *ones)
+        params[f"{name}.1.weight"] = left.reshape(out, rank, *ones)
     elif node.op is Op.MATMUL:
         # Both parts multiply from the weight's side; the second keeps the other attrs (Gemm alpha/beta).
         side = node.attrs.get("weight_side", "right")
@@ -458,6 +523,12 @@ def _parts_svd(node: Node, entry: PlanEntry, graph: Graph, arrays: list[np.ndarr
     return [first, second], params
 
 
+def _pointwise_attrs(ones: tuple[int, ...]) -> dict[str, Any]:
+    """The attributes of a plain 1x1 conv part (no stride, padding or dilation)."""
+    return {"kernel_size": ones, "stride": ones, "padding": (0,) * len(ones), "dilation": ones, "groups": 1,
+            "padding_mode": "zeros"}
+
+
 def _parts_tucker2(node: Node, entry: PlanEntry, graph: Graph, arrays: list[np.ndarray] | None,
                    ) -> tuple[list[Node], dict[str, np.ndarray]]:
     weight = graph.param(node, "weight")
@@ -465,8 +536,7 @@ def _parts_tucker2(node: Node, entry: PlanEntry, graph: Graph, arrays: list[np.n
     (rank_out, rank_in), name, dtype = entry.rank, node.name, weight.dtype
     out, inp, kernel = weight.shape[0], weight.shape[1], tuple(weight.shape[2:])
     ones = (1,) * len(kernel)
-    pointwise = {"kernel_size": ones, "stride": ones, "padding": (0,) * len(kernel), "dilation": ones,
-                 "groups": 1, "padding_mode": "zeros"}
+    pointwise = _pointwise_attrs(ones)
     shapes = [(rank_in, inp, *ones), (rank_out, rank_in, *kernel), (out, rank_out, *ones)]
     if arrays is None:
         kernels = [_placeholder(shape, dtype) for shape in shapes]
@@ -521,6 +591,7 @@ def _approximation(node: Node, entry: PlanEntry, graph: Graph, stats: LayerStats
         approx = left @ right
         if node.op is Op.MATMUL and node.attrs.get("weight_side", "right") == "right":
             approx = approx.T
+        approx = approx.reshape(weight.shape)
     arrays = {node.params["weight"]: approx.astype(weight.dtype)}
     bias = graph.param(node, "bias")
     if bias is not None and factors.bias_shift is not None:

@@ -58,6 +58,9 @@ def _layer_figures(entry: PlanEntry, node: Node, has_bias: bool) -> tuple[int, i
         out, inp, taps = shape[0], shape[1], math.prod(shape[2:])
         before_params = out * inp * taps + bias
         before_flops = 2 * out * inp * taps * out_pos
+        if entry.form == SVD and isinstance(entry.rank, int):  # a 1x1 conv in the compact layout
+            return (before_params, entry.rank * (inp + out) + bias, before_flops,
+                    2 * entry.rank * (inp + out) * out_pos)
         if entry.form != TUCKER2:
             return before_params, before_params, before_flops, before_flops
         assert isinstance(entry.rank, tuple)
