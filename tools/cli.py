@@ -9,6 +9,7 @@ Commands:
               (``MODEL.onnx --to torch|mindspore -o OUT``; see ``tools/parity_cli.py``)
   parity      run a model in onnxruntime, PyTorch and MindSpore on the same inputs and compare them,
               before and after decomposition; exit 1 above ``--tolerance``
+  bench       time an ONNX model and its decomposed version in onnxruntime, interleaved (``tools/bench_cli.py``)
 
 Bad input gives one line on stderr and exit code 2; nothing half-written is left behind.
 """
@@ -325,6 +326,10 @@ def build_parser() -> argparse.ArgumentParser:
     parity.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
     parity.add_argument("--report", metavar="FILE.json", help="also write the rows as JSON here")
     parity.set_defaults(run=_cmd_parity)
+
+    from tools import bench_cli
+
+    bench_cli.add_parser(commands)
     return parser
 
 
