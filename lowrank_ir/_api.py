@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -37,12 +38,17 @@ from lowrank_ir._engine import (
 from lowrank_ir._files import read_json, write_json
 from lowrank_ir._ir import Graph, Node, Op
 from lowrank_ir._policy import Policy, RankSpec, validate_config, validate_divisor, validate_excludes
-from lowrank_ir._registry import backend_for, frontend_for
+from lowrank_ir._registry import backend_for, frontend_for, latency_for
 from lowrank_ir._report import Report, _positions, build_report
 
 __all__ = ["Decompose", "count_parameters"]
 
 logger = logging.getLogger(__name__)
+
+#: The latency budget measures its allocation on the whole model, then re-allocates by the excess (or the
+#: slack) this many times at most; it stops early within ``LATENCY_SLACK`` below the target.
+LATENCY_ATTEMPTS = 4
+LATENCY_SLACK = 0.02
 
 
 def count_parameters(model: Any) -> int:
@@ -98,6 +104,7 @@ class Decompose:
         self.plan: Plan | None = None
         self._stats: tuple[int, int, dict[str, LayerStats]] | None = None
         self.sensitivities: dict[str, float] = {}
+        self.latency: dict[str, Any] = {}
 
     # ------------------------------------------------------------------------------------ choosing ranks
 
@@ -145,8 +152,9 @@ class Decompose:
     def from_budget(self, params: float | int | None = None, flops: float | int | None = None,
                     excludes: Sequence[str] | None = None, divisor: int = 1, *, include: str | None = None,
                     datasets: Any = None, max_iter: int = -1, estimate: str | None = None,
-                    probe_iter: int | None = None) -> Decompose:
-        """Ranks for the whole model from one target: ``params=`` or ``flops=`` (exactly one).
+                    probe_iter: int | None = None, latency: float | None = None,
+                    input_shapes: Mapping[str, Sequence[int]] | None = None, threads: int = 1) -> Decompose:
+        """Ranks for the whole model from one target: ``params=``, ``flops=`` or ``latency=`` (exactly one).
 
         A float in (0, 1) is the fraction of the candidate layers' current parameters (or FLOPs) to
         keep; an int is the absolute number their decomposed forms may have. FLOPs are counted as the
@@ -161,9 +169,26 @@ class Decompose:
         layer alone truncated (one pass per candidate layer; the model itself
         is not changed); ``"spectral"`` (the default without data) counts every layer's relative error
         the same. The measured sensitivities are kept in ``self.sensitivities``.
+
+        ``latency`` (ONNX models): a float in (0, 1), the fraction of the model's measured onnxruntime
+        latency to reach at ``input_shapes`` (input name -> dims; every dynamic dim) with ``threads``
+        intra-op threads. Each candidate layer's latency is measured whole and factorized on a grid of
+        ranks (micro-graphs, ``backends.latency``); ranks are allocated to meet the target at the least
+        estimated error (layers whose factorized form is not faster stay whole); then the decomposed
+        structure is measured whole, interleaved with the original, and the budget moved by the measured
+        excess or slack and re-allocated (``LATENCY_ATTEMPTS`` measurements at most); the allocation
+        with the least estimated error within the target is kept. A target below the fastest reachable
+        latency is refused before any decomposition, naming it. Times are CPU time with one thread, wall
+        time with more (``backends.latency``). ``self.latency`` holds the measured figures: per layer
+        before/after (micro-graphs), and for the whole model (measured, not summed).
         """
+        if latency is not None:
+            if params is not None or flops is not None:
+                raise ValueError("from_budget takes exactly one of params= or flops= (or latency=)")
+            return self._latency_budget(latency, excludes, divisor, include, datasets, max_iter, input_shapes,
+                                        threads)
         if (params is None) == (flops is None):
-            raise ValueError("from_budget takes exactly one of params= or flops=")
+            raise ValueError("from_budget takes exactly one of params= or flops= (or latency=)")
         target = params if params is not None else flops
         kind = "params" if params is not None else "flops"
         valid_fraction = isinstance(target, float) and 0.0 < target < 1.0
@@ -184,9 +209,88 @@ class Decompose:
         if estimate == "measured" and budget < total:
             candidates = self._measured(graph, candidates, budget / total, datasets, probe_iter)
         ranks = _budget.allocate(candidates, budget, validate_divisor(divisor))
-        config: dict[str, int | list[int]] = {
-            name: ([rank, rank] if graph.node(name).op is Op.CONV else rank) for name, rank in ranks.items() if rank}
+        config = _config(graph, ranks)
         return self._choose_exact(graph, config, candidates, f"budget {kind}={target}")
+
+    def _latency_budget(self, target: float, excludes: Sequence[str] | None, divisor: int, include: str | None,
+                        datasets: Any, max_iter: int, input_shapes: Mapping[str, Sequence[int]] | None,
+                        threads: int) -> Decompose:
+        """``from_budget(latency=...)``: ranks meeting a measured latency target (see ``from_budget``)."""
+        if isinstance(target, bool) or not isinstance(target, float) or not 0.0 < target < 1.0:
+            raise ValueError(f"latency must be a float in (0, 1), the fraction of the model's measured latency to "
+                             f"reach, got {target!r}")
+        measuring = latency_for(self.model)
+        graph, candidates = self._candidates(excludes, divisor, include, datasets, max_iter, "params")
+        timer = measuring.LatencyModel(self.model, graph, input_shapes, threads)
+        timed: list[_budget.Candidate] = []
+        untimed: dict[str, str] = {}
+        step = validate_divisor(divisor)
+        for cand in candidates:
+            node = graph.node(cand.name)
+            reason = timer.supports(node) or (f"its largest rank {cand.max_rank} is below the divisor {step}"
+                                              if cand.max_rank < step else "")
+            if reason:
+                untimed[cand.name] = reason
+                continue
+            timed.append(_budget.Candidate(cand.name, cand.errors, timer.cost(node, cand.max_rank, divisor),
+                                           timer.layer_ms(node), cand.max_rank))
+        if not timed:
+            raise ValueError(f"no candidate layer of this model can be timed: {untimed}")
+        rest = max(timer.model_ms - sum(cand.original_cost for cand in timed), 0.0)
+        fastest = rest + sum(min(cost for _, cost, _ in cand.options(step)) for cand in timed)
+        if fastest > target * timer.model_ms:
+            raise ValueError(
+                f"latency={target} cannot be reached: the fastest forms measured give "
+                f"{fastest / timer.model_ms:.3f} of the model's latency ({fastest:.2f} ms of {timer.model_ms:.2f} ms "
+                f"at {timer.input_shapes or 'its input shapes'}, {threads} thread(s)); ask for "
+                f"{math.ceil(fastest / timer.model_ms * 100) / 100:.2f} or more")
+        layers = {cand.name: cand.original_cost for cand in timed}
+        budget = target * timer.model_ms - rest
+        met: tuple[float, dict[str, int | list[int]], float, float, int] | None = None  # least error within target
+        closest: tuple[float, dict[str, int | list[int]], float, float, int] | None = None  # else least latency
+        tried: list[dict[str, int | list[int]]] = []
+        for attempt in range(1, LATENCY_ATTEMPTS + 1):
+            ranks = _budget.allocate(timed, budget, step)
+            config = _config(graph, ranks)
+            if not config or config in tried:
+                break
+            tried.append(config)
+            structure = rewrite(graph, with_layout(plan(graph, Policy.config(config)), measuring.LAYOUT),
+                                weights=False).graph
+            original_ms, decomposed_ms = timer.compare(backend_for(self.model).build(structure, self.model,
+                                                                                     weights=False))
+            ratio = decomposed_ms / original_ms
+            error = sum(float(cand.errors[ranks[cand.name]]) for cand in timed if ranks[cand.name])
+            logger.info("latency budget %.3f, attempt %d: measured %.3f (%.2f ms of %.2f ms), estimated error %.4g",
+                        target, attempt, ratio, decomposed_ms, original_ms, error)
+            if ratio <= target:
+                if met is None or error < met[0]:
+                    met = (error, config, original_ms, decomposed_ms, attempt)
+                if target - ratio < LATENCY_SLACK:
+                    break
+            elif closest is None or ratio < closest[3] / closest[2]:
+                closest = (error, config, original_ms, decomposed_ms, attempt)
+            budget += (target - ratio) * timer.model_ms  # tighten by the excess, or spend what is left
+            if budget < fastest - rest:
+                break
+        best = met or closest
+        if best is None:
+            raise ValueError(f"no layer would be decomposed under latency={target}: every candidate is as fast "
+                             f"kept whole")
+        _, config, original_ms, decomposed_ms, attempts = best
+        per_layer = {}
+        for cand in timed:
+            rank = config.get(cand.name)
+            after = cand.cost(rank[0] if isinstance(rank, list) else rank) if rank else layers[cand.name]
+            per_layer[cand.name] = {"rank": rank, "before_ms": layers[cand.name], "after_ms": after}
+        self.latency = {"target": target, "met": met is not None, "threads": threads, "clock": timer.clock,
+                        "input_shapes": timer.input_shapes, "original_ms": original_ms,
+                        "decomposed_ms": decomposed_ms, "ratio": decomposed_ms / original_ms, "attempt": attempts,
+                        "layers": per_layer, "not_timed": untimed}
+        if met is None:
+            logger.warning("latency=%s was not met: the closest allocation measured %.3f", target,
+                           decomposed_ms / original_ms)
+        return self._choose_exact(graph, config, candidates, f"budget latency={target}")
 
     def _measured(self, graph: Graph, candidates: list[_budget.Candidate], fraction: float, datasets: Any,
                   probe_iter: int) -> list[_budget.Candidate]:
@@ -196,8 +300,7 @@ class Decompose:
         the cached statistics); the model runs once per layer on ``probe_iter`` elements (-1: all).
         """
         probes = {cand.name: _budget.probe_rank(cand, fraction, 1) for cand in candidates}
-        config: dict[str, int | list[int]] = {
-            name: ([rank, rank] if graph.node(name).op is Op.CONV else rank) for name, rank in probes.items()}
+        config = _config(graph, probes)
         probe_plan = plan(graph, Policy.config(config))
         stats = self._stats[2] if self._stats is not None else {}
         truncated = approximations(graph, probe_plan, stats)
@@ -396,6 +499,11 @@ def _check_estimate(estimate: str | None, datasets: Any, probe_iter: int | None)
         raise ValueError(f"probe_iter must be None (as max_iter), -1 (all of datasets) or an int >= 1 (datasets "
                          f"elements used to measure), got {probe_iter!r}")
     return estimate
+
+
+def _config(graph: Graph, ranks: Mapping[str, int]) -> dict[str, int | list[int]]:
+    """A ``decompose_config`` from one rank per layer (a conv's Tucker-2 ranks equal); rank 0 leaves a layer out."""
+    return {name: ([rank, rank] if graph.node(name).op is Op.CONV else rank) for name, rank in ranks.items() if rank}
 
 
 def _round_up(rank: int, divisor: int, limit: int) -> int:

@@ -1,9 +1,10 @@
 """``lowrank bench ORIGINAL.onnx DECOMPOSED.onnx``: latency of two ONNX models in onnxruntime, side by side.
 
 Both models run in one process on the same feeds, each in its own CPU session with ``--threads``
-intra-op threads (one inter-op thread, sequential execution). After ``--warmup`` runs of each, the
-``--runs`` timed runs are interleaved in pairs whose order alternates (original first, then
-decomposed first, ...), so a change of machine load between runs falls on both models alike. The
+intra-op threads (``backends.latency``: one inter-op thread, sequential execution). After
+``--warmup`` runs of each, the ``--runs`` timed runs are interleaved in pairs whose order alternates
+(original first, then decomposed first, ...), so a change of machine load between runs falls on
+both models alike. The
 figures are the median latency of each model, its spread (min, quartiles, max), the latency ratio
 (decomposed median / original median), the median of the per-pair ratios (robust to load that
 changes slowly), and the speedup (original median / decomposed median).
@@ -13,7 +14,8 @@ separate sessions, so profiling does not slow the timed runs): each node's mean 
 in the original beside the decomposed model's, where a factorized layer sums its parts (``conv.0``,
 ``conv.1``, ... for ``conv``, from the decomposed model's ``lowrank_ir.factorized`` metadata), and
 kernels onnxruntime's optimiser renamed after a node or its output are counted to that node.
-``--json FILE`` writes every figure (``-`` prints it).
+``--json FILE`` writes every figure (``-`` prints it). ``--clock``: wall or CPU time (by default CPU
+time with one thread: on a shared machine other processes do not inflate it; see ``backends.latency``).
 
 Bad input (a missing or unreadable file, models that take different inputs, an ``--input-shape`` or
 feeds that do not fit) is one line on stderr and exit code 2.
@@ -25,7 +27,6 @@ import argparse
 import json
 import os
 import tempfile
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -85,6 +86,7 @@ class BenchResult:
     onnxruntime: str
     load_average: list[float]
     cpus: int
+    clock: str = "wall"
     layers: list[LayerTime] = field(default_factory=list)
 
     @property
@@ -106,7 +108,7 @@ class BenchResult:
         return {
             "runtime": "onnxruntime", "onnxruntime_version": self.onnxruntime, "threads": self.threads,
             "runs": len(self.original.times_ms), "warmup": self.warmup, "inputs": self.inputs,
-            "load_average": self.load_average, "cpus": self.cpus,
+            "load_average": self.load_average, "cpus": self.cpus, "clock": self.clock,
             "original": self.original.to_dict(), "decomposed": self.decomposed.to_dict(),
             "latency_ratio": self.latency_ratio, "paired_ratio": self.paired_ratio, "speedup": self.speedup,
             "per_layer": [asdict(layer) for layer in self.layers],
@@ -114,9 +116,10 @@ class BenchResult:
 
     def table(self) -> str:
         inputs = ", ".join(f"{name}[{','.join(str(dim) for dim in dims)}]" for name, dims in self.inputs.items())
+        clock = "CPU time" if self.clock == "cpu" else "wall time"
         lines = [f"onnxruntime {self.onnxruntime}, CPU, {self.threads} intra-op thread(s), "
-                 f"{len(self.original.times_ms)} interleaved runs after {self.warmup} warm-up; inputs {inputs}; "
-                 f"load average {self.load_average[0]:.2f} on {self.cpus} CPUs",
+                 f"{len(self.original.times_ms)} interleaved runs after {self.warmup} warm-up, {clock}; inputs "
+                 f"{inputs}; load average {self.load_average[0]:.2f} on {self.cpus} CPUs",
                  f"{'model':<11}{'median ms':>11}{'min':>10}{'q25':>10}{'q75':>10}{'max':>10}  file"]
         for label, timing in (("original", self.original), ("decomposed", self.decomposed)):
             spread = timing.spread()
@@ -143,26 +146,7 @@ def _layer_table(layers: Sequence[LayerTime]) -> str:
     return "\n".join(lines).rstrip()
 
 
-# ------------------------------------------------------------------------------------------ sessions
-
-def _session(model: Any, threads: int, profile_dir: str | None = None) -> Any:
-    """A CPU session timed the same way for both models: ``threads`` intra-op threads, sequential."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    if profile_dir is not None:
-        options.enable_profiling = True
-        options.profile_file_prefix = os.path.join(profile_dir, "profile")
-    try:
-        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    except Exception as err:  # onnxruntime raises its own exception types
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"onnxruntime cannot load the model: {first}") from err
-
+# ------------------------------------------------------------------------------------------ inputs
 
 def _check_same_inputs(original: Any, decomposed: Any, paths: Sequence[str]) -> None:
     from frontends.onnx import input_specs
@@ -200,23 +184,16 @@ def _feeds(model: Any, feeds: Mapping[str, np.ndarray] | None,
     return check_feeds(model, random_feeds(model, input_shapes), "--input-shape")
 
 
-def _run(sess: Any, feeds: Mapping[str, Any], where: str) -> float:
-    """One run's wall time in milliseconds."""
-    from frontends.onnx import run
-
-    start = time.perf_counter()
-    run(sess, feeds, where=where)
-    return (time.perf_counter() - start) * 1000.0
-
-
 # ------------------------------------------------------------------------------------------ profiling
 
 def _profile(model: Any, feeds: Mapping[str, Any], threads: int, runs: int) -> dict[str, tuple[str, float]]:
     """Profiled kernel name -> (op type, mean kernel time per run in ms), from onnxruntime's profiler."""
+    from backends.latency import time_run, timing_session
+
     with tempfile.TemporaryDirectory(prefix="lowrank-bench-") as folder:
-        sess = _session(model, threads, profile_dir=folder)
+        sess = timing_session(model, threads, profile_dir=folder)
         for _ in range(runs):
-            _run(sess, feeds, "the feeds (profiled)")
+            time_run(sess, feeds, "the feeds (profiled)")
         events = json.loads(Path(sess.end_profiling()).read_text())
     totals: dict[str, tuple[str, float]] = {}
     for event in events:
@@ -289,19 +266,22 @@ def _layer_times(original: Mapping[str, tuple[str, float, int]],
 def bench(original: str | os.PathLike[str], decomposed: str | os.PathLike[str], *,
           feeds: Mapping[str, np.ndarray] | None = None, input_shapes: Mapping[str, Sequence[int]] | None = None,
           threads: int = 1, runs: int = DEFAULT_RUNS, warmup: int = DEFAULT_WARMUP,
-          per_layer: bool = False) -> BenchResult:
+          per_layer: bool = False, clock: str = "auto") -> BenchResult:
     """Time two ONNX files in onnxruntime with interleaved runs (see the module docstring).
 
-    ``feeds`` (input name -> array) or random feeds whose dynamic dims ``input_shapes`` fixes.
+    ``feeds`` (input name -> array) or random feeds whose dynamic dims ``input_shapes`` fixes. ``clock``:
+    ``wall``, ``cpu`` or ``auto`` (``backends.latency``: CPU time with one thread, else wall time).
     Raises ``UsageError``/``ValueError``/``OSError`` naming the problem for bad input, before any run.
     """
     import onnxruntime as ort
 
+    from backends.latency import interleaved_times, resolve_clock, timing_session
     from frontends.onnx import load_model
 
     for label, value, least in (("threads", threads, 1), ("runs", runs, 1), ("warmup", warmup, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise UsageError(f"--{label} must be an integer >= {least}, got {value!r}")
+    clock = resolve_clock(clock, threads)
     paths = [os.fspath(original), os.fspath(decomposed)]
     for path in paths:
         if not path.lower().endswith(".onnx"):
@@ -309,16 +289,9 @@ def bench(original: str | os.PathLike[str], decomposed: str | os.PathLike[str], 
     models = [load_model(path) for path in paths]
     _check_same_inputs(models[0], models[1], paths)
     checked = _feeds(models[0], feeds, input_shapes)
-    sessions = [_session(model, threads) for model in models]
-    labels = ["the feeds (original model)", "the feeds (decomposed model)"]
-    for _ in range(max(warmup, 1)):  # at least one run of each: a feed the model cannot take fails here
-        for sess, label in zip(sessions, labels, strict=True):
-            _run(sess, checked, label)
-    times: list[list[float]] = [[], []]
-    for index in range(runs):
-        order = (0, 1) if index % 2 == 0 else (1, 0)
-        for which in order:
-            times[which].append(_run(sessions[which], checked, labels[which]))
+    sessions = [timing_session(model, threads) for model in models]
+    times = interleaved_times(sessions, checked, runs, warmup,
+                              ["the feeds (original model)", "the feeds (decomposed model)"], clock)
     layers = []
     if per_layer:
         original_layers, decomposed_layers = (_by_layer(_profile(model, checked, threads, min(runs, 10)),
@@ -326,7 +299,8 @@ def bench(original: str | os.PathLike[str], decomposed: str | os.PathLike[str], 
         layers = _layer_times(original_layers, decomposed_layers)
     shapes = {name: [int(dim) for dim in np.shape(value)] for name, value in checked.items()}
     return BenchResult(Timing(paths[0], times[0]), Timing(paths[1], times[1]), threads, warmup, shapes,
-                       ort.__version__, [round(value, 2) for value in os.getloadavg()], os.cpu_count() or 1, layers)
+                       ort.__version__, [round(value, 2) for value in os.getloadavg()], os.cpu_count() or 1, clock,
+                       layers)
 
 
 def bench_command(args: argparse.Namespace) -> int:
@@ -337,7 +311,8 @@ def bench_command(args: argparse.Namespace) -> int:
 
     feeds = load_feeds(args.feeds) if args.feeds else None
     result = bench(args.original, args.decomposed, feeds=feeds, input_shapes=parse_input_shapes(args.input_shape),
-                   threads=args.threads, runs=args.runs, warmup=args.warmup, per_layer=args.per_layer)
+                   threads=args.threads, runs=args.runs, warmup=args.warmup, per_layer=args.per_layer,
+                   clock=args.clock)
     if args.json == "-":
         print(json.dumps(result.to_dict(), indent=2))
         return 0
@@ -365,6 +340,10 @@ def add_parser(commands: Any) -> None:
                         help=f"timed runs of each model, interleaved (default {DEFAULT_RUNS})")
     parser.add_argument("--warmup", type=int, default=DEFAULT_WARMUP,
                         help=f"untimed runs of each model first (default {DEFAULT_WARMUP})")
+    parser.add_argument("--clock", default="auto", choices=["auto", "wall", "cpu"],
+                        help="wall: elapsed time; cpu: the process's CPU time, what one thread takes on an idle core "
+                             "(other processes on a shared machine do not inflate it); auto (default): cpu with "
+                             "--threads 1, else wall")
     parser.add_argument("--per-layer", action="store_true",
                         help="add a per-node table of kernel times from onnxruntime's profiler")
     parser.add_argument("--json", metavar="FILE.json", help="also write every figure as JSON here ('-': print "

@@ -101,6 +101,12 @@ def global_policy(decomposer: Any, args: argparse.Namespace, datasets: Any = Non
     excludes = [name for name in (getattr(args, "excludes", None) or "").split(",") if name] or None
     if getattr(args, "energy", None) is not None:
         return decomposer.from_energy(args.energy, excludes, args.divisor, datasets=datasets)
+    latency = getattr(args, "budget_latency", None)
+    if latency is not None:
+        from tools.onnx_cli import parse_input_shapes
+
+        return decomposer.from_budget(latency=latency, excludes=excludes, divisor=args.divisor, datasets=datasets,
+                                      input_shapes=parse_input_shapes(args.input_shape))
     for kind in ("params", "flops"):
         target = getattr(args, f"budget_{kind}", None)
         if target is not None:
@@ -139,6 +145,9 @@ def _add_policy_args(parser: argparse.ArgumentParser) -> None:
                             "each layer's effect on the output is measured)")
     group.add_argument("--budget-flops", type=budget_target, metavar="N",
                        help="the same with a FLOP target")
+    group.add_argument("--budget-latency", type=float, metavar="T",
+                       help="ONNX: reach this fraction in (0, 1) of the model's latency, measured in onnxruntime "
+                            "(1 thread) at --input-shape")
     parser.add_argument("--excludes", metavar="A,B", help="comma-separated layer names to leave alone")
     parser.add_argument("--divisor", type=int, default=64,
                         help="round ranks to multiples of this (1 disables; default 64)")
