@@ -250,7 +250,7 @@ class Decompose:
         closest: tuple[float, dict[str, int | list[int]], float, float, int] | None = None  # else least latency
         tried: list[dict[str, int | list[int]]] = []
         for attempt in range(1, LATENCY_ATTEMPTS + 1):
-            ranks = _budget.allocate(timed, budget, step)
+            ranks = _budget.allocate(timed, budget, step, convex=True)
             config = _config(graph, ranks)
             if not config or config in tried:
                 break

@@ -127,3 +127,31 @@ def test_layer_latency_is_cached_by_shape_and_rank() -> None:
     grid = latency._grid(64, 8, 32)
     assert grid == [8, 16, 24, 32] and all(cost(rank) == timer.layer_ms(first, rank) for rank in grid)
     assert timer.input_shape(first) == (1, 64, 8, 8)
+
+
+def test_lower_hull_skips_flat_stretches_and_keeps_convex_curves() -> None:
+    from lowrank_ir._budget import lower_hull
+
+    flat_then_whole = [(16, 1.0, 0.9), (32, 2.0, 0.88), (48, 3.0, 0.86), (0, 4.0, 0.0)]
+    assert lower_hull(flat_then_whole) == [(16, 1.0, 0.9), (0, 4.0, 0.0)]
+    convex = [(8, 1.0, 0.5), (16, 2.0, 0.2), (24, 3.0, 0.08), (0, 4.0, 0.0)]
+    assert lower_hull(convex) == convex
+    noisy = [(8, 1.5, 0.5), (16, 1.2, 0.3), (0, 3.0, 0.0)]  # a higher rank measured faster: the slower one goes
+    assert lower_hull(noisy) == [(16, 1.2, 0.3), (0, 3.0, 0.0)]
+
+
+def test_convex_allocation_takes_the_jump_a_one_step_greedy_misses() -> None:
+    from lowrank_ir._budget import Candidate, allocate
+
+    # Layer "a": rank 1 costs 1.0 at error 0.9, every further rank +1.0 for 0.02 less, whole costs 5.0.
+    flat = Candidate("a", np.array([1.0, 0.9, 0.88, 0.86, 0.84, 0.82]), lambda rank: float(rank), 5.0, 5)
+    # Layer "b": a steady curve.
+    steady = Candidate("b", np.array([1.0, 0.6, 0.3, 0.1, 0.05, 0.0]), lambda rank: float(rank), 5.5, 5)
+    greedy = allocate([flat, steady], 9.0, 1)
+    convex = allocate([flat, steady], 9.0, 1, convex=True)
+    errors = {"greedy": 0.0, "convex": 0.0}
+    for label, ranks in (("greedy", greedy), ("convex", convex)):
+        for cand in (flat, steady):
+            errors[label] += 0.0 if ranks[cand.name] == 0 else float(cand.errors[ranks[cand.name]])
+    assert convex["a"] == 0  # kept whole: the jump from rank 1 pays off
+    assert errors["convex"] < errors["greedy"]
