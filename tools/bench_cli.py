@@ -13,7 +13,8 @@ changes slowly), and the speedup (original median / decomposed median).
 separate sessions, so profiling does not slow the timed runs): each node's mean kernel time per run
 in the original beside the decomposed model's, where a factorized layer sums its parts (``conv.0``,
 ``conv.1``, ... for ``conv``, from the decomposed model's ``lowrank_ir.factorized`` metadata), and
-kernels onnxruntime's optimiser renamed after a node or its output are counted to that node.
+kernels onnxruntime's optimiser renamed after a node or its output are counted to that node (the
+profiler's times are wall time, whatever ``--clock`` says).
 ``--json FILE`` writes every figure (``-`` prints it). ``--clock``: wall or CPU time (by default CPU
 time with one thread: on a shared machine other processes do not inflate it; see ``backends.latency``).
 
