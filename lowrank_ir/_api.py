@@ -15,7 +15,7 @@ import itertools
 import logging
 import math
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -180,13 +180,14 @@ class Decompose:
         with the least estimated error within the target is kept. A target below the fastest reachable
         latency is refused before any decomposition, naming it. Times are CPU time with one thread, wall
         time with more (``backends.latency``). ``self.latency`` holds the measured figures: per layer
-        before/after (micro-graphs), and for the whole model (measured, not summed).
+        before/after (micro-graphs), and for the whole model (measured, not summed). With ``datasets``
+        each layer's error curve is weighed by its measured sensitivity, as for ``params=``.
         """
         if latency is not None:
             if params is not None or flops is not None:
                 raise ValueError("from_budget takes exactly one of params= or flops= (or latency=)")
             return self._latency_budget(latency, excludes, divisor, include, datasets, max_iter, input_shapes,
-                                        threads)
+                                        threads, estimate, probe_iter)
         if (params is None) == (flops is None):
             raise ValueError("from_budget takes exactly one of params= or flops= (or latency=)")
         target = params if params is not None else flops
@@ -196,6 +197,22 @@ class Decompose:
         if not (valid_fraction or valid_count):
             raise ValueError(f"{kind} must be a float in (0, 1) (a fraction to keep) or an int > 0 (an absolute "
                              f"count), got {target!r}")
+        amount = float(target)  # type: ignore[arg-type]
+        graph, candidates = self._budget_candidates(excludes, divisor, include, datasets, max_iter, kind, estimate,
+                                                    probe_iter, lambda cands: _budget_of(amount, cands)[1])
+        ranks = _budget.allocate(candidates, _budget_of(amount, candidates)[0], validate_divisor(divisor))
+        config = _config(graph, ranks)
+        return self._choose_exact(graph, config, candidates, f"budget {kind}={target}")
+
+    def _budget_candidates(self, excludes: Sequence[str] | None, divisor: int, include: str | None, datasets: Any,
+                           max_iter: int, kind: str, estimate: str | None, probe_iter: int | None,
+                           probe_fraction: Callable[[list[_budget.Candidate]], float],
+                           ) -> tuple[Graph, list[_budget.Candidate]]:
+        """The budget's candidates, scaled by measured sensitivities under the measured estimate.
+
+        Sensitivities are probed at ``probe_fraction(candidates)`` of each layer's cost, and not
+        measured when that is 1 or more (nothing would be truncated).
+        """
         estimate = _check_estimate(estimate, datasets, probe_iter)
         probe_iter = max_iter if probe_iter is None else probe_iter
         source = datasets
@@ -204,23 +221,25 @@ class Decompose:
         graph, candidates = self._candidates(excludes, divisor, include, datasets, max_iter, kind)
         if self._stats is not None and datasets is not source:
             self._stats = (id(source), *self._stats[1:])  # decompose_network(datasets=source) reuses them
-        total = sum(cand.original_cost for cand in candidates)
-        budget = float(target) * total if valid_fraction else float(target)  # type: ignore[arg-type]
-        if estimate == "measured" and budget < total:
-            candidates = self._measured(graph, candidates, budget / total, datasets, probe_iter)
-        ranks = _budget.allocate(candidates, budget, validate_divisor(divisor))
-        config = _config(graph, ranks)
-        return self._choose_exact(graph, config, candidates, f"budget {kind}={target}")
+        fraction = probe_fraction(candidates)
+        if estimate == "measured" and fraction < 1.0:
+            candidates = self._measured(graph, candidates, fraction, datasets, probe_iter)
+        return graph, candidates
 
     def _latency_budget(self, target: float, excludes: Sequence[str] | None, divisor: int, include: str | None,
                         datasets: Any, max_iter: int, input_shapes: Mapping[str, Sequence[int]] | None,
-                        threads: int) -> Decompose:
-        """``from_budget(latency=...)``: ranks meeting a measured latency target (see ``from_budget``)."""
+                        threads: int, estimate: str | None, probe_iter: int | None) -> Decompose:
+        """``from_budget(latency=...)``: ranks meeting a measured latency target (see ``from_budget``).
+
+        With ``datasets`` (the measured estimate) each layer's error curve is scaled by its measured
+        sensitivity, probed at the parameter fraction ``target`` (a uniform stand-in for the latency target).
+        """
         if isinstance(target, bool) or not isinstance(target, float) or not 0.0 < target < 1.0:
             raise ValueError(f"latency must be a float in (0, 1), the fraction of the model's measured latency to "
                              f"reach, got {target!r}")
         measuring = latency_for(self.model)
-        graph, candidates = self._candidates(excludes, divisor, include, datasets, max_iter, "params")
+        graph, candidates = self._budget_candidates(excludes, divisor, include, datasets, max_iter, "params",
+                                                    estimate, probe_iter, lambda _: target)
         timer = measuring.LatencyModel(self.model, graph, input_shapes, threads)
         timed: list[_budget.Candidate] = []
         untimed: dict[str, str] = {}
@@ -499,6 +518,13 @@ def _check_estimate(estimate: str | None, datasets: Any, probe_iter: int | None)
         raise ValueError(f"probe_iter must be None (as max_iter), -1 (all of datasets) or an int >= 1 (datasets "
                          f"elements used to measure), got {probe_iter!r}")
     return estimate
+
+
+def _budget_of(target: float, candidates: Sequence[_budget.Candidate]) -> tuple[float, float]:
+    """(budget, its fraction of the candidates' cost) for a params/FLOPs target: a fraction below 1, else a count."""
+    total = sum(cand.original_cost for cand in candidates)
+    budget = target * total if target < 1.0 else target
+    return budget, budget / total
 
 
 def _config(graph: Graph, ranks: Mapping[str, int]) -> dict[str, int | list[int]]:

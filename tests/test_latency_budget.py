@@ -155,3 +155,15 @@ def test_convex_allocation_takes_the_jump_a_one_step_greedy_misses() -> None:
             errors[label] += 0.0 if ranks[cand.name] == 0 else float(cand.errors[ranks[cand.name]])
     assert convex["a"] == 0  # kept whole: the jump from rank 1 pays off
     assert errors["convex"] < errors["greedy"]
+
+
+def test_latency_budget_with_data_weighs_layers_by_their_measured_effect() -> None:
+    model = pointwise_stack(depth=2, channels=256, spatial=32)
+    rng = np.random.default_rng(5)
+    feeds = [{"x": rng.standard_normal((1, 256, 32, 32)).astype(np.float32)} for _ in range(2)]
+    measured = Decompose(model).from_budget(latency=TARGET, divisor=16, datasets=feeds)
+    assert set(measured.sensitivities) == {"conv0", "conv1"}
+    assert all(value > 0 for value in measured.sensitivities.values())
+    assert measured.latency["ratio"] <= TARGET or not measured.latency["met"]
+    spectral = Decompose(model).from_budget(latency=TARGET, divisor=16, datasets=feeds, estimate="spectral")
+    assert spectral.sensitivities == {}
