@@ -1,13 +1,14 @@
 """Deployment latency of decomposed ONNX models: ratio 0.5 and latency budgets, side by side.
 
-Run:  python -m benchmarks.latency [--models rec,det] [--budgets 0.9] [--runs 20] [--threads 1]
+Run:  python -m benchmarks.latency [--models rec,det] [--budgets 0.9] [--runs 20] [--threads 1] [--calibration 8]
 
 For each real model (PP-OCR v4 det and rec from ``rapidocr-onnxruntime``, on PP-OCR's preprocessing
 of synthetic text images: det 1x3x640x640, rec 8x3x48x320), in one process:
 
 * ``ratio 0.5``: ``Decompose(model).from_ratio(0.5)`` (ONNX output: compact layout, subnormals
   flushed);
-* ``latency T``: ``Decompose(model).from_budget(latency=T, input_shapes=...)`` for each budget T.
+* ``latency T``: ``Decompose(model).from_budget(latency=T, input_shapes=...)`` for each budget T
+  (with ``--calibration N``: on N calibration images, data-aware and weighed by measured sensitivities).
 
 Printed per row: the MAC ratio over the model's Conv/Gemm/MatMul layers (the report's FLOPs, kept
 layers included), the latency ratio decomposed/original measured by ``lowrank bench``'s interleaved
@@ -67,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budgets", default="0.9", help="comma-separated latency targets (default 0.9)")
     parser.add_argument("--runs", type=int, default=20, help="interleaved timed runs per comparison")
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (default 1)")
+    parser.add_argument("--calibration", type=int, default=0,
+                        help="calibration images for the latency budgets (their layers weighed by measured "
+                             "sensitivities; default 0: data-free)")
     args = parser.parse_args(argv)
 
     import os
@@ -75,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from frontends.onnx import run, session
     from lowrank_ir import Decompose
-    from tests.onnx_models import ppocr_model
+    from tests.onnx_models import ppocr_feeds, ppocr_model
 
     print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs; {args.threads} thread(s)")
     print(f"{'row':<13} {'layers':>7} {'MAC ratio':>9} {'latency ratio':>13} {'orig. ms':>10} {'decomp. ms':>10} "
@@ -97,11 +101,12 @@ def main(argv: list[str] | None = None) -> int:
             decomposed = decomposer.decompose_network()
             print(_row("ratio 0.5", decomposer, decomposed, Path(source), feeds, reference, folder, args.runs,
                        args.threads, time.perf_counter() - start), flush=True)
+            calib = [ppocr_feeds(kind, seed=1000 + index) for index in range(args.calibration)] or None
             for target in [float(value) for value in args.budgets.split(",") if value.strip()]:
                 start = time.perf_counter()
                 decomposer = Decompose(model).from_budget(latency=target, divisor=16, input_shapes=shapes,
-                                                          threads=args.threads)
-                decomposed = decomposer.decompose_network()
+                                                          threads=args.threads, datasets=calib)
+                decomposed = decomposer.decompose_network(datasets=calib)
                 print(_row(f"latency {target:g}", decomposer, decomposed, Path(source), feeds, reference, folder,
                            args.runs, args.threads, time.perf_counter() - start), flush=True)
     return 0
