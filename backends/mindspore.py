@@ -31,9 +31,14 @@ from backends._dataflow import NativeOutputs, check_weights_fit, native_outputs,
 from backends._mindspore_graph import GraphCell, graph_params, rebuild
 from lowrank_ir import Graph, Node, Op
 
-__all__ = ["BUILDERS", "GraphCell", "NativeOutputs", "as_tensors", "build", "build_layer", "copy_model",
+__all__ = ["BUILDERS", "DEFAULT_LAYOUT",
+           "GraphCell", "NativeOutputs", "as_tensors", "build", "build_layer", "copy_model",
            "for_inference", "graph_params", "load_checkpoint", "load_layers", "load_weights", "native_array",
            "rebuild", "register_builder", "run_numpy", "save_weights", "state_dict", "to_numpy"]
+
+#: How factorized layers are laid out unless the caller says (``lowrank_ir.LAYOUTS``): the reference tool's,
+#: so that its checkpoints load.
+DEFAULT_LAYOUT = "reference"
 
 Builder = Callable[[Node, Graph, Any, "nn.Cell | None"], nn.Cell]
 

@@ -10,6 +10,7 @@ initializers named after the factorized params (``fc.0.weight``, ``fc.1.weight``
     MatMul                  -> MatMul(x, W) per part (MatMul(W, x) when the weight is on the left);
                                Gemm(x, W, b) for the part that carries a Gemm's bias or alpha/beta
     Conv (Tucker-2)         -> Conv 1x1 -> Conv k x k (original strides, pads, dilations) -> Conv 1x1
+    Conv 1x1 (compact)      -> Conv 1x1 (original strides, pads) -> Conv 1x1
     Embedding               -> Gather(table [num, r], ids) -> MatMul(., [r, dim])
 
 A ``Linear`` part written as ``MatMul`` (the projection after an embedding, a bias-free Gemm below
@@ -65,6 +66,7 @@ from lowrank_ir._files import FILE_MODE, SafeWriteUmask, atomic_write, temporary
 from lowrank_ir._limits import check_array, check_npz, limited
 
 __all__ = [
+    "DEFAULT_LAYOUT",
     "OutputError",
     "ValidationReport",
     "build",
@@ -83,6 +85,10 @@ logger = logging.getLogger(__name__)
 
 #: Size given to a dynamic input dimension when feeds are made up (the batch axis gets 1).
 DEFAULT_DIM = 32
+
+#: How factorized layers are laid out unless the caller says (``lowrank_ir.LAYOUTS``): for deployment, a
+#: 1x1 conv as two convs, not the reference tool's three.
+DEFAULT_LAYOUT = "compact"
 
 #: Metadata key under which a decomposed model records which layers were factorized into which parts.
 METADATA_KEY = "lowrank_ir.factorized"

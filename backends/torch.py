@@ -26,9 +26,14 @@ from backends._dataflow import NativeOutputs, check_weights_fit, native_outputs,
 from backends._torch_graph import GraphModule, graph_params, rebuild
 from lowrank_ir import Graph, Node, Op
 
-__all__ = ["BUILDERS", "ConstantMatMul", "GraphModule", "NativeOutputs", "as_tensors", "build", "build_layer",
+__all__ = ["BUILDERS", "DEFAULT_LAYOUT",
+           "ConstantMatMul", "GraphModule", "NativeOutputs", "as_tensors", "build", "build_layer",
            "for_inference", "graph_params", "load_layers", "load_weights", "rebuild", "register_builder",
            "run_numpy", "save_weights", "state_dict", "to_numpy"]
+
+#: How factorized layers are laid out unless the caller says (``lowrank_ir.LAYOUTS``): the reference tool's,
+#: so that its checkpoints load.
+DEFAULT_LAYOUT = "reference"
 
 Builder = Callable[[Node, Graph], nn.Module]
 

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,9 @@ from lowrank_ir._engine import (
     approximations,
     plan,
     rewrite,
+    validate_layout,
     warn_unknown_excludes,
+    with_layout,
 )
 from lowrank_ir._files import check_file_target, read_json, write_json
 from lowrank_ir._ir import Graph, Node, Op
@@ -43,12 +46,17 @@ from lowrank_ir._policy import (
     validate_divisor,
     validate_excludes,
 )
-from lowrank_ir._registry import backend_for, frontend_for
+from lowrank_ir._registry import backend_for, frontend_for, latency_for
 from lowrank_ir._report import Report, _positions, build_report
 
 __all__ = ["Decompose", "count_parameters"]
 
 logger = logging.getLogger(__name__)
+
+#: The latency budget measures its allocation on the whole model, then re-allocates by the excess (or the
+#: slack) this many times at most; it stops early within ``LATENCY_SLACK`` below the target.
+LATENCY_ATTEMPTS = 4
+LATENCY_SLACK = 0.02
 
 
 def count_parameters(model: Any) -> int:
@@ -103,6 +111,7 @@ class Decompose:
         self.plan: Plan | None = None
         self._stats: tuple[int, int, dict[str, LayerStats]] | None = None
         self.sensitivities: dict[str, float] = {}
+        self.latency: dict[str, Any] = {}
 
     # ------------------------------------------------------------------------------------ choosing ranks
 
@@ -157,8 +166,9 @@ class Decompose:
     def from_budget(self, params: float | int | None = None, flops: float | int | None = None,
                     excludes: Sequence[str] | None = None, divisor: int = 1, *, include: str | None = None,
                     datasets: Any = None, max_iter: int = -1, estimate: str | None = None,
-                    probe_iter: int | None = None) -> Decompose:
-        """Ranks for the whole model from one target: ``params=`` or ``flops=`` (exactly one).
+                    probe_iter: int | None = None, latency: float | None = None,
+                    input_shapes: Mapping[str, Sequence[int]] | None = None, threads: int = 1) -> Decompose:
+        """Ranks for the whole model from one target: ``params=``, ``flops=`` or ``latency=`` (exactly one).
 
         A float in (0, 1) is the fraction of the candidate layers' current parameters (or FLOPs) to
         keep; an int is the absolute number their decomposed forms may have. FLOPs are counted as the
@@ -173,9 +183,28 @@ class Decompose:
         layer alone truncated (one pass per candidate layer; the model itself
         is not changed); ``"spectral"`` (the default without data) counts every layer's relative error
         the same. The measured sensitivities are kept in ``self.sensitivities``.
+
+        ``latency`` (ONNX models): a float in (0, 1), the fraction of the model's measured onnxruntime
+        latency to reach at ``input_shapes`` (input name -> dims; every dynamic dim) with ``threads``
+        intra-op threads. Each candidate layer's latency is measured whole and factorized on a grid of
+        ranks (micro-graphs, ``backends.latency``); ranks are allocated to meet the target at the least
+        estimated error (layers whose factorized form is not faster stay whole); then the decomposed
+        structure is measured whole, interleaved with the original, and the budget moved by the measured
+        excess or slack and re-allocated (``LATENCY_ATTEMPTS`` measurements at most); the allocation
+        with the least estimated error within the target is kept. A target below the fastest reachable
+        latency is refused before any decomposition, naming it. Times are CPU time with one thread, wall
+        time with more (``backends.latency``). ``self.latency`` holds the measured figures: per layer
+        before/after (micro-graphs), and for the whole model (measured, not summed). With ``datasets``
+        each layer's error curve is weighed by its measured sensitivity, as for ``params=``.
         """
+        if latency is not None:
+            latency = plain_number(latency)  # type: ignore[assignment]
+            if params is not None or flops is not None:
+                raise ValueError("from_budget takes exactly one of params= or flops= (or latency=)")
+            return self._latency_budget(latency, excludes, divisor, include, datasets, max_iter, input_shapes,
+                                        threads, estimate, probe_iter)
         if (params is None) == (flops is None):
-            raise ValueError("from_budget takes exactly one of params= or flops=")
+            raise ValueError("from_budget takes exactly one of params= or flops= (or latency=)")
         target = plain_number(params if params is not None else flops)
         kind = "params" if params is not None else "flops"
         valid_fraction = isinstance(target, float) and 0.0 < target < 1.0
@@ -185,6 +214,22 @@ class Decompose:
                              f"count), got {target!r}")
         probe_iter = plain_number(probe_iter)  # type: ignore[assignment]
         max_iter = plain_number(max_iter)  # type: ignore[assignment]
+        amount = float(target)  # type: ignore[arg-type]
+        graph, candidates = self._budget_candidates(excludes, divisor, include, datasets, max_iter, kind, estimate,
+                                                    probe_iter, lambda cands: _budget_of(amount, cands)[1])
+        ranks = _budget.allocate(candidates, _budget_of(amount, candidates)[0], validate_divisor(divisor))
+        config = _config(graph, ranks)
+        return self._choose_exact(graph, config, candidates, f"budget {kind}={target}")
+
+    def _budget_candidates(self, excludes: Sequence[str] | None, divisor: int, include: str | None, datasets: Any,
+                           max_iter: int, kind: str, estimate: str | None, probe_iter: int | None,
+                           probe_fraction: Callable[[list[_budget.Candidate]], float],
+                           ) -> tuple[Graph, list[_budget.Candidate]]:
+        """The budget's candidates, scaled by measured sensitivities under the measured estimate.
+
+        Sensitivities are probed at ``probe_fraction(candidates)`` of each layer's cost, and not
+        measured when that is 1 or more (nothing would be truncated).
+        """
         estimate = _check_estimate(estimate, datasets, probe_iter)
         probe_iter = max_iter if probe_iter is None else probe_iter
         source = datasets
@@ -193,14 +238,95 @@ class Decompose:
         graph, candidates = self._candidates(excludes, divisor, include, datasets, max_iter, kind)
         if self._stats is not None and datasets is not source:
             self._stats = (id(source), *self._stats[1:])  # decompose_network(datasets=source) reuses them
-        total = sum(cand.original_cost for cand in candidates)
-        budget = float(target) * total if valid_fraction else float(target)  # type: ignore[arg-type]
-        if estimate == "measured" and budget < total:
-            candidates = self._measured(graph, candidates, budget / total, datasets, probe_iter)
-        ranks = _budget.allocate(candidates, budget, validate_divisor(divisor))
-        config: dict[str, int | list[int]] = {
-            name: ([rank, rank] if graph.node(name).op is Op.CONV else rank) for name, rank in ranks.items() if rank}
-        return self._choose_exact(graph, config, candidates, f"budget {kind}={target}")
+        fraction = probe_fraction(candidates)
+        if estimate == "measured" and fraction < 1.0:
+            candidates = self._measured(graph, candidates, fraction, datasets, probe_iter)
+        return graph, candidates
+
+    def _latency_budget(self, target: float, excludes: Sequence[str] | None, divisor: int, include: str | None,
+                        datasets: Any, max_iter: int, input_shapes: Mapping[str, Sequence[int]] | None,
+                        threads: int, estimate: str | None, probe_iter: int | None) -> Decompose:
+        """``from_budget(latency=...)``: ranks meeting a measured latency target (see ``from_budget``).
+
+        With ``datasets`` (the measured estimate) each layer's error curve is scaled by its measured
+        sensitivity, probed at the parameter fraction ``target`` (a uniform stand-in for the latency target).
+        """
+        if isinstance(target, bool) or not isinstance(target, float) or not 0.0 < target < 1.0:
+            raise ValueError(f"latency must be a float in (0, 1), the fraction of the model's measured latency to "
+                             f"reach, got {target!r}")
+        measuring = latency_for(self.model)
+        graph, candidates = self._budget_candidates(excludes, divisor, include, datasets, max_iter, "params",
+                                                    estimate, probe_iter, lambda _: target)
+        timer = measuring.LatencyModel(self.model, graph, input_shapes, threads)
+        timed: list[_budget.Candidate] = []
+        untimed: dict[str, str] = {}
+        step = validate_divisor(divisor)
+        for cand in candidates:
+            node = graph.node(cand.name)
+            reason = timer.supports(node) or (f"its largest rank {cand.max_rank} is below the divisor {step}"
+                                              if cand.max_rank < step else "")
+            if reason:
+                untimed[cand.name] = reason
+                continue
+            timed.append(_budget.Candidate(cand.name, cand.errors, timer.cost(node, cand.max_rank, divisor),
+                                           timer.layer_ms(node), cand.max_rank))
+        if not timed:
+            raise ValueError(f"no candidate layer of this model can be timed: {untimed}")
+        rest = max(timer.model_ms - sum(cand.original_cost for cand in timed), 0.0)
+        fastest = rest + sum(min(cost for _, cost, _ in cand.options(step)) for cand in timed)
+        if fastest > target * timer.model_ms:
+            raise ValueError(
+                f"latency={target} cannot be reached: the fastest forms measured give "
+                f"{fastest / timer.model_ms:.3f} of the model's latency ({fastest:.2f} ms of {timer.model_ms:.2f} ms "
+                f"at {timer.input_shapes or 'its input shapes'}, {threads} thread(s)); ask for "
+                f"{math.ceil(fastest / timer.model_ms * 100) / 100:.2f} or more")
+        layers = {cand.name: cand.original_cost for cand in timed}
+        budget = target * timer.model_ms - rest
+        met: tuple[float, dict[str, int | list[int]], float, float, int] | None = None  # least error within target
+        closest: tuple[float, dict[str, int | list[int]], float, float, int] | None = None  # else least latency
+        tried: list[dict[str, int | list[int]]] = []
+        for attempt in range(1, LATENCY_ATTEMPTS + 1):
+            ranks = _budget.allocate(timed, budget, step, convex=True)
+            config = _config(graph, ranks)
+            if not config or config in tried:
+                break
+            tried.append(config)
+            structure = rewrite(graph, with_layout(plan(graph, Policy.config(config)), measuring.LAYOUT),
+                                weights=False).graph
+            original_ms, decomposed_ms = timer.compare(backend_for(self.model).build(structure, self.model,
+                                                                                     weights=False))
+            ratio = decomposed_ms / original_ms
+            error = sum(float(cand.errors[ranks[cand.name]]) for cand in timed if ranks[cand.name])
+            logger.info("latency budget %.3f, attempt %d: measured %.3f (%.2f ms of %.2f ms), estimated error %.4g",
+                        target, attempt, ratio, decomposed_ms, original_ms, error)
+            if ratio <= target:
+                if met is None or error < met[0]:
+                    met = (error, config, original_ms, decomposed_ms, attempt)
+                if target - ratio < LATENCY_SLACK:
+                    break
+            elif closest is None or ratio < closest[3] / closest[2]:
+                closest = (error, config, original_ms, decomposed_ms, attempt)
+            budget += (target - ratio) * timer.model_ms  # tighten by the excess, or spend what is left
+            if budget < fastest - rest:
+                break
+        best = met or closest
+        if best is None:
+            raise ValueError(f"no layer would be decomposed under latency={target}: every candidate is as fast "
+                             f"kept whole")
+        _, config, original_ms, decomposed_ms, attempts = best
+        per_layer = {}
+        for cand in timed:
+            rank = config.get(cand.name)
+            after = cand.cost(rank[0] if isinstance(rank, list) else rank) if rank else layers[cand.name]
+            per_layer[cand.name] = {"rank": rank, "before_ms": layers[cand.name], "after_ms": after}
+        self.latency = {"target": target, "met": met is not None, "threads": threads, "clock": timer.clock,
+                        "input_shapes": timer.input_shapes, "original_ms": original_ms,
+                        "decomposed_ms": decomposed_ms, "ratio": decomposed_ms / original_ms, "attempt": attempts,
+                        "layers": per_layer, "not_timed": untimed}
+        if met is None:
+            logger.warning("latency=%s was not met: the closest allocation measured %.3f", target,
+                           decomposed_ms / original_ms)
+        return self._choose_exact(graph, config, candidates, f"budget latency={target}")
 
     def _measured(self, graph: Graph, candidates: list[_budget.Candidate], fraction: float, datasets: Any,
                   probe_iter: int) -> list[_budget.Candidate]:
@@ -210,8 +336,7 @@ class Decompose:
         the cached statistics); the model runs once per layer on ``probe_iter`` elements (-1: all).
         """
         probes = {cand.name: _budget.probe_rank(cand, fraction, 1) for cand in candidates}
-        config: dict[str, int | list[int]] = {
-            name: ([rank, rank] if graph.node(name).op is Op.CONV else rank) for name, rank in probes.items()}
+        config = _config(graph, probes)
         probe_plan = plan(graph, Policy.config(config))
         stats = self._stats[2] if self._stats is not None else {}
         truncated = approximations(graph, probe_plan, stats)
@@ -313,7 +438,7 @@ class Decompose:
 
     def decompose_network(self, do_decompose_weight: bool = True, datasets: Any = None,
                           max_iter: int = -1, *, sequential: bool = False,
-                          progress: Progress | None = None) -> Any:
+                          progress: Progress | None = None, layout: str | None = None) -> Any:
         """A new model with every layer of ``decompose_config`` replaced by its low-rank factors.
 
         Args:
@@ -330,7 +455,13 @@ class Decompose:
                 compound unseen. Layers fed the same tensor (query/key/value) share one calibration
                 pass, and each pass stops as soon as the layers it serves have seen their input.
             progress: optional ``progress(done, total, layer name)`` callback, called as layers finish.
+            layout: ``"reference"`` (the reference tool's: a 1x1 conv becomes three convs, so its
+                checkpoints load) or ``"compact"`` (a 1x1 conv becomes two, without the r x r middle
+                conv: the same function with fewer parameters and kernels). Default: the backend's,
+                ``"reference"`` for PyTorch and MindSpore, ``"compact"`` for ONNX.
         """
+        if layout is not None:
+            validate_layout(layout)
         if self.decompose_config is None:
             raise ValueError("no decompose_config yet: call from_ratio, from_fixed, from_dict, from_vbmf "
                              "or from_file before decompose_network")
@@ -346,7 +477,9 @@ class Decompose:
         if sequential and datasets is None:
             raise ValueError("sequential=True needs datasets: it refines each layer on calibration data")
         graph = self._lower()
-        chosen = _keep_reasons(plan(graph, Policy.config(self.decompose_config)), self.plan)
+        backend = backend_for(self.model)
+        chosen = with_layout(_keep_reasons(plan(graph, Policy.config(self.decompose_config)), self.plan),
+                             layout or backend.DEFAULT_LAYOUT)
         stats = None
         names = [entry.name for entry in chosen.decomposed()]
         if datasets is not None and do_decompose_weight:
@@ -356,21 +489,22 @@ class Decompose:
             else:
                 stats = self._frontend.collect_stats(self.model, graph, datasets, max_iter=max_iter, names=names)
         result = rewrite(graph, chosen, stats=stats, weights=do_decompose_weight, progress=progress)
-        backend = backend_for(self.model)
         model = backend.build(result.graph, like=self.model, weights=do_decompose_weight)
-        errors = result.errors
+        errors, flushed = result.errors, result.flushed
         if sequential and do_decompose_weight:
-            errors = self._refine_sequentially(model, graph, chosen, datasets, max_iter, names, progress)
+            errors, flushed = self._refine_sequentially(model, graph, chosen, datasets, max_iter, names, progress)
         self.plan = chosen
-        self.report = build_report(graph, chosen, errors)
+        self.report = build_report(graph, chosen, errors, flushed=flushed)
         return model
 
     def _refine_sequentially(self, model: Any, graph: Graph, chosen: Plan, datasets: Any, max_iter: int,
-                             names: list[str], progress: Progress | None) -> dict[str, tuple[float, str]]:
+                             names: list[str], progress: Progress | None,
+                             ) -> tuple[dict[str, tuple[float, str]], dict[str, int]]:
         """Redo each group of layers, in execution order, from statistics of ``model`` as refined so far."""
         backend = backend_for(self.model)
         groups = self._frontend.execution_groups(model, graph, datasets, names)
         errors: dict[str, tuple[float, str]] = {}
+        flushed: dict[str, int] = {}
         done = 0
         # Frontends that can run the original beside the decomposed model fit each layer to the original
         # outputs (compensating upstream error); the others refit to the layer's own outputs on x̃.
@@ -385,10 +519,11 @@ class Decompose:
             result = rewrite(graph, part, stats=stats, workers=1)
             backend.load_layers(model, result.graph, group)
             errors.update(result.errors)
+            flushed.update(result.flushed)
             done += len(group)
             if progress is not None:
                 progress(done, len(names), group[-1])
-        return errors
+        return errors, flushed
 
 
 def _check_estimate(estimate: str | None, datasets: Any, probe_iter: int | None) -> str:
@@ -403,6 +538,18 @@ def _check_estimate(estimate: str | None, datasets: Any, probe_iter: int | None)
         raise ValueError(f"probe_iter must be None (as max_iter), -1 (all of datasets) or an int >= 1 (datasets "
                          f"elements used to measure), got {probe_iter!r}")
     return estimate
+
+
+def _budget_of(target: float, candidates: Sequence[_budget.Candidate]) -> tuple[float, float]:
+    """(budget, its fraction of the candidates' cost) for a params/FLOPs target: a fraction below 1, else a count."""
+    total = sum(cand.original_cost for cand in candidates)
+    budget = target * total if target < 1.0 else target
+    return budget, budget / total
+
+
+def _config(graph: Graph, ranks: Mapping[str, int]) -> dict[str, int | list[int]]:
+    """A ``decompose_config`` from one rank per layer (a conv's Tucker-2 ranks equal); rank 0 leaves a layer out."""
+    return {name: ([rank, rank] if graph.node(name).op is Op.CONV else rank) for name, rank in ranks.items() if rank}
 
 
 def _round_up(rank: int, divisor: int, limit: int) -> int:

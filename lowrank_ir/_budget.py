@@ -43,7 +43,8 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-__all__ = ["Candidate", "allocate", "calibrate", "energy_rank", "first_elements", "matrix_spectrum", "probe_rank",
+__all__ = ["Candidate", "allocate", "calibrate", "energy_rank", "first_elements", "lower_hull", "matrix_spectrum",
+           "probe_rank",
            "relative_output_errors", "sensitivities", "tail_errors"]
 
 
@@ -98,12 +99,35 @@ class Candidate:
         return options
 
 
-def allocate(candidates: list[Candidate], budget: float, divisor: int) -> dict[str, int]:
+def lower_hull(options: Sequence[tuple[int, float, float]]) -> list[tuple[int, float, float]]:
+    """The (rank, cost, error) options on the lower convex hull of error over cost, cheapest first.
+
+    A greedy that climbs one option at a time stops on a flat stretch of a layer's curve even when a
+    costlier option further on buys much more per unit of cost; on the hull every next step buys less
+    per unit than the one before, so the greedy takes the steps worth taking. Options above the hull
+    are never the best use of their cost.
+    """
+    hull: list[tuple[int, float, float]] = []
+    for point in sorted(options, key=lambda option: (option[1], option[2])):
+        while len(hull) >= 2:
+            (_, x0, y0), (_, x1, y1) = hull[-2], hull[-1]
+            if (x1 - x0) * (point[2] - y0) - (y1 - y0) * (point[1] - x0) > 0:
+                break
+            hull.pop()
+        hull.append(point)
+    best = min(range(len(hull)), key=lambda index: (hull[index][2], hull[index][1]))
+    return hull[:best + 1]
+
+
+def allocate(candidates: list[Candidate], budget: float, divisor: int, convex: bool = False) -> dict[str, int]:
     """Ranks minimising ``Σ e²`` with total cost <= ``budget``; 0 means the layer is kept whole.
 
-    Raises ``ValueError`` when even the smallest ranks exceed the budget (naming what the minimum is).
+    ``convex``: each layer climbs the lower convex hull of its options (:func:`lower_hull`), for cost
+    curves that are not smooth (measured latencies). Raises ``ValueError`` when even the smallest ranks
+    exceed the budget (naming what the minimum is).
     """
-    ladders = {cand.name: cand.options(divisor) for cand in candidates}
+    ladders = {cand.name: lower_hull(cand.options(divisor)) if convex else cand.options(divisor)
+               for cand in candidates}
     position = dict.fromkeys(ladders, 0)
     spent = sum(ladder[0][1] for ladder in ladders.values())
     if spent > budget:

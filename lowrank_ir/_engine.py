@@ -8,6 +8,26 @@ number their parts the way ``nn.Sequential`` numbers children:
   ``emb.0``'s table keeps the source's attribute name (``emb.0.weight``; MindSpore ``emb.0.embedding_table``).
 * ``tucker2`` (Conv): ``conv`` -> ``conv.0`` (1x1, in -> r_in), ``conv.1`` (the k x k core, original
   stride/padding/dilation), ``conv.2`` (1x1, r_out -> out, the original bias).
+* ``svd`` of a 1x1 Conv (the ``compact`` layout): ``conv`` -> ``conv.0`` (1x1, in -> r, original
+  stride/padding/dilation), ``conv.1`` (1x1, r -> out, the original bias).
+
+Layouts (:func:`with_layout`): ``reference`` is the reference tool's, whose checkpoints must load: a 1x1
+conv becomes three convs, the middle one an r x r identity core. ``compact`` writes a 1x1 conv at
+equal ranks as the two-factor ``svd`` form, the same function at rank r. Per 1x1 conv [out, in] at
+rank r and P output positions:
+
+=========  =========================  ==============================  =======
+layout     parameters                 multiply-adds                   kernels
+=========  =========================  ==============================  =======
+original   out·in                     out·in·P                        1
+reference  r·(in + out) + r²          (r·(in + out) + r²)·P           3
+compact    r·(in + out)               r·(in + out)·P                  2
+=========  =========================  ==============================  =======
+
+(the reference layout's first conv runs at the input resolution when the conv is strided).
+
+Every written value is cast to the layer's dtype in one place, with its subnormals flushed to zero
+(:func:`_cast_for_writing`).
 
 Layers are decomposed in parallel threads (numpy's LAPACK calls release the GIL) with BLAS limited to
 one thread per worker: oversubscribed OpenBLAS on a small machine is up to 100x slower.
@@ -32,8 +52,8 @@ from lowrank_ir._evbmf import vbmf_ranks
 from lowrank_ir._ir import Graph, Node, Op, verify
 from lowrank_ir._policy import Policy, conv_ranks, matrix_rank, ratio_rank, smallest_ratio
 
-__all__ = ["LayerStats", "Plan", "PlanEntry", "approximations", "plan", "rewrite", "stats_from_sums",
-           "warn_unknown_excludes"]
+__all__ = ["LAYOUTS", "LayerStats", "Plan", "PlanEntry", "approximations", "plan", "rewrite", "stats_from_sums",
+           "validate_layout", "warn_unknown_excludes", "with_layout"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +61,9 @@ _T = TypeVar("_T")
 
 SVD = "svd"
 TUCKER2 = "tucker2"
+
+#: How factorized layers are laid out (see the module docstring): the reference tool's, or compact.
+LAYOUTS = ("reference", "compact")
 
 #: HOOI stops when the relative fit ||core|| / ||K|| improves by less than this between sweeps. Past
 #: this point a sweep buys < 0.01% of error (measured on ResNet-50-sized kernels) for the cost of a full
@@ -163,7 +186,12 @@ def _check_finite(node: Node, weight: np.ndarray) -> None:
 
 
 def _matrix_view(node: Node, weight: np.ndarray) -> np.ndarray:
-    """The layer's weight as ``[out, in]`` (a right-hand MatMul weight is stored ``[in, out]``)."""
+    """The layer's weight as ``[out, in]``.
+
+    A right-hand MatMul weight is stored ``[in, out]``, a 1x1 conv's kernel ``[out, in, 1, ...]``.
+    """
+    if node.op is Op.CONV:
+        return weight.reshape(weight.shape[0], -1)
     return weight.T if node.op is Op.MATMUL and node.attrs.get("weight_side", "right") == "right" else weight
 
 
@@ -253,6 +281,34 @@ def _check_ratios(graph: Graph, policy: Policy) -> None:
             raise ValueError(f"ratio {ratio!r} is too small to represent: it rounds the rank of every layer it "
                              f"applies to ({len(found)}) to 0; the smallest ratio giving any of them rank 1 is "
                              f"{needed:.3g}")
+
+
+def _pointwise(entry: PlanEntry) -> bool:
+    return entry.op is Op.CONV and all(size == 1 for size in entry.shape[2:])
+
+
+def validate_layout(layout: object) -> str:
+    """``layout`` if it is one of :data:`LAYOUTS`; else ``ValueError`` naming it and the layouts."""
+    if not isinstance(layout, str) or layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(repr(name) for name in LAYOUTS)}, got {layout!r}")
+    return layout
+
+
+def with_layout(the_plan: Plan, layout: str) -> Plan:
+    """``the_plan`` written in ``layout`` (one of :data:`LAYOUTS`; see the module docstring).
+
+    ``compact`` turns each Tucker-2 entry of a 1x1 conv into the two-factor ``svd`` form at rank
+    ``min(r_out, r_in)``, the rank its three factors can reach; every other entry is kept.
+    ``reference`` returns ``the_plan`` itself.
+    """
+    if validate_layout(layout) == "reference":
+        return the_plan
+    entries = {}
+    for name, entry in the_plan.entries.items():
+        if entry.form == TUCKER2 and _pointwise(entry) and isinstance(entry.rank, tuple):
+            entry = PlanEntry(entry.name, entry.op, entry.shape, SVD, min(entry.rank), entry.reason)
+        entries[name] = entry
+    return Plan(entries)
 
 
 def _check_config_fits(graph: Graph, config: Mapping[str, Any], result: Plan) -> None:
@@ -462,7 +518,7 @@ def _parts_svd(node: Node, entry: PlanEntry, graph: Graph, arrays: list[np.ndarr
     if arrays is None:
         left, right = _placeholder((out, rank), dtype), _placeholder((rank, inp), dtype)
     else:
-        left, right = (array.astype(dtype) for array in arrays)
+        left, right = arrays
     params: dict[str, np.ndarray] = {}
     if node.op is Op.EMBEDDING:
         lookup = {key: value for key, value in node.attrs.items() if key not in ("embedding_dim",)}
@@ -471,6 +527,17 @@ def _parts_svd(node: Node, entry: PlanEntry, graph: Graph, arrays: list[np.ndarr
         second = Node(Op.LINEAR, f"{name}.1", {"in_features": rank, "out_features": inp},
                       {"weight": f"{name}.1.weight"})
         params[table], params[f"{name}.1.weight"] = left, _transposed(right)
+    elif node.op is Op.CONV:
+        # The first 1x1 conv takes the original stride and padding: the second runs at the output resolution.
+        ones = (1,) * len(node.attrs["kernel_size"])
+        keep = {key: value for key, value in node.attrs.items()
+                if key not in ("in_channels", "out_channels", "kernel_size", "groups")}
+        first = Node(Op.CONV, f"{name}.0", {**keep, "in_channels": inp, "out_channels": rank, "kernel_size": ones,
+                                            "groups": 1}, {"weight": f"{name}.0.weight"})
+        second = Node(Op.CONV, f"{name}.1", {"in_channels": rank, "out_channels": out, **_pointwise_attrs(ones)},
+                      {"weight": f"{name}.1.weight"})
+        params[f"{name}.0.weight"] = right.reshape(rank, inp, *ones)
+        params[f"{name}.1.weight"] = left.reshape(out, rank, *ones)
     elif node.op is Op.MATMUL:
         # Both parts multiply from the weight's side; the second keeps the other attrs (Gemm alpha/beta).
         side = node.attrs.get("weight_side", "right")
@@ -498,6 +565,12 @@ def _parts_svd(node: Node, entry: PlanEntry, graph: Graph, arrays: list[np.ndarr
     return [first, second], params
 
 
+def _pointwise_attrs(ones: tuple[int, ...]) -> dict[str, Any]:
+    """The attributes of a plain 1x1 conv part (no stride, padding or dilation)."""
+    return {"kernel_size": ones, "stride": ones, "padding": (0,) * len(ones), "dilation": ones, "groups": 1,
+            "padding_mode": "zeros"}
+
+
 def _parts_tucker2(node: Node, entry: PlanEntry, graph: Graph, arrays: list[np.ndarray] | None,
                    ) -> tuple[list[Node], dict[str, np.ndarray]]:
     weight = graph.param(node, "weight")
@@ -505,13 +578,12 @@ def _parts_tucker2(node: Node, entry: PlanEntry, graph: Graph, arrays: list[np.n
     (rank_out, rank_in), name, dtype = entry.rank, node.name, weight.dtype
     out, inp, kernel = weight.shape[0], weight.shape[1], tuple(weight.shape[2:])
     ones = (1,) * len(kernel)
-    pointwise = {"kernel_size": ones, "stride": ones, "padding": (0,) * len(kernel), "dilation": ones,
-                 "groups": 1, "padding_mode": "zeros"}
+    pointwise = _pointwise_attrs(ones)
     shapes = [(rank_in, inp, *ones), (rank_out, rank_in, *kernel), (out, rank_out, *ones)]
     if arrays is None:
         kernels = [_placeholder(shape, dtype) for shape in shapes]
     else:
-        kernels = [array.reshape(shape).astype(dtype) for array, shape in zip(arrays, shapes, strict=True)]
+        kernels = [array.reshape(shape) for array, shape in zip(arrays, shapes, strict=True)]
     keep = {key: value for key, value in node.attrs.items()
             if key not in ("in_channels", "out_channels", "kernel_size", "groups")}
     parts = [
@@ -531,6 +603,23 @@ def _parts_tucker2(node: Node, entry: PlanEntry, graph: Graph, arrays: list[np.n
     return parts, params
 
 
+def _cast_for_writing(params: dict[str, np.ndarray], parts: list[Node], node: Node, graph: Graph) -> int:
+    """Cast the parts' float64 factors (and bias) to the layer's dtypes, subnormals flushed; returns the count.
+
+    Every value the tool writes for a factorized layer passes through here once: weights take the
+    original weight's dtype, the bias the original bias's. Subnormals of that dtype become zero
+    (``_linalg.flush_subnormals``): near-dead channels of trained weights leave them in the factors,
+    and CPU kernels that meet them can run tens of times slower.
+    """
+    dtypes = {role: array.dtype for role in ("weight", "bias") if (array := graph.param(node, role)) is not None}
+    count = 0
+    for part in parts:
+        for role, name in part.params.items():
+            params[name], flushed = _linalg.flush_subnormals(params[name].astype(dtypes[role], copy=False))
+            count += flushed
+    return count
+
+
 def _approximation(node: Node, entry: PlanEntry, graph: Graph, stats: LayerStats | None) -> dict[str, np.ndarray]:
     """The layer's weight (and bias) as its factors multiply back out, in the original param layout."""
     weight = graph.param(node, "weight")
@@ -544,6 +633,7 @@ def _approximation(node: Node, entry: PlanEntry, graph: Graph, stats: LayerStats
         approx = left @ right
         if node.op is Op.MATMUL and node.attrs.get("weight_side", "right") == "right":
             approx = approx.T
+        approx = approx.reshape(weight.shape)
     arrays = {node.params["weight"]: approx.astype(weight.dtype)}
     bias = graph.param(node, "bias")
     if bias is not None and factors.bias_shift is not None:
@@ -570,10 +660,14 @@ def approximations(graph: Graph, the_plan: Plan, stats: Mapping[str, LayerStats]
 
 @dataclass(slots=True)
 class RewriteResult:
-    """The factorized graph, and per decomposed layer its error figure (None for structure only)."""
+    """The factorized graph; per decomposed layer its error figure and how many subnormals were flushed.
+
+    Both are empty for a structure-only rewrite.
+    """
 
     graph: Graph
     errors: dict[str, tuple[float, str]]
+    flushed: dict[str, int] = field(default_factory=dict)
 
 
 def _workers(requested: int | None, jobs: int) -> int:
@@ -633,15 +727,17 @@ def rewrite(graph: Graph, the_plan: Plan, stats: Mapping[str, LayerStats] | None
     new = graph.copy()
     factorized: dict[str, list[str]] = dict(new.meta.get("factorized", {}))
     errors: dict[str, tuple[float, str]] = {}
+    flushed: dict[str, int] = {}
     for entry, result in zip(entries, results, strict=True):
         node = new.node(entry.name)
         arrays = None if result is None else result.arrays
         builder = _parts_tucker2 if entry.form == TUCKER2 else _parts_svd
         parts, params = builder(node, entry, new, arrays)
-        if result is not None and result.bias_shift is not None:
-            bias_name = parts[-1].params["bias"]
-            bias = params[bias_name]
-            params[bias_name] = (bias.astype(np.float64) + result.bias_shift).astype(bias.dtype)
+        if result is not None:
+            if result.bias_shift is not None:
+                bias_name = parts[-1].params["bias"]
+                params[bias_name] = params[bias_name].astype(np.float64) + result.bias_shift
+            flushed[entry.name] = _cast_for_writing(params, parts, node, new)
         _wire(parts, node)
         new.replace_node(node.name, parts, params, drop_params=node.params.values())
         factorized[entry.name] = [part.name for part in parts]
@@ -649,4 +745,8 @@ def rewrite(graph: Graph, the_plan: Plan, stats: Mapping[str, LayerStats] | None
             errors[entry.name] = (result.error, result.error_kind)
     new.meta["factorized"] = factorized
     verify(new)
-    return RewriteResult(new, errors)
+    total = sum(flushed.values())
+    if total:
+        logger.info("flushed %d subnormal values to zero in the factors of %d layers", total,
+                    sum(1 for count in flushed.values() if count))
+    return RewriteResult(new, errors, flushed)

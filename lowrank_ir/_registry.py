@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-__all__ = ["FRAMEWORKS", "Framework", "backend_for", "framework_of", "frontend_for", "register_framework"]
+__all__ = ["FRAMEWORKS", "Framework", "backend_for", "framework_of", "frontend_for", "latency_for",
+           "register_framework"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +26,8 @@ class Framework:
     backend: str
     #: How error messages name the framework's model class (default ``<package>.nn.<base_class>``).
     label: str = ""
+    #: The module that measures the framework's models' latency (empty: latency is not measured).
+    latency: str = ""
 
     @property
     def model_class(self) -> str:
@@ -43,7 +46,7 @@ register_framework(Framework("torch", "torch.nn.modules.module", "Module", "fron
 register_framework(Framework("mindspore", "mindspore.nn.cell", "Cell", "frontends.mindspore",
                              "backends.mindspore"))
 register_framework(Framework("onnx", "onnx.onnx_ml_pb2", "ModelProto", "frontends.onnx", "backends.onnx",
-                             label="onnx.ModelProto"))
+                             label="onnx.ModelProto", latency="backends.latency"))
 
 
 def framework_of(model: Any) -> str:
@@ -73,3 +76,15 @@ def frontend_for(model: Any) -> ModuleType:
 def backend_for(model: Any) -> ModuleType:
     name = framework_of(model)
     return _load(FRAMEWORKS[name].backend, "backend", name)
+
+
+def latency_for(model: Any) -> ModuleType:
+    """The module that measures ``model``'s latency; ``ValueError`` when its framework has none."""
+    name = framework_of(model)
+    framework = FRAMEWORKS[name]
+    if not framework.latency:
+        measured = [fw.model_class for fw in FRAMEWORKS.values() if fw.latency]
+        raise ValueError(f"latency is measured in onnxruntime, on {', '.join(measured)} models; this is a "
+                         f"{framework.model_class}: export it first (backends.onnx.export(model, inputs)) and "
+                         f"decompose the ONNX model")
+    return _load(framework.latency, "latency measurement", name)

@@ -46,6 +46,7 @@ class LayerReport:
     reason: str = ""
     energy: float | None = None
     weight: str = ""  # the weight's param name (for tied weights, the first layer's): counted once in totals
+    flushed: int = 0  # subnormal values of the written factors set to zero
 
 
 def _positions(node: Node) -> tuple[int, int]:
@@ -62,6 +63,9 @@ def _layer_figures(entry: PlanEntry, node: Node, has_bias: bool) -> tuple[int, i
         out, inp, taps = shape[0], shape[1], math.prod(shape[2:])
         before_params = out * inp * taps + bias
         before_flops = 2 * out * inp * taps * out_pos
+        if entry.form == SVD and isinstance(entry.rank, int):  # a 1x1 conv in the compact layout
+            return (before_params, entry.rank * (inp + out) + bias, before_flops,
+                    2 * entry.rank * (inp + out) * out_pos)
         if entry.form != TUCKER2:
             return before_params, before_params, before_flops, before_flops
         assert isinstance(entry.rank, tuple)
@@ -107,13 +111,15 @@ def spectral_energy(graph: Graph, plan: Plan) -> dict[str, float]:
 
 
 def build_report(graph: Graph, plan: Plan, errors: dict[str, tuple[float, str]] | None = None,
-                 energy: dict[str, float] | None = None) -> Report:
+                 energy: dict[str, float] | None = None, flushed: dict[str, int] | None = None) -> Report:
     """The report of ``plan`` over the (original) ``graph``.
 
-    With ``errors`` from the rewrite and ``energy`` (:func:`spectral_energy`) when known.
+    With ``errors`` and ``flushed`` (subnormals set to zero) from the rewrite and ``energy``
+    (:func:`spectral_energy`) when known.
     """
     errors = errors or {}
     energy = energy or {}
+    flushed = flushed or {}
     layers = []
     owners: dict[tuple[int, tuple[int, ...], tuple[int, ...]], str] = {}
     for entry in plan.entries.values():
@@ -129,7 +135,7 @@ def build_report(graph: Graph, plan: Plan, errors: dict[str, tuple[float, str]] 
         rank = list(entry.rank) if isinstance(entry.rank, tuple) else entry.rank
         layers.append(LayerReport(entry.name, entry.op.value, list(entry.shape), entry.form, rank, *figures,
                                   None if error is None else error[0], None if error is None else error[1],
-                                  entry.reason, energy.get(entry.name), weight_name))
+                                  entry.reason, energy.get(entry.name), weight_name, flushed.get(entry.name, 0)))
     layers.extend(_unlowered_rows(graph))
     order = {node.name: position for position, node in enumerate(graph.nodes)}
     layers.sort(key=lambda layer: order.get(layer.name, len(order)))
@@ -186,6 +192,7 @@ class Report:
             "flops_before": sum(layer.flops_before for layer in self.layers),
             "flops_after": sum(layer.flops_after for layer in self.layers),
             "flops_unit": "per sample" if self.per_sample else "per output position",
+            "flushed": sum(layer.flushed for layer in self.layers),
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -214,7 +221,10 @@ class Report:
         total: tuple[str, ...] = ("TOTAL", f"{totals['decomposed']}/{totals['layers']}", "", "",
                                   f"{_human(totals['params_before'])} -> {_human(totals['params_after'])}",
                                   f"{_human(totals['flops_before'])} -> {_human(totals['flops_after'])}")
-        rows.append((*total, *([""] if with_energy else []), "", f"FLOPs {totals['flops_unit']}"))
+        note = f"FLOPs {totals['flops_unit']}"
+        if totals["flushed"]:
+            note += f"; {totals['flushed']} subnormal values flushed to zero"
+        rows.append((*total, *([""] if with_energy else []), "", note))
         widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header) - 1)]
         lines = []
         for row in [header, *rows]:

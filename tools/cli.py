@@ -9,6 +9,7 @@ Commands:
               (``MODEL.onnx --to torch|mindspore -o OUT``; see ``tools/parity_cli.py``)
   parity      run a model in onnxruntime, PyTorch and MindSpore on the same inputs and compare them,
               before and after decomposition; exit 1 above ``--tolerance``
+  bench       time an ONNX model and its decomposed version in onnxruntime, interleaved (``tools/bench_cli.py``)
 
 Bad input gives one line on stderr and exit code 2; nothing half-written is left behind. Outputs never
 replace an input; an existing output folder only receives the command's own file names, and files of
@@ -147,6 +148,12 @@ def global_policy(decomposer: Any, args: argparse.Namespace, datasets: Any = Non
     excludes = [name for name in (getattr(args, "excludes", None) or "").split(",") if name] or None
     if getattr(args, "energy", None) is not None:
         return decomposer.from_energy(args.energy, excludes, args.divisor, datasets=datasets)
+    latency = getattr(args, "budget_latency", None)
+    if latency is not None:
+        from tools.onnx_cli import parse_input_shapes
+
+        return decomposer.from_budget(latency=latency, excludes=excludes, divisor=args.divisor, datasets=datasets,
+                                      input_shapes=parse_input_shapes(args.input_shape))
     for kind in ("params", "flops"):
         target = getattr(args, f"budget_{kind}", None)
         if target is not None:
@@ -187,6 +194,9 @@ def _add_policy_args(parser: argparse.ArgumentParser) -> None:
                             "each layer's effect on the output is measured)")
     group.add_argument("--budget-flops", type=budget_target, metavar="N",
                        help="the same with a FLOP target")
+    group.add_argument("--budget-latency", type=float, metavar="T",
+                       help="ONNX: reach this fraction in (0, 1) of the model's latency, measured in onnxruntime "
+                            "(1 thread) at --input-shape")
     parser.add_argument("--excludes", metavar="A,B", help="comma-separated layer names to leave alone")
     parser.add_argument("--divisor", type=int, default=64,
                         help="round ranks to multiples of this (1 disables; default 64)")
@@ -392,6 +402,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_limit_arg(parity)
     _add_force(parity)
     parity.set_defaults(run=_cmd_parity)
+
+    from tools import bench_cli
+
+    bench_cli.add_parser(commands)
     return parser
 
 

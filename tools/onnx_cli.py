@@ -76,8 +76,9 @@ def _describe(model: Any, path: str) -> str:
 
 def inspect(args: argparse.Namespace) -> int:
     """Print the per-layer table of an ONNX model under the policy: shape, rank, params, FLOPs, energy."""
+    from backends.onnx import DEFAULT_LAYOUT
     from frontends.onnx import load_model, lower
-    from lowrank_ir import build_report, plan
+    from lowrank_ir import build_report, plan, with_layout
     from lowrank_ir._report import spectral_energy
 
     if args.weights:
@@ -85,7 +86,7 @@ def inspect(args: argparse.Namespace) -> int:
     model = load_model(args.model)
     policy = policy_from_args(args, model)
     graph = lower(model, input_shapes=parse_input_shapes(args.input_shape))
-    chosen = plan(graph, policy)
+    chosen = with_layout(plan(graph, policy), DEFAULT_LAYOUT)
     print(_describe(model, args.model))
     print(build_report(graph, chosen, energy=spectral_energy(graph, chosen)).table())
     return 0
@@ -102,9 +103,9 @@ def _feeds(path: str | None, model: Any, what: str) -> dict[str, Any] | None:
 
 def decompose(args: argparse.Namespace) -> int:
     """Decompose an ONNX file, validate it against the original in onnxruntime, save it."""
-    from backends.onnx import build, convert_opset, save, validate
+    from backends.onnx import DEFAULT_LAYOUT, build, convert_opset, save, validate
     from frontends.onnx import collect_stats, count_parameters, load_model, lower
-    from lowrank_ir import build_report, plan, rewrite, write_json
+    from lowrank_ir import build_report, plan, rewrite, with_layout, write_json
     from lowrank_ir._report import spectral_energy
     from tools.cli import command_outputs
 
@@ -129,7 +130,7 @@ def decompose(args: argparse.Namespace) -> int:
     if input_shapes is None and known is not None:
         input_shapes = {name: list(getattr(value, "shape", ())) for name, value in known.items()}
     graph = lower(model, input_shapes=input_shapes)
-    chosen = plan(graph, policy)
+    chosen = with_layout(plan(graph, policy), DEFAULT_LAYOUT)
     if not chosen.decomposed():
         kept = chosen.kept()
         detail = "; ".join(f"{entry.name}: {entry.reason}" for entry in kept[:3])
@@ -146,7 +147,7 @@ def decompose(args: argparse.Namespace) -> int:
             candidate = save(decomposed, stage.path(output), external_data=True)
         reference = args.model if original.ByteSize() >= PROTOBUF_LIMIT else original
         validation = validate(reference, candidate, feeds, input_shapes=input_shapes)
-        report = build_report(graph, chosen, result.errors, spectral_energy(graph, chosen))
+        report = build_report(graph, chosen, result.errors, spectral_energy(graph, chosen), result.flushed)
         passed = args.tolerance is None or validation.passed(args.tolerance)
         params = {"before": count_parameters(original), "after": count_parameters(decomposed)}
         print(report.table(only_decomposed=True))
