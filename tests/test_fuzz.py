@@ -211,13 +211,19 @@ def hostile_external(model: onnx.ModelProto, rng: np.random.Generator) -> None:
         entry.key, entry.value = key, value
 
 
+def escaping_tensor(array: np.ndarray, name: str) -> onnx.TensorProto:
+    """A tensor of ``array``'s type and shape whose data is external, at a path outside the model's folder."""
+    tensor = numpy_helper.from_array(array, name)
+    tensor.ClearField("raw_data")
+    tensor.data_location = TensorProto.EXTERNAL
+    entry = tensor.external_data.add()
+    entry.key, entry.value = "location", "../secret.bin"
+    return tensor
+
+
 def sparse_constant_external(model: onnx.ModelProto, rng: np.random.Generator) -> None:
     """A sparse ``Constant`` whose values point outside the folder."""
-    values = numpy_helper.from_array(np.ones(2, np.float32), "sv")
-    values.ClearField("raw_data")
-    values.data_location = TensorProto.EXTERNAL
-    entry = values.external_data.add()
-    entry.key, entry.value = "location", "../secret.bin"
+    values = escaping_tensor(np.ones(2, np.float32), "sv")
     indices = numpy_helper.from_array(np.array([0, 3], np.int64), "si")
     sparse = helper.make_sparse_tensor(values, indices, [4])
     node = helper.make_node("Constant", [], ["sparse_out"], sparse_value=sparse)
@@ -226,11 +232,7 @@ def sparse_constant_external(model: onnx.ModelProto, rng: np.random.Generator) -
 
 def training_info_external(model: onnx.ModelProto, rng: np.random.Generator) -> None:
     """A ``training_info`` initializer that points outside the folder."""
-    tensor = numpy_helper.from_array(np.ones(4, np.float32), "trained")
-    tensor.ClearField("raw_data")
-    tensor.data_location = TensorProto.EXTERNAL
-    entry = tensor.external_data.add()
-    entry.key, entry.value = "location", "../secret.bin"
+    tensor = escaping_tensor(np.ones(4, np.float32), "trained")
     info = model.training_info.add()
     info.initialization.CopyFrom(helper.make_graph([], "init", [], [], [tensor]))
 
