@@ -294,7 +294,7 @@ def _factor_matrix(matrix: np.ndarray, rank: int, stats: LayerStats | None, corr
     matrix64 = matrix.astype(np.float64)
     if stats is None:
         left, right = _linalg.svd_factors(matrix64, rank)
-        return _Factors([left, right], _linalg.relative_error(matrix64, left @ right))
+        return _Factors([left, right], _linalg.svd_relative_error(matrix64, left, right))
     if stats.cross is not None and stats.count >= COMPENSATE_ROWS_PER_FEATURE * matrix.shape[1]:
         return _compensate(matrix64, rank, stats, correct_bias)
     left, right = _linalg.whitened_svd_factors(matrix64, stats.moment, rank)

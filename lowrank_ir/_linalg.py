@@ -13,7 +13,17 @@ Formulas:
 
       W ≈ left @ right,   left = U_r √S_r  [out, r],   right = √S_r V_rᵀ  [r, in]
 
-  and ``||W - left @ right||_F = sqrt(Σ_{i>r} s_i²)``.
+  and ``||W - left @ right||_F = sqrt(Σ_{i>r} s_i²)``. It is computed from the Gram matrix of the
+  smaller side, never from a full SVD: for ``out <= in`` the ``r`` leading eigenvectors of ``W Wᵀ``
+  are ``U_r``, and ``U_r U_rᵀ W = U_r S_r V_rᵀ`` is the orthogonal projection of ``W`` on them, so
+  ``S_r V_rᵀ = U_rᵀ W`` (``s_i`` = the norm of its row ``i``); for ``out > in`` the same with
+  ``Wᵀ W`` and ``V_r``, ``U_r S_r = W V_r``. The cost is ``min²·max`` for the Gram matrix plus an
+  eigensolver on ``min x min`` that stops at the ``r`` wanted pairs where that pays
+  (:func:`leading_eigh`), instead of a full SVD's ``min²·max`` with a much larger constant. The
+  Gram matrix squares the condition number, which only blurs directions whose ``s_i² < eps·s_1²``:
+  they carry a relative energy below ``eps`` (1e-16), so the error reached stays the Eckart–Young
+  optimum to far below 1e-6 (tested on ill-conditioned and exactly-low-rank weights). Because
+  ``U_r U_rᵀ W`` is a projection, ``||W - W'||² = ||W||² - Σ_{i<=r} s_i²`` (:func:`svd_relative_error`).
 
 - Deterministic signs (``svd_flip``): in every component, the entry of largest absolute value of
   the left vector is made positive and the right vector is flipped with it, so ``U S Vᵀ`` is
@@ -65,12 +75,14 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 __all__ = [
+    "leading_eigh",
     "psd_sqrt",
     "reconstruct_tucker2",
     "refit_tucker2",
     "relative_error",
     "svd_factors",
     "svd_flip",
+    "svd_relative_error",
     "tucker2",
     "whitened_svd_factors",
 ]
@@ -89,6 +101,15 @@ NEGATIVE_EIGENVALUE_TOLERANCE = 1e-3
 ASYMMETRY_TOLERANCE = 1e-5
 
 _TINY = float(np.finfo(np.float64).tiny)
+
+#: The partial eigensolver (LAPACK ``syevr``, the top pairs only) replaces the full ``eigh`` when at
+#: most this fraction of the pairs is wanted...
+PARTIAL_EIGH_FRACTION = 0.15
+#: ...or, on matrices of at least this side, when at most ``PARTIAL_EIGH_LARGE_FRACTION`` is: there
+#: the full solver's back-transformation dominates (measured, 1 BLAS thread: n=2048, r=704: 1.8 s
+#: against 5.2 s; n=1024, r=256: equal; n=512, r=128: the full solver 1.5x faster).
+PARTIAL_EIGH_LARGE_SIDE = 1536
+PARTIAL_EIGH_LARGE_FRACTION = 0.6
 
 
 # --------------------------------------------------------------------------------------------
@@ -173,11 +194,50 @@ def _column_signs(matrix: Array) -> Array:
     return signs
 
 
+def leading_eigh(symmetric: Array, rank: int) -> tuple[Array, Array]:
+    """The ``rank`` largest eigenvalues of a symmetric matrix, descending, and their eigenvectors.
+
+    Only the wanted pairs are computed (scipy's ``eigh(subset_by_index=..., driver="evr")``) where
+    that is cheaper than the full ``np.linalg.eigh``: for a small fraction of the pairs, or for most
+    of a large matrix (see ``PARTIAL_EIGH_*``). No input checks: callers pass a finite symmetric
+    float64 matrix they built and ``1 <= rank <= n``.
+
+    Returns:
+        ``(values [rank], vectors [n, rank])``, the vectors as contiguous columns (matmul on
+        negative strides bypasses BLAS).
+    """
+    size = symmetric.shape[0]
+    partial = rank <= PARTIAL_EIGH_FRACTION * size or (
+        size >= PARTIAL_EIGH_LARGE_SIDE and rank <= PARTIAL_EIGH_LARGE_FRACTION * size)
+    if partial and rank < size:
+        from scipy.linalg import eigh
+
+        values, vectors = eigh(symmetric, subset_by_index=(size - rank, size - 1), driver="evr",
+                               check_finite=False)
+    else:
+        values, vectors = np.linalg.eigh(symmetric)
+        values, vectors = values[size - rank:], vectors[:, size - rank:]
+    return np.ascontiguousarray(values[::-1]), np.ascontiguousarray(vectors[:, ::-1])
+
+
+def _balanced_split(basis: Array, projected: Array) -> tuple[Array, Array]:
+    """``(basis diag(g), diag(g)⁻¹ projected)`` with ``g_i = sqrt(||projected[i]||)`` (1 where it is zero).
+
+    With ``basis = U_r`` orthonormal and ``projected = U_rᵀ W = S_r V_rᵀ`` this is ``(U_r √S_r, √S_r V_rᵀ)``.
+    """
+    row_norms = np.linalg.norm(projected, axis=1)
+    balance = np.ones(basis.shape[1])
+    nonzero = row_norms > 0
+    balance[nonzero] = np.sqrt(row_norms[nonzero])
+    return basis * balance, projected / balance[:, None]
+
+
 def svd_factors(weight: ArrayLike, rank: int) -> tuple[Array, Array]:
     """Truncated SVD of a 2-D weight, singular values split evenly: ``W ≈ left @ right``.
 
-    ``left = U_r √S_r`` and ``right = √S_r V_rᵀ`` with signs fixed by :func:`svd_flip`. The error
-    ``||W - left @ right||_F`` is ``sqrt(Σ_{i>r} s_i²)``, the smallest possible at rank ``r``.
+    ``left = U_r √S_r`` and ``right = √S_r V_rᵀ`` with signs fixed as :func:`svd_flip` fixes them. The
+    error ``||W - left @ right||_F`` is ``sqrt(Σ_{i>r} s_i²)``, the smallest possible at rank ``r``.
+    Computed from the Gram matrix of the smaller side (see the module docstring), never a full SVD.
 
     Args:
         weight: ``[out, in]`` matrix.
@@ -193,10 +253,36 @@ def svd_factors(weight: ArrayLike, rank: int) -> tuple[Array, Array]:
     matrix = _as_matrix(weight, "weight")
     out_dim, in_dim = matrix.shape
     rank = _check_rank(rank, "rank", min(out_dim, in_dim), f"min(out={out_dim}, in={in_dim})")
-    u, s, vt = np.linalg.svd(matrix, full_matrices=False)
-    u, vt = svd_flip(u[:, :rank], vt[:rank])
-    root = np.sqrt(s[:rank])
-    return u * root, root[:, None] * vt
+    if out_dim <= in_dim:
+        _, basis = leading_eigh(matrix @ matrix.T, rank)  # U_r
+        basis *= _column_signs(basis)
+        return _balanced_split(basis, basis.T @ matrix)
+    _, right_basis = leading_eigh(matrix.T @ matrix, rank)  # V_r
+    scaled = matrix @ right_basis  # U_r S_r
+    signs = _column_signs(scaled)
+    left, right = _balanced_split(right_basis * signs, (scaled * signs).T)
+    return right.T, left.T
+
+
+def svd_relative_error(weight: ArrayLike, left: ArrayLike, right: ArrayLike) -> float:
+    """``||W - left @ right||_F / ||W||_F`` for factors from :func:`svd_factors`, without their product.
+
+    ``left @ right`` is an orthogonal projection of ``W`` with orthogonal columns in ``left`` and rows
+    in ``right``, so ``||W - W'||² = ||W||² - Σ_i ||left[:, i]||² ||right[i]||²``. The subtraction
+    resolves errors down to about 1e-8 relative; below that the figure is 0 or that small.
+
+    Args:
+        weight: ``[out, in]`` matrix.
+        left: ``[out, r]`` from :func:`svd_factors`.
+        right: ``[r, in]`` from :func:`svd_factors`.
+
+    Returns:
+        The relative Frobenius error.
+    """
+    matrix = np.asarray(weight, dtype=np.float64)
+    total = float(np.sum(matrix * matrix))
+    kept = float(np.sum(np.sum(np.square(left), axis=0) * np.sum(np.square(right), axis=1)))
+    return math.sqrt(max(total - kept, 0.0) / total) if total > 0 else 0.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -287,8 +373,7 @@ def _whitened_left_basis(matrix: Array, moment: ArrayLike, rank: int) -> Array:
         if np.any(np.diag(symmetric) < 0):
             raise ValueError("moment is not positive semi-definite: it has a negative diagonal entry")
         gram = matrix @ symmetric @ matrix.T
-        _, vectors = np.linalg.eigh(0.5 * (gram + gram.T))
-        basis = np.ascontiguousarray(vectors[:, ::-1][:, :rank])
+        _, basis = leading_eigh(0.5 * (gram + gram.T), rank)
         return basis * _column_signs(basis)
     u, _, vt = np.linalg.svd(matrix @ psd_sqrt(moment), full_matrices=False)
     u, _ = svd_flip(u, vt)
@@ -327,12 +412,7 @@ def whitened_svd_factors(weight: ArrayLike, moment: ArrayLike, rank: int) -> tup
             f"{matrix.shape!r}, got {raw_moment.shape!r}"
         )
     basis = _whitened_left_basis(matrix, raw_moment, rank)
-    projected = basis.T @ matrix
-    row_norms = np.linalg.norm(projected, axis=1)
-    balance = np.ones(rank)
-    nonzero = row_norms > 0
-    balance[nonzero] = np.sqrt(row_norms[nonzero])
-    return basis * balance, projected / balance[:, None]
+    return _balanced_split(basis, basis.T @ matrix)
 
 
 def compensating_factors(weight: ArrayLike, cross: ArrayLike, moment: ArrayLike, rank: int,
@@ -364,15 +444,9 @@ def compensating_factors(weight: ArrayLike, cross: ArrayLike, moment: ArrayLike,
     target_times_moment = matrix @ mixed  # W E[x x̃ᵀ] = T C̃
     target = np.linalg.solve(perturbed + damping * scale * np.eye(in_dim), target_times_moment.T).T
     gram = target_times_moment @ target.T  # T C̃ Tᵀ
-    _, vectors = np.linalg.eigh(0.5 * (gram + gram.T))
-    basis = np.ascontiguousarray(vectors[:, ::-1][:, :rank])
+    _, basis = leading_eigh(0.5 * (gram + gram.T), rank)
     basis = basis * _column_signs(basis)
-    projected = basis.T @ target
-    row_norms = np.linalg.norm(projected, axis=1)
-    balance = np.ones(rank)
-    nonzero = row_norms > 0
-    balance[nonzero] = np.sqrt(row_norms[nonzero])
-    return basis * balance, projected / balance[:, None]
+    return _balanced_split(basis, basis.T @ target)
 
 
 # --------------------------------------------------------------------------------------------
@@ -390,10 +464,8 @@ def _leading_left_subspace(matrix: Array, rank: int) -> tuple[Array, float]:
     """
     rows, cols = matrix.shape
     if cols >= rows:
-        values, vectors = np.linalg.eigh(matrix @ matrix.T)
-        # Descending order; contiguous, because matmul on negative strides bypasses BLAS.
-        leading = np.ascontiguousarray(vectors[:, ::-1][:, :rank])
-        return leading, float(np.sum(np.clip(values[::-1][:rank], 0.0, None)))
+        values, leading = leading_eigh(matrix @ matrix.T, rank)
+        return leading, float(np.sum(np.clip(values, 0.0, None)))
     u, singular, _ = np.linalg.svd(matrix, full_matrices=rank > cols)
     return np.ascontiguousarray(u[:, :rank]), float(np.sum(singular[:rank] ** 2))
 
@@ -602,8 +674,7 @@ def refit_tucker2(
     scale = max(float(np.trace(gram)) / width, _TINY)
     solved = np.linalg.solve(gram + ridge * scale * np.eye(width), target.T).T  # A
     weighted = solved @ gram @ solved.T
-    _, vectors = np.linalg.eigh(0.5 * (weighted + weighted.T))
-    last = np.ascontiguousarray(vectors[:, ::-1][:, :rank_out])
+    _, last = leading_eigh(0.5 * (weighted + weighted.T), rank_out)
     last = last * _column_signs(last)
     core = last.T @ solved
     return last, core.reshape(rank_out, rank_in, *spatial)
