@@ -104,10 +104,11 @@ _TINY = float(np.finfo(np.float64).tiny)
 
 #: The partial eigensolver (LAPACK ``syevr``, the top pairs only) replaces the full ``eigh`` when at
 #: most this fraction of the pairs is wanted...
-PARTIAL_EIGH_FRACTION = 0.15
+PARTIAL_EIGH_FRACTION = 0.2
 #: ...or, on matrices of at least this side, when at most ``PARTIAL_EIGH_LARGE_FRACTION`` is: there
 #: the full solver's back-transformation dominates (measured, 1 BLAS thread: n=2048, r=704: 1.8 s
-#: against 5.2 s; n=1024, r=256: equal; n=512, r=128: the full solver 1.5x faster).
+#: against 5.2 s; n=1024, r=256: equal; n=384, r=64: 0.047 s against 0.058 s; n=512, r=128: the full
+#: solver 1.2x faster).
 PARTIAL_EIGH_LARGE_SIDE = 1536
 PARTIAL_EIGH_LARGE_FRACTION = 0.6
 
