@@ -1,7 +1,7 @@
 """Engine speed and memory against the reference tool, side by side in one process.
 
-Run:  python -m benchmarks.engine [--cases resnet50-ratio,resnet50-vbmf,minilm,llama] [--repeat 1]
-                                  [--threads N] [--no-reference]
+Run:  python -m benchmarks.engine [--cases resnet50-ratio,resnet50-vbmf,minilm,llama,checkpoint]
+                                  [--repeat 1] [--threads N] [--no-reference]
 
 Rows (both tools get the same model; the reference replaces layers in place, so it works on a copy made
 before its clock starts):
@@ -12,6 +12,12 @@ before its clock starts):
   (``from_dict``), data-free.
 * ``llama``: a Llama-shaped stack, 4 blocks of hidden 2048 and MLP 5504 (q/k/v/o, gate/up/down
   Linear layers, no bias), float32, 0.75 GiB.
+
+* ``checkpoint``: the same Llama shape as a transformers ``LlamaForCausalLM`` checkpoint folder
+  (vocabulary 1024, float32, ``save_pretrained(max_shard_size="200MB")``), decomposed by
+  ``lowrank decompose MODEL_DIR -o OUT_DIR --ratio 0.5`` in a fresh process (ours only: the reference
+  has no such path). Its peak RSS above the process's RSS before the call is set against the bound
+  "largest input shard + 3 x the largest layer's weight in float64".
 
 Each row gives the seconds of the whole ``decompose_network`` call (ranks chosen beforehand, as a
 user calls it), the peak resident memory above the process's at the call's start (sampled every
@@ -171,17 +177,69 @@ def _run(decompose: Any, model: Any, case: Case, mutates: bool) -> Run:
     return Run(seconds, memory.extra, config, error)
 
 
+_STREAM_CHILD = """
+import json, resource, sys, time
+import psutil
+sys.path.insert(0, {root!r})
+from backends.safetensors import decompose_checkpoint
+from lowrank_ir import Policy
+import transformers
+baseline = psutil.Process().memory_info().rss
+start = time.perf_counter()
+result = decompose_checkpoint({source!r}, {target!r}, Policy.ratio(0.5))
+seconds = time.perf_counter() - start
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({{"baseline": baseline, "peak": peak, "seconds": seconds,
+                  "largest_shard": result.largest_input_shard, "layers": len(result.decompose_config)}}))
+"""
+
+
+def checkpoint_row(blocks: int = 4, hidden: int = 2048, mlp: int = 5504) -> str:
+    """Write the Llama-shaped checkpoint, stream it through a fresh process, report its peak RSS."""
+    import json
+    import subprocess
+    import tempfile
+
+    import torch
+    import transformers
+
+    config = transformers.LlamaConfig(vocab_size=1024, hidden_size=hidden, intermediate_size=mlp,
+                                      num_hidden_layers=blocks, num_attention_heads=16, num_key_value_heads=16,
+                                      tie_word_embeddings=False)
+    with tempfile.TemporaryDirectory(prefix="lowrank-bench-") as tmp:
+        torch.manual_seed(0)
+        model = transformers.LlamaForCausalLM(config)
+        model.save_pretrained(Path(tmp) / "src", max_shard_size="200MB")
+        model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        del model
+        gc.collect()
+        (Path(tmp) / "out").mkdir()
+        code = _STREAM_CHILD.format(root=str(ROOT), source=str(Path(tmp) / "src"), target=str(Path(tmp) / "out"))
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        figures = json.loads(done.stdout.strip().splitlines()[-1])
+    extra = figures["peak"] - figures["baseline"]
+    layer64 = hidden * mlp * 8
+    bound = figures["largest_shard"] + 3 * layer64
+    mib = 1 << 20
+    return (f"checkpoint folder, {blocks} x (hidden {hidden}, MLP {mlp}), fp32, {model_bytes / mib:.0f} MiB: "
+            f"{figures['layers']} layers in {figures['seconds']:.1f} s; peak RSS above start {extra / mib:.0f} MiB "
+            f"(x{extra / model_bytes:.2f} the model) against the bound largest shard "
+            f"{figures['largest_shard'] / mib:.0f} MiB + 3 x {layer64 / mib:.0f} MiB = {bound / mib:.0f} MiB: "
+            f"{'within' if extra <= bound else 'ABOVE'}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of {', '.join(CASES)}")
+    choices = [*CASES, "checkpoint"]
+    parser.add_argument("--cases", default=",".join(choices), help=f"comma-separated, of {', '.join(choices)}")
     parser.add_argument("--repeat", type=int, default=1, help="interleaved runs per tool; the best is kept")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="BLAS/torch threads")
     parser.add_argument("--no-reference", action="store_true", help="skip the reference tool")
     args = parser.parse_args(argv)
     names = [name.strip() for name in args.cases.split(",") if name.strip()]
-    unknown = [name for name in names if name not in CASES]
+    unknown = [name for name in names if name not in choices]
     if unknown:
-        parser.error(f"unknown case(s) {unknown!r}; choose from {', '.join(CASES)}")
+        parser.error(f"unknown case(s) {unknown!r}; choose from {', '.join(choices)}")
 
     import logging
 
@@ -206,6 +264,9 @@ def main(argv: list[str] | None = None) -> int:
     print(header)
     with threadpool_limits(limits=args.threads, user_api="blas"):
         for name in names:
+            if name == "checkpoint":
+                print(checkpoint_row(), flush=True)
+                continue
             case = CASES[name]
             model = case.build()
             model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())

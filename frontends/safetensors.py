@@ -29,7 +29,7 @@ from frontends.torch import _lock_reasons, _lowering_for, to_numpy
 from lowrank_ir._ir import Graph, Node, Op, verify
 
 __all__ = ["INDEX_FILE", "SINGLE_FILE", "Checkpoint", "TensorInfo", "is_checkpoint_dir", "layer_graph",
-           "linear_layers", "open_checkpoint", "skeleton"]
+           "linear_layers", "open_checkpoint", "read_header", "skeleton"]
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ class Checkpoint:
         return max((self.folder / shard).stat().st_size for shard in self.shards)
 
 
-def _read_header(path: Path) -> dict[str, Any]:
+def read_header(path: Path) -> dict[str, Any]:
     """The JSON header of a safetensors file (8-byte little-endian length, then the JSON)."""
     with open(path, "rb") as stream:
         prefix = stream.read(8)
@@ -136,7 +136,7 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         shard_path = folder / shard
         if Path(shard).name != shard or not shard_path.is_file():
             raise FileNotFoundError(f"shard {shard!r} listed in {INDEX_FILE} is not a file in {str(folder)!r}")
-        for name, entry in _read_header(shard_path).items():
+        for name, entry in read_header(shard_path).items():
             if name == "__metadata__":
                 continue
             if weight_map is not None and weight_map.get(name) != shard:

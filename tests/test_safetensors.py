@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
-from backends.safetensors import ShardWriter  # noqa: E402
+from backends.safetensors import ShardWriter, split_by_cost  # noqa: E402
 from frontends.safetensors import INDEX_FILE, open_checkpoint  # noqa: E402
 from lowrank_ir import Decompose  # noqa: E402
 from tools.cli import main  # noqa: E402
@@ -182,3 +182,28 @@ def test_bad_folders_are_one_line_and_exit_2(tmp_path: Path, sharded: tuple[Path
         (tmp_path / "cfg").mkdir()
         (tmp_path / "cfg" / "config.json").write_text("{}")
         open_checkpoint(tmp_path / "cfg")
+
+
+def test_two_processes_write_the_same_bytes_as_one(sharded: tuple[Path, Path], tmp_path: Path, capfd) -> None:
+    source, _ = sharded
+    one, two = tmp_path / "one", tmp_path / "two"
+    common = ["--ratio", "0.5", "--divisor", "16", "--threads", "1"]
+    assert main(["decompose", str(source), "-o", str(one), *common]) == 0
+    capfd.readouterr()
+    assert main(["decompose", str(source), "-o", str(two), "--nproc", "2", *common]) == 0
+    assert "(2 processes)" in capfd.readouterr().out  # rank 0 of a 2-process torchrun wrote the folder
+    names = sorted(path.name for path in one.iterdir())
+    assert sorted(path.name for path in two.iterdir()) == names
+    for name in names:
+        assert (two / name).read_bytes() == (one / name).read_bytes(), name
+
+
+def test_layers_are_split_by_cost_largest_first() -> None:
+    owner = split_by_cost({"a": 10, "b": 7, "c": 5, "d": 3, "e": 3}, 2)
+    assert owner == {"a": 0, "b": 1, "c": 1, "d": 0, "e": 1}  # loads 13 and 15
+    assert set(split_by_cost({"x": 1}, 3).values()) == {0}
+
+
+def test_process_options_are_for_checkpoint_folders_only(capsys) -> None:
+    assert main(["decompose", "tests.models:resnet50", "-o", "unused", "--nproc", "2"]) == 2
+    assert "--nproc apply to checkpoint folders" in capsys.readouterr().err

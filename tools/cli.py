@@ -187,14 +187,13 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_decompose(args: argparse.Namespace) -> int:
-    from tools import onnx_cli
-
-    if onnx_cli.is_onnx_path(args.model):
-        return onnx_cli.decompose(args)
-    from tools import checkpoint_cli
+    from tools import checkpoint_cli, onnx_cli
 
     if checkpoint_cli.is_checkpoint_path(args.model):
         return checkpoint_cli.decompose(args)
+    checkpoint_cli.folder_only(args)
+    if onnx_cli.is_onnx_path(args.model):
+        return onnx_cli.decompose(args)
     _onnx_only(args, ["input_shape", "calib", "feeds", "tolerance", "opset"])
     import torch
 
@@ -268,6 +267,11 @@ def build_parser() -> argparse.ArgumentParser:
                                 "the output folder")
     decompose.add_argument("--report", metavar="FILE.json", help="also write the report here")
     _add_policy_args(decompose)
+    decompose.add_argument("--nproc", type=int, metavar="N",
+                           help="checkpoint folders: share the layers among N processes (torchrun, gloo); "
+                                "several machines: run torchrun --nnodes ... -m tools.cli decompose ... on each")
+    decompose.add_argument("--threads", type=int, metavar="N",
+                           help="checkpoint folders: BLAS threads per process (default: cores / processes)")
     decompose.add_argument("--calib", metavar="FEEDS.npz",
                            help="ONNX: calibration feeds (one array per input, by name) for data-aware "
                                 "decomposition; layer inputs are collected with onnxruntime")
