@@ -278,7 +278,7 @@ def _assemble_shard(checkpoint: Checkpoint, shard: str, owners: dict[str, Any], 
             names = [name for name in read_header(factors) if name != "__metadata__"]
             with safe_open(factors, framework="pt") as handle:
                 for name in names:
-                    writer.add(name, handle.get_tensor(name).clone())
+                    writer.add(name, handle.get_tensor(name))
     except BaseException:
         writer.abort()
         raise

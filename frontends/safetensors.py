@@ -73,7 +73,7 @@ class Checkpoint:
 
         info = self.tensors[name]
         with safe_open(self.folder / info.shard, framework="pt") as handle:
-            return handle.get_tensor(name).clone()
+            return handle.get_tensor(name)
 
     @property
     def largest_shard_bytes(self) -> int:

@@ -291,10 +291,10 @@ def _factor_matrix(matrix: np.ndarray, rank: int, stats: LayerStats | None, corr
     a bias shift: the layer's output is then exact on average, and its remaining error is measured
     against the input covariance instead of the second moment.
     """
+    if stats is None:  # svd_factors works on float32 weights in float64 blocks, without a float64 copy
+        left, right = _linalg.svd_factors(matrix, rank)
+        return _Factors([left, right], _linalg.svd_relative_error(matrix, left, right))
     matrix64 = matrix.astype(np.float64)
-    if stats is None:
-        left, right = _linalg.svd_factors(matrix64, rank)
-        return _Factors([left, right], _linalg.svd_relative_error(matrix64, left, right))
     if stats.cross is not None and stats.count >= COMPENSATE_ROWS_PER_FEATURE * matrix.shape[1]:
         return _compensate(matrix64, rank, stats, correct_bias)
     left, right = _linalg.whitened_svd_factors(matrix64, stats.moment, rank)

@@ -70,6 +70,7 @@ Formulas:
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -102,6 +103,9 @@ ASYMMETRY_TOLERANCE = 1e-5
 
 _TINY = float(np.finfo(np.float64).tiny)
 
+#: Rows or columns of a float32 weight converted to float64 at a time (:func:`svd_factors`).
+FLOAT64_BLOCK = 512
+
 #: The partial eigensolver (LAPACK ``syevr``, the top pairs only) replaces the full ``eigh`` when at
 #: most this fraction of the pairs is wanted...
 PARTIAL_EIGH_FRACTION = 0.2
@@ -117,9 +121,11 @@ PARTIAL_EIGH_LARGE_FRACTION = 0.6
 # validation helpers
 
 
-def _as_float64(value: ArrayLike, name: str) -> Array:
-    """Returns ``value`` as a float64 array, rejecting empty and non-finite input."""
-    array = np.asarray(value, dtype=np.float64)
+def _as_float64(value: ArrayLike, name: str, keep_float32: bool = False) -> Array:
+    """Returns ``value`` as a float64 array (or float32, kept), rejecting empty and non-finite input."""
+    array = np.asarray(value)
+    if not (keep_float32 and array.dtype == np.float32):
+        array = np.asarray(array, dtype=np.float64)
     if array.size == 0:
         raise ValueError(f"{name} has shape {array.shape!r}: it has no entries to decompose")
     if not np.all(np.isfinite(array)):
@@ -128,12 +134,27 @@ def _as_float64(value: ArrayLike, name: str) -> Array:
     return array
 
 
-def _as_matrix(value: ArrayLike, name: str) -> Array:
-    """Returns ``value`` as a finite float64 2-D array."""
+def _as_matrix(value: ArrayLike, name: str, keep_float32: bool = False) -> Array:
+    """Returns ``value`` as a finite float64 (or float32, kept) 2-D array."""
     array = np.asarray(value)
     if array.ndim != 2:
         raise ValueError(f"{name} must be a 2-D matrix [out, in], got shape {array.shape!r}")
-    return _as_float64(array, name)
+    return _as_float64(array, name, keep_float32)
+
+
+def _float64_blocks(matrix: np.ndarray, axis: int) -> Iterator[tuple[slice, Array]]:
+    """``matrix`` in float64 as ``(slice, block)`` pieces along ``axis`` (0: rows, 1: columns).
+
+    A float64 matrix is one piece, itself; a float32 one is converted ``FLOAT64_BLOCK`` rows or columns
+    at a time, so float64 arithmetic never needs a float64 copy of the whole weight.
+    """
+    if matrix.dtype == np.float64:
+        yield slice(None), matrix
+        return
+    for start in range(0, matrix.shape[axis], FLOAT64_BLOCK):
+        part = slice(start, start + FLOAT64_BLOCK)
+        block = matrix[part] if axis == 0 else matrix[:, part]
+        yield part, np.ascontiguousarray(block, dtype=np.float64)
 
 
 def _as_int(value: object, name: str) -> int:
@@ -251,15 +272,27 @@ def svd_factors(weight: ArrayLike, rank: int) -> tuple[Array, Array]:
         ValueError: If the weight is not a finite non-empty 2-D matrix or the rank is out of range.
         TypeError: If the rank is not an integer.
     """
-    matrix = _as_matrix(weight, "weight")
+    matrix = _as_matrix(weight, "weight", keep_float32=True)
     out_dim, in_dim = matrix.shape
     rank = _check_rank(rank, "rank", min(out_dim, in_dim), f"min(out={out_dim}, in={in_dim})")
+    # float64 arithmetic throughout; a float32 weight is converted a block at a time (no float64 copy).
     if out_dim <= in_dim:
-        _, basis = leading_eigh(matrix @ matrix.T, rank)  # U_r
+        gram = np.zeros((out_dim, out_dim))
+        for _, block in _float64_blocks(matrix, 1):
+            gram += block @ block.T
+        _, basis = leading_eigh(gram, rank)  # U_r
         basis *= _column_signs(basis)
-        return _balanced_split(basis, basis.T @ matrix)
-    _, right_basis = leading_eigh(matrix.T @ matrix, rank)  # V_r
-    scaled = matrix @ right_basis  # U_r S_r
+        projected = np.empty((rank, in_dim))
+        for part, block in _float64_blocks(matrix, 1):
+            projected[:, part] = basis.T @ block
+        return _balanced_split(basis, projected)
+    gram = np.zeros((in_dim, in_dim))
+    for _, block in _float64_blocks(matrix, 0):
+        gram += block.T @ block
+    _, right_basis = leading_eigh(gram, rank)  # V_r
+    scaled = np.empty((out_dim, rank))  # U_r S_r
+    for part, block in _float64_blocks(matrix, 0):
+        scaled[part] = block @ right_basis
     signs = _column_signs(scaled)
     left, right = _balanced_split(right_basis * signs, (scaled * signs).T)
     return right.T, left.T
@@ -280,8 +313,7 @@ def svd_relative_error(weight: ArrayLike, left: ArrayLike, right: ArrayLike) -> 
     Returns:
         The relative Frobenius error.
     """
-    matrix = np.asarray(weight, dtype=np.float64)
-    total = float(np.sum(matrix * matrix))
+    total = sum(float(np.sum(block * block)) for _, block in _float64_blocks(np.asarray(weight), 0))
     kept = float(np.sum(np.sum(np.square(left), axis=0) * np.sum(np.square(right), axis=1)))
     return math.sqrt(max(total - kept, 0.0) / total) if total > 0 else 0.0
 

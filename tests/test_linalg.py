@@ -130,8 +130,8 @@ def _spectrum_matrix(rng: np.random.Generator, rows: int, cols: int, spectrum: n
 
 
 def _svd_optimum(weight: np.ndarray, rank: int) -> float:
-    """The Eckart–Young relative error at ``rank``, from a full SVD."""
-    singular = np.linalg.svd(weight, compute_uv=False)
+    """The Eckart–Young relative error at ``rank``, from a full float64 SVD."""
+    singular = np.linalg.svd(weight.astype(np.float64), compute_uv=False)
     return float(np.sqrt(np.sum(singular[rank:] ** 2) / np.sum(singular**2)))
 
 
@@ -155,10 +155,13 @@ _TRUNCATION_CASES = [
 
 @pytest.mark.parametrize(("shape", "rank", "large"), _TRUNCATION_CASES)
 @pytest.mark.parametrize("kind", ["decaying", "ill-conditioned", "exactly-low-rank"])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_svd_factors_match_a_full_svd_to_1e_6(shape: tuple[int, int], rank: int, large: bool, kind: str,
-                                              request: pytest.FixtureRequest) -> None:
+                                              dtype: type, request: pytest.FixtureRequest,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
     if large:
         request.getfixturevalue("large_side_64")
+    monkeypatch.setattr(linalg_module, "FLOAT64_BLOCK", 64)  # float32 weights go through several blocks
     rng = np.random.default_rng(30)
     k = min(shape)
     if kind == "decaying":
@@ -167,13 +170,14 @@ def test_svd_factors_match_a_full_svd_to_1e_6(shape: tuple[int, int], rank: int,
         spectrum = np.logspace(0, -12, k)
     else:  # true rank below and above the requested one
         spectrum = np.where(np.arange(k) < rank // 2, np.linspace(3.0, 1.0, k), 0.0)
-    weight = _spectrum_matrix(rng, *shape, spectrum)
+    weight = _spectrum_matrix(rng, *shape, spectrum).astype(dtype)
     left, right = svd_factors(weight, rank)
+    assert left.dtype == np.float64 and right.dtype == np.float64
     optimum = _svd_optimum(weight, rank)
     assert relative_error(weight, left @ right) == pytest.approx(optimum, abs=1e-6)
     assert svd_relative_error(weight, left, right) == pytest.approx(optimum, abs=1e-6)
     # The factors are the full SVD's, signs fixed the svd_flip way (where the singular values are distinct).
-    u, singular, vt = np.linalg.svd(weight, full_matrices=False)
+    u, singular, vt = np.linalg.svd(weight.astype(np.float64), full_matrices=False)
     u, vt = svd_flip(u[:, :rank], vt[:rank])
     distinct = (singular[:rank] > 1e-6 * singular[0]) & (np.abs(np.diff(singular[: rank + 1])) > 1e-6 * singular[0])
     if kind != "exactly-low-rank":
