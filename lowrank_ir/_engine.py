@@ -390,10 +390,10 @@ def _factor_matrix(matrix: np.ndarray, rank: int, stats: LayerStats | None, corr
     a bias shift: the layer's output is then exact on average, and its remaining error is measured
     against the input covariance instead of the second moment.
     """
+    if stats is None:  # svd_factors works on float32 weights in float64 blocks, without a float64 copy
+        left, right = _linalg.svd_factors(matrix, rank)
+        return _Factors([left, right], _linalg.svd_relative_error(matrix, left, right))
     matrix64 = matrix.astype(np.float64)
-    if stats is None:
-        left, right = _linalg.svd_factors(matrix64, rank)
-        return _Factors([left, right], _linalg.relative_error(matrix64, left @ right))
     if stats.cross is not None and stats.count >= COMPENSATE_ROWS_PER_FEATURE * matrix.shape[1]:
         return _compensate(matrix64, rank, stats, correct_bias)
     left, right = _linalg.whitened_svd_factors(matrix64, stats.moment, rank)
@@ -681,11 +681,14 @@ Progress = Callable[[int, int, str], None]
 
 
 def _run_parallel(tasks: Sequence[Callable[[], _T]], names: Sequence[str], workers: int,
-                  progress: Progress | None = None) -> list[_T]:
-    """Run the layer tasks on ``workers`` threads, BLAS limited to ``cores // workers`` threads each."""
+                  progress: Progress | None = None, threads: int | None = None) -> list[_T]:
+    """Run the layer tasks on ``workers`` threads, BLAS limited to ``threads // workers`` threads each.
+
+    ``threads`` is the process's budget of threads (default: one per core).
+    """
     if not tasks:
         return []
-    blas_threads = max(1, (os.cpu_count() or 1) // workers)
+    blas_threads = max(1, (threads or os.cpu_count() or 1) // workers)
     from threadpoolctl import threadpool_limits
 
     report = progress or (lambda done, total, name: None)
@@ -705,13 +708,14 @@ def _run_parallel(tasks: Sequence[Callable[[], _T]], names: Sequence[str], worke
 
 def rewrite(graph: Graph, the_plan: Plan, stats: Mapping[str, LayerStats] | None = None,
             weights: bool = True, workers: int | None = None,
-            progress: Progress | None = None) -> RewriteResult:
+            progress: Progress | None = None, threads: int | None = None) -> RewriteResult:
     """A new graph with every decomposed layer of ``the_plan`` replaced by its factors.
 
     ``stats`` (layer name -> input statistics) makes the factorization data-aware for the layers it
     covers. ``weights=False`` builds the structure only (parameters are zero placeholders, no linear
     algebra runs). ``progress(done, total, name)`` is called as each layer finishes. ``workers``
-    threads decompose layers in parallel (default: one per core). ``graph`` itself is not changed.
+    threads decompose layers in parallel (default: one per core), sharing ``threads`` BLAS threads
+    (default: one per core). ``graph`` itself is not changed.
     """
     entries = [entry for entry in the_plan.decomposed() if entry.name in graph]
     missing = [entry.name for entry in the_plan.decomposed() if entry.name not in graph]
@@ -723,7 +727,7 @@ def rewrite(graph: Graph, the_plan: Plan, stats: Mapping[str, LayerStats] | None
         tasks = [functools.partial(_compute, graph.node(entry.name), entry, graph, stats.get(entry.name))
                  for entry in entries]
         names = [entry.name for entry in entries]
-        results = list(_run_parallel(tasks, names, _workers(workers, len(tasks)), progress))
+        results = list(_run_parallel(tasks, names, _workers(workers, len(tasks)), progress, threads))
     new = graph.copy()
     factorized: dict[str, list[str]] = dict(new.meta.get("factorized", {}))
     errors: dict[str, tuple[float, str]] = {}

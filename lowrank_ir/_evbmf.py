@@ -95,8 +95,11 @@ def evbmf_rank(matrix: ArrayLike) -> int:
     if not np.all(np.isfinite(values)):
         raise ValueError(f"matrix of shape {values.shape!r} contains NaN or Inf")
     rows, cols = values.shape
-    singular = np.linalg.svd(values, compute_uv=False)
-    squared = singular**2
+    # The squared singular values are the eigenvalues of the smaller side's Gram matrix: several times
+    # cheaper than an SVD, and exact to eps·s_1², far below any threshold EVBMF draws.
+    gram = values @ values.T if rows <= cols else values.T @ values
+    squared = np.clip(np.linalg.eigvalsh(gram)[::-1], 0.0, None)
+    singular = np.sqrt(squared)
 
     alpha = rows / cols
     tau_bar = TAU_BAR_COEFFICIENT * math.sqrt(alpha)

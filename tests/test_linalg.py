@@ -5,12 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from lowrank_ir import _linalg as linalg_module
 from lowrank_ir._linalg import (
+    leading_eigh,
     psd_sqrt,
     reconstruct_tucker2,
     relative_error,
     svd_factors,
     svd_flip,
+    svd_relative_error,
     tucker2,
     whitened_svd_factors,
 )
@@ -118,6 +121,91 @@ def test_svd_factors_balanced_and_deterministic() -> None:
     neg_left, neg_right = svd_factors(-weight, 5)
     np.testing.assert_allclose(neg_left, left, atol=1e-12)
     np.testing.assert_allclose(neg_right, -right, atol=1e-12)
+
+
+def _spectrum_matrix(rng: np.random.Generator, rows: int, cols: int, spectrum: np.ndarray) -> np.ndarray:
+    """``U diag(spectrum) Vᵀ`` with random orthonormal ``U`` and ``V``."""
+    k = spectrum.size
+    return (_orthonormal(rng, rows, k) * spectrum) @ _orthonormal(rng, cols, k).T
+
+
+def _svd_optimum(weight: np.ndarray, rank: int) -> float:
+    """The Eckart–Young relative error at ``rank``, from a full float64 SVD."""
+    singular = np.linalg.svd(weight.astype(np.float64), compute_uv=False)
+    return float(np.sqrt(np.sum(singular[rank:] ** 2) / np.sum(singular**2)))
+
+
+@pytest.fixture
+def large_side_64(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Small matrices take the partial eigensolver's large-matrix path (most pairs of a large side)."""
+    monkeypatch.setattr(linalg_module, "PARTIAL_EIGH_LARGE_SIDE", 64)
+
+
+# Shapes cover wide and tall weights and every eigensolver path: the partial one for a small fraction
+# of a side, the full one, and (sides lowered to 64) the partial one for most of a large side.
+_TRUNCATION_CASES = [
+    ((120, 300), 12, False),  # wide, partial (12 <= 0.2 * 120)
+    ((300, 120), 12, False),  # tall, partial
+    ((120, 300), 60, False),  # wide, full eigh
+    ((300, 120), 90, False),  # tall, full eigh
+    ((160, 200), 90, True),  # wide, partial as on a large side
+    ((200, 160), 90, True),  # tall, partial as on a large side
+]
+
+
+@pytest.mark.parametrize(("shape", "rank", "large"), _TRUNCATION_CASES)
+@pytest.mark.parametrize("kind", ["decaying", "ill-conditioned", "exactly-low-rank"])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_svd_factors_match_a_full_svd_to_1e_6(shape: tuple[int, int], rank: int, large: bool, kind: str,
+                                              dtype: type, request: pytest.FixtureRequest,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    if large:
+        request.getfixturevalue("large_side_64")
+    monkeypatch.setattr(linalg_module, "FLOAT64_BLOCK", 64)  # float32 weights go through several blocks
+    rng = np.random.default_rng(30)
+    k = min(shape)
+    if kind == "decaying":
+        spectrum = np.exp(-np.arange(k) / (k / 8))
+    elif kind == "ill-conditioned":  # condition number 1e12, the truncation deep in the tail
+        spectrum = np.logspace(0, -12, k)
+    else:  # true rank below and above the requested one
+        spectrum = np.where(np.arange(k) < rank // 2, np.linspace(3.0, 1.0, k), 0.0)
+    weight = _spectrum_matrix(rng, *shape, spectrum).astype(dtype)
+    left, right = svd_factors(weight, rank)
+    assert left.dtype == np.float64 and right.dtype == np.float64
+    optimum = _svd_optimum(weight, rank)
+    assert relative_error(weight, left @ right) == pytest.approx(optimum, abs=1e-6)
+    assert svd_relative_error(weight, left, right) == pytest.approx(optimum, abs=1e-6)
+    # The factors are the full SVD's, signs fixed the svd_flip way (where the singular values are distinct).
+    u, singular, vt = np.linalg.svd(weight.astype(np.float64), full_matrices=False)
+    u, vt = svd_flip(u[:, :rank], vt[:rank])
+    distinct = (singular[:rank] > 1e-6 * singular[0]) & (np.abs(np.diff(singular[: rank + 1])) > 1e-6 * singular[0])
+    if kind != "exactly-low-rank":
+        np.testing.assert_allclose(left[:, distinct] / np.sqrt(singular[:rank][distinct]), u[:, distinct],
+                                   atol=1e-5)
+        np.testing.assert_allclose(right[distinct] / np.sqrt(singular[:rank][distinct, None]), vt[distinct],
+                                   atol=1e-5)
+
+
+@pytest.mark.parametrize(("size", "rank"), [(200, 10), (200, 150), (200, 100), (200, 199)])
+def test_leading_eigh_is_the_top_of_a_full_eigh(size: int, rank: int, large_side_64: None) -> None:
+    rng = np.random.default_rng(31)
+    factor = rng.standard_normal((size, size + 8))
+    symmetric = factor @ factor.T
+    values, vectors = leading_eigh(symmetric, rank)
+    expected = np.linalg.eigvalsh(symmetric)[::-1][:rank]
+    np.testing.assert_allclose(values, expected, rtol=1e-9)
+    assert vectors.shape == (size, rank) and vectors.flags.c_contiguous
+    np.testing.assert_allclose(vectors.T @ vectors, np.eye(rank), atol=1e-9)
+    np.testing.assert_allclose(symmetric @ vectors, vectors * values, atol=1e-7 * values[0])
+
+
+def test_svd_relative_error_of_exact_and_zero_weights() -> None:
+    rng = np.random.default_rng(32)
+    weight = rng.standard_normal((9, 4)) @ rng.standard_normal((4, 14))
+    left, right = svd_factors(weight, 4)
+    assert svd_relative_error(weight, left, right) < 1e-7
+    assert svd_relative_error(np.zeros((3, 5)), np.zeros((3, 2)), np.zeros((2, 5))) == 0.0
 
 
 # ------------------------------------------------------------------------------------------

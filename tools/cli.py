@@ -2,8 +2,9 @@
 
 Commands:
   demo        the main job on a built-in model (no downloads)
-  decompose   decompose a PyTorch model given as ``module:factory`` (+ weights) and save it, or an ONNX
-              file (``MODEL.onnx -o OUT.onnx``, validated in onnxruntime; see ``tools/onnx_cli.py``)
+  decompose   decompose a PyTorch model given as ``module:factory`` (+ weights) and save it, an ONNX
+              file (``MODEL.onnx -o OUT.onnx``, validated in onnxruntime; see ``tools/onnx_cli.py``), or a
+              Hugging Face checkpoint folder (``MODEL_DIR -o OUT_DIR``; see ``tools/checkpoint_cli.py``)
   inspect     per-layer table of a model: shapes, chosen ranks, parameters and FLOPs before/after
   convert     rebuild an ONNX file as a trainable PyTorch or MindSpore model, saved as a folder
               (``MODEL.onnx --to torch|mindspore -o OUT``; see ``tools/parity_cli.py``)
@@ -246,8 +247,11 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_decompose(args: argparse.Namespace) -> int:
-    from tools import onnx_cli
+    from tools import checkpoint_cli, onnx_cli
 
+    if checkpoint_cli.is_checkpoint_path(args.model):
+        return checkpoint_cli.decompose(args)
+    checkpoint_cli.folder_only(args)
     if onnx_cli.is_onnx_path(args.model):
         return onnx_cli.decompose(args)
     _onnx_only(args, ["input_shape", "calib", "feeds", "tolerance", "opset"])
@@ -325,14 +329,21 @@ def build_parser() -> argparse.ArgumentParser:
         description="Decompose an ONNX model (MODEL.onnx -o OUT.onnx: checked, validated against the original "
                     "in onnxruntime, written atomically), or a PyTorch model given as module:factory (its state "
                     "dict, decompose_config.json and report.json saved in the -o folder).")
-    decompose.add_argument("model", help="an ONNX file (MODEL.onnx), or a PyTorch model as 'module:factory' "
-                                         "(e.g. tests.models:resnet50)")
+    decompose.add_argument("model", help="an ONNX file (MODEL.onnx), a PyTorch model as 'module:factory' "
+                                         "(e.g. tests.models:resnet50), or a Hugging Face checkpoint folder "
+                                         "(config.json + safetensors shards: streamed layer by layer)")
     decompose.add_argument("--weights", metavar="FILE", help="PyTorch: state dict (.pt) to load into the model")
     decompose.add_argument("-o", "--output", required=True, metavar="OUT",
                            help="ONNX: the decomposed model's file (OUT.onnx); PyTorch: the output folder (created, "
-                                "or an existing one receives the three files; nothing else in it is touched)")
+                                "or an existing one receives the three files; nothing else in it is touched); "
+                                "checkpoint folders: a new output folder")
     decompose.add_argument("--report", metavar="FILE.json", help="also write the report here")
     _add_policy_args(decompose)
+    decompose.add_argument("--nproc", type=int, metavar="N",
+                           help="checkpoint folders: share the layers among N processes (torchrun, gloo); "
+                                "several machines: run torchrun --nnodes ... -m tools.cli decompose ... on each")
+    decompose.add_argument("--threads", type=int, metavar="N",
+                           help="checkpoint folders: BLAS threads per process (default: cores / processes)")
     decompose.add_argument("--calib", metavar="FEEDS.npz",
                            help="ONNX: calibration feeds (one array per input, by name) for data-aware "
                                 "decomposition; layer inputs are collected with onnxruntime")

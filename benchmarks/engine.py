@@ -1,0 +1,309 @@
+"""Engine speed and memory against the reference tool, side by side in one process.
+
+Run:  python -m benchmarks.engine [--cases resnet50-ratio,resnet50-vbmf,minilm,llama,checkpoint]
+                                  [--repeat 1] [--threads N] [--no-reference]
+
+Rows (both tools get the same model; the reference replaces layers in place, so it works on a copy made
+before its clock starts):
+
+* ``resnet50-ratio``: ResNet-50 (torchvision layout, seeded init), ``from_ratio(0.5)``.
+* ``resnet50-vbmf``: the same, ``from_vbmf()`` (EVBMF ranks, then Tucker-2/SVD at them).
+* ``minilm``: all-MiniLM-L6-v2 with its real weights, the encoder's Linear layers at ratio 0.5
+  (``from_dict``), data-free.
+* ``llama``: a Llama-shaped stack, 4 blocks of hidden 2048 and MLP 5504 (q/k/v/o, gate/up/down
+  Linear layers, no bias), float32, 0.75 GiB.
+
+* ``checkpoint``: the same Llama shape (2 blocks: the bound does not depend on their number) as a
+  transformers ``LlamaForCausalLM`` checkpoint folder
+  (vocabulary 1024, float32, ``save_pretrained(max_shard_size="200MB")``), decomposed by
+  ``lowrank decompose MODEL_DIR -o OUT_DIR --ratio 0.5`` in a fresh process (ours only: the reference
+  has no such path). Its peak RSS (sampled every 2 ms) above the process's RSS before the call (after
+  importing the model class and scipy) is set against the bound "largest input shard + 3 x the
+  largest layer's weight in float64".
+
+Each row gives the seconds of the whole ``decompose_network`` call (ranks chosen beforehand, as a
+user calls it), the peak resident memory above the process's at the call's start (sampled every
+5 ms) as a multiple of the model's parameter bytes, whether both tools chose the same ranks, and the
+mean relative reconstruction error ``||W - W'|| / ||W||`` of the decomposed layers for each tool. With
+``--repeat`` the runs are interleaved (ours, reference, ours, ...) and the best time is kept, so load
+from other jobs falls on both alike; read the ratio. BLAS and torch use ``--threads`` threads (default:
+all cores) in both tools; our engine splits them between layer workers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+class PeakRSS:
+    """Samples this process's resident memory in a thread; ``peak`` is the largest value seen (bytes)."""
+
+    def __init__(self, interval: float = 0.005) -> None:
+        import psutil
+
+        self._process = psutil.Process()
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self.start = 0
+        self.peak = 0
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._process.memory_info().rss)
+            time.sleep(self._interval)
+
+    def __enter__(self) -> PeakRSS:
+        self.start = self.peak = self._process.memory_info().rss
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._process.memory_info().rss)
+
+    @property
+    def extra(self) -> int:
+        return self.peak - self.start
+
+
+@dataclass
+class Run:
+    seconds: float
+    extra_bytes: int
+    config: dict[str, Any]
+    error: float
+
+
+@dataclass
+class Case:
+    title: str
+    build: Callable[[], Any]
+    choose: Callable[[Any], Any]  # a Decompose (either tool's) -> it, ranks chosen
+
+
+def _llama_stack(blocks: int = 4, hidden: int = 2048, mlp: int = 5504) -> Any:
+    import torch
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                setattr(self, name, nn.Linear(hidden, hidden, bias=False))
+            self.gate_proj = nn.Linear(hidden, mlp, bias=False)
+            self.up_proj = nn.Linear(hidden, mlp, bias=False)
+            self.down_proj = nn.Linear(mlp, hidden, bias=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = x + self.o_proj(self.v_proj(x) * torch.sigmoid(self.q_proj(x) * self.k_proj(x)))
+            return x + self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+
+    torch.manual_seed(0)
+    return nn.Sequential(*[Block() for _ in range(blocks)]).eval()
+
+
+def _resnet50() -> Any:
+    from tests.models import resnet50
+
+    return resnet50()
+
+
+def _minilm() -> Any:
+    from benchmarks import minilm
+
+    return minilm.load()[1]
+
+
+def _minilm_rules(decomposer: Any) -> Any:
+    from benchmarks import minilm
+
+    return decomposer.from_dict(minilm.ENCODER_RULES)
+
+
+CASES = {
+    "resnet50-ratio": Case("ResNet-50 from_ratio(0.5)", _resnet50, lambda d: d.from_ratio(0.5)),
+    "resnet50-vbmf": Case("ResNet-50 from_vbmf()", _resnet50, lambda d: d.from_vbmf()),
+    "minilm": Case("all-MiniLM-L6-v2 encoder from_dict(0.5), data-free", _minilm, _minilm_rules),
+    "llama": Case("Llama-shaped stack, 4 x (2048, MLP 5504), fp32", _llama_stack, lambda d: d.from_ratio(0.5)),
+}
+
+
+def _mean_error(original: dict[str, Any], decomposed: dict[str, Any], config: dict[str, Any]) -> float:
+    """Mean ``||W - W'|| / ||W||`` over the decomposed layers, W' multiplied back from the factors."""
+    from lowrank_ir._linalg import reconstruct_tucker2, relative_error
+
+    errors = []
+    for name in config:
+        weight = original[f"{name}.weight"].detach().double().numpy()
+        parts = [decomposed[f"{name}.{index}.weight"].detach().double().numpy() for index in range(3)
+                 if f"{name}.{index}.weight" in decomposed]
+        if len(parts) == 2:
+            approx = parts[1] @ parts[0]
+        else:
+            first, core, last = parts
+            approx = reconstruct_tucker2(last.reshape(last.shape[:2]), core, first.reshape(first.shape[:2]))
+        errors.append(relative_error(weight, approx.reshape(weight.shape)))
+    return float(np.mean(errors))
+
+
+def _as_lists(config: dict[str, Any]) -> dict[str, Any]:
+    """A decompose_config with conv ranks as lists (the reference gives tuples)."""
+    return {name: list(rank) if isinstance(rank, (list, tuple)) else rank for name, rank in config.items()}
+
+
+def _run(decompose: Any, model: Any, case: Case, mutates: bool) -> Run:
+    work = copy.deepcopy(model) if mutates else model
+    decomposer = case.choose(decompose(work))
+    config = dict(decomposer.decompose_config)
+    gc.collect()
+    with PeakRSS() as memory:
+        start = time.perf_counter()
+        result = decomposer.decompose_network()
+        seconds = time.perf_counter() - start
+    error = _mean_error(model.state_dict(), result.state_dict(), config)
+    del result, decomposer, work
+    gc.collect()
+    return Run(seconds, memory.extra, config, error)
+
+
+_STREAM_CHILD = """
+import json, sys, time
+sys.path.insert(0, {root!r})
+import numpy as np, scipy.linalg
+from backends.safetensors import decompose_checkpoint
+from benchmarks.engine import PeakRSS
+from frontends.safetensors import linear_layers, open_checkpoint
+from lowrank_ir import Policy
+# Warm up: import the model class and scipy's eigensolver, so that the baseline holds the code.
+linear_layers(open_checkpoint({source!r}))
+scipy.linalg.eigh(np.eye(8), subset_by_index=(6, 7), driver="evr")
+with PeakRSS(0.002) as memory:
+    start = time.perf_counter()
+    result = decompose_checkpoint({source!r}, {target!r}, Policy.ratio(0.5))
+    seconds = time.perf_counter() - start
+print(json.dumps({{"baseline": memory.start, "peak": memory.peak, "seconds": seconds,
+                  "largest_shard": result.largest_input_shard, "layers": len(result.decompose_config)}}))
+"""
+
+
+def checkpoint_row(blocks: int = 2, hidden: int = 2048, mlp: int = 5504) -> str:
+    """Write the Llama-shaped checkpoint, stream it through a fresh process, report its peak RSS."""
+    import json
+    import subprocess
+    import tempfile
+
+    import torch
+    import transformers
+
+    config = transformers.LlamaConfig(vocab_size=1024, hidden_size=hidden, intermediate_size=mlp,
+                                      num_hidden_layers=blocks, num_attention_heads=16, num_key_value_heads=16,
+                                      tie_word_embeddings=False)
+    with tempfile.TemporaryDirectory(prefix="lowrank-bench-") as tmp:
+        torch.manual_seed(0)
+        model = transformers.LlamaForCausalLM(config)
+        model.save_pretrained(Path(tmp) / "src", max_shard_size="200MB")
+        model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        del model
+        gc.collect()
+        (Path(tmp) / "out").mkdir()
+        code = _STREAM_CHILD.format(root=str(ROOT), source=str(Path(tmp) / "src"), target=str(Path(tmp) / "out"))
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        figures = json.loads(done.stdout.strip().splitlines()[-1])
+    extra = figures["peak"] - figures["baseline"]
+    layer64 = hidden * mlp * 8
+    bound = figures["largest_shard"] + 3 * layer64
+    mib = 1 << 20
+    return (f"checkpoint folder, {blocks} x (hidden {hidden}, MLP {mlp}), fp32, {model_bytes / mib:.0f} MiB: "
+            f"{figures['layers']} layers in {figures['seconds']:.1f} s; peak RSS above start {extra / mib:.0f} MiB "
+            f"(x{extra / model_bytes:.2f} the model) against the bound largest shard "
+            f"{figures['largest_shard'] / mib:.0f} MiB + 3 x {layer64 / mib:.0f} MiB = {bound / mib:.0f} MiB: "
+            f"{'within' if extra <= bound else 'ABOVE'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    choices = [*CASES, "checkpoint"]
+    parser.add_argument("--cases", default=",".join(choices), help=f"comma-separated, of {', '.join(choices)}")
+    parser.add_argument("--repeat", type=int, default=1, help="interleaved runs per tool; the best is kept")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="BLAS/torch threads")
+    parser.add_argument("--no-reference", action="store_true", help="skip the reference tool")
+    args = parser.parse_args(argv)
+    names = [name.strip() for name in args.cases.split(",") if name.strip()]
+    unknown = [name for name in names if name not in choices]
+    if unknown:
+        parser.error(f"unknown case(s) {unknown!r}; choose from {', '.join(choices)}")
+
+    import logging
+
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    import lowrank_ir
+    from lowrank_ir import Decompose
+
+    logging.disable(logging.INFO)  # the reference logs every layer
+    torch.set_num_threads(args.threads)
+    reference: Any = None
+    if not args.no_reference:
+        try:
+            from msmodelslim.pytorch.low_rank_decompose import Decompose as reference
+        except ImportError:
+            print("(reference tool not installed: pip install msmodelslim==26.1.0)")
+    print(f"lowrank-ir {lowrank_ir.__version__}; {os.cpu_count()} cores, {args.threads} threads; "
+          f"load average {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    header = (f"{'case':<52} {'ours s':>8} {'ref s':>8} {'ref/ours':>8} {'ours mem':>9} {'ref mem':>8} "
+              f"{'ranks':>6} {'ours err':>9} {'ref err':>8}")
+    print(header)
+    with threadpool_limits(limits=args.threads, user_api="blas"):
+        for name in names:
+            if name == "checkpoint":
+                print(checkpoint_row(), flush=True)
+                continue
+            case = CASES[name]
+            model = case.build()
+            model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+            ours: Run | None = None
+            ref: Run | None = None
+            for _ in range(args.repeat):
+                run = _run(Decompose, model, case, mutates=False)
+                ours = run if ours is None or run.seconds < ours.seconds else ours
+                if reference is not None:
+                    run = _run(reference, model, case, mutates=True)
+                    ref = run if ref is None or run.seconds < ref.seconds else ref
+            assert ours is not None
+            line = f"{case.title:<52} {ours.seconds:8.2f} "
+            if ref is not None:
+                same = "same" if _as_lists(ref.config) == _as_lists(ours.config) else "DIFFER"
+                line += (f"{ref.seconds:8.2f} {ref.seconds / ours.seconds:7.2f}x "
+                         f"{ours.extra_bytes / model_bytes:8.2f}x {ref.extra_bytes / model_bytes:7.2f}x "
+                         f"{same:>6} {ours.error:9.5f} {ref.error:8.5f}")
+            else:
+                line += f"{'-':>8} {'-':>8} {ours.extra_bytes / model_bytes:8.2f}x {'-':>8} {'-':>6} {ours.error:9.5f}"
+            print(line, flush=True)
+            del model
+            gc.collect()
+    print(f"model size: parameter bytes; memory: peak RSS above the call's start, x model size. "
+          f"load average after: {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

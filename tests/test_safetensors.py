@@ -1,0 +1,233 @@
+"""Hugging Face checkpoint folders in, checkpoint folders out: streamed layer by layer, same result as in memory."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+safetensors_torch = pytest.importorskip("safetensors.torch")
+
+from backends.safetensors import ShardWriter, split_by_cost  # noqa: E402
+from frontends.safetensors import INDEX_FILE, open_checkpoint  # noqa: E402
+from lowrank_ir import Decompose  # noqa: E402
+from tools.cli import main  # noqa: E402
+
+EMBEDDING = "model.embed_tokens"
+
+
+def _llama(dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.nn.Module:
+    config = transformers.LlamaConfig(vocab_size=96, hidden_size=128, intermediate_size=352, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(config).to(dtype).eval()
+
+
+def _save(model: torch.nn.Module, folder: Path, max_shard_size: str | None) -> Path:
+    if max_shard_size is None:
+        model.save_pretrained(folder)
+    else:
+        model.save_pretrained(folder, max_shard_size=max_shard_size)
+    return folder
+
+
+def _load_folder(folder: Path) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        state.update(safetensors_torch.load_file(path))
+    return state
+
+
+def _logits(model: torch.nn.Module) -> torch.Tensor:
+    ids = torch.arange(24).reshape(2, 12) % 96
+    with torch.no_grad():
+        return model(input_ids=ids).logits.float()
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A 3+-shard float32 Llama checkpoint and its decomposition through the command line."""
+    root = tmp_path_factory.mktemp("checkpoint")
+    source = _save(_llama(), root / "src", "400KB")
+    target = root / "out"
+    assert main(["decompose", str(source), "-o", str(target), "--ratio", "0.5", "--divisor", "16"]) == 0
+    return source, target
+
+
+def test_output_folder_keeps_the_layout_with_reference_names(sharded: tuple[Path, Path]) -> None:
+    source, target = sharded
+    shards = sorted(path.name for path in source.glob("*.safetensors"))
+    assert len(shards) >= 3
+    assert sorted(path.name for path in target.glob("*.safetensors")) == shards
+    for name in ("config.json", "generation_config.json", INDEX_FILE, "decompose_config.json", "report.json"):
+        assert (target / name).is_file(), name
+    assert not [path.name for path in target.iterdir() if path.name.startswith(".")]  # no side files left
+    index = json.loads((target / INDEX_FILE).read_text())
+    state = _load_folder(target)
+    assert set(index["weight_map"]) == set(state)
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in state.values())
+    for name, shard in index["weight_map"].items():
+        assert name in safetensors_torch.load_file(target / shard)
+    config = json.loads((target / "decompose_config.json").read_text())
+    assert "model.layers.0.mlp.up_proj" in config and "lm_head" in config and EMBEDDING not in config
+    for layer in config:
+        assert f"{layer}.weight" not in state
+        assert {f"{layer}.0.weight", f"{layer}.1.weight"} <= set(state)
+    assert f"{EMBEDDING}.weight" in state and "model.norm.weight" in state
+    report = json.loads((target / "report.json").read_text())
+    assert {row["name"] for row in report["layers"] if row["rank"]} == set(config)
+
+
+def test_rebuilt_structure_matches_decomposing_in_memory(sharded: tuple[Path, Path]) -> None:
+    source, target = sharded
+    original = transformers.LlamaForCausalLM.from_pretrained(source).eval()
+    decomposer = Decompose(original).from_ratio(0.5, excludes=[EMBEDDING], divisor=16)
+    in_memory = decomposer.decompose_network()
+    streamed_config = json.loads((target / "decompose_config.json").read_text())
+    assert streamed_config == decomposer.decompose_config
+    # The structure-only recipe, then the streamed weights.
+    rebuilt = Decompose(_llama(seed=1), config_file=target / "decompose_config.json").from_file() \
+        .decompose_network(do_decompose_weight=False)
+    rebuilt.load_state_dict(_load_folder(target), strict=True)
+    expected, got = _logits(in_memory), _logits(rebuilt)
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+    assert not torch.allclose(_logits(original), got, atol=1e-3)  # the decomposition did change the model
+    for name, tensor in in_memory.state_dict().items():
+        np.testing.assert_allclose(rebuilt.state_dict()[name].numpy(), tensor.numpy(), rtol=1e-4, atol=1e-5,
+                                   err_msg=name)
+
+
+def test_same_input_gives_byte_identical_output(sharded: tuple[Path, Path], tmp_path: Path) -> None:
+    source, target = sharded
+    again = tmp_path / "again"
+    assert main(["decompose", str(source), "-o", str(again), "--ratio", "0.5", "--divisor", "16"]) == 0
+    for path in sorted(target.iterdir()):
+        assert (again / path.name).read_bytes() == path.read_bytes(), path.name
+
+
+def test_bfloat16_single_file_stays_bfloat16_and_unsharded(tmp_path: Path) -> None:
+    model = _llama(torch.bfloat16)
+    source = _save(model, tmp_path / "src", None)
+    assert not (source / INDEX_FILE).exists()
+    target = tmp_path / "out"
+    assert main(["decompose", str(source), "-o", str(target), "--dict", str(_rules(tmp_path)),
+                 "--divisor", "16"]) == 0
+    assert sorted(path.name for path in target.glob("*.safetensors")) == ["model.safetensors"]
+    assert not (target / INDEX_FILE).exists()
+    state = _load_folder(target)
+    assert {tensor.dtype for tensor in state.values()} == {torch.bfloat16}
+    config = json.loads((target / "decompose_config.json").read_text())
+    assert sorted(config) == [f"model.layers.{i}.mlp.{p}" for i in range(2) for p in ("down_proj", "gate_proj",
+                                                                                         "up_proj")]
+    original = model.state_dict()
+    for name in ("model.layers.0.self_attn.q_proj.weight", "lm_head.weight", f"{EMBEDDING}.weight"):
+        assert torch.equal(state[name], original[name])  # left alone: the same bits
+    up = "model.layers.1.mlp.up_proj"
+    product = state[f"{up}.1.weight"].float() @ state[f"{up}.0.weight"].float()
+    weight = original["model.layers.1.mlp.up_proj.weight"].float()
+    assert float((weight - product).norm() / weight.norm()) < 0.9
+
+
+def _rules(folder: Path) -> Path:
+    path = folder / "rules.json"
+    path.write_text(json.dumps({r"\.mlp\.": 0.5}))
+    return path
+
+
+def test_shard_writer_output_loads_with_safetensors(tmp_path: Path) -> None:
+    tensors = {"a": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.ones(3, dtype=torch.bfloat16),
+               "c": torch.tensor(7, dtype=torch.int64), "d": torch.zeros(0, 4)}
+    writer = ShardWriter(tmp_path / "x.safetensors")
+    for name, tensor in tensors.items():
+        writer.add(name, tensor)
+    writer.close()
+    loaded = safetensors_torch.load_file(tmp_path / "x.safetensors")
+    assert loaded.keys() == tensors.keys()
+    for name, tensor in tensors.items():
+        assert loaded[name].dtype == tensor.dtype and torch.equal(loaded[name], tensor)
+    assert [path.name for path in tmp_path.iterdir()] == ["x.safetensors"]
+    with pytest.raises(ValueError, match="'a' is written twice"):
+        again = ShardWriter(tmp_path / "y.safetensors")
+        again.add("a", tensors["a"])
+        try:
+            again.add("a", tensors["a"])
+        finally:
+            again.abort()
+
+
+def test_bad_folders_are_one_line_and_exit_2(tmp_path: Path, sharded: tuple[Path, Path], capsys) -> None:
+    source, _ = sharded
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = tmp_path / "out"
+    assert main(["decompose", str(empty), "-o", str(out)]) == 2
+    assert "has no config.json" in capsys.readouterr().err
+    assert main(["decompose", str(source), "-o", str(out), "--energy", "0.9"]) == 2
+    assert "--energy cannot be used with a checkpoint folder" in capsys.readouterr().err
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for path in source.iterdir():
+        (broken / path.name).write_bytes(path.read_bytes())
+    first_shard = sorted(broken.glob("*.safetensors"))[0]
+    first_shard.unlink()
+    assert main(["decompose", str(broken), "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and first_shard.name in err
+    assert not out.exists()
+    with pytest.raises(FileNotFoundError, match="has neither model.safetensors nor"):
+        (tmp_path / "cfg").mkdir()
+        (tmp_path / "cfg" / "config.json").write_text("{}")
+        open_checkpoint(tmp_path / "cfg")
+
+
+def test_output_folder_rules_hold_for_checkpoint_folders(sharded: tuple[Path, Path], tmp_path: Path, capsys) -> None:
+    source, _ = sharded
+    common = ["--ratio", "0.5", "--divisor", "16", "--threads", "1"]
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("the user's own file\n")
+    for force in ([], ["--force"]):  # never replaced, refused before any work
+        assert main(["decompose", str(source), "-o", str(mine), *force, *common]) == 2
+        assert "holds 'notes.txt', which this command does not write" in capsys.readouterr().err
+    assert sorted(path.name for path in mine.iterdir()) == ["notes.txt"]
+    out, report = tmp_path / "out", tmp_path / "nodir" / "report.json"
+    assert main(["decompose", str(source), "-o", str(out), "--report", str(report), *common]) == 2
+    assert not out.exists()  # the report's folder is checked before any work
+    report = tmp_path / "report.json"
+    assert main(["decompose", str(source), "-o", str(out), "--report", str(report), *common]) == 0
+    assert report.is_file() and (out / "report.json").read_text() == report.read_text()
+    first = (out / "decompose_config.json").read_text()
+    assert main(["decompose", str(source), "-o", str(out), *common]) == 2  # an earlier run's folder: --force
+    assert "add --force" in capsys.readouterr().err
+    assert main(["decompose", str(source), "-o", str(out), "--force", *common]) == 0
+    assert (out / "decompose_config.json").read_text() == first
+    capsys.readouterr()
+
+
+def test_two_processes_write_the_same_bytes_as_one(sharded: tuple[Path, Path], tmp_path: Path, capfd) -> None:
+    source, _ = sharded
+    one, two = tmp_path / "one", tmp_path / "two"
+    common = ["--ratio", "0.5", "--divisor", "16", "--threads", "1"]
+    assert main(["decompose", str(source), "-o", str(one), *common]) == 0
+    capfd.readouterr()
+    assert main(["decompose", str(source), "-o", str(two), "--nproc", "2", *common]) == 0
+    assert "(2 processes)" in capfd.readouterr().out  # rank 0 of a 2-process torchrun wrote the folder
+    names = sorted(path.name for path in one.iterdir())
+    assert sorted(path.name for path in two.iterdir()) == names
+    for name in names:
+        assert (two / name).read_bytes() == (one / name).read_bytes(), name
+
+
+def test_layers_are_split_by_cost_largest_first() -> None:
+    owner = split_by_cost({"a": 10, "b": 7, "c": 5, "d": 3, "e": 3}, 2)
+    assert owner == {"a": 0, "b": 1, "c": 1, "d": 0, "e": 1}  # loads 13 and 15
+    assert set(split_by_cost({"x": 1}, 3).values()) == {0}
+
+
+def test_process_options_are_for_checkpoint_folders_only(capsys) -> None:
+    assert main(["decompose", "tests.models:resnet50", "-o", "unused", "--nproc", "2"]) == 2
+    assert "--nproc apply to checkpoint folders" in capsys.readouterr().err
