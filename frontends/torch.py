@@ -27,7 +27,7 @@ from lowrank_ir._budget import first_elements, relative_output_errors
 from lowrank_ir._engine import stats_from_sums
 
 __all__ = ["LOWERINGS", "collect_cross_stats", "collect_stats", "count_parameters", "execution_groups", "lower",
-           "register_lowering", "to_numpy"]
+           "lowering_for", "register_lowering", "to_numpy"]
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +92,8 @@ def _lower_embedding(name: str, module: nn.Module) -> Node:
     return Node(Op.EMBEDDING, name, attrs, {"weight": f"{name}.weight" if name else "weight"})
 
 
-def _lowering_for(module: nn.Module) -> tuple[type[nn.Module], Lowering] | None:
+def lowering_for(module: nn.Module) -> tuple[type[nn.Module], Lowering] | None:
+    """The registered class in ``module``'s class hierarchy and its lowering; None for a non-layer."""
     for cls in type(module).__mro__:
         if cls in LOWERINGS:
             return cls, LOWERINGS[cls]
@@ -127,7 +128,7 @@ def _lock_reasons(model: nn.Module) -> dict[str, str]:
     for name, param in model.named_parameters(remove_duplicate=False):
         params_by_id.setdefault(id(param), []).append(name)
     for name, module in model.named_modules():
-        found = _lowering_for(module)
+        found = lowering_for(module)
         if found is None:
             continue
         base, _ = found
@@ -177,7 +178,7 @@ def lower(model: nn.Module) -> Graph:
     computed: dict[str, np.ndarray] = {}
     graph = Graph(meta={"source": "torch", "model_type": type(model).__qualname__, "dtypes": dtypes})
     for name, module in model.named_modules():
-        found = _lowering_for(module)
+        found = lowering_for(module)
         try:
             if found is not None:
                 node = found[1](name, module)

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-__all__ = ["FRAMEWORKS", "Framework", "backend_for", "framework_of", "frontend_for", "register_framework"]
+__all__ = ["ADAPTERS", "FRAMEWORKS", "Framework", "adapter", "backend_for", "framework_of", "frontend_for",
+           "register_framework"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,3 +74,14 @@ def frontend_for(model: Any) -> ModuleType:
 def backend_for(model: Any) -> ModuleType:
     name = framework_of(model)
     return _load(FRAMEWORKS[name].backend, "backend", name)
+
+
+#: Libraries whose model files the core reads and writes through an adapter module (loaded on first use).
+ADAPTERS: dict[str, str] = {"transformers": "backends.huggingface"}
+
+
+def adapter(library: str) -> ModuleType:
+    """The adapter module for ``library`` (a key of :data:`ADAPTERS`), imported now."""
+    if library not in ADAPTERS:
+        raise ValueError(f"no adapter for {library!r}; adapters exist for: {', '.join(sorted(ADAPTERS))}")
+    return _load(ADAPTERS[library], "adapter", library)

