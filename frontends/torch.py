@@ -2,10 +2,17 @@
 
 Mirrors ``backends/torch.py``: what is lowered here as a layer node, the backend can build.
 Lowered layers: ``nn.Linear``, ``nn.Conv1d``/``Conv2d``/``Conv3d`` and ``nn.Embedding`` (subclasses
-too, unless they override ``forward``). Every other module that owns parameters or buffers becomes
-an ``Opaque`` node carrying them, so the graph holds the whole state dict.
+too, unless they override ``forward``), and transformers' ``Conv1D`` (GPT-2's projections: ``y = x W + b``
+with ``W`` stored ``[in, out]``), which is lowered as a ``Linear`` whose weight is ``W`` transposed. Its
+parts are built as ``nn.Linear`` layers, so a decomposed ``c_attn`` is an ``nn.Sequential`` of two
+``nn.Linear`` (``c_attn.0.weight`` ``[r, in]``, ``c_attn.1.weight`` ``[out, r]``), like every other
+decomposed Linear. Layers of other libraries are registered by class path (:data:`LOWERINGS_BY_PATH`),
+so the library is never imported here. Every other module that owns parameters or buffers becomes an
+``Opaque`` node carrying them, so the graph holds the whole state dict.
 
-The graph's arrays share memory with the model's CPU tensors (no copy) and are marked read-only.
+The graph's arrays share memory with the model's CPU tensors (no copy) and are marked read-only. A
+weight the model stores transposed is held in the graph in the layer's IR layout (a transposed view);
+``graph.meta["transposed_params"]`` names such params, whose state-dict tensor is the transpose.
 """
 
 from __future__ import annotations
@@ -26,8 +33,9 @@ from lowrank_ir import Graph, LayerStats, Node, Op, verify
 from lowrank_ir._budget import first_elements, relative_output_errors
 from lowrank_ir._engine import stats_from_sums
 
-__all__ = ["LOWERINGS", "collect_cross_stats", "collect_stats", "count_parameters", "execution_groups", "lower",
-           "lowering_for", "register_lowering", "to_numpy"]
+__all__ = ["LOWERINGS", "LOWERINGS_BY_PATH", "TRANSPOSED_WEIGHTS", "collect_cross_stats", "collect_stats",
+           "count_parameters", "execution_groups", "lower", "lowering_for", "register_lowering", "to_numpy",
+           "transposed_weights"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,10 +45,21 @@ Lowering = Callable[[str, nn.Module], Node]
 LOWERINGS: dict[type[nn.Module], Lowering] = {}
 
 
-def register_lowering(*module_types: type[nn.Module]) -> Callable[[Lowering], Lowering]:
+#: ``"module.QualName"`` of a layer class of another library -> its lowering (the library is not imported).
+LOWERINGS_BY_PATH: dict[str, Lowering] = {}
+
+#: Class paths of layers that store their weight transposed (``[in, out]``) against their IR layout.
+TRANSPOSED_WEIGHTS: set[str] = set()
+
+
+def register_lowering(*module_types: type[nn.Module] | str) -> Callable[[Lowering], Lowering]:
+    """Register a lowering for module classes, or for class paths (``"transformers.pytorch_utils.Conv1D"``)."""
     def decorate(function: Lowering) -> Lowering:
         for module_type in module_types:
-            LOWERINGS[module_type] = function
+            if isinstance(module_type, str):
+                LOWERINGS_BY_PATH[module_type] = function
+            else:
+                LOWERINGS[module_type] = function
         return function
     return decorate
 
@@ -92,12 +111,42 @@ def _lower_embedding(name: str, module: nn.Module) -> Node:
     return Node(Op.EMBEDDING, name, attrs, {"weight": f"{name}.weight" if name else "weight"})
 
 
+@register_lowering("transformers.pytorch_utils.Conv1D")
+def _lower_transposed_linear(name: str, module: nn.Module) -> Node:
+    """The ``Conv1D`` of transformers: ``y = x W + b``, ``W`` stored ``[in, out]``; a Linear of weight ``Wᵀ``."""
+    weight = module.weight
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError(f"{type(module).__name__} should hold a 2-D weight, has {type(weight).__name__}")
+    return Node(Op.LINEAR, name, {"in_features": int(weight.shape[0]), "out_features": int(weight.shape[1])},
+                _params(name, module))
+
+
+TRANSPOSED_WEIGHTS.add("transformers.pytorch_utils.Conv1D")
+
+
+def _class_path(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 def lowering_for(module: nn.Module) -> tuple[type[nn.Module], Lowering] | None:
     """The registered class in ``module``'s class hierarchy and its lowering; None for a non-layer."""
     for cls in type(module).__mro__:
         if cls in LOWERINGS:
             return cls, LOWERINGS[cls]
+        by_path = LOWERINGS_BY_PATH.get(_class_path(cls))
+        if by_path is not None:
+            return cls, by_path
     return None
+
+
+def transposed_weights(model: nn.Module) -> list[str]:
+    """State-dict names of the weights ``model`` stores transposed against their IR layout (``Conv1D``'s)."""
+    names = []
+    for name, module in model.named_modules():
+        found = lowering_for(module)
+        if found is not None and _class_path(found[0]) in TRANSPOSED_WEIGHTS:
+            names.append(f"{name}.weight" if name else "weight")
+    return names
 
 
 def to_numpy(tensor: torch.Tensor) -> np.ndarray:
@@ -203,6 +252,11 @@ def lower(model: nn.Module) -> Graph:
             graph.add_node(node)
         except Exception as err:
             raise ValueError(f"while lowering {name!r} ({type(module).__name__}): {err}") from err
+    transposed = [key for key in transposed_weights(model) if key in params]
+    for key in transposed:
+        params[key] = params[key].T
+    if transposed:
+        graph.meta["transposed_params"] = transposed
     graph.params.update(params)
     if computed:
         graph.params.update(computed)
@@ -520,15 +574,19 @@ def output_errors(model: nn.Module, datasets: Iterable[Any], trials: Sequence[Ma
                   max_iter: int = -1) -> list[float]:
     """Per trial, the model's relative output error Σ‖y' − y‖² / Σ‖y‖² when its params are replaced.
 
-    A trial maps state-dict names to replacement arrays of the same shape (e.g. one layer's weight
-    truncated to a low rank). ``y`` are the floating-point outputs on the first ``max_iter`` elements of
-    ``datasets`` (-1: all), ``y'`` the same with the trial's arrays. Trials run one at a time on a copy
-    of the model; ``model`` is not changed.
+    A trial maps state-dict names to replacement arrays in the layout of :func:`lower`'s graph (e.g. one
+    layer's weight truncated to a low rank; a weight stored transposed, such as ``Conv1D``'s, is given
+    in its IR layout and transposed back here). ``y`` are the floating-point outputs on the first
+    ``max_iter`` elements of ``datasets`` (-1: all), ``y'`` the same with the trial's arrays. Trials run
+    one at a time on a copy of the model; ``model`` is not changed.
     """
     _check_datasets(datasets)
     elements = first_elements(datasets, max_iter)
     work = copy.deepcopy(model)
     tensors = dict(work.named_parameters(remove_duplicate=False)) | dict(work.named_buffers(remove_duplicate=False))
+    transposed = set(transposed_weights(model))  # trials hold the graph's layout
+    trials = [{name: (np.asarray(array).T if name in transposed else array) for name, array in trial.items()}
+              for trial in trials]
     for trial in trials:
         for name, array in trial.items():
             if name not in tensors:

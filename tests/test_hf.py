@@ -168,3 +168,82 @@ def test_the_saved_dtype_is_kept(tmp_path: Path) -> None:
     state = loaded.state_dict()
     for name, tensor in small.state_dict().items():
         assert state[name].dtype == tensor.dtype and torch.equal(state[name], tensor), name
+
+
+# ------------------------------------------------------------------------------------ GPT-2's Conv1D
+
+def tiny_gpt2() -> Any:
+    config = transformers.GPT2Config(vocab_size=96, n_positions=32, n_embd=48, n_layer=2, n_head=4,
+                                     bos_token_id=0, eos_token_id=0)
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+def gpt2_ids(seed: int = 0) -> Any:
+    return torch.randint(0, 96, (2, 11), generator=torch.Generator().manual_seed(seed))
+
+
+def logits(model: Any, ids: Any) -> Any:
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def conv1d_names(model: Any) -> list[str]:
+    from transformers.pytorch_utils import Conv1D
+
+    return [name for name, module in model.named_modules() if isinstance(module, Conv1D)]
+
+
+def test_every_weight_bearing_module_of_gpt2_is_in_the_report() -> None:
+    model = tiny_gpt2()
+    decomposer = Decompose(model).from_fixed(8, divisor=1)
+    rows = {row.name: row for row in decomposer.report.layers}
+    matrices = {name for name, module in model.named_modules()
+                if isinstance(getattr(module, "weight", None), torch.Tensor) and module.weight.dim() >= 2}
+    assert len(conv1d_names(model)) == 8 and set(conv1d_names(model)) <= matrices
+    assert matrices == set(rows)
+    for name in conv1d_names(model):
+        in_features, out_features = model.get_submodule(name).weight.shape
+        assert rows[name].form == "svd" and rows[name].shape == [out_features, in_features], name
+    assert "tied" in rows["lm_head"].reason and "tied" in rows["transformer.wte"].reason
+
+
+def test_conv1d_at_full_rank_is_exact_and_rebuilt_as_linear_chains(write_config, snapshot) -> None:
+    model = tiny_gpt2()
+    snap = snapshot(model)
+    full = {name: min(model.get_submodule(name).weight.shape) for name in conv1d_names(model)}
+    small = Decompose(model, config_file=write_config(full)).from_file().decompose_network()
+    snap.check()
+    for name in full:
+        chain = small.get_submodule(name)
+        assert isinstance(chain, torch.nn.Sequential) and [type(part) for part in chain] == [torch.nn.Linear] * 2
+    ids = gpt2_ids()
+    expected = logits(model, ids)
+    assert float((logits(small, ids) - expected).norm() / expected.norm()) < 1e-5
+
+
+def test_measured_sensitivities_see_conv1d_weights_in_their_own_layout() -> None:
+    from frontends import torch as frontend
+
+    model = tiny_gpt2()
+    graph = frontend.lower(model)
+    names = [f"{name}.weight" for name in conv1d_names(model)]
+    assert graph.meta["transposed_params"] == names
+    assert all(graph.params[name].shape == tuple(model.state_dict()[name].T.shape) for name in names)
+    data = [gpt2_ids(seed) for seed in range(2)]
+    unchanged = frontend.output_errors(model, data, [{name: graph.params[name].copy()} for name in names])
+    assert max(unchanged) < 1e-12  # each square c_proj would change if the layout were mixed up
+    zeroed = frontend.output_errors(model, data, [{name: 0 * graph.params[name]} for name in names])
+    assert min(zeroed) > 1e-3
+
+
+def test_decomposed_gpt2_round_trip(tmp_path: Path) -> None:
+    model = tiny_gpt2()
+    decomposer = Decompose(model).from_budget(params=0.5, datasets=[gpt2_ids(seed) for seed in range(3)])
+    small = decomposer.decompose_network(datasets=[gpt2_ids(seed) for seed in range(3)])
+    folder = save_decomposed(small, tmp_path / "gpt2")
+    assert (folder / "generation_config.json").is_file()
+    assert json.loads((folder / "decompose_config.json").read_text()) == decomposer.decompose_config
+    loaded = load_decomposed(folder)
+    assert loaded.lm_head.weight is loaded.transformer.wte.weight
+    ids = gpt2_ids(7)
+    assert torch.allclose(logits(loaded, ids), logits(small, ids), atol=1e-6, rtol=0)
