@@ -34,8 +34,8 @@ from lowrank_ir._budget import first_elements, relative_output_errors
 from lowrank_ir._engine import stats_from_sums
 
 __all__ = ["LOWERINGS", "LOWERINGS_BY_PATH", "TRANSPOSED_WEIGHTS", "collect_cross_stats", "collect_stats",
-           "count_parameters", "execution_groups", "lower", "lowering_for", "register_lowering", "to_numpy",
-           "transposed_weights"]
+           "count_parameters", "drop_padding", "execution_groups", "lower", "lowering_for", "register_lowering",
+           "to_numpy", "token_mask", "transposed_weights"]
 
 logger = logging.getLogger(__name__)
 
@@ -302,10 +302,13 @@ def _run_element(model: nn.Module, element: Any, index: int, device: torch.devic
         raise ValueError(f"datasets element {index} does not fit the model: {type(err).__name__}: {err}") from err
 
 
-def _rows(node: Node, x: torch.Tensor) -> torch.Tensor:
-    """The layer input as rows of input features (channels last for convs), by the layer's IR node."""
+def _rows(node: Node, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The layer input as rows of input features (channels last for convs), by the layer's IR node.
+
+    A Linear's token-aligned input loses its padded positions (``mask``, see :func:`drop_padding`).
+    """
     if node.op is Op.LINEAR:
-        return x.reshape(-1, node.attrs["in_features"])
+        return drop_padding(x, mask).reshape(-1, node.attrs["in_features"])
     spatial = len(node.attrs["kernel_size"])
     channel_axis = 0 if x.dim() == spatial + 1 else 1  # unbatched input has no batch axis
     return x.movedim(channel_axis, -1).reshape(-1, node.attrs["in_channels"])
@@ -349,6 +352,29 @@ def _patch_rows(node: Node, x: torch.Tensor, pads: list[int]) -> torch.Tensor:
     return columns.transpose(1, 2).reshape(-1, columns.shape[1])
 
 
+def token_mask(element: Any, enabled: bool = True) -> torch.Tensor | None:
+    """The ``attention_mask`` of a dict element as a bool ``[batch, sequence]`` tensor (True: a real token).
+
+    None when masking is off (``enabled=False``), or the element holds no 2-D ``attention_mask`` tensor.
+    """
+    if not enabled or not isinstance(element, Mapping):
+        return None
+    mask = element.get("attention_mask")
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+        return None
+    return mask.to(torch.bool)
+
+
+def drop_padding(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``x`` without its padded positions when it is token-aligned (``[batch, sequence, ...]`` as ``mask``).
+
+    The kept positions come first, flattened (``[real tokens, ...]``); any other ``x`` is returned as is.
+    """
+    if mask is None or x.dim() < 3 or tuple(x.shape[:2]) != tuple(mask.shape):
+        return x
+    return x[mask.to(x.device)]
+
+
 class _Enough(Exception):
     """Raised by a hook to end a forward pass once every wanted layer has seen its input."""
 
@@ -382,8 +408,14 @@ def _calibrating(models: Sequence[nn.Module], hooks: Sequence[Mapping[str, Calla
 
 
 def collect_stats(model: nn.Module, graph: Graph, datasets: Iterable[Any], max_iter: int = -1,
-                  names: Sequence[str] | None = None, stop_early: bool = False) -> dict[str, LayerStats]:
+                  names: Sequence[str] | None = None, stop_early: bool = False,
+                  mask_padding: bool = True) -> dict[str, LayerStats]:
     """Input statistics (E[x xᵀ] in float64, and E[x]) of the Linear and Conv layers ``names``.
+
+    With ``mask_padding`` (the default), when an element is a dict holding an ``attention_mask``
+    (a tokenizer's output), a Linear layer whose input is token-aligned (``[batch, sequence, features]``)
+    counts only the positions whose mask is 1: padding tokens do not enter its statistics, so a padded
+    batch gives the statistics of its sentences run one by one.
 
     ``graph`` is the graph lowered from the *original* model: the layers are found by name, so
     ``model`` may be a decomposed version of it (a factorized layer's chain sees the layer's input).
@@ -402,6 +434,7 @@ def collect_stats(model: nn.Module, graph: Graph, datasets: Iterable[Any], max_i
     patch_counts: dict[str, int] = {}
     counts: dict[str, int] = dict.fromkeys(wanted, 0)
     pending: set[str] = set()
+    masks: list[torch.Tensor | None] = [None]  # the current element's
 
     def make_hook(name: str) -> Callable[..., None]:
         node = graph.node(name)
@@ -410,7 +443,7 @@ def collect_stats(model: nn.Module, graph: Graph, datasets: Iterable[Any], max_i
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
             if not args or not isinstance(args[0], torch.Tensor):
                 return
-            rows = _rows(node, args[0].detach())
+            rows = _rows(node, args[0].detach(), masks[0])
             # Each batch's product in at least float32 (float64 inputs stay float64), summed in float64:
             # float64 products would cost 2-4x the time for no gain at batch sizes' worth of rows.
             rows = rows.to(torch.promote_types(rows.dtype, torch.float32))
@@ -435,6 +468,7 @@ def collect_stats(model: nn.Module, graph: Graph, datasets: Iterable[Any], max_i
     with _calibrating([model], [{name: make_hook(name) for name in wanted}]):
         for index, element in enumerate(datasets):
             pending.update(wanted)
+            masks[0] = token_mask(element, mask_padding)
             _run_element(model, element, index, device)
             seen += 1
             if 0 < max_iter <= seen:  # stop before drawing another element (a DataLoader batch)
@@ -453,13 +487,14 @@ def collect_stats(model: nn.Module, graph: Graph, datasets: Iterable[Any], max_i
 
 
 def collect_cross_stats(original: nn.Module, model: nn.Module, graph: Graph, datasets: Iterable[Any],
-                        max_iter: int = -1, names: Sequence[str] | None = None) -> dict[str, LayerStats]:
+                        max_iter: int = -1, names: Sequence[str] | None = None,
+                        mask_padding: bool = True) -> dict[str, LayerStats]:
     """Statistics relating each layer's input in ``model`` (x̃, partly decomposed) to its input in ``original`` (x).
 
     Every element runs through both models (each pass ends once the wanted layers have their input);
     returned per layer: E[x̃ x̃ᵀ], E[x̃], E[x x̃ᵀ], E[x xᵀ], E[x] (float64). The sequential mode uses them
     to fit each layer to the *original* outputs, compensating the error of the layers before it.
-    Neither model is changed.
+    Neither model is changed. Padding positions are left out as in :func:`collect_stats`.
     """
     _check_datasets(datasets)
     candidates = names if names is not None else [node.name for node in graph.layers()]
@@ -468,6 +503,7 @@ def collect_cross_stats(original: nn.Module, model: nn.Module, graph: Graph, dat
     counts: dict[str, int] = dict.fromkeys(wanted, 0)
     captured: dict[str, torch.Tensor] = {}
     pending: set[str] = set()
+    masks: list[torch.Tensor | None] = [None]  # the current element's
 
     def add(name: str, key: str, value: torch.Tensor) -> None:
         value = value.to(torch.float64)
@@ -479,7 +515,7 @@ def collect_cross_stats(original: nn.Module, model: nn.Module, graph: Graph, dat
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
             if not args or not isinstance(args[0], torch.Tensor) or name not in pending:
                 return
-            rows = _rows(node, args[0].detach())
+            rows = _rows(node, args[0].detach(), masks[0])
             rows = rows.to(torch.promote_types(rows.dtype, torch.float32))
             if source:
                 captured[name] = rows
@@ -504,6 +540,7 @@ def collect_cross_stats(original: nn.Module, model: nn.Module, graph: Graph, dat
     with _calibrating([original, model], hooks):
         for index, element in enumerate(datasets):
             captured.clear()
+            masks[0] = token_mask(element, mask_padding)
             for net in (original, model):
                 pending.clear()
                 pending.update(wanted)
@@ -571,14 +608,16 @@ def _float_outputs(value: Any) -> list[torch.Tensor]:
 
 
 def output_errors(model: nn.Module, datasets: Iterable[Any], trials: Sequence[Mapping[str, np.ndarray]],
-                  max_iter: int = -1) -> list[float]:
+                  max_iter: int = -1, mask_padding: bool = True) -> list[float]:
     """Per trial, the model's relative output error Σ‖y' − y‖² / Σ‖y‖² when its params are replaced.
 
     A trial maps state-dict names to replacement arrays in the layout of :func:`lower`'s graph (e.g. one
     layer's weight truncated to a low rank; a weight stored transposed, such as ``Conv1D``'s, is given
     in its IR layout and transposed back here). ``y`` are the floating-point outputs on the first
     ``max_iter`` elements of ``datasets`` (-1: all), ``y'`` the same with the trial's arrays. Trials run
-    one at a time on a copy of the model; ``model`` is not changed.
+    one at a time on a copy of the model; ``model`` is not changed. With ``mask_padding``, token-aligned
+    outputs of dict elements holding an ``attention_mask`` count only their real tokens (as in
+    :func:`collect_stats`).
     """
     _check_datasets(datasets)
     elements = first_elements(datasets, max_iter)
@@ -597,7 +636,9 @@ def output_errors(model: nn.Module, datasets: Iterable[Any], trials: Sequence[Ma
     device = _model_device(work)
 
     def outputs(index: int) -> list[torch.Tensor]:
-        return _float_outputs(_run_element(work, elements[index], index, device))
+        mask = token_mask(elements[index], mask_padding)
+        result = _run_element(work, elements[index], index, device)
+        return [drop_padding(tensor, mask) for tensor in _float_outputs(result)]
 
     @contextlib.contextmanager
     def applied(trial: Mapping[str, np.ndarray]) -> Iterator[None]:

@@ -247,3 +247,84 @@ def test_decomposed_gpt2_round_trip(tmp_path: Path) -> None:
     assert loaded.lm_head.weight is loaded.transformer.wte.weight
     ids = gpt2_ids(7)
     assert torch.allclose(logits(loaded, ids), logits(small, ids), atol=1e-6, rtol=0)
+
+
+# ------------------------------------------------------------------------------------ padding
+
+def sentences_and_padded_batch(lengths: tuple[int, ...] = (3, 7, 5, 2)) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Token sequences of different lengths, one batch each, and the same as one right-padded batch."""
+    generator = torch.Generator().manual_seed(1)
+    alone = [{"input_ids": torch.randint(1, 64, (1, length), generator=generator),
+              "attention_mask": torch.ones(1, length, dtype=torch.long)} for length in lengths]
+    ids = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, (one, length) in enumerate(zip(alone, lengths, strict=True)):
+        ids[row, :length] = one["input_ids"][0]
+        mask[row, :length] = 1
+    return alone, {"input_ids": ids, "attention_mask": mask}
+
+
+def test_a_padded_batch_gives_the_statistics_of_its_sentences() -> None:
+    from frontends import torch as frontend
+
+    model = tiny_bert()
+    graph = frontend.lower(model)
+    alone, padded = sentences_and_padded_batch()
+    one_by_one = frontend.collect_stats(model, graph, alone)
+    batched = frontend.collect_stats(model, graph, [padded])
+    unmasked = frontend.collect_stats(model, graph, [padded], mask_padding=False)
+    assert set(batched) == set(one_by_one) and len(batched) == 13  # 6 Linear layers a block, the pooler
+    for name, stats in one_by_one.items():
+        # the pooler reads the first position of each sentence ([batch, features], not token-aligned)
+        tokens, padded_tokens = (4, 4) if name == "pooler.dense" else (17, 28)
+        assert batched[name].count == stats.count == tokens, name
+        scale = float(abs(stats.moment).max())
+        assert float(abs(batched[name].moment - stats.moment).max()) <= 1e-5 * scale, name
+        assert float(abs(batched[name].mean - stats.mean).max()) <= 1e-5 * float(abs(stats.mean).max()), name
+        assert unmasked[name].count == padded_tokens, name
+    scale = float(abs(one_by_one["encoder.layer.0.attention.self.query"].moment).max())
+    copy = tiny_bert()
+    copy.load_state_dict(model.state_dict())
+    cross = frontend.collect_cross_stats(model, copy, graph, [padded], names=["encoder.layer.0.attention.self.query"])
+    assert cross["encoder.layer.0.attention.self.query"].count == 17
+    assert abs(cross["encoder.layer.0.attention.self.query"].moment
+               - one_by_one["encoder.layer.0.attention.self.query"].moment).max() < 1e-5 * scale
+
+
+def test_measured_output_errors_leave_padding_out() -> None:
+    from frontends import torch as frontend
+
+    model = tiny_bert()
+    graph = frontend.lower(model)
+    alone, padded = sentences_and_padded_batch()
+    name = "encoder.layer.1.output.dense.weight"
+    trial = [{name: 0.5 * graph.params[name]}]
+    one_by_one = frontend.output_errors(model, alone, trial)
+    assert frontend.output_errors(model, [padded], trial) == pytest.approx(one_by_one, rel=1e-4)
+    assert frontend.output_errors(model, [padded], trial, mask_padding=False) != pytest.approx(one_by_one, rel=1e-4)
+
+
+def test_decompose_takes_the_option() -> None:
+    model = tiny_bert()
+    alone, padded = sentences_and_padded_batch()
+    rules = {r"encoder\.layer\.\d+\.": 8}
+    results = []
+    for mask_padding, data in ((True, [padded]), (True, alone), (False, [padded])):
+        small = Decompose(model, mask_padding=mask_padding).from_dict(rules, divisor=1).decompose_network(datasets=data)
+        results.append(hidden(small, padded)[padded["attention_mask"].bool()])
+    assert torch.allclose(results[0], results[1], atol=1e-4)
+    assert not torch.allclose(results[0], results[2], atol=1e-4)
+    with pytest.raises(TypeError, match="mask_padding must be a bool, got 'no'"):
+        Decompose(model, mask_padding="no")
+
+
+def test_mask_padding_off_is_refused_where_calibration_never_masks() -> None:
+    pytest.importorskip("onnx")
+    import numpy as np
+
+    from tests.onnx_models import mlp
+
+    model = mlp(np.random.default_rng(0))
+    assert Decompose(model, mask_padding=True).model is model
+    with pytest.raises(ValueError, match="mask_padding=False is not an option for a ModelProto"):
+        Decompose(model, mask_padding=False)
