@@ -10,13 +10,16 @@ Commands:
   parity      run a model in onnxruntime, PyTorch and MindSpore on the same inputs and compare them,
               before and after decomposition; exit 1 above ``--tolerance``
 
-Bad input gives one line on stderr and exit code 2; nothing half-written is left behind.
+Bad input gives one line on stderr and exit code 2; nothing half-written is left behind. Every command
+takes ``-v`` (progress messages; ``-vv`` for details) and ``-q`` (errors only); ``lowrank --version``
+prints the version.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import math
 import sys
 from collections.abc import Sequence
@@ -159,6 +162,16 @@ def _progress_bar(label: str) -> Any:
     return show
 
 
+def show_report(report: Any, args: argparse.Namespace, header: str | None = None) -> None:
+    """Print ``report`` as its table (after ``header``), or as JSON with ``--json``."""
+    if getattr(args, "json", False):
+        print(json.dumps(report.to_dict(), indent=2))
+        return
+    if header is not None:
+        print(header)
+    print(report.table())
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from tools.demo import run_demo
 
@@ -181,7 +194,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     _onnx_only(args, ["input_shape"])
     model = _load_model(args.model, args.weights)
     decomposer = _choose(Decompose(model), args)
-    print(decomposer.report.table())
+    show_report(decomposer.report, args)
     return 0
 
 
@@ -228,6 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lowrank",
         description="Make trained neural networks smaller and faster by low-rank decomposition.",
         epilog="Start with 'lowrank demo'. Each command has its own --help.")
+    from lowrank_ir import __version__
+
+    parser.add_argument("--version", action="version", version=f"lowrank {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     demo = commands.add_parser("demo", help="decompose a built-in model and show what changed",
@@ -246,6 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("model", help="an ONNX file (MODEL.onnx), or a PyTorch model as 'module:factory' "
                                        "(e.g. tests.models:resnet50)")
     inspect.add_argument("--weights", metavar="FILE", help="state dict (.pt) to load into the model")
+    inspect.add_argument("--json", action="store_true",
+                         help="print the report as JSON (totals and one object per layer) instead of the table")
     _add_policy_args(inspect)
     inspect.set_defaults(run=_cmd_inspect)
 
@@ -325,12 +343,32 @@ def build_parser() -> argparse.ArgumentParser:
     parity.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
     parity.add_argument("--report", metavar="FILE.json", help="also write the rows as JSON here")
     parity.set_defaults(run=_cmd_parity)
+    for command in commands.choices.values():
+        _add_verbosity(command)
     return parser
+
+
+def _add_verbosity(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("-v", "--verbose", action="count", default=0,
+                       help="log progress messages to stderr (-vv: details too)")
+    group.add_argument("-q", "--quiet", action="store_true", help="log errors only")
+
+
+def _set_verbosity(args: argparse.Namespace) -> None:
+    """``-v``/``-vv``/``-q`` as the library's log level; without them Python's default (warnings) holds."""
+    from lowrank_ir import set_logger_level
+
+    if args.quiet:
+        set_logger_level("error")
+    elif args.verbose:
+        set_logger_level("info" if args.verbose == 1 else "debug")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _set_verbosity(args)
     try:
         return int(args.run(args))
     except (UsageError, ValueError, TypeError, OSError, ImportError) as err:
