@@ -48,8 +48,11 @@ LOWERINGS: dict[type[nn.Module], Lowering] = {}
 #: ``"module.QualName"`` of a layer class of another library -> its lowering (the library is not imported).
 LOWERINGS_BY_PATH: dict[str, Lowering] = {}
 
+#: transformers' GPT-2 projection layer (``y = x W + b``, ``W`` stored ``[in, out]``).
+_CONV1D = "transformers.pytorch_utils.Conv1D"
+
 #: Class paths of layers that store their weight transposed (``[in, out]``) against their IR layout.
-TRANSPOSED_WEIGHTS: set[str] = set()
+TRANSPOSED_WEIGHTS: set[str] = {_CONV1D}
 
 
 def register_lowering(*module_types: type[nn.Module] | str) -> Callable[[Lowering], Lowering]:
@@ -111,7 +114,7 @@ def _lower_embedding(name: str, module: nn.Module) -> Node:
     return Node(Op.EMBEDDING, name, attrs, {"weight": f"{name}.weight" if name else "weight"})
 
 
-@register_lowering("transformers.pytorch_utils.Conv1D")
+@register_lowering(_CONV1D)
 def _lower_transposed_linear(name: str, module: nn.Module) -> Node:
     """The ``Conv1D`` of transformers: ``y = x W + b``, ``W`` stored ``[in, out]``; a Linear of weight ``Wᵀ``."""
     weight = module.weight
@@ -119,9 +122,6 @@ def _lower_transposed_linear(name: str, module: nn.Module) -> Node:
         raise ValueError(f"{type(module).__name__} should hold a 2-D weight, has {type(weight).__name__}")
     return Node(Op.LINEAR, name, {"in_features": int(weight.shape[0]), "out_features": int(weight.shape[1])},
                 _params(name, module))
-
-
-TRANSPOSED_WEIGHTS.add("transformers.pytorch_utils.Conv1D")
 
 
 def _class_path(cls: type) -> str:
