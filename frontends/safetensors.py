@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from frontends.torch import _lock_reasons, _lowering_for, to_numpy
+from frontends.torch import _lock_reasons, lowering_for, to_numpy
 from lowrank_ir._ir import Graph, Node, Op, verify
 
 __all__ = ["INDEX_FILE", "SINGLE_FILE", "Checkpoint", "TensorInfo", "is_checkpoint_dir", "layer_graph",
@@ -178,7 +178,7 @@ def linear_layers(checkpoint: Checkpoint) -> dict[str, Node]:
     locks = _lock_reasons(model)
     nodes: dict[str, Node] = {}
     for name, module in model.named_modules():
-        found = _lowering_for(module)
+        found = lowering_for(module)
         if found is None or not isinstance(module, nn.Linear):
             continue
         node = found[1](name, module)

@@ -2,10 +2,17 @@
 
 Mirrors ``backends/torch.py``: what is lowered here as a layer node, the backend can build.
 Lowered layers: ``nn.Linear``, ``nn.Conv1d``/``Conv2d``/``Conv3d`` and ``nn.Embedding`` (subclasses
-too, unless they override ``forward``). Every other module that owns parameters or buffers becomes
-an ``Opaque`` node carrying them, so the graph holds the whole state dict.
+too, unless they override ``forward``), and transformers' ``Conv1D`` (GPT-2's projections: ``y = x W + b``
+with ``W`` stored ``[in, out]``), which is lowered as a ``Linear`` whose weight is ``W`` transposed. Its
+parts are built as ``nn.Linear`` layers, so a decomposed ``c_attn`` is an ``nn.Sequential`` of two
+``nn.Linear`` (``c_attn.0.weight`` ``[r, in]``, ``c_attn.1.weight`` ``[out, r]``), like every other
+decomposed Linear. Layers of other libraries are registered by class path (:data:`LOWERINGS_BY_PATH`),
+so the library is never imported here. Every other module that owns parameters or buffers becomes an
+``Opaque`` node carrying them, so the graph holds the whole state dict.
 
-The graph's arrays share memory with the model's CPU tensors (no copy) and are marked read-only.
+The graph's arrays share memory with the model's CPU tensors (no copy) and are marked read-only. A
+weight the model stores transposed is held in the graph in the layer's IR layout (a transposed view);
+``graph.meta["transposed_params"]`` names such params, whose state-dict tensor is the transpose.
 """
 
 from __future__ import annotations
@@ -26,8 +33,9 @@ from lowrank_ir import Graph, LayerStats, Node, Op, verify
 from lowrank_ir._budget import first_elements, relative_output_errors
 from lowrank_ir._engine import stats_from_sums
 
-__all__ = ["LOWERINGS", "collect_cross_stats", "collect_stats", "count_parameters", "execution_groups", "lower",
-           "register_lowering", "to_numpy"]
+__all__ = ["LOWERINGS", "LOWERINGS_BY_PATH", "TRANSPOSED_WEIGHTS", "collect_cross_stats", "collect_stats",
+           "count_parameters", "drop_padding", "execution_groups", "lower", "lowering_for", "register_lowering",
+           "to_numpy", "token_mask", "transposed_weights"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,10 +45,24 @@ Lowering = Callable[[str, nn.Module], Node]
 LOWERINGS: dict[type[nn.Module], Lowering] = {}
 
 
-def register_lowering(*module_types: type[nn.Module]) -> Callable[[Lowering], Lowering]:
+#: ``"module.QualName"`` of a layer class of another library -> its lowering (the library is not imported).
+LOWERINGS_BY_PATH: dict[str, Lowering] = {}
+
+#: transformers' GPT-2 projection layer (``y = x W + b``, ``W`` stored ``[in, out]``).
+_CONV1D = "transformers.pytorch_utils.Conv1D"
+
+#: Class paths of layers that store their weight transposed (``[in, out]``) against their IR layout.
+TRANSPOSED_WEIGHTS: set[str] = {_CONV1D}
+
+
+def register_lowering(*module_types: type[nn.Module] | str) -> Callable[[Lowering], Lowering]:
+    """Register a lowering for module classes, or for class paths (``"transformers.pytorch_utils.Conv1D"``)."""
     def decorate(function: Lowering) -> Lowering:
         for module_type in module_types:
-            LOWERINGS[module_type] = function
+            if isinstance(module_type, str):
+                LOWERINGS_BY_PATH[module_type] = function
+            else:
+                LOWERINGS[module_type] = function
         return function
     return decorate
 
@@ -92,11 +114,39 @@ def _lower_embedding(name: str, module: nn.Module) -> Node:
     return Node(Op.EMBEDDING, name, attrs, {"weight": f"{name}.weight" if name else "weight"})
 
 
-def _lowering_for(module: nn.Module) -> tuple[type[nn.Module], Lowering] | None:
+@register_lowering(_CONV1D)
+def _lower_transposed_linear(name: str, module: nn.Module) -> Node:
+    """The ``Conv1D`` of transformers: ``y = x W + b``, ``W`` stored ``[in, out]``; a Linear of weight ``Wᵀ``."""
+    weight = module.weight
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError(f"{type(module).__name__} should hold a 2-D weight, has {type(weight).__name__}")
+    return Node(Op.LINEAR, name, {"in_features": int(weight.shape[0]), "out_features": int(weight.shape[1])},
+                _params(name, module))
+
+
+def _class_path(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def lowering_for(module: nn.Module) -> tuple[type[nn.Module], Lowering] | None:
+    """The registered class in ``module``'s class hierarchy and its lowering; None for a non-layer."""
     for cls in type(module).__mro__:
         if cls in LOWERINGS:
             return cls, LOWERINGS[cls]
+        by_path = LOWERINGS_BY_PATH.get(_class_path(cls))
+        if by_path is not None:
+            return cls, by_path
     return None
+
+
+def transposed_weights(model: nn.Module) -> list[str]:
+    """State-dict names of the weights ``model`` stores transposed against their IR layout (``Conv1D``'s)."""
+    names = []
+    for name, module in model.named_modules():
+        found = lowering_for(module)
+        if found is not None and _class_path(found[0]) in TRANSPOSED_WEIGHTS:
+            names.append(f"{name}.weight" if name else "weight")
+    return names
 
 
 def to_numpy(tensor: torch.Tensor) -> np.ndarray:
@@ -127,7 +177,7 @@ def _lock_reasons(model: nn.Module) -> dict[str, str]:
     for name, param in model.named_parameters(remove_duplicate=False):
         params_by_id.setdefault(id(param), []).append(name)
     for name, module in model.named_modules():
-        found = _lowering_for(module)
+        found = lowering_for(module)
         if found is None:
             continue
         base, _ = found
@@ -177,7 +227,7 @@ def lower(model: nn.Module) -> Graph:
     computed: dict[str, np.ndarray] = {}
     graph = Graph(meta={"source": "torch", "model_type": type(model).__qualname__, "dtypes": dtypes})
     for name, module in model.named_modules():
-        found = _lowering_for(module)
+        found = lowering_for(module)
         try:
             if found is not None:
                 node = found[1](name, module)
@@ -202,6 +252,11 @@ def lower(model: nn.Module) -> Graph:
             graph.add_node(node)
         except Exception as err:
             raise ValueError(f"while lowering {name!r} ({type(module).__name__}): {err}") from err
+    transposed = [key for key in transposed_weights(model) if key in params]
+    for key in transposed:
+        params[key] = params[key].T
+    if transposed:
+        graph.meta["transposed_params"] = transposed
     graph.params.update(params)
     if computed:
         graph.params.update(computed)
@@ -247,10 +302,13 @@ def _run_element(model: nn.Module, element: Any, index: int, device: torch.devic
         raise ValueError(f"datasets element {index} does not fit the model: {type(err).__name__}: {err}") from err
 
 
-def _rows(node: Node, x: torch.Tensor) -> torch.Tensor:
-    """The layer input as rows of input features (channels last for convs), by the layer's IR node."""
+def _rows(node: Node, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The layer input as rows of input features (channels last for convs), by the layer's IR node.
+
+    A Linear's token-aligned input loses its padded positions (``mask``, see :func:`drop_padding`).
+    """
     if node.op is Op.LINEAR:
-        return x.reshape(-1, node.attrs["in_features"])
+        return drop_padding(x, mask).reshape(-1, node.attrs["in_features"])
     spatial = len(node.attrs["kernel_size"])
     channel_axis = 0 if x.dim() == spatial + 1 else 1  # unbatched input has no batch axis
     return x.movedim(channel_axis, -1).reshape(-1, node.attrs["in_channels"])
@@ -294,6 +352,29 @@ def _patch_rows(node: Node, x: torch.Tensor, pads: list[int]) -> torch.Tensor:
     return columns.transpose(1, 2).reshape(-1, columns.shape[1])
 
 
+def token_mask(element: Any, enabled: bool = True) -> torch.Tensor | None:
+    """The ``attention_mask`` of a dict element as a bool ``[batch, sequence]`` tensor (True: a real token).
+
+    None when masking is off (``enabled=False``), or the element holds no 2-D ``attention_mask`` tensor.
+    """
+    if not enabled or not isinstance(element, Mapping):
+        return None
+    mask = element.get("attention_mask")
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+        return None
+    return mask.to(torch.bool)
+
+
+def drop_padding(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``x`` without its padded positions when it is token-aligned (``[batch, sequence, ...]`` as ``mask``).
+
+    The kept positions come first, flattened (``[real tokens, ...]``); any other ``x`` is returned as is.
+    """
+    if mask is None or x.dim() < 3 or tuple(x.shape[:2]) != tuple(mask.shape):
+        return x
+    return x[mask.to(x.device)]
+
+
 class _Enough(Exception):
     """Raised by a hook to end a forward pass once every wanted layer has seen its input."""
 
@@ -327,8 +408,14 @@ def _calibrating(models: Sequence[nn.Module], hooks: Sequence[Mapping[str, Calla
 
 
 def collect_stats(model: nn.Module, graph: Graph, datasets: Iterable[Any], max_iter: int = -1,
-                  names: Sequence[str] | None = None, stop_early: bool = False) -> dict[str, LayerStats]:
+                  names: Sequence[str] | None = None, stop_early: bool = False,
+                  mask_padding: bool = True) -> dict[str, LayerStats]:
     """Input statistics (E[x xᵀ] in float64, and E[x]) of the Linear and Conv layers ``names``.
+
+    With ``mask_padding`` (the default), when an element is a dict holding an ``attention_mask``
+    (a tokenizer's output), a Linear layer whose input is token-aligned (``[batch, sequence, features]``)
+    counts only the positions whose mask is 1: padding tokens do not enter its statistics, so a padded
+    batch gives the statistics of its sentences run one by one.
 
     ``graph`` is the graph lowered from the *original* model: the layers are found by name, so
     ``model`` may be a decomposed version of it (a factorized layer's chain sees the layer's input).
@@ -347,6 +434,7 @@ def collect_stats(model: nn.Module, graph: Graph, datasets: Iterable[Any], max_i
     patch_counts: dict[str, int] = {}
     counts: dict[str, int] = dict.fromkeys(wanted, 0)
     pending: set[str] = set()
+    masks: list[torch.Tensor | None] = [None]  # the current element's
 
     def make_hook(name: str) -> Callable[..., None]:
         node = graph.node(name)
@@ -355,7 +443,7 @@ def collect_stats(model: nn.Module, graph: Graph, datasets: Iterable[Any], max_i
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
             if not args or not isinstance(args[0], torch.Tensor):
                 return
-            rows = _rows(node, args[0].detach())
+            rows = _rows(node, args[0].detach(), masks[0])
             # Each batch's product in at least float32 (float64 inputs stay float64), summed in float64:
             # float64 products would cost 2-4x the time for no gain at batch sizes' worth of rows.
             rows = rows.to(torch.promote_types(rows.dtype, torch.float32))
@@ -380,6 +468,7 @@ def collect_stats(model: nn.Module, graph: Graph, datasets: Iterable[Any], max_i
     with _calibrating([model], [{name: make_hook(name) for name in wanted}]):
         for index, element in enumerate(datasets):
             pending.update(wanted)
+            masks[0] = token_mask(element, mask_padding)
             _run_element(model, element, index, device)
             seen += 1
             if 0 < max_iter <= seen:  # stop before drawing another element (a DataLoader batch)
@@ -398,13 +487,14 @@ def collect_stats(model: nn.Module, graph: Graph, datasets: Iterable[Any], max_i
 
 
 def collect_cross_stats(original: nn.Module, model: nn.Module, graph: Graph, datasets: Iterable[Any],
-                        max_iter: int = -1, names: Sequence[str] | None = None) -> dict[str, LayerStats]:
+                        max_iter: int = -1, names: Sequence[str] | None = None,
+                        mask_padding: bool = True) -> dict[str, LayerStats]:
     """Statistics relating each layer's input in ``model`` (x̃, partly decomposed) to its input in ``original`` (x).
 
     Every element runs through both models (each pass ends once the wanted layers have their input);
     returned per layer: E[x̃ x̃ᵀ], E[x̃], E[x x̃ᵀ], E[x xᵀ], E[x] (float64). The sequential mode uses them
     to fit each layer to the *original* outputs, compensating the error of the layers before it.
-    Neither model is changed.
+    Neither model is changed. Padding positions are left out as in :func:`collect_stats`.
     """
     _check_datasets(datasets)
     candidates = names if names is not None else [node.name for node in graph.layers()]
@@ -413,6 +503,7 @@ def collect_cross_stats(original: nn.Module, model: nn.Module, graph: Graph, dat
     counts: dict[str, int] = dict.fromkeys(wanted, 0)
     captured: dict[str, torch.Tensor] = {}
     pending: set[str] = set()
+    masks: list[torch.Tensor | None] = [None]  # the current element's
 
     def add(name: str, key: str, value: torch.Tensor) -> None:
         value = value.to(torch.float64)
@@ -424,7 +515,7 @@ def collect_cross_stats(original: nn.Module, model: nn.Module, graph: Graph, dat
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
             if not args or not isinstance(args[0], torch.Tensor) or name not in pending:
                 return
-            rows = _rows(node, args[0].detach())
+            rows = _rows(node, args[0].detach(), masks[0])
             rows = rows.to(torch.promote_types(rows.dtype, torch.float32))
             if source:
                 captured[name] = rows
@@ -449,6 +540,7 @@ def collect_cross_stats(original: nn.Module, model: nn.Module, graph: Graph, dat
     with _calibrating([original, model], hooks):
         for index, element in enumerate(datasets):
             captured.clear()
+            masks[0] = token_mask(element, mask_padding)
             for net in (original, model):
                 pending.clear()
                 pending.update(wanted)
@@ -516,18 +608,24 @@ def _float_outputs(value: Any) -> list[torch.Tensor]:
 
 
 def output_errors(model: nn.Module, datasets: Iterable[Any], trials: Sequence[Mapping[str, np.ndarray]],
-                  max_iter: int = -1) -> list[float]:
+                  max_iter: int = -1, mask_padding: bool = True) -> list[float]:
     """Per trial, the model's relative output error Σ‖y' − y‖² / Σ‖y‖² when its params are replaced.
 
-    A trial maps state-dict names to replacement arrays of the same shape (e.g. one layer's weight
-    truncated to a low rank). ``y`` are the floating-point outputs on the first ``max_iter`` elements of
-    ``datasets`` (-1: all), ``y'`` the same with the trial's arrays. Trials run one at a time on a copy
-    of the model; ``model`` is not changed.
+    A trial maps state-dict names to replacement arrays in the layout of :func:`lower`'s graph (e.g. one
+    layer's weight truncated to a low rank; a weight stored transposed, such as ``Conv1D``'s, is given
+    in its IR layout and transposed back here). ``y`` are the floating-point outputs on the first
+    ``max_iter`` elements of ``datasets`` (-1: all), ``y'`` the same with the trial's arrays. Trials run
+    one at a time on a copy of the model; ``model`` is not changed. With ``mask_padding``, token-aligned
+    outputs of dict elements holding an ``attention_mask`` count only their real tokens (as in
+    :func:`collect_stats`).
     """
     _check_datasets(datasets)
     elements = first_elements(datasets, max_iter)
     work = copy.deepcopy(model)
     tensors = dict(work.named_parameters(remove_duplicate=False)) | dict(work.named_buffers(remove_duplicate=False))
+    transposed = set(transposed_weights(model))  # trials hold the graph's layout
+    trials = [{name: (np.asarray(array).T if name in transposed else array) for name, array in trial.items()}
+              for trial in trials]
     for trial in trials:
         for name, array in trial.items():
             if name not in tensors:
@@ -538,7 +636,9 @@ def output_errors(model: nn.Module, datasets: Iterable[Any], trials: Sequence[Ma
     device = _model_device(work)
 
     def outputs(index: int) -> list[torch.Tensor]:
-        return _float_outputs(_run_element(work, elements[index], index, device))
+        mask = token_mask(elements[index], mask_padding)
+        result = _run_element(work, elements[index], index, device)
+        return [drop_padding(tensor, mask) for tensor in _float_outputs(result)]
 
     @contextlib.contextmanager
     def applied(trial: Mapping[str, np.ndarray]) -> Iterator[None]:

@@ -11,6 +11,7 @@ changed: ``decompose_network`` returns a new one.
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import logging
 import math
@@ -97,15 +98,27 @@ class Decompose:
         model: the trained model. It is read, never changed.
         config_file: a ``.json`` path. Every ``from_*`` call writes the chosen ``decompose_config``
             there (atomically, not group/other-writable); ``from_file`` reads it back.
+        mask_padding: with calibration data whose elements are dicts holding an ``attention_mask``
+            (a tokenizer's padded batches), leave the padding positions out of the statistics of
+            token-aligned layer inputs and of the measured output errors (the default); False keeps
+            them. PyTorch models only.
 
     Choose ranks with one of ``from_ratio``, ``from_fixed``, ``from_dict``, ``from_vbmf``,
     ``from_file`` (each returns ``self``), then call :meth:`decompose_network`.
     """
 
-    def __init__(self, model: Any, config_file: str | os.PathLike[str] | None = None) -> None:
+    def __init__(self, model: Any, config_file: str | os.PathLike[str] | None = None, *,
+                 mask_padding: bool = True) -> None:
         self._frontend = frontend_for(model)  # TypeError for models of unsupported frameworks
         self.model = model
         self.config_file = _check_config_file(config_file)
+        if not isinstance(mask_padding, bool):
+            raise TypeError(f"mask_padding must be a bool, got {mask_padding!r}")
+        if not mask_padding and "mask_padding" not in inspect.signature(self._frontend.collect_stats).parameters:
+            raise ValueError(f"mask_padding=False is not an option for a {type(model).__name__}: its calibration "
+                             f"never masks padding (only PyTorch models' does)")
+        #: Calibration options passed to the frontend (only those that differ from its defaults).
+        self._data_options: dict[str, Any] = {} if mask_padding else {"mask_padding": False}
         self.decompose_config: dict[str, int | list[int]] | None = None
         self.report: Report | None = None
         self.plan: Plan | None = None
@@ -343,7 +356,7 @@ class Decompose:
         names = list(truncated)
         logger.info("measuring the output error of %d layers, each truncated alone", len(names))
         errors = self._frontend.output_errors(self.model, datasets, [truncated[name] for name in names],
-                                              max_iter=probe_iter)
+                                              max_iter=probe_iter, **self._data_options)
         measured = dict(zip(names, errors, strict=True))
         for name, error in measured.items():
             logger.debug("%s: rank %d alone -> relative output error %.3g", name, probes[name], error)
@@ -377,7 +390,8 @@ class Decompose:
         """Statistics for ``names``, kept for a ``decompose_network`` call given the same ``datasets`` object."""
         if datasets is None:
             return {}
-        stats = self._frontend.collect_stats(self.model, graph, datasets, max_iter=max_iter, names=names)
+        stats = self._frontend.collect_stats(self.model, graph, datasets, max_iter=max_iter, names=names,
+                                             **self._data_options)
         self._stats = (id(datasets), max_iter, stats)
         return dict(stats)
 
@@ -487,7 +501,8 @@ class Decompose:
             if cached is not None and cached[0] == id(datasets) and cached[1] == max_iter:
                 stats = {name: cached[2][name] for name in names if name in cached[2]}  # from from_energy/budget
             else:
-                stats = self._frontend.collect_stats(self.model, graph, datasets, max_iter=max_iter, names=names)
+                stats = self._frontend.collect_stats(self.model, graph, datasets, max_iter=max_iter, names=names,
+                                                     **self._data_options)
         result = rewrite(graph, chosen, stats=stats, weights=do_decompose_weight, progress=progress)
         model = backend.build(result.graph, like=self.model, weights=do_decompose_weight)
         errors, flushed = result.errors, result.flushed
@@ -511,10 +526,11 @@ class Decompose:
         cross = getattr(self._frontend, "collect_cross_stats", None)
         for group in groups:
             if cross is not None:
-                stats = cross(self.model, model, graph, datasets, max_iter=max_iter, names=group)
+                stats = cross(self.model, model, graph, datasets, max_iter=max_iter, names=group,
+                              **self._data_options)
             else:
                 stats = self._frontend.collect_stats(model, graph, datasets, max_iter=max_iter, names=group,
-                                                     stop_early=True)
+                                                     stop_early=True, **self._data_options)
             part = Plan({name: chosen.entries[name] for name in group})
             result = rewrite(graph, part, stats=stats, workers=1)
             backend.load_layers(model, result.graph, group)

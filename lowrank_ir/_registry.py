@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-__all__ = ["FRAMEWORKS", "Framework", "backend_for", "framework_of", "frontend_for", "latency_for",
-           "register_framework"]
+__all__ = ["ADAPTERS", "FRAMEWORKS", "Framework", "adapter", "backend_for", "framework_of", "frontend_for",
+           "latency_for", "register_framework"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,3 +88,14 @@ def latency_for(model: Any) -> ModuleType:
                          f"{framework.model_class}: export it first (backends.onnx.export(model, inputs)) and "
                          f"decompose the ONNX model")
     return _load(framework.latency, "latency measurement", name)
+
+
+#: Libraries whose model files the core reads and writes through an adapter module (loaded on first use).
+ADAPTERS: dict[str, str] = {"transformers": "backends.huggingface"}
+
+
+def adapter(library: str) -> ModuleType:
+    """The adapter module for ``library`` (a key of :data:`ADAPTERS`), imported now."""
+    if library not in ADAPTERS:
+        raise ValueError(f"no adapter for {library!r}; adapters exist for: {', '.join(sorted(ADAPTERS))}")
+    return _load(ADAPTERS[library], "adapter", library)

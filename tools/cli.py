@@ -15,12 +15,15 @@ Commands:
 Bad input gives one line on stderr and exit code 2; nothing half-written is left behind. Outputs never
 replace an input; an existing output folder only receives the command's own file names, and files of
 those names are replaced only with ``--force`` (``lowrank_ir._files.Outputs``).
+Every command takes ``-v`` (progress messages; ``-vv`` for details) and ``-q`` (errors only);
+``lowrank --version`` prints the version.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import math
 import sys
 from collections.abc import Sequence
@@ -220,6 +223,16 @@ def _progress_bar(label: str) -> Any:
     return show
 
 
+def show_report(report: Any, args: argparse.Namespace, header: str | None = None) -> None:
+    """Print ``report`` as its table (after ``header``), or as JSON with ``--json``."""
+    if getattr(args, "json", False):
+        print(json.dumps(report.to_dict(), indent=2))
+        return
+    if header is not None:
+        print(header)
+    print(report.table())
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from tools.demo import run_demo
 
@@ -242,7 +255,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     _onnx_only(args, ["input_shape"])
     model = _load_model(args.model, args.weights)
     decomposer = _choose(Decompose(model), args)
-    print(decomposer.report.table())
+    show_report(decomposer.report, args)
     return 0
 
 
@@ -301,6 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lowrank",
         description="Make trained neural networks smaller and faster by low-rank decomposition.",
         epilog="Start with 'lowrank demo'. Each command has its own --help.")
+    from lowrank_ir import __version__
+
+    parser.add_argument("--version", action="version", version=f"lowrank {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     demo = commands.add_parser("demo", help="decompose a built-in model and show what changed",
@@ -321,6 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("model", help="an ONNX file (MODEL.onnx), or a PyTorch model as 'module:factory' "
                                        "(e.g. tests.models:resnet50)")
     inspect.add_argument("--weights", metavar="FILE", help="state dict (.pt) to load into the model")
+    inspect.add_argument("--json", action="store_true",
+                         help="print the report as JSON (totals and one object per layer) instead of the table")
     _add_policy_args(inspect)
     inspect.set_defaults(run=_cmd_inspect)
 
@@ -417,7 +435,26 @@ def build_parser() -> argparse.ArgumentParser:
     from tools import bench_cli
 
     bench_cli.add_parser(commands)
+    for command in commands.choices.values():
+        _add_verbosity(command)
     return parser
+
+
+def _add_verbosity(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("-v", "--verbose", action="count", default=0,
+                       help="log progress messages to stderr (-vv: details too)")
+    group.add_argument("-q", "--quiet", action="store_true", help="log errors only")
+
+
+def _set_verbosity(args: argparse.Namespace) -> None:
+    """``-v``/``-vv``/``-q`` as the library's log level; without them Python's default (warnings) holds."""
+    from lowrank_ir import set_logger_level
+
+    if args.quiet:
+        set_logger_level("error")
+    elif args.verbose:
+        set_logger_level("info" if args.verbose == 1 else "debug")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -425,6 +462,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    _set_verbosity(args)
     try:
         with size_limit(getattr(args, "max_bytes", None)):
             return int(args.run(args))

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from frontends.onnx import PROTOBUF_LIMIT
-from tools.cli import UsageError, _progress_bar, read_rules
+from tools.cli import UsageError, _progress_bar, read_rules, show_report
 
 __all__ = ["EXIT_ABOVE_TOLERANCE", "decompose", "inspect", "is_onnx_path", "parse_input_shapes", "policy_from_args"]
 
@@ -87,8 +87,8 @@ def inspect(args: argparse.Namespace) -> int:
     policy = policy_from_args(args, model)
     graph = lower(model, input_shapes=parse_input_shapes(args.input_shape))
     chosen = with_layout(plan(graph, policy), DEFAULT_LAYOUT)
-    print(_describe(model, args.model))
-    print(build_report(graph, chosen, energy=spectral_energy(graph, chosen)).table())
+    show_report(build_report(graph, chosen, energy=spectral_energy(graph, chosen)), args,
+                header=_describe(model, args.model))
     return 0
 
 

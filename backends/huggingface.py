@@ -1,0 +1,220 @@
+"""Hugging Face ``transformers`` adapter: a decomposed model saved as a folder, and loaded back.
+
+A decomposed model is saved as one folder (:func:`save_decomposed`)::
+
+    OUT/config.json             the model's config; its ``model_type`` is the marker below
+    OUT/decompose_config.json   the ranks ({layer: rank}), as ``Decompose(..., config_file=...)`` writes them
+    OUT/decomposed.safetensors  the weights of the decomposed model (its state dict; tied weights once)
+    OUT/generation_config.json  when the model generates text
+    OUT/tokenizer files         when a tokenizer is given (``AutoTokenizer.from_pretrained(OUT)`` reads them)
+
+Loading (:func:`load_decomposed`) follows the structure-only recipe: the architecture named in
+``config.json`` is built from the config, ``Decompose(...).from_file().decompose_network(
+do_decompose_weight=False)`` rebuilds the decomposed structure, and the weights are loaded strictly
+(every missing or unexpected name is an error).
+
+transformers itself cannot load such a folder correctly (it knows nothing of the factorized layers:
+it would fill them with random weights and only log it), so it is made to refuse it, loudly:
+
+* ``config.json`` has ``model_type`` ``"lowrank_ir_decomposed"``, which transformers does not know:
+  ``AutoModel.from_pretrained(OUT)`` / ``AutoConfig`` raise ``ValueError``. The original model type and
+  the architecture class are kept under the ``"lowrank_ir"`` key.
+* The weights are not in a file transformers looks for (``model.safetensors``, ``pytorch_model.bin``):
+  a concrete class (``BertModel.from_pretrained(OUT)``), which reads any ``model_type``, raises ``OSError``.
+
+The folder appears complete or not at all (written beside ``OUT``, then moved), not group/other-writable.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from safetensors import safe_open
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from frontends.torch import lowering_for
+from lowrank_ir._api import Decompose
+from lowrank_ir._files import atomic_directory, read_json
+
+__all__ = ["CONFIG_FILE", "DECOMPOSE_CONFIG_FILE", "MARKER", "WEIGHTS_FILE", "decompose_config_of",
+           "load_decomposed", "save_decomposed"]
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.json"
+DECOMPOSE_CONFIG_FILE = "decompose_config.json"
+WEIGHTS_FILE = "decomposed.safetensors"
+#: ``config.json``'s ``model_type`` in a saved folder: no transformers architecture has it.
+MARKER = "lowrank_ir_decomposed"
+#: The ``config.json`` key holding what :func:`load_decomposed` needs.
+RECORD_KEY = "lowrank_ir"
+FORMAT_VERSION = 1
+
+
+def _check_model(model: Any) -> transformers.PreTrainedModel:
+    if not isinstance(model, transformers.PreTrainedModel):
+        raise TypeError(f"save_decomposed takes a transformers PreTrainedModel (e.g. what Decompose("
+                        f"AutoModel.from_pretrained(...)).decompose_network() returns), got {type(model).__name__}")
+    name = type(model).__name__
+    if getattr(transformers, name, None) is not type(model):
+        raise ValueError(f"{name} is not a class of the transformers package (remote or custom code); "
+                         f"load_decomposed could not rebuild it")
+    return model
+
+
+def decompose_config_of(model: transformers.PreTrainedModel) -> dict[str, int | list[int]]:
+    """The ``decompose_config`` of a decomposed model: each layer its architecture has that is a chain here.
+
+    The architecture is instantiated from ``model.config`` on the ``meta`` device (no memory, no init)
+    and compared module by module: where it has a layer (``Linear``, ``Conv``, ``Embedding``, ``Conv1D``)
+    and ``model`` an ``nn.Sequential``, the chain's middle part gives the rank (two parts: its input
+    width; a Tucker-2 conv's three parts: the core's ``[out, in]`` channels).
+    """
+    with torch.device("meta"):
+        original = type(model)(copy.deepcopy(model.config))
+    modules = dict(model.named_modules())
+    config: dict[str, int | list[int]] = {}
+    for name, layer in original.named_modules():
+        chain = modules.get(name)
+        if not isinstance(chain, nn.Sequential) or lowering_for(layer) is None:
+            continue
+        weights = [getattr(part, "weight", None) for part in chain]
+        if len(chain) not in (2, 3) or not all(isinstance(weight, torch.Tensor) for weight in weights):
+            raise ValueError(f"{name!r} is an nn.Sequential of {len(chain)} parts where {type(model).__name__} "
+                             f"has a {type(layer).__name__}; a decomposed layer is a chain of 2 or 3 weighted parts")
+        core = weights[1]
+        assert isinstance(core, torch.Tensor)
+        config[name] = [int(core.shape[0]), int(core.shape[1])] if len(chain) == 3 else int(core.shape[1])
+    return config
+
+
+def _check_folder(folder: Path) -> None:
+    """Refuse to replace a folder that is neither empty nor an earlier :func:`save_decomposed` output."""
+    if folder.is_dir() and any(folder.iterdir()) and _marker(folder / CONFIG_FILE) != MARKER:
+        raise FileExistsError(f"{str(folder)!r} exists and is not a folder save_decomposed wrote; choose a new "
+                              f"folder, the old one is not replaced")
+
+
+def _marker(file: Path) -> Any:
+    try:
+        return json.loads(file.read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def save_decomposed(model: Any, folder: str | os.PathLike[str], tokenizer: Any = None) -> Path:
+    """Write a decomposed transformers model (and its tokenizer) to ``folder``; see the module docstring.
+
+    Args:
+        model: the decomposed model (``Decompose(hf_model)....decompose_network()``), a transformers
+            ``PreTrainedModel`` of a class the transformers package has. Not changed.
+        folder: created, or replaced when it is an earlier output of this function or empty.
+        tokenizer: optional; its files are saved beside the model (``tokenizer.save_pretrained``).
+
+    Raises:
+        TypeError: ``model`` is not a transformers model.
+        ValueError: no layer of ``model`` is decomposed (save it with ``save_pretrained``).
+        FileExistsError: ``folder`` holds something else.
+    """
+    model = _check_model(model)
+    target = Path(folder)
+    _check_folder(target)
+    ranks = decompose_config_of(model)
+    if not ranks:
+        raise ValueError(f"no layer of this {type(model).__name__} is decomposed (no nn.Sequential chain where "
+                         f"its architecture has a layer); save it with model.save_pretrained(...)")
+    config = model.config.to_dict()
+    config[RECORD_KEY] = {"format": FORMAT_VERSION, "model_type": config.get("model_type"),
+                          "architecture": type(model).__name__, "weights": WEIGHTS_FILE,
+                          "load_with": "lowrank_ir.hf.load_decomposed(folder)"}
+    config["model_type"] = MARKER
+    config["architectures"] = [type(model).__name__]
+    with atomic_directory(target) as tmp:
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        (tmp / DECOMPOSE_CONFIG_FILE).write_text(json.dumps(ranks, indent=2) + "\n")
+        save_model(model, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        generation = getattr(model, "generation_config", None)
+        if generation is not None and model.can_generate():
+            generation.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    logger.info("saved %s with %d decomposed layers in %s", type(model).__name__, len(ranks), target)
+    return target
+
+
+def _read_config(folder: Path) -> tuple[transformers.PretrainedConfig, type[transformers.PreTrainedModel]]:
+    """The model config and architecture class a :func:`save_decomposed` folder names."""
+    file = folder / CONFIG_FILE
+    if not folder.is_dir():
+        raise FileNotFoundError(f"decomposed model folder {str(folder)!r} does not exist or is not a folder")
+    if not file.is_file():
+        raise ValueError(f"{str(folder)!r} is not a decomposed model: {CONFIG_FILE} is missing")
+    data = read_json(file)
+    record = data.get(RECORD_KEY) if isinstance(data, dict) else None
+    if not isinstance(record, dict) or data.get("model_type") != MARKER:
+        raise ValueError(f"{str(file)!r} was not written by save_decomposed (no {RECORD_KEY!r} record); a plain "
+                         f"transformers folder loads with AutoModel.from_pretrained")
+    if record.get("format") != FORMAT_VERSION:
+        raise ValueError(f"{str(file)!r} has format {record.get('format')!r}; this lowrank-ir reads format "
+                         f"{FORMAT_VERSION}")
+    architecture = getattr(transformers, str(record.get("architecture")), None)
+    if not (isinstance(architecture, type) and issubclass(architecture, transformers.PreTrainedModel)):
+        raise ValueError(f"{str(file)!r} names architecture {record.get('architecture')!r}, which this "
+                         f"transformers {transformers.__version__} does not have")
+    config_class = architecture.config_class
+    if config_class is None:
+        raise ValueError(f"{architecture.__name__} has no config class to read {str(file)!r} with")
+    fields = {key: value for key, value in data.items() if key != RECORD_KEY}
+    fields["model_type"] = record.get("model_type")
+    return config_class.from_dict(fields), architecture
+
+
+def _saved_dtype(file: Path) -> torch.dtype | None:
+    """The one floating dtype of the saved tensors (None when there are several, or none)."""
+    dtypes = set()
+    with safe_open(str(file), framework="pt") as handle:
+        for key in handle.keys():  # noqa: SIM118 - a safetensors handle is not a dict
+            dtype = handle.get_slice(key).get_dtype()
+            if dtype.startswith(("F", "BF")):
+                dtypes.add(dtype)
+    return {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}.get(
+        dtypes.pop()) if len(dtypes) == 1 else None
+
+
+def load_decomposed(folder: str | os.PathLike[str]) -> Any:
+    """The decomposed model saved in ``folder`` by :func:`save_decomposed`, in eval mode.
+
+    Raises:
+        FileNotFoundError: ``folder`` or a file in it is missing.
+        ValueError: ``folder`` is not a decomposed-model folder, or its weights do not fit the rebuilt
+            structure (every missing and unexpected name is listed; nothing is returned).
+    """
+    source = Path(folder)
+    config, architecture = _read_config(source)
+    weights = source / WEIGHTS_FILE
+    ranks = source / DECOMPOSE_CONFIG_FILE
+    for file in (weights, ranks):
+        if not file.is_file():
+            raise FileNotFoundError(f"decomposed model folder {str(source)!r} has no {file.name}")
+    dtype = _saved_dtype(weights)
+    original: nn.Module = architecture(config)
+    if dtype is not None:
+        original.to(dtype=dtype)
+    structure = Decompose(original, config_file=ranks).from_file().decompose_network(do_decompose_weight=False)
+    try:
+        missing, unexpected = load_model(structure, str(weights), strict=False)
+    except RuntimeError as err:  # shape mismatches
+        raise ValueError(f"the weights in {str(weights)!r} do not fit the rebuilt {architecture.__name__}: "
+                         f"{err}") from err
+    if missing or unexpected:
+        raise ValueError(f"the weights in {str(weights)!r} do not fit the rebuilt {architecture.__name__}: "
+                         f"missing {sorted(missing)}, unexpected {sorted(unexpected)}")
+    return structure.eval()
