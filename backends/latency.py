@@ -35,7 +35,7 @@ import numpy as np
 from onnx import ModelProto
 
 from backends.onnx import build, random_feeds
-from frontends.onnx import _measured_shapes, check_feeds, inferred_shapes, input_specs, run
+from frontends.onnx import check_feeds, inferred_shapes, input_specs, measured_shapes, run
 from lowrank_ir import Graph, Node, Op, Policy, Value, plan, rewrite, with_layout
 
 __all__ = ["CLOCKS", "GRID_POINTS", "LAYOUT", "LatencyModel", "interleaved_times", "layer_latency", "resolve_clock",
@@ -214,7 +214,7 @@ class LatencyModel:
         unknown = [node for node in graph.layers() if node.inputs and not _static(self._shapes.get(node.inputs[0]))]
         if unknown:  # shape inference stops at data-dependent reshapes: one run of the model tells
             feed_shapes = {name: [int(dim) for dim in np.shape(value)] for name, value in self.feeds.items()}
-            self._shapes.update(_measured_shapes(model, graph, feed_shapes, unknown))
+            self._shapes.update(measured_shapes(model, graph, feed_shapes, unknown))
 
     def measure(self, model: ModelProto, runs: int = 20) -> float:
         """Median latency (ms) of ``model`` (the same inputs as this one) on this model's feeds."""

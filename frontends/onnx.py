@@ -85,6 +85,7 @@ __all__ = [
     "is_constant_node",
     "load_model",
     "lower",
+    "measured_shapes",
     "parse_model",
     "tensor_bytes",
     "value_from_info",
@@ -1039,7 +1040,7 @@ def _positions(node: Node, shapes: Mapping[str, tuple[int | str | None, ...]]) -
     return count, count
 
 
-def _measured_shapes(model: ModelProto, graph: Graph, input_shapes: Mapping[str, Sequence[int]],
+def measured_shapes(model: ModelProto, graph: Graph, input_shapes: Mapping[str, Sequence[int]],
                      layers: Sequence[Node]) -> dict[str, tuple[int | str | None, ...]]:
     """Shapes of the layers' inputs and outputs from one onnxruntime run on zeros of ``input_shapes``."""
     specs = input_specs(model)
@@ -1065,7 +1066,7 @@ def _add_positions(graph: Graph, model: ModelProto, input_shapes: Mapping[str, S
     found = {node.name: _positions(node, shapes) for node in layers}
     unknown = [node for node in layers if found[node.name] is None]
     if unknown and input_shapes:  # shape inference stops at data-dependent reshapes: measure instead
-        shapes.update(_measured_shapes(model, graph, input_shapes, unknown))
+        shapes.update(measured_shapes(model, graph, input_shapes, unknown))
         found.update({node.name: _positions(node, shapes) for node in unknown})
     if any(value is None for value in found.values()):
         return

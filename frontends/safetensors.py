@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from frontends.torch import _lock_reasons, lowering_for, to_numpy
+from frontends.torch import lock_reasons, lowering_for, to_numpy
 from lowrank_ir._ir import Graph, Node, Op, verify
 
 __all__ = ["INDEX_FILE", "SINGLE_FILE", "Checkpoint", "TensorInfo", "is_checkpoint_dir", "layer_graph",
@@ -175,7 +175,7 @@ def linear_layers(checkpoint: Checkpoint) -> dict[str, Node]:
     Only layers whose weight the checkpoint stores are listed (a tied ``lm_head`` usually is not).
     """
     model = _meta_model(checkpoint.config, checkpoint.folder)
-    locks = _lock_reasons(model)
+    locks = lock_reasons(model)
     nodes: dict[str, Node] = {}
     for name, module in model.named_modules():
         found = lowering_for(module)

@@ -34,8 +34,8 @@ from lowrank_ir._budget import first_elements, relative_output_errors
 from lowrank_ir._engine import stats_from_sums
 
 __all__ = ["LOWERINGS", "LOWERINGS_BY_PATH", "TRANSPOSED_WEIGHTS", "collect_cross_stats", "collect_stats",
-           "count_parameters", "drop_padding", "execution_groups", "lower", "lowering_for", "register_lowering",
-           "to_numpy", "token_mask", "transposed_weights"]
+           "count_parameters", "drop_padding", "execution_groups", "lock_reasons", "lower", "lowering_for",
+           "register_lowering", "to_numpy", "token_mask", "transposed_weights"]
 
 logger = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ def to_numpy(tensor: torch.Tensor) -> np.ndarray:
     return view
 
 
-def _lock_reasons(model: nn.Module) -> dict[str, str]:
+def lock_reasons(model: nn.Module) -> dict[str, str]:
     """Layers the backend must not replace, with the reason (reported to the user)."""
     reasons: dict[str, str] = {}
     for name, module in model.named_modules():
@@ -223,7 +223,7 @@ def lower(model: nn.Module) -> Graph:
     params = {name: to_numpy(tensor) for name, tensor in state.items() if isinstance(tensor, torch.Tensor)}
     dtypes = {name: str(tensor.dtype).replace("torch.", "") for name, tensor in state.items()
               if isinstance(tensor, torch.Tensor)}
-    locks = _lock_reasons(model)
+    locks = lock_reasons(model)
     computed: dict[str, np.ndarray] = {}
     graph = Graph(meta={"source": "torch", "model_type": type(model).__qualname__, "dtypes": dtypes})
     for name, module in model.named_modules():
