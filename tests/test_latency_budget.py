@@ -24,7 +24,9 @@ from tests import onnx_models as om  # noqa: E402
 from tools.bench_cli import bench  # noqa: E402
 from tools.cli import main  # noqa: E402
 
-TARGET = 0.6
+#: The tests' latency target: the fastest reachable ratio, measured first, plus half the way to 1.0. How fast
+#: a factorized layer runs depends on the CPU and its caches, so a fixed target may be out of reach on one machine.
+REACH = 0.5
 #: How far above the target the ratio measured afterwards may be: the budget's own measurement and the
 #: check's are two samples of one noisy quantity.
 MEASUREMENT_MARGIN = 0.05
@@ -48,11 +50,21 @@ def pointwise_stack(seed: int = 0, channels: int = 256, depth: int = 3, spatial:
     return om.make_model(nodes, [om.tensor("x", shape)], [om.tensor("y", shape)], inits)
 
 
+def reachable_target(model: onnx.ModelProto) -> float:
+    """A latency target this machine can reach for ``model``: between the fastest forms' ratio and 1.0."""
+    with pytest.raises(ValueError, match="cannot be reached") as caught:
+        Decompose(model).from_budget(latency=0.01, divisor=16)
+    fastest = float(re.search(r"give (\d\.\d+)", str(caught.value)).group(1))
+    assert 0.0 < fastest < 1.0, "no factorized form of these 1x1 convs is faster than the whole layer"
+    return round(fastest + REACH * (1.0 - fastest), 2)
+
+
 def test_latency_budget_is_met_when_measured_side_by_side(tmp_path) -> None:
     model = pointwise_stack()
-    decomposer = Decompose(model).from_budget(latency=TARGET, divisor=16)
+    target = reachable_target(model)
+    decomposer = Decompose(model).from_budget(latency=target, divisor=16)
     figures = decomposer.latency
-    assert figures["ratio"] <= TARGET + MEASUREMENT_MARGIN and figures["clock"] == "cpu"
+    assert figures["ratio"] <= target + MEASUREMENT_MARGIN and figures["clock"] == "cpu"
     assert figures["decomposed_ms"] == pytest.approx(figures["ratio"] * figures["original_ms"])
     assert set(figures["layers"]) == {"conv0", "conv1", "conv2"}
     for layer in figures["layers"].values():
@@ -65,7 +77,7 @@ def test_latency_budget_is_met_when_measured_side_by_side(tmp_path) -> None:
     onnx.save(small, decomposed)
     measured = bench(original, decomposed, runs=30, warmup=3)
     assert measured.clock == "cpu"
-    assert measured.latency_ratio <= TARGET + MEASUREMENT_MARGIN, measured.table()
+    assert measured.latency_ratio <= target + MEASUREMENT_MARGIN, measured.table()
     assert measured.latency_ratio < 1.0
 
 
@@ -161,9 +173,10 @@ def test_latency_budget_with_data_weighs_layers_by_their_measured_effect() -> No
     model = pointwise_stack(depth=2, channels=256, spatial=32)
     rng = np.random.default_rng(5)
     feeds = [{"x": rng.standard_normal((1, 256, 32, 32)).astype(np.float32)} for _ in range(2)]
-    measured = Decompose(model).from_budget(latency=TARGET, divisor=16, datasets=feeds)
+    target = reachable_target(model)
+    measured = Decompose(model).from_budget(latency=target, divisor=16, datasets=feeds)
     assert set(measured.sensitivities) == {"conv0", "conv1"}
     assert all(value > 0 for value in measured.sensitivities.values())
-    assert measured.latency["ratio"] <= TARGET or not measured.latency["met"]
-    spectral = Decompose(model).from_budget(latency=TARGET, divisor=16, datasets=feeds, estimate="spectral")
+    assert measured.latency["ratio"] <= target or not measured.latency["met"]
+    spectral = Decompose(model).from_budget(latency=target, divisor=16, datasets=feeds, estimate="spectral")
     assert spectral.sensitivities == {}
