@@ -181,10 +181,13 @@ def state_dict(graph: Graph) -> dict[str, torch.Tensor]:
     """The graph's arrays as a PyTorch state dict (tensors copied from the numpy arrays).
 
     Weights a layer computes in its forward (``meta["computed_params"]``) are not state: they are left out.
+    Weights the module stores transposed against the IR (``meta["transposed_params"]``: transformers'
+    ``Conv1D``) are transposed back.
     """
     computed = set(graph.meta.get("computed_params", ()))
-    return {name: torch.from_numpy(np.array(array, copy=True)) for name, array in graph.params.items()
-            if name not in computed}
+    transposed = set(graph.meta.get("transposed_params", ()))
+    return {name: torch.from_numpy(np.array(array.T if name in transposed else array, copy=True))
+            for name, array in graph.params.items() if name not in computed}
 
 
 # ------------------------------------------------------------------------ native weights and runs

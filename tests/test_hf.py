@@ -207,6 +207,19 @@ def test_every_weight_bearing_module_of_gpt2_is_in_the_report() -> None:
     assert "tied" in rows["lm_head"].reason and "tied" in rows["transformer.wte"].reason
 
 
+def test_the_state_dict_of_a_lowered_gpt2_is_the_models() -> None:
+    from backends.torch import state_dict
+    from frontends.torch import lower
+
+    model = tiny_gpt2()
+    native = model.state_dict()
+    rebuilt = state_dict(lower(model))
+    assert conv1d_names(model)
+    for name in (f"{layer}.weight" for layer in conv1d_names(model)):
+        assert torch.equal(rebuilt[name], native[name]), name  # Conv1D weights in their own layout
+    assert all(torch.equal(rebuilt[name], native[name]) for name in rebuilt if name in native)
+
+
 def test_conv1d_at_full_rank_is_exact_and_rebuilt_as_linear_chains(write_config, snapshot) -> None:
     model = tiny_gpt2()
     snap = snapshot(model)
