@@ -192,12 +192,34 @@ def state_dict(graph: Graph) -> dict[str, torch.Tensor]:
 
 # ------------------------------------------------------------------------ native weights and runs
 
+#: The suffix that makes :func:`save_weights` write safetensors (no pickle) instead of ``torch.save``.
+SAFETENSORS_SUFFIX = ".safetensors"
+
+
 def save_weights(model: nn.Module, path: str | os.PathLike[str]) -> None:
-    """Write ``model``'s state dict to ``path`` (``torch.save``); :func:`load_weights` reads it back."""
-    torch.save(model.state_dict(), path)
+    """Write ``model``'s state dict to ``path``; :func:`load_weights` reads it back.
+
+    A path ending in ``.safetensors`` gets safetensors (tied tensors stored once each name, as
+    ``load_state_dict`` takes them); any other gets ``torch.save``.
+    """
+    state = model.state_dict()
+    if os.fspath(path).endswith(SAFETENSORS_SUFFIX):
+        from safetensors.torch import save_file
+
+        save_file({name: tensor.detach().contiguous().clone() for name, tensor in state.items()}, os.fspath(path))
+    else:
+        torch.save(state, path)
 
 
 def _read_state_dict(file: os.PathLike[str]) -> dict[str, torch.Tensor]:
+    if os.fspath(file).endswith(SAFETENSORS_SUFFIX):
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(os.fspath(file))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise ValueError(f"cannot read {os.fspath(file)!r} as a safetensors state dict: {err}") from err
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle, zip and torch errors alike: not a state dict (details chained)

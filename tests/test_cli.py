@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 torch = pytest.importorskip("torch")
+from safetensors.torch import load_file  # noqa: E402
 
 from tools.cli import main  # noqa: E402
 
@@ -24,7 +25,8 @@ def test_demo_runs_and_saves_a_rebuildable_model(tmp_path, capsys) -> None:
     assert main(["demo", "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
     assert "TOTAL" in printed and "data-aware" in printed and "agreement" in printed
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["decompose_config.json", "report.json", "state_dict.pt"]
+    saved = sorted(p.name for p in tmp_path.iterdir())
+    assert saved == ["decompose_config.json", "report.json", "state_dict.safetensors"]
     for path in tmp_path.iterdir():
         assert os.stat(path).st_mode & 0o022 == 0
     report = json.loads((tmp_path / "report.json").read_text())
@@ -33,7 +35,7 @@ def test_demo_runs_and_saves_a_rebuildable_model(tmp_path, capsys) -> None:
     # the recipe the demo prints: structure from the saved config, weights from the saved state dict
     rebuilt = Decompose(demo_model(), config_file=tmp_path / "decompose_config.json").from_file() \
         .decompose_network(do_decompose_weight=False)
-    rebuilt.load_state_dict(torch.load(tmp_path / "state_dict.pt"), strict=True)
+    rebuilt.load_state_dict(load_file(tmp_path / "state_dict.safetensors"), strict=True)
 
 
 def test_console_script_help() -> None:
@@ -98,12 +100,33 @@ def test_decompose_loads_matching_weights(tmp_path, write_config, capsys) -> Non
     assert main(["decompose", "tests.models:resnet50", "--weights", str(tmp_path / "w.pt"), "--dict", str(rules),
                  "-o", str(out)]) == 0
     capsys.readouterr()
-    state = torch.load(out / "state_dict.pt")
+    state = load_file(out / "state_dict.safetensors")
     expected = Decompose(trained).from_dict({r"^fc$": 64}).decompose_network().state_dict()
-    assert list(state) == list(expected)
+    assert sorted(state) == sorted(expected)
     for name, tensor in expected.items():  # the loaded weights were decomposed, not the factory's own
         assert torch.equal(state[name], tensor), name
     assert not torch.equal(state["conv1.weight"], resnet50().conv1.weight)
+
+
+def test_weights_in_either_format_and_a_pt_output_on_request(tmp_path, capsys) -> None:
+    from safetensors.torch import save_file
+
+    from tests.models import resnet50
+
+    trained = resnet50(seed=1)
+    save_file({name: tensor.contiguous() for name, tensor in trained.state_dict().items()}, tmp_path / "w.safetensors")
+    torch.save(trained.state_dict(), tmp_path / "w.pt")
+    common = ["tests.models:resnet50", "--ratio", "0.5", "--excludes", "conv1"]
+    assert main(["decompose", *common, "--weights", str(tmp_path / "w.safetensors"), "-o", str(tmp_path / "a")]) == 0
+    assert main(["decompose", *common, "--weights", str(tmp_path / "w.pt"), "--weights-format", "pt",
+                 "-o", str(tmp_path / "b")]) == 0
+    assert "state_dict.pt" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["decompose_config.json", "report.json",
+                                                                  "state_dict.pt"]
+    from_safetensors = load_file(tmp_path / "a" / "state_dict.safetensors")
+    from_pickle = torch.load(tmp_path / "b" / "state_dict.pt", weights_only=True)
+    assert sorted(from_safetensors) == sorted(from_pickle)
+    assert all(torch.equal(from_safetensors[name], tensor) for name, tensor in from_pickle.items())
 
 
 def test_demo_with_ratio_and_divisor(tmp_path, capsys) -> None:
@@ -152,7 +175,7 @@ def test_decompose_writes_a_complete_folder(tmp_path, capsys) -> None:
                  "--report", str(tmp_path / "r.json")]) == 0
     config = json.loads((out / "decompose_config.json").read_text())
     assert config["fc"] == 320 and len(config) == 39
-    state = torch.load(out / "state_dict.pt")
+    state = load_file(out / "state_dict.safetensors")
     assert state["fc.0.weight"].shape == (320, 2048) and state["layer4.2.conv2.1.weight"].shape[2:] == (3, 3)
     assert json.loads((tmp_path / "r.json").read_text())["totals"]["decomposed"] == 39
     model = resnet50()

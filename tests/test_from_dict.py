@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-
 from models import mixed, mixed_ids  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
 from torch import nn  # noqa: E402
 
 from lowrank_ir import Decompose, count_parameters  # noqa: E402
@@ -337,7 +337,7 @@ def test_cli_dict_takes_out_in_lists_and_its_saved_config(tmp_path, capsys, mode
     assert main(["decompose", "tests.models:mixed", "--dict", str(out / "decompose_config.json"), "--divisor", "16",
                  "-o", str(again)]) == 0
     assert json.loads((again / "decompose_config.json").read_text()) == config
-    first, second = torch.load(out / "state_dict.pt"), torch.load(again / "state_dict.pt")
+    first, second = load_file(out / "state_dict.safetensors"), load_file(again / "state_dict.safetensors")
     assert list(first) == list(second) and all(torch.equal(first[key], second[key]) for key in first)
     capsys.readouterr()
 

@@ -19,6 +19,8 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
+from safetensors.torch import load_file  # noqa: E402
+
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
@@ -29,7 +31,7 @@ from tools.cli import main  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCH_MODEL = ["tools.demo:demo_model", "--divisor", "16"]
-TORCH_FILES = ["decompose_config.json", "report.json", "state_dict.pt"]
+TORCH_FILES = ["decompose_config.json", "report.json", "state_dict.safetensors"]
 
 
 @pytest.fixture(autouse=True)
@@ -83,18 +85,18 @@ def test_the_tools_own_names_are_replaced_only_with_force(tmp_path, capsys) -> N
     assert main(["decompose", *TORCH_MODEL, "-o", str(out)]) == 0
     (out / "notes.txt").write_text("mine")
     config = (out / "decompose_config.json").read_bytes()
-    (out / "state_dict.pt").write_bytes(b"older")
+    (out / "state_dict.safetensors").write_bytes(b"older")
     capsys.readouterr()
 
     assert main(["decompose", *TORCH_MODEL, "--ratio", "0.3", "-o", str(out)]) == 2
-    _one_line_error(capsys, "already holds", "state_dict.pt", "--force")
-    assert (out / "state_dict.pt").read_bytes() == b"older"
+    _one_line_error(capsys, "already holds", "state_dict.safetensors", "--force")
+    assert (out / "state_dict.safetensors").read_bytes() == b"older"
 
     assert main(["decompose", *TORCH_MODEL, "--ratio", "0.3", "-o", str(out), "--force"]) == 0
     capsys.readouterr()
     assert _names(out) == sorted(["notes.txt", *TORCH_FILES])
     assert (out / "notes.txt").read_text() == "mine" and (out / "decompose_config.json").read_bytes() != config
-    torch.load(out / "state_dict.pt")  # the new, complete state dict
+    load_file(out / "state_dict.safetensors")  # the new, complete state dict
 
 
 def test_an_existing_output_file_is_replaced_only_with_force(mlp_file, tmp_path, capsys) -> None:

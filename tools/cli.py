@@ -39,8 +39,8 @@ class UsageError(ValueError):
     """Bad command-line input: reported as one line, exit code 2."""
 
 
-#: The files ``lowrank decompose module:factory -o DIR`` writes in ``DIR``.
-TORCH_OUTPUT_FILES = ("state_dict.pt", "decompose_config.json", "report.json")
+#: The files ``lowrank decompose module:factory -o DIR`` writes in ``DIR`` besides ``state_dict.<format>``.
+TORCH_OUTPUT_FILES = ("decompose_config.json", "report.json")
 
 #: The files a command may read, by option: an output resolving to one of them is refused.
 INPUT_OPTIONS = {"weights": "the --weights file", "dict": "the --dict file", "feeds": "the --feeds file",
@@ -81,20 +81,9 @@ def _load_factory(spec: str) -> Any:
 def _load_model(spec: str, weights: str | None) -> Any:
     model = _load_factory(spec)
     if weights is not None:
-        import torch
+        from backends.torch import load_weights
 
-        path = Path(weights)
-        if not path.is_file():
-            raise UsageError(f"weights file {weights!r} does not exist")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise UsageError(f"cannot read weights {weights!r}: {err}") from err
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as err:
-            first = str(err).strip().splitlines()[0:3]
-            raise UsageError(f"weights {weights!r} do not fit {spec!r}: {' '.join(first)}") from err
+        load_weights(model, weights)  # strict; a .safetensors or a torch.save file (weights_only)
     return model
 
 
@@ -268,12 +257,13 @@ def _cmd_decompose(args: argparse.Namespace) -> int:
     if onnx_cli.is_onnx_path(args.model):
         return onnx_cli.decompose(args)
     _onnx_only(args, ["input_shape", "calib", "feeds", "tolerance", "opset"])
-    import torch
-
+    from backends.torch import save_weights
     from lowrank_ir import Decompose, SafeWriteUmask, write_json
 
+    weights = f"state_dict.{args.weights_format}"
+    names = (weights, *TORCH_OUTPUT_FILES)
     outputs = command_outputs(args)
-    folder = outputs.folder(args.output, TORCH_OUTPUT_FILES, "-o")
+    folder = outputs.folder(args.output, names, "-o")
     report = outputs.file(args.report, "--report") if args.report else None
     outputs.check()
     model = _load_model(args.model, args.weights)
@@ -281,13 +271,13 @@ def _cmd_decompose(args: argparse.Namespace) -> int:
     decomposed = decomposer.decompose_network(progress=_progress_bar("decomposing"))
     with outputs.writing() as stage:
         with SafeWriteUmask():
-            torch.save(decomposed.state_dict(), stage.path(folder / "state_dict.pt"))
+            save_weights(decomposed, stage.path(folder / weights))
         write_json(stage.path(folder / "decompose_config.json"), decomposer.decompose_config)
         write_json(stage.path(folder / "report.json"), decomposer.report.to_dict())
         if report is not None:
             write_json(stage.path(report), decomposer.report.to_dict())
     print(decomposer.report.table(only_decomposed=True))
-    print(f"saved {', '.join(TORCH_OUTPUT_FILES)} in {args.output}")
+    print(f"saved {', '.join(names)} in {args.output}")
     return 0
 
 
@@ -356,6 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 "or an existing one receives the three files; nothing else in it is touched); "
                                 "checkpoint folders: a new output folder")
     decompose.add_argument("--report", metavar="FILE.json", help="also write the report here")
+    decompose.add_argument("--weights-format", choices=["safetensors", "pt"], default="safetensors",
+                           help="PyTorch: the state dict as state_dict.safetensors (the default: no pickle) or "
+                                "state_dict.pt (torch.save)")
     _add_policy_args(decompose)
     decompose.add_argument("--nproc", type=int, metavar="N",
                            help="checkpoint folders: share the layers among N processes (torchrun, gloo); "

@@ -121,8 +121,8 @@ class _Native:
 class _Torch(_Native):
     """What the demo needs from PyTorch."""
 
-    name, saved = "torch", "state_dict.pt"
-    recipe = "then load_state_dict(torch.load('state_dict.pt'))"
+    name, saved = "torch", "state_dict.safetensors"
+    recipe = "then load_state_dict(safetensors.torch.load_file('state_dict.safetensors'))"
 
     def __init__(self) -> None:
         import torch
@@ -140,7 +140,9 @@ class _Torch(_Native):
             return model(self.tensor(array)).numpy().astype(np.float64)
 
     def save(self, model: Any, path: Path) -> None:
-        self.torch.save(model.state_dict(), path)
+        from backends.torch import save_weights
+
+        save_weights(model, path)
 
 
 class _MindSpore(_Native):
@@ -182,7 +184,7 @@ def run_demo(out: str | None = None, ratio: float = 0.5, framework: str = "torch
              stream: TextIO | None = None, force: bool = False) -> Path:
     """Run the demo; return the folder holding the decomposed weights, the config and the report.
 
-    The weights are ``state_dict.pt`` for PyTorch, ``decomposed.ckpt`` for MindSpore. Both frameworks run
+    The weights are ``state_dict.safetensors`` for PyTorch, ``decomposed.ckpt`` for MindSpore. Both frameworks run
     the same model with the same weights and inputs, so they print the same table. ``out`` is created, or
     an existing folder receives the three files (files of those names are replaced only with ``force``);
     they appear together when the demo has finished, or not at all.
