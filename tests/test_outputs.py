@@ -27,6 +27,7 @@ pytest.importorskip("onnxruntime")
 from lowrank_ir import Decompose, save_graph  # noqa: E402
 from lowrank_ir._files import FILE_MODE, FOLDER_MODE, Outputs  # noqa: E402
 from tests import onnx_models as om  # noqa: E402
+from tests.cli_checks import one_line_error  # noqa: E402
 from tools.cli import main  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,14 +53,6 @@ def _mode(path: Path) -> int:
 
 def _names(folder: Path) -> list[str]:
     return sorted(path.name for path in folder.iterdir())
-
-
-def _one_line_error(capsys, *parts: str) -> str:
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    for part in parts:
-        assert part in err, err
-    return err
 
 
 def _npz(path: Path, **arrays: np.ndarray) -> Path:
@@ -89,7 +82,7 @@ def test_the_tools_own_names_are_replaced_only_with_force(tmp_path, capsys) -> N
     capsys.readouterr()
 
     assert main(["decompose", *TORCH_MODEL, "--ratio", "0.3", "-o", str(out)]) == 2
-    _one_line_error(capsys, "already holds", "state_dict.safetensors", "--force")
+    one_line_error(capsys, "already holds", "state_dict.safetensors", "--force")
     assert (out / "state_dict.safetensors").read_bytes() == b"older"
 
     assert main(["decompose", *TORCH_MODEL, "--ratio", "0.3", "-o", str(out), "--force"]) == 0
@@ -104,7 +97,7 @@ def test_an_existing_output_file_is_replaced_only_with_force(mlp_file, tmp_path,
     out.write_bytes(b"someone's model")
     argv = ["decompose", str(mlp_file), "-o", str(out), "--divisor", "8"]
     assert main(argv) == 2
-    _one_line_error(capsys, f"-o {str(out)!r} exists", "--force")
+    one_line_error(capsys, f"-o {str(out)!r} exists", "--force")
     assert out.read_bytes() == b"someone's model"
     assert main([*argv, "--force"]) == 0
     capsys.readouterr()
@@ -145,7 +138,7 @@ def test_convert_writes_beside_the_users_files(tmp_path, capsys) -> None:
     assert _names(keep) == ["converted.json", "graph.json", "model.pt", "notes.txt", "params.safetensors"]
     capsys.readouterr()
     assert main(["convert", str(model), "--to", "torch", "-o", str(keep)]) == 2
-    _one_line_error(capsys, "already holds", "--force")
+    one_line_error(capsys, "already holds", "--force")
     assert main(["convert", str(model), "--to", "torch", "-o", str(keep), "--force"]) == 0
     assert (keep / "notes.txt").read_text() == "mine"
 
@@ -174,9 +167,9 @@ def test_an_output_that_is_an_input_is_refused(mlp_file, tmp_path, monkeypatch, 
     for output in ("m.onnx", "./m.onnx", str(mlp_file), "link.onnx", "hard.onnx", "sub/../m.onnx"):
         for force in ([], ["--force"]):
             assert main(["decompose", "m.onnx", "-o", output, "--divisor", "8", *force]) == 2, output
-            _one_line_error(capsys, f"-o {output!r}", "is the input model")
+            one_line_error(capsys, f"-o {output!r}", "is the input model")
     assert main(["decompose", "m.onnx", "-o", "small.onnx", "--divisor", "8", "--report", "m.onnx", "--force"]) == 2
-    _one_line_error(capsys, "--report 'm.onnx'", "is the input model")
+    one_line_error(capsys, "--report 'm.onnx'", "is the input model")
     assert mlp_file.read_bytes() == original
     assert _names(tmp_path) == ["hard.onnx", "link.onnx", "m.onnx", "sub"]
 
@@ -186,20 +179,20 @@ def test_a_report_that_is_an_input_file_is_refused(mlp_file, tmp_path, capsys) -
     before = feeds.read_bytes()
     assert main(["decompose", str(mlp_file), "-o", str(tmp_path / "s.onnx"), "--divisor", "8", "--feeds", str(feeds),
                  "--report", str(feeds), "--force"]) == 2
-    _one_line_error(capsys, "is the --feeds file")
+    one_line_error(capsys, "is the --feeds file")
     assert main(["parity", str(mlp_file), "--no-decompose", "--report", str(mlp_file), "--force"]) == 2
-    _one_line_error(capsys, "is the input model")
+    one_line_error(capsys, "is the input model")
     torch.save({}, tmp_path / "w.pt")
     assert main(["decompose", *TORCH_MODEL, "--weights", str(tmp_path / "w.pt"), "-o", str(tmp_path / "o"),
                  "--report", str(tmp_path / "w.pt"), "--force"]) == 2
-    _one_line_error(capsys, "is the --weights file")
+    one_line_error(capsys, "is the --weights file")
     assert feeds.read_bytes() == before and not (tmp_path / "s.onnx").exists() and not (tmp_path / "o").exists()
 
 
 def test_two_outputs_naming_one_file_are_refused(tmp_path, capsys) -> None:
     out = tmp_path / "out"
     assert main(["decompose", *TORCH_MODEL, "-o", str(out), "--report", str(out / "report.json")]) == 2
-    _one_line_error(capsys, "--report", "also written by -o")
+    one_line_error(capsys, "--report", "also written by -o")
     assert not out.exists()
 
 
@@ -210,27 +203,27 @@ def test_every_input_path_is_checked_before_the_work(mlp_file, tmp_path, capsys)
     argv = ["decompose", str(mlp_file), "-o", str(tmp_path / "s.onnx"), "--budget-params", "0.5", "--divisor", "8",
             "--calib", str(calib)]
     assert main([*argv, "--feeds", str(tmp_path / "missing.npz")]) == 2  # not after measuring the budget
-    _one_line_error(capsys, "the --feeds file", "missing.npz' does not exist")
+    one_line_error(capsys, "the --feeds file", "missing.npz' does not exist")
     assert main([*argv, "--feeds", str(tmp_path)]) == 2
-    _one_line_error(capsys, "the --feeds file", "is a folder")
+    one_line_error(capsys, "the --feeds file", "is a folder")
     assert _names(tmp_path) == ["calib.npz", "m.onnx"]
 
 
 def test_a_report_in_a_missing_folder_is_refused_before_any_work(mlp_file, tmp_path, capsys) -> None:
     out = tmp_path / "out"
     assert main(["decompose", *TORCH_MODEL, "-o", str(out), "--report", str(tmp_path / "nodir" / "r.json")]) == 2
-    _one_line_error(capsys, "nodir", "does not exist")
+    one_line_error(capsys, "nodir", "does not exist")
     small = tmp_path / "small.onnx"
     assert main(["decompose", str(mlp_file), "-o", str(small), "--divisor", "8",
                  "--report", str(tmp_path / "nodir" / "r.json")]) == 2
-    _one_line_error(capsys, "nodir", "does not exist")
+    one_line_error(capsys, "nodir", "does not exist")
     assert _names(tmp_path) == ["m.onnx"]
 
 
 def test_the_demo_leaves_nothing_when_it_fails(tmp_path, capsys) -> None:
     newdir = tmp_path / "newdir"
     assert main(["demo", "--out", str(newdir), "--ratio", "2"]) == 2
-    _one_line_error(capsys, "ratio")
+    one_line_error(capsys, "ratio")
     assert _names(tmp_path) == []
 
 
@@ -239,7 +232,7 @@ def test_the_demo_writes_its_files_together(tmp_path, capsys) -> None:
     out.mkdir()
     (out / "report.json").write_text("{}")
     assert main(["demo", "--out", str(out)]) == 2  # checked before the work, not after it
-    _one_line_error(capsys, "already holds report.json", "--force")
+    one_line_error(capsys, "already holds report.json", "--force")
     assert _names(out) == ["report.json"]
     assert main(["demo", "--out", str(out), "--force"]) == 0
     capsys.readouterr()
@@ -330,7 +323,7 @@ def test_feeds_with_nan_or_inf_are_refused(option, bad, mlp_file, tmp_path, caps
     out = tmp_path / "small.onnx"
     assert main(["decompose", str(mlp_file), "-o", str(out), "--divisor", "8", option, str(feeds),
                  "--tolerance", "0.5"]) == 2
-    _one_line_error(capsys, f"{option} {str(feeds)!r}", "input 'x'", "not finite")
+    one_line_error(capsys, f"{option} {str(feeds)!r}", "input 'x'", "not finite")
     assert not out.exists()
 
 
@@ -339,7 +332,7 @@ def test_parity_refuses_feeds_with_nan(mlp_file, tmp_path, capsys) -> None:
     x[1, 0] = np.nan
     feeds = _npz(tmp_path / "bad.npz", x=x)
     assert main(["parity", str(mlp_file), "--feeds", str(feeds), "--no-decompose"]) == 2
-    _one_line_error(capsys, f"feeds {str(feeds)!r}", "input 'x' has 1 of 128 values not finite")
+    one_line_error(capsys, f"feeds {str(feeds)!r}", "input 'x' has 1 of 128 values not finite")
 
 
 def test_a_config_file_that_is_a_folder_is_refused_at_once(tmp_path) -> None:

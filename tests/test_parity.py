@@ -31,6 +31,7 @@ from backends.torch import GraphModule  # noqa: E402
 from frontends import onnx as onnx_frontend  # noqa: E402
 from lowrank_ir import ParityReport, convert, load_converted, parity, save_converted  # noqa: E402
 from tests import onnx_models as om  # noqa: E402
+from tests.cli_checks import one_line_error  # noqa: E402
 from tests.rebuild_cases import TOLERANCE, relative_error  # noqa: E402
 from tests.skips import require  # noqa: E402
 from tools.cli import main  # noqa: E402
@@ -45,14 +46,6 @@ SENTENCES = [
     "Low-rank factors make a transformer smaller and faster.",
     "She forgot her umbrella, so she waited under the bridge until the rain stopped.",
 ]
-
-
-def one_line_error(capsys, *words: str) -> str:
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    for word in words:
-        assert word in err, err
-    return err
 
 
 # ------------------------------------------------------------------------------------------ models
