@@ -10,10 +10,13 @@ of synthetic text images: det 1x3x640x640, rec 8x3x48x320), in one process:
 * ``latency T``: ``Decompose(model).from_budget(latency=T, input_shapes=...)`` for each budget T
   (with ``--calibration N``: on N calibration images, data-aware and weighed by measured sensitivities).
 
-Printed per row: the MAC ratio over the model's Conv/Gemm/MatMul layers (the report's FLOPs, kept
-layers included), the latency ratio decomposed/original measured by ``lowrank bench``'s interleaved
-runs (CPU time with one thread, so the machine's other load does not move it; the median of the
-per-pair ratios), and the relative output error ``‖y' − y‖ / ‖y‖`` on the images.
+Printed per row: the MAC ratio over the model's Conv/Gemm/MatMul layers (multiply-adds per sample at
+the timed input shapes, kept layers included); the layers' share of the original's kernel time
+(onnxruntime's profiler) and the latency ratio it bounds, ``1 - share + share · MAC ratio`` (what the
+time would be if the layers' time scaled with their multiply-adds and nothing else changed); the
+latency ratio decomposed/original measured by ``lowrank bench``'s interleaved runs (CPU time with one
+thread, so the machine's other load does not move it; the median of the per-pair ratios), and the
+relative output error ``‖y' − y‖ / ‖y‖`` on the images.
 """
 
 from __future__ import annotations
@@ -22,9 +25,14 @@ import argparse
 import sys
 import tempfile
 import time
+from collections.abc import Collection, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from tools.bench_cli import LayerTime
 
 SHAPES = {"det": (1, 3, 640, 640), "rec": (8, 3, 48, 320)}
 
@@ -44,6 +52,34 @@ def _images(kind: str) -> dict[str, np.ndarray]:
     return {"x": np.stack(images).astype(np.float32)}
 
 
+def mac_ratio(model: object, chosen: object, input_shapes: dict[str, list[int]]) -> float:
+    """Multiply-adds of the Conv/Gemm/MatMul layers after ``chosen`` (a Plan) over before, per sample at ``input_shapes``.
+
+    The model is lowered at these shapes so every layer counts its output positions: a model with
+    dynamic input dims otherwise reports FLOPs per output position, which weighs a 20x20 layer like
+    a 320x320 one.
+    """
+    from frontends.onnx import lower
+    from lowrank_ir import build_report
+
+    report = build_report(lower(model, input_shapes=input_shapes), chosen)  # type: ignore[arg-type]
+    if not report.per_sample:
+        raise ValueError(f"the layers' output positions are unknown at {input_shapes}: no per-sample MAC ratio")
+    totals = report.totals()
+    return float(totals["flops_after"] / totals["flops_before"])
+
+
+def layer_share(profiled: Sequence[LayerTime], layers: Collection[str]) -> float:
+    """The fraction of the original model's kernel time (onnxruntime's profiler) spent in ``layers``.
+
+    Low rank changes only these layers' time: if it scaled with their multiply-adds, the latency
+    ratio would be ``1 - share + share · MAC ratio`` (Amdahl's law; the ``bound`` column).
+    """
+    total = sum(row.original_ms or 0.0 for row in profiled)
+    inside = sum(row.original_ms or 0.0 for row in profiled if row.name in layers)
+    return inside / total if total > 0 else 0.0
+
+
 def _row(label: str, decomposer: object, decomposed: object, original_path: Path, feeds: dict[str, np.ndarray],
          reference: np.ndarray, folder: Path, runs: int, threads: int, seconds: float) -> str:
     import onnx
@@ -54,11 +90,15 @@ def _row(label: str, decomposer: object, decomposed: object, original_path: Path
     path = folder / f"{label.replace(' ', '_')}.onnx"
     onnx.save(decomposed, path)  # type: ignore[arg-type]
     totals = decomposer.report.totals()  # type: ignore[attr-defined]
-    macs = totals["flops_after"] / totals["flops_before"]
-    timed = bench(original_path, path, feeds=feeds, threads=threads, runs=runs)
+    shapes = {name: list(np.shape(value)) for name, value in feeds.items()}
+    macs = mac_ratio(onnx.load(str(original_path)), decomposer.plan, shapes)  # type: ignore[attr-defined]
+    timed = bench(original_path, path, feeds=feeds, threads=threads, runs=runs, per_layer=True)
+    layers = {row.name for row in decomposer.report}  # type: ignore[attr-defined]
+    share = layer_share(timed.layers, layers)
     output = np.asarray(run(session(decomposed), feeds)[0], dtype=np.float64)  # type: ignore[arg-type]
     error = float(np.linalg.norm(output - reference) / np.linalg.norm(reference))
-    return (f"{label:<13} {totals['decomposed']:>3}/{totals['layers']:<3} {macs:>9.3f} {timed.paired_ratio:>13.3f} "
+    return (f"{label:<13} {totals['decomposed']:>3}/{totals['layers']:<3} {macs:>9.3f} {share:>11.3f} "
+            f"{1.0 - share + share * macs:>7.3f} {timed.paired_ratio:>13.3f} "
             f"{timed.original.median_ms:>10.1f} {timed.decomposed.median_ms:>10.1f} {error:>10.4f} {seconds:>8.1f}")
 
 
@@ -82,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     from tests.onnx_models import ppocr_feeds, ppocr_model
 
     print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs; {args.threads} thread(s)")
-    print(f"{'row':<13} {'layers':>7} {'MAC ratio':>9} {'latency ratio':>13} {'orig. ms':>10} {'decomp. ms':>10} "
+    print(f"{'row':<13} {'layers':>7} {'MAC ratio':>9} {'layer share':>11} "
+          f"{'bound':>7} {'latency ratio':>13} {'orig. ms':>10} {'decomp. ms':>10} "
           f"{'rel. error':>10} {'seconds':>8}")
     with tempfile.TemporaryDirectory(prefix="lowrank-latency-") as tmp:
         folder = Path(tmp)
