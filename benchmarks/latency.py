@@ -53,9 +53,9 @@ def _images(kind: str) -> dict[str, np.ndarray]:
 
 
 def mac_ratio(model: object, chosen: object, input_shapes: dict[str, list[int]]) -> float:
-    """Multiply-adds of the Conv/Gemm/MatMul layers after ``chosen`` (a Plan) over before, per sample at ``input_shapes``.
+    """Multiply-adds of the Conv/Gemm/MatMul layers after ``chosen`` (a Plan) over before, per sample.
 
-    The model is lowered at these shapes so every layer counts its output positions: a model with
+    The model is lowered at ``input_shapes`` so every layer counts its output positions: a model with
     dynamic input dims otherwise reports FLOPs per output position, which weighs a 20x20 layer like
     a 320x320 one.
     """
