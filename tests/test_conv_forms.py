@@ -1,0 +1,197 @@
+"""Two-factor forms of a k x k conv: spatial SVD (kh x 1 then 1 x kw) and channel SVD (k x k to r, then 1x1).
+
+The math (``lowrank_ir._conv_forms``) is checked against its formulas; the forms are then written by the
+engine (``with_forms`` + ``rewrite``) and built by every backend, whose outputs must equal the original at
+full rank and the model holding the multiplied-out kernel at a truncated rank.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+from onnx import numpy_helper
+
+from lowrank_ir import Policy, plan, rewrite, with_forms
+from lowrank_ir._conv_forms import (
+    channel_factors,
+    channel_kernel,
+    channel_matrix,
+    channel_params,
+    spatial_factors,
+    spatial_kernel,
+    spatial_matrix,
+    spatial_params,
+)
+from lowrank_ir._engine import SPATIAL_SVD, SVD, approximations
+from tests import onnx_models as om
+
+FORMS = [SVD, SPATIAL_SVD]
+
+
+def _kernel(seed: int, shape: tuple[int, ...] = (12, 8, 3, 5)) -> np.ndarray:
+    return om.decaying(np.random.default_rng(seed), shape).astype(np.float64)
+
+
+# ------------------------------------------------------------------------------------------ the formulas
+
+def test_spatial_matrix_places_each_entry_as_the_formula_says() -> None:
+    kernel = _kernel(0)
+    matrix = spatial_matrix(kernel)
+    out, inp, height, width = kernel.shape
+    assert matrix.shape == (inp * height, out * width)
+    for o, c, i, j in [(0, 0, 0, 0), (11, 7, 2, 4), (5, 3, 1, 2)]:
+        assert matrix[c * height + i, o * width + j] == kernel[o, c, i, j]
+    assert channel_matrix(kernel)[7, 3 * height * width + 1 * width + 2] == kernel[7, 3, 1, 2]
+
+
+@pytest.mark.parametrize("rank", [1, 4, 10])
+def test_spatial_factors_reach_the_truncated_svd_error_of_their_matrix(rank) -> None:
+    kernel = _kernel(1)
+    vertical, horizontal, error = spatial_factors(kernel, rank)
+    assert vertical.shape == (rank, 8, 3, 1) and horizontal.shape == (12, rank, 1, 5)
+    approx = spatial_kernel(vertical, horizontal)
+    explicit = np.zeros_like(kernel)  # K'[o, c, i, j] = Σ_s vertical[s, c, i] horizontal[o, s, j], term by term
+    for s in range(rank):
+        explicit += np.einsum("ci,oj->ocij", vertical[s, :, :, 0], horizontal[:, s, 0, :])
+    np.testing.assert_allclose(approx, explicit, rtol=1e-12, atol=1e-12)
+    values = np.linalg.svd(spatial_matrix(kernel), compute_uv=False)
+    expected = np.sqrt(np.sum(values[rank:] ** 2) / np.sum(values ** 2))
+    assert error == pytest.approx(expected, rel=1e-6, abs=1e-9)
+    assert np.linalg.norm(kernel - approx) / np.linalg.norm(kernel) == pytest.approx(expected, rel=1e-6, abs=1e-9)
+
+
+@pytest.mark.parametrize("rank", [1, 6, 12])
+def test_channel_factors_reach_the_truncated_svd_error_of_the_out_unfolding(rank) -> None:
+    kernel = _kernel(2)
+    first, last, error = channel_factors(kernel, rank)
+    assert first.shape == (rank, 8, 3, 5) and last.shape == (12, rank, 1, 1)
+    approx = channel_kernel(first, last)
+    np.testing.assert_allclose(approx, np.einsum("os,scij->ocij", last[:, :, 0, 0], first), rtol=1e-12, atol=1e-12)
+    values = np.linalg.svd(kernel.reshape(12, -1), compute_uv=False)
+    expected = np.sqrt(np.sum(values[rank:] ** 2) / np.sum(values ** 2))
+    assert error == pytest.approx(expected, rel=1e-6, abs=1e-9)
+    assert np.linalg.norm(kernel - approx) / np.linalg.norm(kernel) == pytest.approx(expected, rel=1e-6, abs=1e-9)
+
+
+def test_full_rank_forms_are_exact_and_the_factors_deterministic() -> None:
+    kernel = _kernel(3)
+    np.testing.assert_allclose(spatial_kernel(*spatial_factors(kernel, 24)[:2]), kernel, atol=1e-10)
+    np.testing.assert_allclose(channel_kernel(*channel_factors(kernel, 12)[:2]), kernel, atol=1e-10)
+    for first, second in zip(spatial_factors(kernel, 5), spatial_factors(kernel.copy(), 5), strict=True):
+        np.testing.assert_array_equal(first, second)
+
+
+def test_parameter_counts_follow_the_formulas() -> None:
+    assert spatial_params((12, 8, 3, 5), 4) == 4 * (8 * 3 + 12 * 5)
+    assert channel_params((12, 8, 3, 5), 4) == 4 * (8 * 15 + 12)
+    assert channel_params((12, 8, 3), 4) == 4 * (8 * 3 + 12)
+
+
+def test_spatial_svd_refuses_a_kernel_that_is_not_2d() -> None:
+    with pytest.raises(ValueError, match=r"4-D \[out, in, kh, kw\], got shape \[12, 8, 3\]"):
+        spatial_matrix(np.zeros((12, 8, 3)))
+
+
+# ------------------------------------------------------------------------------------------ the engine
+
+def _onnx_model(pads: list[int] | None = None, auto_pad: str | None = None) -> object:
+    return om.conv(np.random.default_rng(4), channels=(8, 12), kernel=3, pads=pads, strides=2, auto_pad=auto_pad,
+                   spatial=11)
+
+
+def test_with_forms_refuses_what_a_layer_cannot_take() -> None:
+    from frontends.onnx import lower
+
+    graph = lower(_onnx_model())
+    chosen = plan(graph, Policy.fixed(4, divisor=1))
+    with pytest.raises(ValueError, match=r"'conv' \(weight \[12, 8, 3, 3\]\) takes 'spatial_svd' ranks 1 \.\. 24, "
+                                         r"got 25"):
+        with_forms(chosen, {"conv": (SPATIAL_SVD, 25)})
+    with pytest.raises(ValueError, match=r"cannot take form 'cp': conv layers take one of 'svd', 'spatial_svd'"):
+        with_forms(chosen, {"conv": ("cp", 4)})
+    with pytest.raises(ValueError, match=r"names 'fc', which the plan does not decompose"):
+        with_forms(chosen, {"fc": (SVD, 4)})
+    assert chosen.entries["conv"].form == "tucker2"  # the plan given is not changed
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("padding", [{"pads": [0, 1, 2, 1]}, {"auto_pad": "SAME_UPPER"}, {}])
+def test_onnx_forms_compute_the_multiplied_out_kernel(form, padding) -> None:
+    from backends.onnx import build
+    from frontends.onnx import lower
+
+    model = _onnx_model(**padding)
+    graph = lower(model)
+    feeds = {"x": np.random.default_rng(5).standard_normal((2, 8, 11, 11)).astype(np.float32)}
+    for rank, exact in ((24 if form == SPATIAL_SVD else 12, True), (3, False)):
+        chosen = with_forms(plan(graph, Policy.fixed(4, divisor=1)), {"conv": (form, rank)})
+        result = rewrite(graph, chosen)
+        assert [node.name for node in result.graph.nodes] == ["conv.0", "conv.1"]
+        decomposed = build(result.graph, like=model)
+        reference = copy.deepcopy(model)
+        if not exact:  # the original model holding the kernel the factors multiply out to
+            arrays = approximations(graph, chosen)["conv"]
+            for init in reference.graph.initializer:
+                if init.name in arrays:
+                    init.CopyFrom(numpy_helper.from_array(arrays[init.name].astype(np.float32), init.name))
+        np.testing.assert_allclose(om.run(decomposed, feeds)[0], om.run(reference, feeds)[0], rtol=1e-4, atol=1e-4)
+        error = result.errors["conv"][0]
+        assert (error < 1e-5) if exact else (error > 1e-3)
+
+
+def _torch_model():
+    torch = pytest.importorskip("torch")
+    from torch import nn
+
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(8, 16, 3, stride=(2, 1), padding=1), nn.ReLU(),
+                         nn.Conv2d(16, 12, (5, 3), padding=(2, 2), dilation=(1, 2), bias=False)).eval()
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_torch_forms_are_sequential_chains_computing_the_multiplied_out_kernels(form) -> None:
+    torch = pytest.importorskip("torch")
+    from backends import torch as torch_backend
+    from frontends import torch as torch_frontend
+
+    model = _torch_model()
+    graph = torch_frontend.lower(model)
+    chosen = with_forms(plan(graph, Policy.fixed(4, divisor=1)), {"0": (form, 5), "2": (form, 6)})
+    decomposed = torch_backend.build(rewrite(graph, chosen).graph, like=model)
+    assert isinstance(decomposed[0], torch.nn.Sequential) and len(decomposed[0]) == 2
+    kernels = [tuple(part.kernel_size) for part in decomposed[2]]
+    assert kernels == ([(5, 1), (1, 3)] if form == SPATIAL_SVD else [(5, 3), (1, 1)])
+    reference = copy.deepcopy(model)
+    arrays = {name: array for layer in approximations(graph, chosen).values() for name, array in layer.items()}
+    reference.load_state_dict({**reference.state_dict(), **{name: torch.from_numpy(np.ascontiguousarray(array))
+                                                            for name, array in arrays.items()}})
+    x = torch.randn(2, 8, 13, 11, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        np.testing.assert_allclose(decomposed(x).numpy(), reference(x).numpy(), rtol=1e-4, atol=1e-5)
+    assert model[0].weight.shape == (16, 8, 3, 3)  # the user's model is not changed
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_mindspore_forms_compute_the_multiplied_out_kernels(form) -> None:
+    ms = pytest.importorskip("mindspore")
+    from mindspore import nn
+
+    from backends import mindspore as ms_backend
+    from frontends import mindspore as ms_frontend
+
+    ms.set_seed(0)
+    model = nn.SequentialCell([nn.Conv2d(8, 16, 3, stride=2, pad_mode="pad", padding=1, has_bias=True), nn.ReLU(),
+                               nn.Conv2d(16, 12, 5, pad_mode="same")])
+    model.set_train(False)
+    graph = ms_frontend.lower(model)
+    names = [node.name for node in graph.layers()]
+    chosen = with_forms(plan(graph, Policy.fixed(4, divisor=1)), {names[0]: (form, 5), names[1]: (form, 6)})
+    decomposed = ms_backend.build(rewrite(graph, chosen).graph, like=model)
+    arrays = {name: array for layer in approximations(graph, chosen).values() for name, array in layer.items()}
+    for param in model.get_parameters():  # a copy of the original holding the multiplied-out kernels
+        if param.name in arrays:
+            param.set_data(ms.Tensor(arrays[param.name].astype(np.float32)))
+    x = ms.Tensor(np.random.default_rng(2).standard_normal((2, 8, 12, 12)).astype(np.float32))
+    np.testing.assert_allclose(decomposed(x).asnumpy(), model(x).asnumpy(), rtol=1e-4, atol=1e-5)
