@@ -36,7 +36,9 @@ from onnx import ModelProto
 
 from backends.onnx import build, random_feeds
 from frontends.onnx import check_feeds, inferred_shapes, input_specs, measured_shapes, run
-from lowrank_ir import Graph, Node, Op, Policy, Value, plan, rewrite, with_layout
+from lowrank_ir import Graph, Node, Op, Policy, Value, plan, rewrite, with_forms, with_layout
+from lowrank_ir._conv_forms import channel_params, spatial_params
+from lowrank_ir._engine import SPATIAL_SVD, form_rank_limit
 
 __all__ = ["CLOCKS", "GRID_POINTS", "LAYOUT", "LatencyModel", "interleaved_times", "layer_latency", "resolve_clock",
            "time_run", "timing_session"]
@@ -135,22 +137,26 @@ def _signature(node: Node, weight: np.ndarray, bias: np.ndarray | None, input_sh
 
 
 def layer_latency(node: Node, weight: np.ndarray, bias: np.ndarray | None, input_shape: Sequence[int],
-                  rank: int | None, threads: int = 1, clock: str = "auto") -> float:
+                  rank: int | None, threads: int = 1, clock: str = "auto", form: str | None = None) -> float:
     """Median latency (ms) of ``node`` on an input of ``input_shape``, whole (``rank`` None) or factorized.
 
     A conv is factorized at Tucker-2 ranks ``(rank, rank)``, written in the compact layout (two 1x1
-    convs for a 1x1 conv); a Linear or MatMul at ``rank``.
+    convs for a 1x1 conv), or in ``form`` (``svd``: channel SVD, ``spatial_svd``) at ``rank``; a Linear
+    or MatMul at ``rank``.
     """
     clock = resolve_clock(clock, threads)
-    key = (*_signature(node, weight, bias, input_shape), rank, threads, clock)
+    key = (*_signature(node, weight, bias, input_shape), rank, form, threads, clock)
     if key in _CACHE:
         return _CACHE[key]
     dtype = str(np.dtype(weight.dtype))
     graph = _standalone(node, weight, bias, input_shape, dtype)
     if rank is not None:
-        spec: int | list[int] = [rank, rank] if node.op is Op.CONV else rank
-        graph = rewrite(graph, with_layout(plan(graph, Policy.config({"layer": spec})), LAYOUT),
-                        weights=False).graph
+        limits = (weight.shape[0], weight.shape[1])
+        spec: int | list[int] = [min(rank, limit) for limit in limits] if node.op is Op.CONV else rank
+        chosen = with_layout(plan(graph, Policy.config({"layer": spec})), LAYOUT)
+        if form is not None:
+            chosen = with_forms(chosen, {"layer": (form, rank)})
+        graph = rewrite(graph, chosen, weights=False).graph
     model = build(graph, check=False)
     sess = timing_session(model, threads)
     feeds = {"x": np.ones(tuple(int(dim) for dim in input_shape), dtype=dtype)}
@@ -245,18 +251,27 @@ class LatencyModel:
             return "its input shape is unknown at these input shapes"
         return ""
 
-    def layer_ms(self, node: Node, rank: int | None = None) -> float:
+    def layer_ms(self, node: Node, rank: int | None = None, form: str | None = None) -> float:
         """``node``'s median latency (ms), whole or factorized at ``rank`` (see :func:`layer_latency`)."""
         weight = self.graph.param(node, "weight")
         assert weight is not None
         shape = self.input_shape(node)
         assert shape is not None
-        return layer_latency(node, weight, self.graph.param(node, "bias"), shape, rank, self.threads, self.clock)
+        return layer_latency(node, weight, self.graph.param(node, "bias"), shape, rank, self.threads, self.clock,
+                             form)
 
-    def cost(self, node: Node, max_rank: int, divisor: int) -> Callable[[int], float]:
+    def forms(self, node: Node) -> list[str]:
+        """The two-factor forms ``node`` may take besides its main one: a k x k conv's (``svd``, ``spatial_svd``)."""
+        weight = self.graph.param(node, "weight")
+        if node.op is not Op.CONV or weight is None or math.prod(weight.shape[2:]) == 1:
+            return []
+        return ["svd", SPATIAL_SVD] if weight.ndim == 4 else ["svd"]
+
+    def cost(self, node: Node, max_rank: int, divisor: int, form: str | None = None) -> Callable[[int], float]:
         """``rank -> latency (ms)`` of ``node`` factorized: measured on a grid of ranks, interpolated between.
 
-        The grid reaches the rank whose parameters equal the layer's (past it no form is cheaper).
+        The main form (``form`` None: Tucker-2 for a conv, SVD for a matrix) or a conv's ``form``. The
+        grid reaches the rank whose parameters equal the layer's (past it no form is cheaper).
         ``ValueError`` when no multiple of ``divisor`` is a possible rank (at most ``max_rank``).
         """
         weight = self.graph.param(node, "weight")
@@ -265,9 +280,18 @@ class LatencyModel:
         if node.op is Op.MATMUL:
             inp, out = out, inp
         square = taps > 1  # Tucker-2 (r, r): r·in + r²·taps + r·out
-        useful = next((rank for rank in range(1, max_rank + 1)
-                       if rank * (inp + out) + (rank * rank * taps if square else 0) >= out * inp * taps), max_rank)
+
+        def params(rank: int) -> int:
+            if form == SPATIAL_SVD:
+                return spatial_params(weight.shape, rank)
+            if form is not None:
+                return channel_params(weight.shape, rank)
+            return rank * (inp + out) + (rank * rank * taps if square else 0)
+
+        if form is not None:
+            max_rank = form_rank_limit(node.op, weight.shape, form)
+        useful = next((rank for rank in range(1, max_rank + 1) if params(rank) >= out * inp * taps), max_rank)
         ranks = _grid(max_rank, divisor, useful)
         if not ranks:
             raise ValueError(f"layer {node.name!r} has no rank that is a multiple of {divisor} (largest {max_rank})")
-        return _interpolated([(rank, self.layer_ms(node, rank)) for rank in ranks])
+        return _interpolated([(rank, self.layer_ms(node, rank, form)) for rank in ranks])

@@ -195,3 +195,86 @@ def test_mindspore_forms_compute_the_multiplied_out_kernels(form) -> None:
             param.set_data(ms.Tensor(arrays[param.name].astype(np.float32)))
     x = ms.Tensor(np.random.default_rng(2).standard_normal((2, 8, 12, 12)).astype(np.float32))
     np.testing.assert_allclose(decomposed(x).asnumpy(), model(x).asnumpy(), rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ choosing a form
+
+def test_allocator_takes_another_form_where_it_buys_less_error_for_the_cost() -> None:
+    from lowrank_ir._budget import Candidate, Form, allocate
+
+    main = np.array([1.0, 0.6, 0.3, 0.0])  # e(r)² of the main form, r = 0 .. 3
+    other = np.array([1.0, 0.1, 0.0, 0.0])  # a form that is exact at rank 2
+    cand = Candidate("conv", main, lambda r: 10.0 * r, 100.0, 3,
+                     forms={"spatial_svd": Form(other, lambda r: 12.0 * r, 3)})
+    assert allocate([cand], 30.0, 1, convex=True) == {"conv": ("spatial_svd", 2)}
+    assert allocate([cand], 15.0, 1, convex=True) == {"conv": ("spatial_svd", 1)}
+    plain = Candidate("conv", main, lambda r: 10.0 * r, 100.0, 3)
+    assert allocate([plain], 30.0, 1, convex=True) == {"conv": 3}
+    with pytest.raises(ValueError, match="pass convex=True"):
+        allocate([cand], 30.0, 1)
+
+
+def separable_conv(seed: int = 0, channels: int = 96, spatial: int = 40, rank: int = 16) -> object:
+    """x -> 3x3 Conv whose kernel is exactly a rank-``rank`` spatial SVD (kh x 1 then 1 x kw), with a bias."""
+    from onnx import helper
+
+    rng = np.random.default_rng(seed)
+    vertical = rng.standard_normal((rank, channels, 3, 1)) / np.sqrt(3 * channels)
+    horizontal = rng.standard_normal((channels, rank, 1, 3)) / np.sqrt(3 * rank)
+    kernel = spatial_kernel(vertical, horizontal).astype(np.float32)
+    inits = {"conv.weight": kernel, "conv.bias": rng.standard_normal(channels).astype(np.float32) * 0.1}
+    node = helper.make_node("Conv", ["x", "conv.weight", "conv.bias"], ["y"], name="conv", kernel_shape=[3, 3],
+                            pads=[1, 1, 1, 1])
+    shape = [1, channels, spatial, spatial]
+    return om.make_model([node], [om.tensor("x", shape)], [om.tensor("y", shape)], inits)
+
+
+def test_latency_budget_chooses_the_form_that_is_exact_where_it_is_fast(tmp_path) -> None:
+    import onnx
+
+    from lowrank_ir import Decompose
+    from tools.bench_cli import bench
+
+    model = separable_conv()
+    decomposer = Decompose(model).from_budget(latency=0.6, divisor=16)
+    form, rank = decomposer.forms["conv"]
+    assert form == "spatial_svd" and rank >= 16  # exact from rank 16 on
+    assert decomposer.latency["layers"]["conv"]["form"] == "spatial_svd"
+    assert decomposer.report["conv"].form == "spatial_svd"
+    small = decomposer.decompose_network()
+    assert [_kernel_shape(node) for node in small.graph.node] == [[3, 1], [1, 3]]
+    feeds = {"x": np.random.default_rng(1).standard_normal((1, 96, 40, 40)).astype(np.float32)}
+    expected, got = om.run(model, feeds)[0], om.run(small, feeds)[0]
+    assert np.linalg.norm(got - expected) / np.linalg.norm(expected) < 1e-4
+    assert decomposer.report["conv"].error < 1e-4
+    original, decomposed = tmp_path / "model.onnx", tmp_path / "small.onnx"
+    onnx.save(model, original)
+    onnx.save(small, decomposed)
+    assert bench(original, decomposed, runs=20).latency_ratio <= 0.6 + 0.05
+
+
+def _kernel_shape(node: object) -> list[int]:
+    return next(list(attr.ints) for attr in node.attribute if attr.name == "kernel_shape")  # type: ignore[attr-defined]
+
+
+def test_channel_svd_with_patch_statistics_minimises_the_output_error() -> None:
+    from frontends.onnx import lower
+    from lowrank_ir import LayerStats
+
+    graph = lower(_onnx_model())
+    rng = np.random.default_rng(6)
+    mixing = rng.standard_normal((72, 72)) * np.logspace(0, -2, 72)  # correlated patches, ordered (in, taps)
+    patches = mixing @ mixing.T
+    stats = {"conv": LayerStats(np.eye(8), 1000, patch_moment=patches)}
+    chosen = with_forms(plan(graph, Policy.fixed(4, divisor=1)), {"conv": (SVD, 4)})
+    aware, free = rewrite(graph, chosen, stats=stats), rewrite(graph, chosen)
+    kernel = graph.params["conv.weight"].astype(np.float64).reshape(12, -1)
+
+    def output_error(result) -> float:  # sqrt(tr(D P Dᵀ) / tr(W P Wᵀ)), D = W - W'
+        first, last = (result.graph.params[f"conv.{index}.weight"].astype(np.float64) for index in (0, 1))
+        delta = kernel - channel_kernel(first, last).reshape(12, -1)
+        return float(np.sqrt(np.sum((delta @ patches) * delta) / np.sum((kernel @ patches) * kernel)))
+
+    assert aware.errors["conv"][1] == "output" and free.errors["conv"][1] == "weight"
+    assert aware.errors["conv"][0] == pytest.approx(output_error(aware), rel=1e-3)
+    assert output_error(aware) < 0.9 * output_error(free)
