@@ -24,6 +24,7 @@ grid of ranks and interpolated linearly in between).
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -40,8 +41,8 @@ from lowrank_ir import Graph, Node, Op, Policy, Value, plan, rewrite, with_forms
 from lowrank_ir._conv_forms import channel_params, spatial_params
 from lowrank_ir._engine import SPATIAL_SVD, form_rank_limit
 
-__all__ = ["CLOCKS", "GRID_POINTS", "LAYOUT", "LatencyModel", "interleaved_times", "layer_latency", "resolve_clock",
-           "time_run", "timing_session"]
+__all__ = ["CLOCKS", "GRID_POINTS", "LAYOUT", "LatencyModel", "interleaved_calls", "interleaved_times",
+           "layer_latency", "resolve_clock", "time_run", "timing_session"]
 
 logger = logging.getLogger(__name__)
 
@@ -107,14 +108,28 @@ def interleaved_times(sessions: Sequence[Any], feeds: Mapping[str, Any], runs: i
     At least one untimed round runs, so feeds a model cannot take fail before any timing.
     """
     labels = labels or [f"the feeds (model {index + 1})" for index in range(len(sessions))]
-    order = list(range(len(sessions)))
+    calls = [functools.partial(run, sess, feeds, where=label) for sess, label in zip(sessions, labels, strict=True)]
+    return interleaved_calls(calls, runs, warmup, clock)
+
+
+def interleaved_calls(calls: Sequence[Callable[[], Any]], runs: int, warmup: int,
+                      clock: str = "wall") -> list[list[float]]:
+    """Per call (one inference of one model, any runtime), ``runs`` timed calls (ms) in alternating rounds.
+
+    Rounds run every call once, in an order that reverses from one round to the next, after
+    ``max(warmup, 1)`` untimed rounds; ``clock`` is ``wall`` or ``cpu`` (see the module docstring).
+    """
+    now = time.process_time if clock == "cpu" else time.perf_counter
+    order = list(range(len(calls)))
     for _ in range(max(warmup, 1)):
         for index in order:
-            time_run(sessions[index], feeds, labels[index])
-    times: list[list[float]] = [[] for _ in sessions]
+            calls[index]()
+    times: list[list[float]] = [[] for _ in calls]
     for round_index in range(runs):
         for index in (order if round_index % 2 == 0 else order[::-1]):
-            times[index].append(time_run(sessions[index], feeds, labels[index], clock))
+            start = now()
+            calls[index]()
+            times[index].append((now() - start) * 1000.0)
     return times
 
 
