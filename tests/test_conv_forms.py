@@ -278,3 +278,40 @@ def test_channel_svd_with_patch_statistics_minimises_the_output_error() -> None:
     assert aware.errors["conv"][1] == "output" and free.errors["conv"][1] == "weight"
     assert aware.errors["conv"][0] == pytest.approx(output_error(aware), rel=1e-3)
     assert output_error(aware) < 0.9 * output_error(free)
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_report_counts_the_parameters_and_multiply_adds_of_each_form(form) -> None:
+    from frontends.onnx import lower
+    from lowrank_ir import build_report
+
+    graph = lower(_onnx_model(), input_shapes={"x": [1, 8, 11, 11]})  # stride 2, pads 1: 6x6 outputs
+    row = build_report(graph, with_forms(plan(graph, Policy.fixed(4, divisor=1)), {"conv": (form, 5)}))["conv"]
+    assert row.form == form and row.rank == 5
+    assert row.params_before == 12 * 8 * 9 + 12 and row.flops_before == 2 * 12 * 8 * 9 * 36
+    if form == SVD:
+        assert row.params_after == channel_params((12, 8, 3, 3), 5) + 12 == 5 * (8 * 9 + 12) + 12
+        assert row.flops_after == 2 * 5 * (8 * 9 + 12) * 36
+    else:  # the kh x 1 conv keeps the columns: 6 rows x 12 columns (stride 2 over the width), then 6 x 6
+        assert row.params_after == spatial_params((12, 8, 3, 3), 5) + 12 == 5 * (8 * 3 + 12 * 3) + 12
+        assert row.flops_after == 2 * 5 * (8 * 3 * 2 + 12 * 3) * 36
+
+
+def test_benchmark_mac_ratio_counts_every_layer_at_its_resolution() -> None:
+    from onnx import helper
+
+    from benchmarks.latency import mac_ratio
+    from lowrank_ir import Decompose
+
+    rng = np.random.default_rng(7)
+    inits = {"big.weight": om.decaying(rng, (64, 8, 1, 1)), "small.weight": om.decaying(rng, (64, 64, 1, 1))}
+    nodes = [helper.make_node("Conv", ["x", "big.weight"], ["h"], name="big", kernel_shape=[1, 1]),
+             helper.make_node("MaxPool", ["h"], ["p"], kernel_shape=[8, 8], strides=[8, 8]),
+             helper.make_node("Conv", ["p", "small.weight"], ["y"], name="small", kernel_shape=[1, 1])]
+    model = om.make_model(nodes, [om.tensor("x", ["n", 8, "h", "w"])], [om.tensor("y", ["n", 64, "a", "b"])], inits)
+    decomposer = Decompose(model).from_fixed(8, divisor=1, excludes=["big"])
+    decomposer.decompose_network()
+    # per sample at 64x64: big 64·8·4096 MACs (kept), small 64·64·64 -> 8·128·64
+    big, small = 64 * 8 * 4096, 64 * 64 * 64
+    assert mac_ratio(model, decomposer.plan, {"x": [1, 8, 64, 64]}) == pytest.approx(
+        (big + 8 * 128 * 64) / (big + small))
