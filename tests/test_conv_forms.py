@@ -34,6 +34,15 @@ def _kernel(seed: int, shape: tuple[int, ...] = (12, 8, 3, 5)) -> np.ndarray:
     return om.decaying(np.random.default_rng(seed), shape).astype(np.float64)
 
 
+def _assert_truncated_svd_error(kernel: np.ndarray, approx: np.ndarray, matrix: np.ndarray, rank: int,
+                                error: float) -> None:
+    """The reported and the actual error of ``approx`` are ``sqrt(Σ_{i>r} s_i² / Σ s_i²)`` of ``matrix``."""
+    values = np.linalg.svd(matrix, compute_uv=False)
+    expected = np.sqrt(np.sum(values[rank:] ** 2) / np.sum(values ** 2))
+    assert error == pytest.approx(expected, rel=1e-6, abs=1e-9)
+    assert np.linalg.norm(kernel - approx) / np.linalg.norm(kernel) == pytest.approx(expected, rel=1e-6, abs=1e-9)
+
+
 # ------------------------------------------------------------------------------------------ the formulas
 
 def test_spatial_matrix_places_each_entry_as_the_formula_says() -> None:
@@ -56,10 +65,7 @@ def test_spatial_factors_reach_the_truncated_svd_error_of_their_matrix(rank) -> 
     for s in range(rank):
         explicit += np.einsum("ci,oj->ocij", vertical[s, :, :, 0], horizontal[:, s, 0, :])
     np.testing.assert_allclose(approx, explicit, rtol=1e-12, atol=1e-12)
-    values = np.linalg.svd(spatial_matrix(kernel), compute_uv=False)
-    expected = np.sqrt(np.sum(values[rank:] ** 2) / np.sum(values ** 2))
-    assert error == pytest.approx(expected, rel=1e-6, abs=1e-9)
-    assert np.linalg.norm(kernel - approx) / np.linalg.norm(kernel) == pytest.approx(expected, rel=1e-6, abs=1e-9)
+    _assert_truncated_svd_error(kernel, approx, spatial_matrix(kernel), rank, error)
 
 
 @pytest.mark.parametrize("rank", [1, 6, 12])
@@ -69,10 +75,7 @@ def test_channel_factors_reach_the_truncated_svd_error_of_the_out_unfolding(rank
     assert first.shape == (rank, 8, 3, 5) and last.shape == (12, rank, 1, 1)
     approx = channel_kernel(first, last)
     np.testing.assert_allclose(approx, np.einsum("os,scij->ocij", last[:, :, 0, 0], first), rtol=1e-12, atol=1e-12)
-    values = np.linalg.svd(kernel.reshape(12, -1), compute_uv=False)
-    expected = np.sqrt(np.sum(values[rank:] ** 2) / np.sum(values ** 2))
-    assert error == pytest.approx(expected, rel=1e-6, abs=1e-9)
-    assert np.linalg.norm(kernel - approx) / np.linalg.norm(kernel) == pytest.approx(expected, rel=1e-6, abs=1e-9)
+    _assert_truncated_svd_error(kernel, approx, kernel.reshape(12, -1), rank, error)
 
 
 def test_full_rank_forms_are_exact_and_the_factors_deterministic() -> None:
