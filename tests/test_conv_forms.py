@@ -55,27 +55,32 @@ def test_spatial_matrix_places_each_entry_as_the_formula_says() -> None:
     assert channel_matrix(kernel)[7, 3 * height * width + 1 * width + 2] == kernel[7, 3, 1, 2]
 
 
-@pytest.mark.parametrize("rank", [1, 4, 10])
-def test_spatial_factors_reach_the_truncated_svd_error_of_their_matrix(rank) -> None:
-    kernel = _kernel(1)
-    vertical, horizontal, error = spatial_factors(kernel, rank)
-    assert vertical.shape == (rank, 8, 3, 1) and horizontal.shape == (12, rank, 1, 5)
-    approx = spatial_kernel(vertical, horizontal)
-    explicit = np.zeros_like(kernel)  # K'[o, c, i, j] = Σ_s vertical[s, c, i] horizontal[o, s, j], term by term
-    for s in range(rank):
+def _spatial_term_by_term(vertical: np.ndarray, horizontal: np.ndarray) -> np.ndarray:
+    """K'[o, c, i, j] = Σ_s vertical[s, c, i] horizontal[o, s, j], one s at a time."""
+    explicit = np.zeros((horizontal.shape[0], vertical.shape[1], vertical.shape[2], horizontal.shape[3]))
+    for s in range(vertical.shape[0]):
         explicit += np.einsum("ci,oj->ocij", vertical[s, :, :, 0], horizontal[:, s, 0, :])
-    np.testing.assert_allclose(approx, explicit, rtol=1e-12, atol=1e-12)
-    _assert_truncated_svd_error(kernel, approx, spatial_matrix(kernel), rank, error)
+    return explicit
 
 
-@pytest.mark.parametrize("rank", [1, 6, 12])
-def test_channel_factors_reach_the_truncated_svd_error_of_the_out_unfolding(rank) -> None:
-    kernel = _kernel(2)
-    first, last, error = channel_factors(kernel, rank)
-    assert first.shape == (rank, 8, 3, 5) and last.shape == (12, rank, 1, 1)
-    approx = channel_kernel(first, last)
-    np.testing.assert_allclose(approx, np.einsum("os,scij->ocij", last[:, :, 0, 0], first), rtol=1e-12, atol=1e-12)
-    _assert_truncated_svd_error(kernel, approx, kernel.reshape(12, -1), rank, error)
+def _channel_term_by_term(first: np.ndarray, last: np.ndarray) -> np.ndarray:
+    """K'[o, c, i, j] = Σ_s last[o, s] first[s, c, i, j]."""
+    return np.einsum("os,scij->ocij", last[:, :, 0, 0], first)
+
+
+@pytest.mark.parametrize(("factors", "product", "formula", "matrix", "shapes"), [
+    (spatial_factors, spatial_kernel, _spatial_term_by_term, spatial_matrix, ((8, 3, 1), (12, 1, 5))),
+    (channel_factors, channel_kernel, _channel_term_by_term, channel_matrix, ((8, 3, 5), (12, 1, 1))),
+], ids=["spatial", "channel"])
+@pytest.mark.parametrize("rank", [1, 4, 10])
+def test_form_factors_reach_the_truncated_svd_error_of_their_matrix(factors, product, formula, matrix, shapes,
+                                                                    rank) -> None:
+    kernel = _kernel(rank)
+    first, second, error = factors(kernel, rank)
+    assert first.shape == (rank, *shapes[0]) and second.shape == (shapes[1][0], rank, *shapes[1][1:])
+    approx = product(first, second)
+    np.testing.assert_allclose(approx, formula(first, second), rtol=1e-12, atol=1e-12)
+    _assert_truncated_svd_error(kernel, approx, matrix(kernel), rank, error)
 
 
 def test_full_rank_forms_are_exact_and_the_factors_deterministic() -> None:
