@@ -206,7 +206,9 @@ class Decompose:
         latency to reach at ``input_shapes`` (input name -> dims; every dynamic dim) with ``threads``
         intra-op threads. Each candidate layer's latency is measured whole and factorized on a grid of
         ranks (micro-graphs, ``backends.latency``); ranks are allocated to meet the target at the least
-        estimated error (layers whose factorized form is not faster stay whole); then the decomposed
+        estimated error (layers whose factorized form is not faster stay whole; a k x k conv may take
+        Tucker-2, channel SVD or spatial SVD, whichever buys the most error per millisecond, kept in
+        ``self.forms``: ``lowrank_ir._conv_forms``); then the decomposed
         structure is measured whole, interleaved with the original, and the budget moved by the measured
         excess or slack and re-allocated (``LATENCY_ATTEMPTS`` measurements at most); the allocation
         with the least estimated error within the target is kept. A target below the fastest reachable
