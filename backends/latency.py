@@ -195,11 +195,14 @@ def _grid(max_rank: int, divisor: int, useful: int) -> list[int]:
     return sorted(point for point in points if point <= max_rank)
 
 
-def _interpolated(points: Sequence[tuple[int, float]]) -> Callable[[int], float]:
+def _interpolated(points: Sequence[tuple[int, float]], limit: int) -> Callable[[int], float]:
+    """Linear interpolation of measured ``(rank, ms)`` points; infinite past ``limit``."""
     ranks = np.array([rank for rank, _ in points], dtype=np.float64)
     values = np.array([value for _, value in points], dtype=np.float64)
 
     def cost(rank: int) -> float:
+        if rank > limit:
+            return math.inf
         if rank > ranks[-1]:  # beyond the grid: the last measured slope
             slope = (values[-1] - values[-2]) / (ranks[-1] - ranks[-2]) if len(ranks) > 1 else 0.0
             return float(values[-1] + slope * (rank - ranks[-1]))
@@ -286,7 +289,9 @@ class LatencyModel:
         """``rank -> latency (ms)`` of ``node`` factorized: measured on a grid of ranks, interpolated between.
 
         The main form (``form`` None: Tucker-2 for a conv, SVD for a matrix) or a conv's ``form``. The
-        grid reaches the rank whose parameters equal the layer's (past it no form is cheaper).
+        grid reaches the rank whose parameters equal the layer's; past it the cost is infinite (a form
+        with more parameters than the layer is not a decomposition, even where a micro-graph times it
+        faster).
         ``ValueError`` when no multiple of ``divisor`` is a possible rank (at most ``max_rank``).
         """
         weight = self.graph.param(node, "weight")
@@ -309,4 +314,4 @@ class LatencyModel:
         ranks = _grid(max_rank, divisor, useful)
         if not ranks:
             raise ValueError(f"layer {node.name!r} has no rank that is a multiple of {divisor} (largest {max_rank})")
-        return _interpolated([(rank, self.layer_ms(node, rank, form)) for rank in ranks])
+        return _interpolated([(rank, self.layer_ms(node, rank, form)) for rank in ranks], max(useful, ranks[-1]))
