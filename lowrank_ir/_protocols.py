@@ -98,7 +98,7 @@ class NativeBackend(Backend, Protocol):
     def rebuild(self, graph: Graph, *, weights: bool = True) -> Any:
         """A whole trainable model that runs the dataflow ``graph`` (lowered from ONNX), params named as the IR's."""
 
-    def graph_params(self, model: Any) -> dict[str, np.ndarray]:
+    def graph_params(self, model: Any, /) -> dict[str, np.ndarray]:
         """The current values of a :meth:`rebuild` model's params, by IR param name."""
 
     def state_dict(self, graph: Graph) -> Mapping[str, Any]:

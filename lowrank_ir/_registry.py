@@ -21,7 +21,7 @@ from typing import Any
 from lowrank_ir._protocols import Backend, Frontend, LatencyMeasurement, ModelFilesAdapter, NativeBackend
 
 __all__ = ["ADAPTERS", "CROSS_FRAMEWORK", "FRAMEWORKS", "Framework", "adapter", "backend_for", "cross_framework",
-           "framework_of", "frontend_for", "latency_for", "native_backend", "register_framework"]
+           "framework_of", "frontend_for", "latency_for", "native_backend", "packages", "register_framework"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,3 +165,10 @@ def cross_framework() -> ModuleType:
     (``lowrank_ir.convert`` ...), so it has no protocol of its own.
     """
     return importlib.import_module(CROSS_FRAMEWORK)
+
+
+def packages() -> list[str]:
+    """The top-level packages of the modules this table names (e.g. for their loggers), in table order."""
+    modules = [name for fw in FRAMEWORKS.values() for name in (fw.frontend, fw.backend, fw.latency) if name]
+    modules += [*ADAPTERS.values(), CROSS_FRAMEWORK]
+    return list(dict.fromkeys(module.split(".")[0] for module in modules))
