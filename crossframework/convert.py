@@ -511,8 +511,8 @@ def _decompose(model: Any, graph: Graph, ratio: float, divisor: int) -> tuple[An
     decompose nothing is an error saying what to change, raised before anything runs.
     """
     chosen = plan(graph, Policy.ratio(ratio, None, divisor))
-    if not chosen.decomposed():
-        kept = "; ".join(f"{entry.name}: {entry.reason}" for entry in chosen.kept()[:3])
+    if not chosen.decomposed_entries():
+        kept = "; ".join(f"{entry.name}: {entry.reason}" for entry in chosen.kept_entries()[:3])
         raise ValueError(f"no layer of the model would be decomposed at ratio {ratio:g} with divisor {divisor} "
                          f"({len(chosen.entries)} candidate layers{': ' + kept if kept else ''}); give a smaller "
                          f"divisor, or ratio=None (--no-decompose) to check the original only")

@@ -31,7 +31,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import nn
 
-from frontends._patches import collects_patches, patch_moment_sum
+from frontends._im2col import collects_patches, patch_moment_sum
 from lowrank_ir import Graph, LayerStats, Node, Op, verify
 from lowrank_ir._budget import first_elements, relative_output_errors
 from lowrank_ir._calibration import MomentSums

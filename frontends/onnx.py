@@ -64,7 +64,7 @@ import numpy as np
 import onnx
 from onnx import AttributeProto, GraphProto, ModelProto, NodeProto, TensorProto, ValueInfoProto, numpy_helper
 
-from frontends._patches import collects_patches, patch_moment_sum
+from frontends._im2col import collects_patches, patch_moment_sum
 from lowrank_ir import Graph, LayerStats, Node, Op, Value, verify
 from lowrank_ir._budget import first_elements, relative_output_errors
 from lowrank_ir._calibration import MomentSums

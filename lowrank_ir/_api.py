@@ -434,7 +434,7 @@ class Decompose:
         chosen = plan(graph, policy)
         config = chosen.decompose_config()
         if not config:
-            kept = {entry.name: entry.reason for entry in chosen.kept()}
+            kept = {entry.name: entry.reason for entry in chosen.kept_entries()}
             detail = "; ".join(f"{name}: {reason}" for name, reason in list(kept.items())[:5])
             raise ValueError(
                 f"no layer of this {type(self.model).__name__} would be decomposed under {policy.kind!r} "
@@ -494,7 +494,7 @@ class Decompose:
         chosen = with_layout(_keep_reasons(plan(graph, Policy.config(self.decompose_config)), self.plan),
                              layout or backend.DEFAULT_LAYOUT)
         stats = None
-        names = [entry.name for entry in chosen.decomposed()]
+        names = [entry.name for entry in chosen.decomposed_entries()]
         if datasets is not None and do_decompose_weight:
             cached = self._stats
             if cached is not None and cached[0] == id(datasets) and cached[1] == max_iter:
