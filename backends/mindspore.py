@@ -29,19 +29,19 @@ import numpy as np
 from mindspore import nn
 
 from backends._dataflow import NativeOutputs, check_weights_fit, native_outputs, weights_file
-from backends._mindspore_graph import GraphCell, graph_params, rebuild
+from backends._mindspore_graph import GraphCell, graph_params
+from backends._mindspore_graph import rebuild as from_dataflow
 from frontends.mindspore import copy_model
 from lowrank_ir import Graph, Node, Op
 from lowrank_ir._protocols import NativeBackend
 
-__all__ = ["BUILDERS", "DEFAULT_LAYOUT",
-           "GraphCell", "NativeOutputs", "REBUILT_CLASS", "as_tensors", "build", "build_layer",
-           "export_onnx",
-           "for_inference", "graph_params", "load_checkpoint", "load_layers", "load_weights", "native_array",
-           "rebuild", "register_builder", "run_numpy", "save_weights", "state_dict", "numpy_copy"]
+__all__ = ["BUILDERS", "DATAFLOW_CLASS", "DEFAULT_LAYOUT", "GraphCell", "NativeOutputs", "as_tensors", "build",
+           "build_layer", "export_onnx", "for_inference", "from_dataflow", "graph_params", "load_checkpoint",
+           "load_layers", "load_weights", "native_array", "numpy_copy", "register_builder", "run_numpy", "save_weights",
+           "state_dict"]
 
-#: The class of the models :func:`rebuild` returns.
-REBUILT_CLASS = GraphCell
+#: The class of the models :func:`from_dataflow` returns.
+DATAFLOW_CLASS = GraphCell
 
 #: How factorized layers are laid out unless the caller says (``lowrank_ir.LAYOUTS``): the reference tool's,
 #: so that its checkpoints load.

@@ -24,18 +24,17 @@ import torch
 from torch import nn
 
 from backends._dataflow import NativeOutputs, check_weights_fit, native_outputs, weights_file
-from backends._torch_graph import GraphModule, graph_params, rebuild
+from backends._torch_graph import GraphModule, graph_params
+from backends._torch_graph import rebuild as from_dataflow
 from lowrank_ir import Graph, Node, Op
 from lowrank_ir._protocols import NativeBackend
 
-__all__ = ["BUILDERS", "DEFAULT_LAYOUT",
-           "ConstantMatMul", "GraphModule", "NativeOutputs", "REBUILT_CLASS", "as_tensors", "build", "build_layer",
-           "export_onnx",
-           "for_inference", "graph_params", "load_layers", "load_weights", "rebuild", "register_builder",
-           "run_numpy", "save_weights", "state_dict", "numpy_copy"]
+__all__ = ["BUILDERS", "ConstantMatMul", "DATAFLOW_CLASS", "DEFAULT_LAYOUT", "GraphModule", "NativeOutputs",
+           "as_tensors", "build", "build_layer", "export_onnx", "for_inference", "from_dataflow", "graph_params",
+           "load_layers", "load_weights", "numpy_copy", "register_builder", "run_numpy", "save_weights", "state_dict"]
 
-#: The class of the models :func:`rebuild` returns.
-REBUILT_CLASS = GraphModule
+#: The class of the models :func:`from_dataflow` returns.
+DATAFLOW_CLASS = GraphModule
 
 #: How factorized layers are laid out unless the caller says (``lowrank_ir.LAYOUTS``): the reference tool's,
 #: so that its checkpoints load.

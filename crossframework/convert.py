@@ -3,8 +3,8 @@
 Three entry points, each a plain function over the frontends and backends:
 
 - :func:`convert` turns an ONNX model (a file, a ``ModelProto``) or a dataflow :class:`Graph` into a
-  trainable native model: ``backends.torch.rebuild`` (a ``GraphModule``) or
-  ``backends.mindspore.rebuild`` (a ``GraphCell``), parameters named after the IR params.
+  trainable native model: ``backends.torch.from_dataflow`` (a ``GraphModule``) or
+  ``backends.mindspore.from_dataflow`` (a ``GraphCell``), parameters named after the IR params.
 - :func:`save_converted` / :func:`load_converted` store a converted model as one folder::
 
       OUT/converted.json        what the folder holds (framework, weights file, format version)
@@ -13,7 +13,7 @@ Three entry points, each a plain function over the frontends and backends:
       OUT/model.pt | model.ckpt the native weights: a PyTorch state dict / a MindSpore checkpoint
 
   The folder appears complete or not at all (written beside ``OUT``, then moved), not
-  group/other-writable. Loading rebuilds the structure from the graph (``rebuild(graph,
+  group/other-writable. Loading rebuilds the structure from the graph (``from_dataflow(graph,
   weights=False)``) and loads the native weights file, or another one saved from the same model
   (``weights=``, e.g. after fine-tuning), strictly.
 - :func:`parity` runs one model in onnxruntime, PyTorch and MindSpore (rebuilt through the IR) and,
@@ -25,7 +25,7 @@ Three entry points, each a plain function over the frontends and backends:
 This module sits above the backends: it orchestrates several frontends and backends, which the core
 does not (``lowrank_ir.convert`` / ``parity`` ... hand their calls on to it, through the registry). It
 imports no framework itself: the PyTorch and MindSpore backends are loaded when a model of theirs is
-handled (``lowrank_ir._registry.native_backend``, typed by the ``NativeBackend`` protocol: ``rebuild``,
+handled (``lowrank_ir._registry.native_backend``, typed by the ``NativeBackend`` protocol: ``from_dataflow``,
 ``graph_params``, ``save_weights`` / ``load_weights`` (strict), ``for_inference``, ``as_tensors`` /
 ``numpy_copy``, ``run_numpy`` and ``export_onnx``), and the ONNX frontend and backend when the work
 needs onnx or onnxruntime.
@@ -133,7 +133,7 @@ def convert(model: Any, to: str, *, input_shapes: Mapping[str, Sequence[int]] | 
     """
     target = _check_target(to)
     graph = _as_graph(model, input_shapes)
-    native = native_backend(target).rebuild(graph)
+    native = native_backend(target).from_dataflow(graph)
     setattr(native, GRAPH_ATTRIBUTE, graph)
     return native
 
@@ -142,7 +142,7 @@ def _converted_graph(native: Any, framework: str) -> Graph:
     """The graph ``native`` was rebuilt from, its params replaced by the model's current values."""
     backend = native_backend(framework)
     graph = getattr(native, GRAPH_ATTRIBUTE, None)
-    if not isinstance(native, backend.REBUILT_CLASS) or not isinstance(graph, Graph):
+    if not isinstance(native, backend.DATAFLOW_CLASS) or not isinstance(graph, Graph):
         raise TypeError(f"save_converted takes a model returned by convert() or load_converted() (it knows the "
                         f"graph it was rebuilt from), or an ONNX model / Graph with to=; got a "
                         f"{type(native).__name__}")
@@ -237,7 +237,7 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
 def load_converted(path: str | os.PathLike[str], weights: str | os.PathLike[str] | None = None) -> Any:
     """The native model saved in the folder ``path`` by :func:`save_converted` (or ``lowrank convert``).
 
-    The structure is rebuilt from the saved graph (``rebuild(graph, weights=False)``), then the weights
+    The structure is rebuilt from the saved graph (``from_dataflow(graph, weights=False)``), then the weights
     are loaded from the folder's own ``model.pt`` / ``model.ckpt``, or from ``weights``: a state dict
     (``torch.save(model.state_dict(), ...)``) or checkpoint (``mindspore.save_checkpoint``) saved from
     the same converted model, e.g. after fine-tuning.
@@ -254,7 +254,7 @@ def load_converted(path: str | os.PathLike[str], weights: str | os.PathLike[str]
     if not source.is_file():
         raise FileNotFoundError(f"weights file {str(source)!r} does not exist")
     backend = native_backend(framework)
-    native = backend.rebuild(graph, weights=False)
+    native = backend.from_dataflow(graph, weights=False)
     backend.load_weights(native, source)
     setattr(native, GRAPH_ATTRIBUTE, graph)
     return native
@@ -286,7 +286,7 @@ def _frameworks(frameworks: Sequence[str] | None) -> tuple[list[str], dict[str, 
 def _rebuilt_runner(framework: str, graph: Graph) -> _Runner:
     """Rebuild ``graph`` now (unsupported ops fail here, before anything runs); run it later."""
     backend = native_backend(framework)
-    native = backend.rebuild(graph)
+    native = backend.from_dataflow(graph)
     names = [value.name for value in graph.inputs]
 
     def run(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -394,7 +394,7 @@ def parity(model: Any, *, feeds: Any = None, weights: str | os.PathLike[str] | N
     """Run ``model`` in onnxruntime, PyTorch and MindSpore on the same inputs and compare the outputs.
 
     The PyTorch and MindSpore versions are rebuilt from the ONNX model through the IR
-    (``frontends.onnx.lower`` -> ``backends.torch.rebuild`` / ``backends.mindspore.rebuild``); a native
+    (``frontends.onnx.lower`` -> ``backends.torch.from_dataflow`` / ``backends.mindspore.from_dataflow``); a native
     model is first exported to ONNX (``backends.onnx.export``) and also run as it is. Every output of
     every runtime is compared with onnxruntime's. Then, unless ``ratio`` is None, the ONNX model is
     decomposed (``Decompose(model).from_ratio(ratio, divisor=divisor)``), and its rebuilt versions are

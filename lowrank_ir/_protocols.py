@@ -92,14 +92,18 @@ class NativeBackend(Backend, Protocol):
     """The backend of a trainable framework: what ``convert`` and ``parity`` need besides :class:`Backend`."""
 
     @property
-    def REBUILT_CLASS(self) -> type:  # noqa: N802  (a module constant)
-        """The class of the models :meth:`rebuild` returns."""
+    def DATAFLOW_CLASS(self) -> type:  # noqa: N802  (a module constant)
+        """The class of the models :meth:`from_dataflow` returns."""
 
-    def rebuild(self, graph: Graph, *, weights: bool = True) -> Any:
-        """A whole trainable model that runs the dataflow ``graph`` (lowered from ONNX), params named as the IR's."""
+    def from_dataflow(self, graph: Graph, *, weights: bool = True) -> Any:
+        """A whole trainable model that runs the dataflow ``graph`` (lowered from ONNX), params named as the IR's.
+
+        Unlike :meth:`build`, which rewrites a copy of the source model layer by layer, this makes the
+        whole model from the graph alone: the way ONNX models become trainable ones.
+        """
 
     def graph_params(self, model: Any, /) -> dict[str, np.ndarray]:
-        """The current values of a :meth:`rebuild` model's params, by IR param name."""
+        """The current values of a :meth:`from_dataflow` model's params, by IR param name."""
 
     def state_dict(self, graph: Graph) -> Mapping[str, Any]:
         """``graph``'s arrays as the framework's weights mapping."""
