@@ -32,7 +32,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import transformers
@@ -43,6 +43,7 @@ from torch import nn
 from frontends.torch import lowering_for
 from lowrank_ir._api import Decompose
 from lowrank_ir._files import atomic_directory, read_json
+from lowrank_ir._protocols import ModelFilesAdapter
 
 __all__ = ["CONFIG_FILE", "DECOMPOSE_CONFIG_FILE", "MARKER", "WEIGHTS_FILE", "decompose_config_of",
            "load_decomposed", "save_decomposed"]
@@ -218,3 +219,9 @@ def load_decomposed(folder: str | os.PathLike[str]) -> Any:
         raise ValueError(f"the weights in {str(weights)!r} do not fit the rebuilt {architecture.__name__}: "
                          f"missing {sorted(missing)}, unexpected {sorted(unexpected)}")
     return structure.eval()
+
+
+if TYPE_CHECKING:  # the registry hands this module out as a ModelFilesAdapter: mypy checks that it is one
+    import backends.huggingface as _this_module
+
+    _AS_PROTOCOL: ModelFilesAdapter = _this_module

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from frontends.torch import lock_reasons, lowering_for, to_numpy
+from frontends.torch import lock_reasons, lowering_for, read_only_array
 from lowrank_ir._ir import Graph, Node, Op, verify
 
 __all__ = ["INDEX_FILE", "SINGLE_FILE", "Checkpoint", "TensorInfo", "is_checkpoint_dir", "layer_graph",
@@ -209,7 +209,7 @@ def layer_graph(checkpoint: Checkpoint, node: Node) -> Graph:
     written back unchanged keeps its exact bits and dtype.
     """
     tensors = {param: checkpoint.read(param) for param in node.params.values()}
-    params = {param: to_numpy(tensor) for param, tensor in tensors.items()}
+    params = {param: read_only_array(tensor) for param, tensor in tensors.items()}
     graph = Graph([Node(node.op, node.name, dict(node.attrs), dict(node.params))], params,
                   meta={"source": "safetensors", "tensors": tensors})
     verify(graph)

@@ -11,7 +11,6 @@ changed: ``decompose_network`` returns a new one.
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import logging
 import math
@@ -50,6 +49,7 @@ from lowrank_ir._policy import (
     validate_divisor,
     validate_excludes,
 )
+from lowrank_ir._protocols import LatencyTimer
 from lowrank_ir._registry import backend_for, frontend_for, latency_for
 from lowrank_ir._report import Report, _positions, build_report
 
@@ -117,7 +117,7 @@ class Decompose:
         self.config_file = _check_config_file(config_file)
         if not isinstance(mask_padding, bool):
             raise TypeError(f"mask_padding must be a bool, got {mask_padding!r}")
-        if not mask_padding and "mask_padding" not in inspect.signature(self._frontend.collect_stats).parameters:
+        if not mask_padding and not self._frontend.MASKS_PADDING:
             raise ValueError(f"mask_padding=False is not an option for a {type(model).__name__}: its calibration "
                              f"never masks padding (only PyTorch models' does)")
         #: Calibration options passed to the frontend (only those that differ from its defaults).
@@ -455,7 +455,7 @@ class Decompose:
         chosen = plan(graph, policy)
         config = chosen.decompose_config()
         if not config:
-            kept = {entry.name: entry.reason for entry in chosen.kept()}
+            kept = {entry.name: entry.reason for entry in chosen.kept_entries()}
             detail = "; ".join(f"{name}: {reason}" for name, reason in list(kept.items())[:5])
             raise ValueError(
                 f"no layer of this {type(self.model).__name__} would be decomposed under {policy.kind!r} "
@@ -515,7 +515,7 @@ class Decompose:
         chosen = with_forms(with_layout(_keep_reasons(plan(graph, Policy.config(self.decompose_config)), self.plan),
                                         layout or backend.DEFAULT_LAYOUT), self.forms)
         stats = None
-        names = [entry.name for entry in chosen.decomposed()]
+        names = [entry.name for entry in chosen.decomposed_entries()]
         if datasets is not None and do_decompose_weight:
             cached = self._stats
             if cached is not None and cached[0] == id(datasets) and cached[1] == max_iter:
@@ -541,16 +541,11 @@ class Decompose:
         errors: dict[str, tuple[float, str]] = {}
         flushed: dict[str, int] = {}
         done = 0
-        # Frontends that can run the original beside the decomposed model fit each layer to the original
-        # outputs (compensating upstream error); the others refit to the layer's own outputs on x̃.
-        cross = getattr(self._frontend, "collect_cross_stats", None)
+        # Each layer is fitted to the original model's outputs (compensating upstream error): the frontend
+        # runs the original beside the decomposed model.
         for group in groups:
-            if cross is not None:
-                stats = cross(self.model, model, graph, datasets, max_iter=max_iter, names=group,
-                              **self._data_options)
-            else:
-                stats = self._frontend.collect_stats(model, graph, datasets, max_iter=max_iter, names=group,
-                                                     stop_early=True, **self._data_options)
+            stats = self._frontend.collect_cross_stats(self.model, model, graph, datasets, max_iter=max_iter,
+                                                       names=group, **self._data_options)
             part = Plan({name: chosen.entries[name] for name in group})
             result = rewrite(graph, part, stats=stats, workers=1)
             backend.load_layers(model, result.graph, group)
@@ -604,7 +599,8 @@ def _config(graph: Graph, ranks: Mapping[str, _budget.Choice]) -> dict[str, int 
     return config
 
 
-def _timed_forms(node: Node, graph: Graph, timer: Any, divisor: int, scale: float) -> dict[str, _budget.Form]:
+def _timed_forms(node: Node, graph: Graph, timer: LatencyTimer, divisor: int, scale: float,
+                 ) -> dict[str, _budget.Form]:
     """A k x k conv's other two-factor forms for the latency budget: exact weight-error curves, measured latency.
 
     The error of channel and spatial SVD at rank r is the tail of the singular values of the form's

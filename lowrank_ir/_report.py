@@ -102,7 +102,7 @@ def _kept_energy(matrix: np.ndarray, rank: int) -> float:
 def spectral_energy(graph: Graph, plan: Plan) -> dict[str, float]:
     """Per decomposed layer of ``plan``, the fraction of spectral energy its rank keeps (see module doc)."""
     energy = {}
-    for entry in plan.decomposed():
+    for entry in plan.decomposed_entries():
         weight = graph.param(graph.node(entry.name), "weight")
         if weight is None or not np.isfinite(weight).all():
             continue

@@ -131,14 +131,14 @@ def decompose(args: argparse.Namespace) -> int:
         input_shapes = {name: list(getattr(value, "shape", ())) for name, value in known.items()}
     graph = lower(model, input_shapes=input_shapes)
     chosen = with_layout(plan(graph, policy), DEFAULT_LAYOUT)
-    if not chosen.decomposed():
-        kept = chosen.kept()
+    if not chosen.decomposed_entries():
+        kept = chosen.kept_entries()
         detail = "; ".join(f"{entry.name}: {entry.reason}" for entry in kept[:3])
         raise ValueError(f"no layer of {args.model!r} would be decomposed under {policy.kind!r} "
                          f"({len(graph.layers())} candidate layers{': ' + detail if detail else ''})")
     stats = None
     if calib is not None:
-        stats = collect_stats(model, graph, [calib], names=[entry.name for entry in chosen.decomposed()])
+        stats = collect_stats(model, graph, [calib], names=[entry.name for entry in chosen.decomposed_entries()])
     result = rewrite(graph, chosen, stats=stats, progress=_progress_bar("decomposing"))
     decomposed = build(result.graph, like=model)
     with outputs.writing() as stage:

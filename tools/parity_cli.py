@@ -42,9 +42,9 @@ def _op_counts(graph: Any) -> str:
 
 def convert(args: argparse.Namespace) -> int:
     """Convert an ONNX file to a PyTorch or MindSpore model folder, and say what was written."""
+    from crossframework.convert import MANIFEST_FILE, WEIGHTS_FILES
     from lowrank_ir import convert as convert_model
     from lowrank_ir import save_converted
-    from lowrank_ir._convert import MANIFEST_FILE, WEIGHTS_FILES
     from lowrank_ir.serde import GRAPH_FILE, PARAMS_FILE
     from tools.cli import command_outputs
     from tools.onnx_cli import is_onnx_path, parse_input_shapes
