@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
                     start = time.perf_counter()
                     ratio = _ratio_at_latency(model, feeds, target, args.threads)
                     decomposer = Decompose(model).from_ratio(ratio, divisor=16)
-                    decomposed = decomposer.decompose_network()
+                    decomposed = decomposer.decompose_network(datasets=calib)  # the budget's data, if any
                     print(_row(f"ratio {ratio:g}", decomposer, decomposed, source, feeds, reference, folder,
                                args.runs, args.threads, time.perf_counter() - start), flush=True)
     return 0
