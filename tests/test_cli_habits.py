@@ -82,3 +82,70 @@ def test_inspect_json_of_an_onnx_file(tmp_path, capsys) -> None:
     assert all({"name", "rank", "params_before", "params_after"} <= set(layer) for layer in printed["layers"])
     assert main(["inspect", str(path), "--divisor", "8"]) == 0
     assert "TOTAL" in capsys.readouterr().out
+
+
+def _tools_imports() -> dict[str, set[str]]:
+    """Each ``tools`` module -> the ``tools`` modules it imports (anywhere in it, functions included)."""
+    import ast
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "tools"
+    modules = {path.stem: path for path in folder.glob("*.py") if path.stem != "__init__"}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        found: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.module == "tools":
+                found |= {alias.name for alias in node.names if alias.name in modules}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("tools."):
+                found.add(node.module.split(".")[1])
+            elif isinstance(node, ast.Import):
+                found |= {alias.name.split(".")[1] for alias in node.names if alias.name.startswith("tools.")}
+        graph[name] = found - {name}
+    return graph
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of ``graph`` as a path (first module repeated at the end), or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(name: str) -> list[str] | None:
+        state[name] = 1
+        path.append(name)
+        for child in sorted(graph.get(name, ())):
+            if state.get(child) == 1:
+                return [*path[path.index(child):], child]
+            if child not in state and (found := visit(child)):
+                return found
+        path.pop()
+        state[name] = 2
+        return None
+
+    for name in sorted(graph):
+        if name not in state and (found := visit(name)):
+            return found
+    return None
+
+
+def test_the_cycle_finder_finds_a_cycle() -> None:
+    assert _cycle({"cli": {"onnx_cli"}, "onnx_cli": {"parity_cli"}, "parity_cli": {"cli"}}) == [
+        "cli", "onnx_cli", "parity_cli", "cli"]
+    assert _cycle({"cli": {"onnx_cli", "common"}, "onnx_cli": {"common"}, "common": set()}) is None
+
+
+def test_tools_has_no_import_cycle_and_no_private_names_across_modules() -> None:
+    import ast
+    from pathlib import Path
+
+    graph = _tools_imports()
+    assert {"cli", "common", "onnx_cli"} <= set(graph)
+    assert _cycle(graph) is None, f"import cycle in tools/: {' -> '.join(_cycle(graph) or [])}"
+    assert graph["common"] == set(), "tools/common.py is the shared base: it imports no other tools module"
+    private = []
+    for path in (Path(__file__).resolve().parents[1] / "tools").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "tools":
+                private += [f"{path.name}: {node.module}.{alias.name}" for alias in node.names
+                            if alias.name.startswith("_")]
+    assert not private, private
