@@ -258,7 +258,13 @@ def load_pretrained(folder: str | os.PathLike[str]) -> nn.Module:
     if not any(source.glob("*.safetensors")):
         raise ValueError(f"{str(source)!r} holds no .safetensors weights (model.safetensors or shards); "
                          f"save the model with save_pretrained(safe_serialization=True)")
-    model, info = architecture.from_pretrained(source, use_safetensors=True, output_loading_info=True)
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()  # progress is drawn by the caller, if at all
+    try:
+        model, info = architecture.from_pretrained(source, use_safetensors=True, output_loading_info=True)
+    finally:
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
     missing = sorted(info.get("missing_keys") or [])
     mismatched = info.get("mismatched_keys") or []
     if missing or mismatched:

@@ -89,7 +89,8 @@ def _onnx_only(args: argparse.Namespace, names: Sequence[str]) -> None:
 
 def _folder_only(args: argparse.Namespace) -> None:
     given = [f"--{name.replace('_', '-')}" for name in ("calib_text", "max_length", "batch_size")
-             if getattr(args, name, None) is not None] + (["--in-memory"] if getattr(args, "in_memory", False) else [])
+             if getattr(args, name, None) is not None]
+    given += [f"--{name.replace('_', '-')}" for name in ("in_memory", "count_padding") if getattr(args, name, False)]
     if given:
         raise UsageError(f"{', '.join(given)} apply to Hugging Face model folders, not to {args.model!r}")
 
@@ -168,6 +169,9 @@ def _add_text_args(parser: argparse.ArgumentParser) -> None:
                         help="--calib-text: truncate sentences to N tokens (default: the tokenizer's limit, at most "
                              "512)")
     parser.add_argument("--batch-size", type=int, metavar="N", help="--calib-text: sentences per batch (default 16)")
+    parser.add_argument("--count-padding", action="store_true",
+                        help="--calib-text: count the padding positions in the statistics (by default they are left "
+                             "out, so a padded batch gives the statistics of its sentences one by one)")
 
 
 def _add_force(parser: argparse.ArgumentParser) -> None:

@@ -185,12 +185,16 @@ def choose_ranks(decomposer: Any, args: argparse.Namespace, datasets: Any = None
     return decomposer.from_ratio(args.ratio, excludes, args.divisor)
 
 
-def policy_from_args(args: argparse.Namespace, model: Any = None, calib: dict[str, Any] | None = None) -> Any:
-    """The rank policy the options ask for; ``--energy``/``--budget-*`` are chosen on ``model`` (with ``calib``)."""
+def policy_from_args(args: argparse.Namespace, model: Any = None, calib: dict[str, Any] | None = None,
+                     progress: Any = None) -> Any:
+    """The rank policy the options ask for; ``--energy``/``--budget-*`` are chosen on ``model`` (with ``calib``).
+
+    ``progress``: the ``Decompose`` progress callback for that choice (calibration, sensitivity runs).
+    """
     from lowrank_ir import Decompose, Policy
 
     if model is not None:
-        chosen = global_policy(Decompose(model), args, None if calib is None else [calib])
+        chosen = global_policy(Decompose(model, progress=progress), args, None if calib is None else [calib])
         if chosen is not None:
             return Policy.config(chosen.decompose_config)
     excludes = excludes_of(args)

@@ -35,8 +35,9 @@ def in_memory(args: argparse.Namespace) -> bool:
     """Whether a folder goes the in-memory way (see the module docstring) rather than streamed."""
     if getattr(args, "command", None) == "inspect" or getattr(args, "in_memory", False):
         return True
-    return any(getattr(args, name, None) is not None
-               for name in ("calib_text", "energy", "budget_params", "budget_flops"))
+    return any(getattr(args, name, None) not in (None, False)
+               for name in ("calib_text", "max_length", "batch_size", "count_padding", "energy", "budget_params",
+                            "budget_flops"))
 
 
 def read_sentences(file: str) -> list[str]:
@@ -67,8 +68,8 @@ def _check(args: argparse.Namespace) -> None:
         value = getattr(args, option, None)
         if value is not None and value < 1:
             raise UsageError(f"--{option.replace('_', '-')} must be at least 1, got {value!r}")
-    for option in ("max_length", "batch_size"):
-        if getattr(args, option, None) is not None and getattr(args, "calib_text", None) is None:
+    for option in ("max_length", "batch_size", "count_padding"):
+        if getattr(args, option, None) not in (None, False) and getattr(args, "calib_text", None) is None:
             raise UsageError(f"--{option.replace('_', '-')} sets how --calib-text is tokenized; give --calib-text")
     given = [f"--{name.replace('_', '-')}" for name in ("weights", "input_shape", "calib", "feeds", "tolerance",
                                                          "opset", "budget_latency", "nproc", "threads")
@@ -101,7 +102,8 @@ def inspect(args: argparse.Namespace) -> int:
     _check(args)
     model, _, batches = _load(args)
     with progress_bars(args) as bars:
-        decomposer = choose_ranks(Decompose(model, progress=bars), args, batches)
+        decomposer = choose_ranks(Decompose(model, progress=bars, mask_padding=not args.count_padding), args,
+                                  batches)
     show_report(decomposer.report, args, header=f"{args.model}: {type(model).__name__}")
     return 0
 
@@ -130,7 +132,8 @@ def decompose(args: argparse.Namespace) -> int:
                                   f"it, or give a new folder")
     model, tokenizer, batches = _load(args)
     with progress_bars(args) as bars:
-        decomposer = choose_ranks(Decompose(model, progress=bars), args, batches)
+        decomposer = choose_ranks(Decompose(model, progress=bars, mask_padding=not args.count_padding), args,
+                                  batches)
         decomposed = decomposer.decompose_network(datasets=batches)
     document = decomposer_document(decomposer, args, data_aware=batches is not None)
     with outputs.writing() as stage, atomic_directory(target) as folder:

@@ -45,8 +45,8 @@ def policy_of(args: argparse.Namespace) -> dict[str, Any]:
     else:
         kind, value = ("vbmf", True) if getattr(args, "vbmf", False) else ("ratio", getattr(args, "ratio", None))
     policy = {"kind": kind, "value": value, "divisor": getattr(args, "divisor", None), "excludes": excludes_of(args)}
-    for option in ("calib", "calib_text", "max_length", "batch_size"):
-        if getattr(args, option, None) is not None:
+    for option in ("calib", "calib_text", "max_length", "batch_size", "count_padding"):
+        if getattr(args, option, None) not in (None, False):
             policy[option] = getattr(args, option)
     return policy
 
@@ -164,13 +164,17 @@ def _per_layer_image(layers: list[dict[str, Any]], spectra: dict[str, dict[str, 
                                                                                                   strict=True)]
     errors = [layer.get("error") for layer in decomposed]
     panels: list[tuple[str, list[Any]]] = [("rank / full rank", fraction), ("kept energy", energy),
-                                           ("relative output error", errors)]
+                                           ("relative error (blue: output, grey: weight)", errors)]
+    colours = {"rank / full rank": ["#1f77b4"] * len(names), "kept energy": ["#2ca02c"] * len(names)}
+    colours[panels[2][0]] = ["#1f77b4" if layer.get("error_kind") == "output" else "#7f7f7f" for layer in decomposed]
     height = max(2.5, 0.22 * len(names) + 1.0)
     figure, axes = plt.subplots(1, len(panels), figsize=(12, height), sharey=True)
     positions = list(range(len(names)))
     for axis, (title, values) in zip(axes, panels, strict=True):
         shown = [float(value) if value is not None else 0.0 for value in values]
-        axis.barh(positions, shown, color="#2ca02c" if title == "kept energy" else "#1f77b4")
+        axis.barh(positions, shown, color=colours[title])
+        if title.startswith("relative error") and any(value > 0 for value in shown):
+            axis.set_xscale("log")  # errors span orders of magnitude
         axis.set_title(title, fontsize=9)
         axis.tick_params(labelsize=7)
         if all(value is None for value in values):

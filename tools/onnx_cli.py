@@ -83,7 +83,8 @@ def decompose(args: argparse.Namespace) -> int:
     original = load_model(args.model)
     model = original if args.opset is None else convert_opset(original, args.opset)
     calib = _feeds(args.calib, model, "--calib")
-    policy = policy_from_args(args, model, calib)
+    bars = progress_bars(args)
+    policy = policy_from_args(args, model, calib, progress=bars)
     feeds = _feeds(args.feeds, original, "--feeds")
     known = calib if calib is not None else feeds  # the feeds' shapes resolve dynamic dims (per-sample FLOPs)
     if input_shapes is None and known is not None:
@@ -98,7 +99,6 @@ def decompose(args: argparse.Namespace) -> int:
     stats = None
     if calib is not None:
         stats = collect_stats(model, graph, [calib], names=[entry.name for entry in chosen.decomposed()])
-    bars = progress_bars(args)
     result = rewrite(graph, chosen, stats=stats, progress=bars.layers("rewrite"))
     decomposed = build(result.graph, like=model)
     with outputs.writing() as stage:
