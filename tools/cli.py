@@ -4,8 +4,10 @@ Commands:
   demo        the main job on a built-in model (no downloads)
   decompose   decompose a PyTorch model given as ``module:factory`` (+ weights) and save it, an ONNX
               file (``MODEL.onnx -o OUT.onnx``, validated in onnxruntime; see ``tools/onnx_cli.py``), or a
-              Hugging Face checkpoint folder (``MODEL_DIR -o OUT_DIR``; see ``tools/checkpoint_cli.py``)
+              Hugging Face folder (``MODEL_DIR -o OUT_DIR``: in memory with ``--calib-text``, see
+              ``tools/hf_cli.py``; else streamed layer by layer, see ``tools/checkpoint_cli.py``)
   inspect     per-layer table of a model: shapes, chosen ranks, parameters and FLOPs before/after
+  report      draw a ``report.json`` as one self-contained HTML page (``tools/html_report.py``)
   convert     rebuild an ONNX file as a trainable PyTorch or MindSpore model, saved as a folder
               (``MODEL.onnx --to torch|mindspore -o OUT``; see ``tools/parity_cli.py``)
   parity      run a model in onnxruntime, PyTorch and MindSpore on the same inputs and compare them,
@@ -15,8 +17,11 @@ Commands:
 Bad input gives one line on stderr and exit code 2; nothing half-written is left behind. Outputs never
 replace an input; an existing output folder only receives the command's own file names, and files of
 those names are replaced only with ``--force`` (``lowrank_ir._files.Outputs``).
-Every command takes ``-v`` (progress messages; ``-vv`` for details) and ``-q`` (errors only);
-``lowrank --version`` prints the version.
+Every command takes ``-v`` (progress messages; ``-vv`` for details), ``-q`` (errors only) and
+``--progress`` (progress bars even when stderr is not a terminal); ``lowrank --version`` prints the
+version. What the commands share (errors, model arguments, rank options, outputs, progress bars) is in
+``tools/common.py``, the report's drawing in ``tools/html_report.py``; only this module dispatches to
+the command modules, so ``tools/`` has no import cycle.
 """
 
 from __future__ import annotations
