@@ -169,6 +169,12 @@ class Decompose:
         """Ranks estimated from each weight by EVBMF (best on pretrained weights)."""
         return self._choose(Policy.vbmf(excludes, divisor))
 
+    def from_policy(self, policy: Policy) -> Decompose:
+        """Ranks from a :class:`Policy` (what each ``from_*`` call above builds from its arguments)."""
+        if not isinstance(policy, Policy):
+            raise TypeError(f"from_policy takes a lowrank_ir.Policy (e.g. Policy.ratio(0.5)), got {policy!r}")
+        return self._choose(policy)
+
     def from_energy(self, keep: float, excludes: Sequence[str] | None = None, divisor: int = 1, *,
                     include: str | None = None, datasets: Any = None, max_iter: int = -1) -> Decompose:
         """Each layer keeps the smallest rank that holds a fraction ``keep`` in (0, 1] of its spectral energy.

@@ -18,8 +18,8 @@ from typing import Any, TextIO
 
 __all__ = ["EXIT_BAD_INPUT", "INPUT_OPTIONS", "ProgressBars", "UsageError", "add_limit_arg", "budget_target",
            "byte_size", "choose_ranks", "command_outputs", "excludes_of", "global_policy", "is_onnx_path",
-           "load_factory", "load_model", "parse_input_shapes", "policy_from_args", "progress_bars", "read_rules",
-           "show_report"]
+           "load_factory", "load_model", "parse_input_shapes", "policy_from_args", "progress_bars", "rank_policy",
+           "read_rules", "show_report"]
 
 EXIT_BAD_INPUT = 2
 
@@ -170,19 +170,24 @@ def global_policy(decomposer: Any, args: argparse.Namespace, datasets: Any = Non
     return None
 
 
+def rank_policy(args: argparse.Namespace) -> Any:
+    """The per-layer ``Policy`` of ``--fixed``, ``--dict``, ``--vbmf`` or ``--ratio`` (the default)."""
+    from lowrank_ir import Policy
+
+    excludes = excludes_of(args)
+    if args.fixed is not None:
+        return Policy.fixed(args.fixed, excludes, args.divisor)
+    if args.dict is not None:
+        return Policy.from_dict(read_rules(args.dict), excludes, args.divisor)
+    if args.vbmf:
+        return Policy.vbmf(excludes, args.divisor)
+    return Policy.ratio(args.ratio, excludes, args.divisor)
+
+
 def choose_ranks(decomposer: Any, args: argparse.Namespace, datasets: Any = None) -> Any:
     """``decomposer`` (a ``Decompose``) with the ranks the options ask for; ``datasets`` for the global policies."""
     chosen = global_policy(decomposer, args, datasets)
-    if chosen is not None:
-        return chosen
-    excludes = excludes_of(args)
-    if args.fixed is not None:
-        return decomposer.from_fixed(args.fixed, excludes, args.divisor)
-    if args.dict is not None:
-        return decomposer.from_dict(read_rules(args.dict), excludes, args.divisor)
-    if args.vbmf:
-        return decomposer.from_vbmf(excludes, args.divisor)
-    return decomposer.from_ratio(args.ratio, excludes, args.divisor)
+    return chosen if chosen is not None else decomposer.from_policy(rank_policy(args))
 
 
 def policy_from_args(args: argparse.Namespace, model: Any = None, calib: dict[str, Any] | None = None,
@@ -197,14 +202,7 @@ def policy_from_args(args: argparse.Namespace, model: Any = None, calib: dict[st
         chosen = global_policy(Decompose(model, progress=progress), args, None if calib is None else [calib])
         if chosen is not None:
             return Policy.config(chosen.decompose_config)
-    excludes = excludes_of(args)
-    if args.fixed is not None:
-        return Policy.fixed(args.fixed, excludes, args.divisor)
-    if args.dict is not None:
-        return Policy.from_dict(read_rules(args.dict), excludes, args.divisor)
-    if args.vbmf:
-        return Policy.vbmf(excludes, args.divisor)
-    return Policy.ratio(args.ratio, excludes, args.divisor)
+    return rank_policy(args)
 
 
 # ------------------------------------------------------------------------------------------ showing results
