@@ -145,7 +145,7 @@ def decompose(args: argparse.Namespace) -> int:
         result = decompose_checkpoint(source, folder, policy, progress=progress_bars(args).layers("rewrite"),
                                       workers=workers)
         document = report_document(result.report, policy=policy_of(args), model=args.model, data_aware=False,
-                                   decompose_config=result.decompose_config, processes=workers.size)
+                                   decompose_config=result.decompose_config)
         write_json(folder / "decompose_config.json", result.decompose_config)
         write_json(folder / "report.json", document)
         if report is not None:  # moved into place with the folder, or not at all

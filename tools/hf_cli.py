@@ -32,10 +32,8 @@ TEXT_OPTIONS = ("calib_text", "max_length", "batch_size")
 
 
 def in_memory(args: argparse.Namespace) -> bool:
-    """Whether a folder goes the in-memory way (see the module docstring) rather than streamed."""
-    if getattr(args, "command", None) == "inspect" or getattr(args, "in_memory", False):
-        return True
-    return any(getattr(args, name, None) not in (None, False)
+    """Whether ``decompose`` takes a folder the in-memory way (see the module docstring) rather than streamed."""
+    return getattr(args, "in_memory", False) or any(getattr(args, name, None) not in (None, False)
                for name in ("calib_text", "max_length", "batch_size", "count_padding", "energy", "budget_params",
                             "budget_flops"))
 
