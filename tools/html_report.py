@@ -21,7 +21,6 @@ import argparse
 import base64
 import html
 import io
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -251,7 +250,7 @@ def _latency_image(latency: dict[str, Any]) -> str | None:
 
 STYLE = """body{font-family:sans-serif;margin:2em;max-width:1200px;color:#222}
 table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}
-td:first-child,th:first-child,td.note{text-align:left}img{max-width:100%;display:block;margin:1em 0}
+td:first-child,th:first-child,td:last-child{text-align:left}img{max-width:100%;display:block;margin:1em 0}
 .meta{color:#555;font-size:13px}"""
 
 
@@ -288,8 +287,9 @@ def render_html(document: dict[str, Any]) -> str:
     sensitivities = document.get("sensitivities") or {}
     latency = document.get("latency") or {}
     policy = document.get("policy") or {}
-    title = f"lowrank report: {document.get('model', '')}"
-    meta = [f"{document.get('tool', 'lowrank-ir')} {document.get('version', '')}",
+    model = str(document.get("model", ""))
+    title = f"lowrank report: {Path(model).name or model}"
+    meta = [model, f"{document.get('tool', 'lowrank-ir')} {document.get('version', '')}",
             f"created {document.get('created', 'unknown')}",
             "policy " + ", ".join(f"{key}={value}" for key, value in policy.items() if value is not None)]
     whitened = any(spectrum.get("whitened") for spectrum in spectra.values())
@@ -300,8 +300,12 @@ def render_html(document: dict[str, Any]) -> str:
              _table([[key, value] for key, value in totals.items()], ["total", "value"]),
              _image(_totals_image(totals), "parameters and FLOPs before and after")]
     validation = document.get("validation")
-    if isinstance(validation, dict):
-        parts += ["<h2>Validation</h2>", f"<pre>{html.escape(json.dumps(validation, indent=1)[:4000])}</pre>"]
+    if isinstance(validation, dict) and isinstance(validation.get("outputs"), list):
+        columns = ["name", "shape", "max_abs", "mean_abs", "max_rel", "mean_rel"]
+        rows = [[output.get(column) for column in columns] for output in validation["outputs"]
+                if isinstance(output, dict)]
+        parts += ["<h2>Validation in onnxruntime</h2>", _table(rows, ["output", "shape", "max |d|", "mean |d|",
+                                                                   "max rel", "mean rel"])]
     parts += ["<h2>Per layer</h2>", _image(_per_layer_image(layers, spectra), "rank, kept energy and error")]
     if spectra:
         parts += [f"<h2>Spectra{' (whitened by the calibration data)' if whitened else ''}</h2>",
