@@ -149,3 +149,63 @@ def test_tools_has_no_import_cycle_and_no_private_names_across_modules() -> None
                 private += [f"{path.name}: {node.module}.{alias.name}" for alias in node.names
                             if alias.name.startswith("_")]
     assert not private, private
+
+
+# ------------------------------------------------------------------------------------ progress bars, reports
+
+def test_progress_bars_draw_one_bar_per_phase_only_when_asked() -> None:
+    import argparse
+    import io
+
+    from tools.common import ProgressBars, progress_bars
+
+    quiet = argparse.Namespace(quiet=True, progress=False)
+    assert not isinstance(progress_bars(quiet, io.StringIO()), ProgressBars)
+    assert not isinstance(progress_bars(argparse.Namespace(), io.StringIO()), ProgressBars)  # not a terminal
+    stream = io.StringIO()
+    with progress_bars(argparse.Namespace(progress=True), stream) as bars:
+        assert isinstance(bars, ProgressBars)
+        for done in range(1, 4):
+            bars("calibration", done, 3)
+        rewrite = bars.layers("rewrite")
+        rewrite(1, 2, "fc1")
+        rewrite(2, 2, "fc2")
+        bars("validation", 0, 1, "onnxruntime")
+    text = stream.getvalue()
+    assert "calibrating (batches)" in text and "3/3" in text
+    assert "decomposing (layers)" in text and "2/2" in text and "fc2" in text
+    assert "validating (runs)" in text and "0/1" in text  # closed unfinished when the block ends
+
+
+def test_onnx_report_json_and_html(tmp_path, capsys) -> None:
+    import numpy as np
+
+    onnx = pytest.importorskip("onnx")
+    from tests.onnx_models import mlp
+    from tests.skips import require
+
+    require("matplotlib")
+    rng = np.random.default_rng(0)
+    path = tmp_path / "mlp.onnx"
+    onnx.save(mlp(rng), path)
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=rng.standard_normal((16, 48)).astype(np.float32))
+    for name, extra in (("free", []), ("aware", ["--calib", str(calib)])):
+        assert main(["decompose", str(path), "-o", str(tmp_path / f"{name}.onnx"), "--divisor", "8",
+                     "--report", str(tmp_path / f"{name}.json"), *extra]) == 0
+    capsys.readouterr()
+    free, aware = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("free", "aware"))
+    assert set(free["spectra"]) == set(free["decompose_config"]) == set(aware["spectra"])
+    assert not any(spectrum["whitened"] for spectrum in free["spectra"].values())
+    assert all(spectrum["whitened"] for spectrum in aware["spectra"].values())
+    assert free["policy"] == {"kind": "ratio", "value": 0.5, "divisor": 8, "excludes": None}
+    assert aware["policy"]["calib"] == str(calib) and aware["validation"]["outputs"][0]["name"] == "y"
+    assert free["totals"]["decomposed"] == len(free["layers"]) == 2
+    page = tmp_path / "aware.html"
+    assert main(["report", str(tmp_path / "aware.json"), "-o", str(page)]) == 0
+    text = page.read_text()
+    assert text.count("<img src=\"data:image/png;base64,") == 3  # totals, per layer, spectra
+    assert "Validation in onnxruntime" in text and "(whitened by the calibration data)" in text
+    assert main(["decompose", str(path), "-o", str(tmp_path / "x.onnx"), "--divisor", "8",
+                 "--report", str(tmp_path / "direct.html")]) == 0
+    assert "<img src=\"data:image/png;base64," in (tmp_path / "direct.html").read_text()

@@ -126,9 +126,10 @@ def decompose(args: argparse.Namespace) -> int:
     from backends.safetensors import decompose_checkpoint
     from lowrank_ir._files import atomic_directory, write_json
     from lowrank_ir._report import report_document
-    from tools.html_report import policy_of, write_report
+    from tools.html_report import check_report_option, policy_of, write_report
 
     _check(args)
+    check_report_option(args.report)
     policy = policy_from_args(args)
     workers = _distributed(args.threads)
     if workers.rank == 0:

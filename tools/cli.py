@@ -128,7 +128,7 @@ def _cmd_decompose(args: argparse.Namespace) -> int:
     _onnx_only(args, ["input_shape", "calib", "feeds", "tolerance", "opset"])
     from backends.torch import save_weights
     from lowrank_ir import Decompose, SafeWriteUmask, write_json
-    from tools.html_report import decomposer_document, write_report
+    from tools.html_report import check_report_option, decomposer_document, write_report
 
     weights = f"state_dict.{args.weights_format}"
     names = (weights, *TORCH_OUTPUT_FILES)
@@ -136,6 +136,7 @@ def _cmd_decompose(args: argparse.Namespace) -> int:
     folder = outputs.folder(args.output, names, "-o")
     report = outputs.file(args.report, "--report") if args.report else None
     outputs.check()
+    check_report_option(args.report)
     model = load_model(args.model, args.weights)
     with progress_bars(args) as bars:
         decomposer = choose_ranks(Decompose(model, progress=bars), args)

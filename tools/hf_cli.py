@@ -111,7 +111,7 @@ def decompose(args: argparse.Namespace) -> int:
     from backends.huggingface import is_decomposed_folder, write_decomposed
     from lowrank_ir import Decompose, write_json
     from lowrank_ir._files import atomic_directory
-    from tools.html_report import decomposer_document, write_report
+    from tools.html_report import check_report_option, decomposer_document, write_report
 
     _check(args)
     target = Path(args.output).resolve()
@@ -121,6 +121,7 @@ def decompose(args: argparse.Namespace) -> int:
     outputs = command_outputs(args)
     report = outputs.file(args.report, "--report") if args.report else None
     outputs.check()
+    check_report_option(args.report)
     if target.is_dir() and os.listdir(target):
         if not is_decomposed_folder(target):
             raise FileExistsError(f"-o {args.output!r} holds files this command did not write: give a new folder "

@@ -27,8 +27,8 @@ from typing import Any
 
 from tools.common import UsageError, command_outputs, excludes_of
 
-__all__ = ["add_parser", "decomposer_document", "is_html", "policy_of", "render_html", "report_command",
-           "write_report"]
+__all__ = ["add_parser", "check_report_option", "decomposer_document", "is_html", "policy_of", "render_html",
+           "report_command", "write_report"]
 
 #: Spectra drawn per image (a grid of small plots), so that a large model gives several images, not a huge one.
 SPECTRA_PER_IMAGE = 24
@@ -62,6 +62,12 @@ def decomposer_document(decomposer: Any, args: argparse.Namespace, **fields: Any
 def is_html(name: str | Path) -> bool:
     """Whether a ``--report`` file name asks for the HTML page (``.html``) rather than the JSON."""
     return Path(name).suffix.lower() in (".html", ".htm")
+
+
+def check_report_option(name: str | None) -> None:
+    """Before any work: a ``--report`` page needs matplotlib (``ImportError`` naming the extra otherwise)."""
+    if name is not None and is_html(name):
+        _pyplot()
 
 
 def write_report(document: dict[str, Any], path: Path, name: str | Path) -> None:

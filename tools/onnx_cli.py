@@ -66,7 +66,7 @@ def decompose(args: argparse.Namespace) -> int:
     from frontends.onnx import collect_stats, count_parameters, load_model, lower
     from lowrank_ir import build_report, plan, rewrite, with_layout
     from lowrank_ir._report import report_document, spectra, spectral_energy
-    from tools.html_report import policy_of, write_report
+    from tools.html_report import check_report_option, policy_of, write_report
 
     if args.weights:
         raise UsageError("--weights loads a PyTorch state dict; an ONNX model carries its own weights")
@@ -79,6 +79,7 @@ def decompose(args: argparse.Namespace) -> int:
     external = outputs.file(f"{args.output}.data", "-o", optional=True)  # written from 2 GB on
     report_file = outputs.file(args.report, "--report") if args.report else None
     outputs.check()
+    check_report_option(args.report)
     input_shapes = parse_input_shapes(args.input_shape)
     original = load_model(args.model)
     model = original if args.opset is None else convert_opset(original, args.opset)
