@@ -209,3 +209,33 @@ def test_onnx_report_json_and_html(tmp_path, capsys) -> None:
     assert main(["decompose", str(path), "-o", str(tmp_path / "x.onnx"), "--divisor", "8",
                  "--report", str(tmp_path / "direct.html")]) == 0
     assert "<img src=\"data:image/png;base64," in (tmp_path / "direct.html").read_text()
+    assert main(["decompose", str(path), "-o", str(tmp_path / "b.onnx"), "--divisor", "8", "--budget-params", "0.5",
+                 "--calib", str(calib), "--report", str(tmp_path / "budget.json")]) == 0
+    budget = json.loads((tmp_path / "budget.json").read_text())
+    assert set(budget["sensitivities"]) == {layer["name"] for layer in budget["layers"]}
+    assert all(value > 0 for value in budget["sensitivities"].values())
+
+
+def test_the_page_draws_sensitivities_and_latency_when_the_report_has_them() -> None:
+    from tests.skips import require
+    from tools.html_report import render_html
+
+    require("matplotlib")
+    layers = [{"name": name, "op": "Linear", "shape": [64, 64], "form": "svd", "rank": 16, "params_before": 4160,
+               "params_after": 2112, "error": 0.1, "error_kind": "output", "reason": ""} for name in ("fc1", "fc2")]
+    spectra = {name: {"values": [1.0, 0.5, 0.25, 0.1], "count": 64, "rank": 2, "kept_energy": 0.9, "whitened": True}
+               for name in ("fc1", "fc2")}
+    latency = {"target": 0.8, "met": True, "original_ms": 2.0, "decomposed_ms": 1.5, "ratio": 0.75,
+               "layers": {"fc1": {"rank": 16, "before_ms": 1.0, "after_ms": 0.7},
+                          "fc2": {"rank": 16, "before_ms": 1.0, "after_ms": 0.8}}}
+    document = {"model": "m.onnx", "totals": {"params_before": 8320, "params_after": 4224}, "layers": layers,
+                "spectra": spectra, "sensitivities": {"fc1": 0.03, "fc2": 6.6}, "latency": latency,
+                "policy": {"kind": "budget_latency", "value": 0.8}}
+    page = render_html(document)
+    assert page.count("<img src=\"data:image/png;base64,") == 5  # totals, per layer, spectra, sens., latency
+    assert "Measured sensitivities and budget allocation" in page and "<h2>Latency</h2>" in page
+    assert "kind=budget_latency" in page
+    older = render_html({"model": "m.onnx", "layers": {"totals": document["totals"], "layers": layers}})
+    assert older.count("<img") == 2  # the ONNX command's earlier shape: totals and per layer, no spectra
+    with pytest.raises(ValueError, match="no list of layers"):
+        render_html({"layers": "fc1"})

@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any, TextIO
 
 __all__ = ["EXIT_BAD_INPUT", "INPUT_OPTIONS", "ProgressBars", "UsageError", "add_limit_arg", "budget_target",
-           "byte_size", "choose_ranks", "command_outputs", "excludes_of", "global_policy", "is_onnx_path",
-           "load_factory", "load_model", "parse_input_shapes", "policy_from_args", "progress_bars", "rank_policy",
-           "read_rules", "show_report"]
+           "byte_size", "choose_ranks", "chosen_policy", "command_outputs", "excludes_of", "global_policy",
+           "is_onnx_path", "load_factory", "load_model", "parse_input_shapes", "policy_from_args", "progress_bars",
+           "rank_policy", "read_rules", "show_report"]
 
 EXIT_BAD_INPUT = 2
 
@@ -190,19 +190,26 @@ def choose_ranks(decomposer: Any, args: argparse.Namespace, datasets: Any = None
     return chosen if chosen is not None else decomposer.from_policy(rank_policy(args))
 
 
-def policy_from_args(args: argparse.Namespace, model: Any = None, calib: dict[str, Any] | None = None,
-                     progress: Any = None) -> Any:
-    """The rank policy the options ask for; ``--energy``/``--budget-*`` are chosen on ``model`` (with ``calib``).
+def chosen_policy(args: argparse.Namespace, model: Any = None, calib: dict[str, Any] | None = None,
+                  progress: Any = None) -> tuple[Any, Any]:
+    """The rank policy the options ask for, and the ``Decompose`` that chose it (None for a per-layer policy).
 
-    ``progress``: the ``Decompose`` progress callback for that choice (calibration, sensitivity runs).
+    ``--energy``/``--budget-*`` are chosen on ``model`` (with ``calib``); that ``Decompose`` holds what they
+    measured (``sensitivities``, ``latency``). ``progress``: its progress callback.
     """
     from lowrank_ir import Decompose, Policy
 
     if model is not None:
-        chosen = global_policy(Decompose(model, progress=progress), args, None if calib is None else [calib])
+        chooser = Decompose(model, progress=progress)
+        chosen = global_policy(chooser, args, None if calib is None else [calib])
         if chosen is not None:
-            return Policy.config(chosen.decompose_config)
-    return rank_policy(args)
+            return Policy.config(chosen.decompose_config), chooser
+    return rank_policy(args), None
+
+
+def policy_from_args(args: argparse.Namespace, model: Any = None, calib: dict[str, Any] | None = None) -> Any:
+    """The rank policy the options ask for (:func:`chosen_policy` without the ``Decompose``)."""
+    return chosen_policy(args, model, calib)[0]
 
 
 # ------------------------------------------------------------------------------------------ showing results

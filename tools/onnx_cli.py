@@ -14,7 +14,15 @@ from pathlib import Path
 from typing import Any
 
 from frontends.onnx import PROTOBUF_LIMIT
-from tools.common import UsageError, command_outputs, parse_input_shapes, policy_from_args, progress_bars, show_report
+from tools.common import (
+    UsageError,
+    chosen_policy,
+    command_outputs,
+    parse_input_shapes,
+    policy_from_args,
+    progress_bars,
+    show_report,
+)
 
 __all__ = ["EXIT_ABOVE_TOLERANCE", "decompose", "inspect"]
 
@@ -85,7 +93,7 @@ def decompose(args: argparse.Namespace) -> int:
     model = original if args.opset is None else convert_opset(original, args.opset)
     calib = _feeds(args.calib, model, "--calib")
     bars = progress_bars(args)
-    policy = policy_from_args(args, model, calib, progress=bars)
+    policy, chooser = chosen_policy(args, model, calib, progress=bars)
     feeds = _feeds(args.feeds, original, "--feeds")
     known = calib if calib is not None else feeds  # the feeds' shapes resolve dynamic dims (per-sample FLOPs)
     if input_shapes is None and known is not None:
@@ -120,6 +128,7 @@ def decompose(args: argparse.Namespace) -> int:
         if report_file is not None:
             document = report_document(
                 report, spectra=spectra(graph, chosen, stats), policy=policy_of(args), model=args.model,
+                sensitivities=getattr(chooser, "sensitivities", None), latency=getattr(chooser, "latency", None),
                 output=args.output, opset=args.opset, data_aware=calib is not None,
                 decompose_config=chosen.decompose_config(), parameters=params, validation=validation.to_dict(),
                 tolerance=args.tolerance, passed=passed)
