@@ -224,8 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     decompose = commands.add_parser(
         "decompose", help="decompose a model and save it",
         description="Decompose an ONNX model (MODEL.onnx -o OUT.onnx: checked, validated against the original "
-                    "in onnxruntime, written atomically), or a PyTorch model given as module:factory (its state "
-                    "dict, decompose_config.json and report.json saved in the -o folder).")
+                    "in onnxruntime, written atomically), a PyTorch model given as module:factory (its state "
+                    "dict, decompose_config.json and report.json saved in the -o folder), or a Hugging Face model "
+                    "folder (-o OUT_DIR; data-aware with --calib-text).")
     decompose.add_argument("model", help="an ONNX file (MODEL.onnx), a PyTorch model as 'module:factory' "
                                          "(e.g. tests.models:resnet50), or a Hugging Face model folder "
                                          "(config.json + safetensors): loaded in memory with --calib-text, "
