@@ -583,7 +583,8 @@ def _float_outputs(value: Any) -> list[torch.Tensor]:
 
 
 def output_errors(model: nn.Module, datasets: Iterable[Any], trials: Sequence[Mapping[str, np.ndarray]],
-                  max_iter: int = -1, mask_padding: bool = True) -> list[float]:
+                  max_iter: int = -1, mask_padding: bool = True,
+                  progress: Callable[[int], None] | None = None) -> list[float]:
     """Per trial, the model's relative output error Σ‖y' − y‖² / Σ‖y‖² when its params are replaced.
 
     A trial maps state-dict names to replacement arrays in the layout of :func:`lower`'s graph (e.g. one
@@ -592,7 +593,7 @@ def output_errors(model: nn.Module, datasets: Iterable[Any], trials: Sequence[Ma
     ``max_iter`` elements of ``datasets`` (-1: all), ``y'`` the same with the trial's arrays. Trials run
     one at a time on a copy of the model; ``model`` is not changed. With ``mask_padding``, token-aligned
     outputs of dict elements holding an ``attention_mask`` count only their real tokens (as in
-    :func:`collect_stats`).
+    :func:`collect_stats`). ``progress(trials done)`` is called as each trial ends.
     """
     _check_datasets(datasets)
     elements = first_elements(datasets, max_iter)
@@ -627,7 +628,7 @@ def output_errors(model: nn.Module, datasets: Iterable[Any], trials: Sequence[Ma
                 tensors[name].data.copy_(tensor)
 
     with _calibrating([work], [{}]):
-        return relative_output_errors(outputs, len(elements), trials, applied)
+        return relative_output_errors(outputs, len(elements), trials, applied, progress)
 
 
 if TYPE_CHECKING:  # the registry hands this module out as a Frontend: mypy checks that it is one
