@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.nn import functional
 
-from lowrank_ir import Graph, LayerStats, Node, Op, verify
+from lowrank_ir import Graph, LayerStats, Node, Op, conv_pads, verify
 from lowrank_ir._budget import first_elements, relative_output_errors
 from lowrank_ir._engine import stats_from_sums
 
@@ -319,34 +319,23 @@ def _rows(node: Node, x: torch.Tensor, mask: torch.Tensor | None = None) -> torc
 MAX_PATCH_FEATURES = 4608
 
 
-def _explicit_padding(node: Node) -> list[int] | None:
-    """The conv's zero padding as ``[top, bottom, left, right]``, or None when patches are not collected."""
+def _collects_patches(node: Node) -> bool:
+    """Whether the im2col patch moment of conv ``node`` is collected: 2-D ungrouped zero-padded k x k, not too wide."""
     attrs = node.attrs
     kernel = tuple(attrs["kernel_size"])
-    if (len(kernel) != 2 or math.prod(kernel) == 1 or attrs.get("groups", 1) != 1
-            or attrs.get("padding_mode", "zeros") != "zeros"
-            or attrs["in_channels"] * math.prod(kernel) > MAX_PATCH_FEATURES):
-        return None
-    padding = attrs["padding"]
-    if padding == "valid":
-        return [0, 0, 0, 0]
-    if padding == "same":  # torch: stride 1, the extra pixel of an odd total goes after
-        pads = []
-        for size, dilation in zip(kernel, attrs["dilation"], strict=True):
-            total = dilation * (size - 1)
-            pads += [total // 2, total - total // 2]
-        return pads
-    if isinstance(padding, str):
-        return None
-    return [int(padding[0]), int(padding[0]), int(padding[1]), int(padding[1])]
+    return not (len(kernel) != 2 or math.prod(kernel) == 1 or attrs.get("groups", 1) != 1
+                or attrs.get("padding_mode", "zeros") != "zeros"
+                or attrs["in_channels"] * math.prod(kernel) > MAX_PATCH_FEATURES)
 
 
-def _patch_rows(node: Node, x: torch.Tensor, pads: list[int]) -> torch.Tensor:
+def _patch_rows(node: Node, x: torch.Tensor) -> torch.Tensor:
     """The im2col patches the conv sees, one per row, ordered (in, kh, kw) like ``kernel.reshape(out, -1)``."""
     if x.dim() == 3:  # unbatched
         x = x.unsqueeze(0)
-    if any(pads):
-        x = functional.pad(x, (pads[2], pads[3], pads[0], pads[1]))
+    attrs = node.attrs
+    begins, ends = conv_pads(attrs["padding"], x.shape[2:], attrs["kernel_size"], attrs["stride"], attrs["dilation"])
+    if any(begins) or any(ends):
+        x = functional.pad(x, (begins[1], ends[1], begins[0], ends[0]))
     columns = functional.unfold(x, tuple(node.attrs["kernel_size"]), dilation=tuple(node.attrs["dilation"]),
                        stride=tuple(node.attrs["stride"]))
     return columns.transpose(1, 2).reshape(-1, columns.shape[1])
@@ -438,7 +427,7 @@ def collect_stats(model: nn.Module, graph: Graph, datasets: Iterable[Any], max_i
 
     def make_hook(name: str) -> Callable[..., None]:
         node = graph.node(name)
-        pads = _explicit_padding(node) if node.op is Op.CONV else None
+        patches_wanted = node.op is Op.CONV and _collects_patches(node)
 
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
             if not args or not isinstance(args[0], torch.Tensor):
@@ -452,8 +441,8 @@ def collect_stats(model: nn.Module, graph: Graph, datasets: Iterable[Any], max_i
             sums[name] = moment if name not in sums else sums[name] + moment
             firsts[name] = total if name not in firsts else firsts[name] + total
             counts[name] += rows.shape[0]
-            if pads is not None:
-                patches = _patch_rows(node, args[0].detach(), pads)
+            if patches_wanted:
+                patches = _patch_rows(node, args[0].detach())
                 patches = patches.to(torch.promote_types(patches.dtype, torch.float32))
                 product = (patches.T @ patches).to(torch.float64)
                 patch_sums[name] = product if name not in patch_sums else patch_sums[name] + product
