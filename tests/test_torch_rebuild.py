@@ -22,7 +22,8 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from backends import onnx as onnx_backend  # noqa: E402
 from backends import torch as torch_backend  # noqa: E402
-from backends._torch_graph import OPS, escape_name  # noqa: E402
+from backends._onnx_interpreter import OPS  # noqa: E402
+from backends._torch_graph import escape_name  # noqa: E402
 from backends.torch import GraphModule, graph_params, rebuild  # noqa: E402
 from frontends import onnx as onnx_frontend  # noqa: E402
 from lowrank_ir import Node, Op, Policy, plan, rewrite  # noqa: E402
@@ -443,12 +444,12 @@ def test_the_backend_reexports_the_builder() -> None:
 # -------------------------------------------------------------------------------------- bad input
 
 def test_an_unsupported_op_is_a_clear_error_listing_it() -> None:
-    nodes = [helper.make_node("Hardmax", ["x"], ["h"], name="hard"),
+    nodes = [helper.make_node("Det", ["x"], ["h"], name="det"),
              helper.make_node("LpNormalization", ["h"], ["y"], name="norm")]
     graph_proto = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
                                     [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])])
     model = helper.make_model(graph_proto, opset_imports=[helper.make_opsetid("", 13)])
-    with pytest.raises(ValueError, match=r"cannot rebuild: Hardmax \(e.g. node 'hard', 1 node\(s\)\); "
+    with pytest.raises(ValueError, match=r"cannot rebuild: Det \(e.g. node 'det', 1 node\(s\)\); "
                                          r"LpNormalization \(e.g. node 'norm'.*Supported: .*Conv"):
         rebuild(onnx_frontend.lower(model))
 
