@@ -77,9 +77,11 @@ class Primitives(Protocol):
     ``log_softmax`` ``(x, axis)``.
     """
 
-    functions: Mapping[str, Callable[..., Any]]
-    #: Inputs of any float dtype are accepted for a float graph input (a widened model runs them).
-    any_float_input: bool
+    @property
+    def functions(self) -> Mapping[str, Callable[..., Any]]: ...
+
+    @property
+    def any_float_input(self) -> bool: ...  # any float dtype is accepted for a float input (widened models)
 
     def as_input(self, value: Any) -> Any: ...  # a model input as a tensor, None if it cannot be one
     def tensor(self, array: np.ndarray, like: Any = None) -> Any: ...  # on ``like``'s device
@@ -897,11 +899,11 @@ def _lrn(step: Step, p: Primitives, x: Any) -> Any:
     shape = p.shape(x)
     rest = [0] * (len(shape) - 2)
     squares = p.pad(x * x, [0, (size - 1) // 2, *rest], [0, size - 1 - (size - 1) // 2, *rest])
-    total = None
-    for offset in range(size):
-        piece = p.strided_slice(squares, [0, offset, *rest], [shape[0], offset + shape[1], *shape[2:]],
-                                [1] * len(shape))
-        total = piece if total is None else total + piece
+    pieces = [p.strided_slice(squares, [0, offset, *rest], [shape[0], offset + shape[1], *shape[2:]],
+                              [1] * len(shape)) for offset in range(size)]
+    total = pieces[0]
+    for piece in pieces[1:]:
+        total = total + piece
     return x / (total * (alpha / size) + bias) ** beta
 
 
