@@ -1,31 +1,21 @@
 """MindSpore graph builder: a whole model rebuilt from a dataflow IR graph, as a trainable ``nn.Cell``.
 
-:func:`rebuild` turns a dataflow graph (one lowered from ONNX by ``frontends.onnx.lower``, possibly
-decomposed by the engine) into a :class:`GraphCell`, whose ``construct`` runs the graph through the
-one ONNX interpreter (``backends/_onnx_interpreter.py``: every op's meaning, the forms of every
-opset) in PyNative mode. This module supplies only MindSpore's primitives (:data:`PRIMITIVES`) and the
-container.
+:func:`rebuild` turns a dataflow graph (lowered from ONNX by ``frontends.onnx.lower``, decomposed or
+not) into a :class:`GraphCell`, whose ``construct`` runs it through the one ONNX interpreter
+(``backends/_onnx_interpreter.py``) in PyNative mode. This module supplies MindSpore's primitives
+(:data:`PRIMITIVES`) and the container.
 
-Parameters. Every graph param becomes a ``Parameter`` named exactly as the IR names it (MindSpore
-accepts any string, ``onnx::MatMul_123`` included, so no escaping is needed; ``GraphCell.param_names``
-maps checkpoint names to IR names all the same, and keeps working when the cell is attached under a
-parent that prefixes its names). The params of ``_dataflow.trainable_params`` (layer weights and
-biases, floating-point initializers) have ``requires_grad=True``; the others (integer shapes and
-indices, and the running mean and variance of a ``BatchNormalization``, which PyTorch's
-``GraphModule`` keeps as buffers) are ``requires_grad=False`` parameters, saved in checkpoints like
-the rest, so ``save_checkpoint`` / ``load_param_into_net`` restore a whole model. Params of a dtype
-MindSpore has no tensor type for (strings) and empty arrays (an empty ``Resize`` ``roi``; checkpoints
-drop empty parameters) stay numpy arrays. ``Constant`` nodes are evaluated once, at build time.
+Every graph param becomes a ``Parameter`` named exactly as the IR names it (``param_names`` maps
+checkpoint names to IR names, also under a parent that prefixes them). Trainable ones
+(``_dataflow.trainable_params``) have ``requires_grad=True``; the others (shapes, indices, a
+``BatchNormalization``'s running statistics) ``requires_grad=False``, and checkpoints hold them all.
+Strings and empty arrays (checkpoints drop them) stay numpy arrays. ``weights=False`` builds the
+structure only: trainable parameters are zeros, the others come from the graph.
 
-``weights=False`` builds the structure only: trainable parameters are zeros of the right shape and
-dtype (the graph's arrays may be placeholders); the others still come from the graph (they are part
-of the structure: shapes, indices, BN statistics), and a checkpoint loaded afterwards overwrites both.
-
-Inputs are given by position or by name and must have the graph's dtypes; values no later node
-reads are freed as the graph runs. Where MindSpore's CPU kernels lack a dtype (float64 convolutions)
-the primitive computes in float32 and casts back. MindSpore infers shapes and runs kernels
-asynchronously: the interpreter waits for each node's output shapes, so that an error is raised by the
-node that caused it, as a ``NodeError`` naming the node and its op.
+Inputs go by position or by name and must have the graph's dtypes. Where MindSpore's CPU kernels lack
+a dtype (float64 convolutions) the primitive computes in float32 and casts back. MindSpore runs
+kernels asynchronously: the interpreter waits for each node's output shapes, so an error is raised as
+a ``NodeError`` naming the node that caused it.
 """
 
 from __future__ import annotations
@@ -98,6 +88,15 @@ class MindSporePrimitives:
         "softplus": ops.softplus, "isnan": ops.isnan, "isinf": ops.isinf,
         "gelu": lambda x: ops.gelu(x, approximate="none"), "gelu_tanh": lambda x: ops.gelu(x, approximate="tanh"),
         "where": ops.where, "softmax": ops.softmax, "log_softmax": ops.log_softmax,
+        "reshape": lambda x, shape: ops.reshape(x, tuple(int(d) for d in shape)),
+        "transpose": lambda x, perm: ops.transpose(x, tuple(int(v) for v in perm)),
+        "concat": lambda xs, axis: ops.concat(tuple(xs), axis),
+        "split": lambda x, sizes, axis: tuple(ops.split(x, [int(s) for s in sizes], axis)),
+        "strided_slice": lambda x, begin, end, step: ops.strided_slice(x, tuple(begin), tuple(end), tuple(step)),
+        "take": lambda x, indices, axis: ops.gather(x, indices, axis), "gather_elements": ops.gather_elements,
+        "gather_nd": ops.gather_nd, "broadcast_to": lambda x, shape: ops.broadcast_to(x, tuple(int(d) for d in shape)),
+        "tile": lambda x, repeats: ops.tile(x, tuple(repeats)), "flip": lambda x, axes: ops.flip(x, tuple(axes)),
+        "cumsum": ops.cumsum, "matmul": ops.matmul,
     }
 
     def as_input(self, value: Any) -> ms.Tensor:
@@ -118,31 +117,6 @@ class MindSporePrimitives:
     def cast(self, x: ms.Tensor, dtype: str) -> ms.Tensor:
         return ops.cast(x, _DTYPES[dtype])
 
-    def reshape(self, x: ms.Tensor, shape: Sequence[int]) -> ms.Tensor:
-        return ops.reshape(x, tuple(int(d) for d in shape))
-
-    def transpose(self, x: ms.Tensor, perm: Sequence[int]) -> ms.Tensor:
-        return ops.transpose(x, tuple(int(p) for p in perm))
-
-    def concat(self, xs: Sequence[ms.Tensor], axis: int) -> ms.Tensor:
-        return ops.concat(tuple(xs), axis)
-
-    def split(self, x: ms.Tensor, sizes: Sequence[int], axis: int) -> Sequence[ms.Tensor]:
-        return tuple(ops.split(x, [int(s) for s in sizes], axis))
-
-    def strided_slice(self, x: ms.Tensor, begin: Sequence[int], end: Sequence[int], step: Sequence[int],
-                      ) -> ms.Tensor:
-        return ops.strided_slice(x, tuple(begin), tuple(end), tuple(step))
-
-    def take(self, x: ms.Tensor, indices: ms.Tensor, axis: int) -> ms.Tensor:
-        return ops.gather(x, indices, axis)
-
-    def gather_elements(self, x: ms.Tensor, axis: int, indices: ms.Tensor) -> ms.Tensor:
-        return ops.gather_elements(x, axis, indices)
-
-    def gather_nd(self, x: ms.Tensor, indices: ms.Tensor) -> ms.Tensor:
-        return ops.gather_nd(x, indices)
-
     def scatter_elements(self, x: ms.Tensor, axis: int, indices: ms.Tensor, updates: ms.Tensor, reduction: str,
                          ) -> ms.Tensor:
         if reduction not in ("none", "add"):
@@ -153,15 +127,6 @@ class MindSporePrimitives:
         if reduction not in _SCATTER_ND:
             raise ValueError(f"ScatterND reduction {reduction!r} is not one of {sorted(_SCATTER_ND)}")
         return _SCATTER_ND[reduction](x, indices, updates)
-
-    def broadcast_to(self, x: ms.Tensor, shape: Sequence[int]) -> ms.Tensor:
-        return ops.broadcast_to(x, tuple(int(d) for d in shape))
-
-    def tile(self, x: ms.Tensor, repeats: Sequence[int]) -> ms.Tensor:
-        return ops.tile(x, tuple(repeats))
-
-    def flip(self, x: ms.Tensor, axes: Sequence[int]) -> ms.Tensor:
-        return ops.flip(x, tuple(axes))
 
     def pad(self, x: ms.Tensor, begins: Sequence[int], ends: Sequence[int], value: Any = 0) -> ms.Tensor:
         pairs = [(int(b), int(e)) for b, e in zip(begins, ends, strict=True)]
@@ -181,15 +146,9 @@ class MindSporePrimitives:
     def arg(self, kind: str, x: ms.Tensor, axis: int, keep: bool) -> ms.Tensor:
         return ops.cast((ops.argmax if kind == "argmax" else ops.argmin)(x, axis, keep), ms.int64)
 
-    def cumsum(self, x: ms.Tensor, axis: int) -> ms.Tensor:
-        return ops.cumsum(x, axis)
-
     def topk(self, x: ms.Tensor, k: int, axis: int, largest: bool, ordered: bool) -> tuple[ms.Tensor, ms.Tensor]:
         values, indices = ops.topk(x, k, axis, largest, ordered)
         return values, ops.cast(indices, ms.int64)
-
-    def matmul(self, a: ms.Tensor, b: ms.Tensor) -> ms.Tensor:
-        return ops.matmul(a, b)
 
     @_float32_kernel
     def conv(self, x: ms.Tensor, w: ms.Tensor, b: ms.Tensor | None, stride: Sequence[int], pads: Sequence[int],

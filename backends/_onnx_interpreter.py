@@ -1,32 +1,21 @@
 """One interpreter for a dataflow IR graph, whatever framework runs it: every ONNX op's meaning, once.
 
-A graph lowered from ONNX (``frontends.onnx.lower``), decomposed or not, is run node by node in its
-order (``backends/_dataflow.py`` reads the nodes as calls). This module holds what that means and no
-framework: ``backends/_torch_graph.py`` and ``backends/_mindspore_graph.py`` each supply a
-:class:`Primitives` (tensor creation and reading, elementwise functions, reshape/slice/gather/scatter,
-reductions, convolutions) and a container (``nn.Module`` / ``nn.Cell``) holding the parameters, in
-the manner of tensorly's backends and torch.fx's ``Interpreter``.
+A graph lowered from ONNX (``frontends.onnx.lower``), decomposed or not, runs node by node in its order
+(``backends/_dataflow.py`` reads the nodes as calls). ``backends/_torch_graph.py`` and
+``backends/_mindspore_graph.py`` supply only a :class:`Primitives` and a container (``nn.Module`` /
+``nn.Cell``), as tensorly's backends and torch.fx's ``Interpreter`` do. A layer node runs from its IR
+attributes (``lowrank_ir/_ir.py``), an opaque node as its ONNX operator: :data:`OPS` maps each op type
+to ``function(step, p, *inputs)`` (``step.attrs`` the ONNX attributes, ``p`` the primitives, inputs in
+operator order, ``None`` for a skipped optional one).
 
-- a *layer* node (``Linear``, ``MatMul``, ``Conv``, ``ConvTranspose``, ``Embedding``) runs from its IR
-  attributes (``lowrank_ir/_ir.py`` documents them; ``conv_pads`` resolves every Conv padding form);
-- an *opaque* node runs as its ONNX operator through :data:`OPS`, one function per operator:
-  ``function(step, p, *inputs)`` with ``step.attrs`` the ONNX attributes, ``p`` the primitives, the
-  inputs in operator order (``None`` for a skipped optional input).
-
-Forms are resolved once, when the program is built (:func:`program`): an attribute that later opsets
-turned into an input (``axes`` of Squeeze/Unsqueeze/Reduce*, ``split``, Slice's bounds, Clip's
-bounds, Pad's pads and value, TopK's ``k``, Upsample's and Resize-10's ``scales``) becomes that input,
-so each op reads one form; Resize-10 and Upsample become the Resize they mean; TENSOR attributes
-are decoded to numpy and text attributes to ``str``; ``Constant`` nodes are evaluated.
-
-Run-time semantics follow the ONNX operators (numpy broadcasting, negative indices checked and
-counted from the end, ``Slice`` bounds clamped like Python slices, integer ``Div`` truncating,
-``Softmax`` over the flattened trailing axes before opset 13, ...). Values whose contents decide a
-shape (Reshape targets, Slice bounds, Resize scales, indices) are read eagerly. ``BatchNormalization``
-uses its running statistics and ``Dropout`` is the identity in training mode too.
-
-Errors: an error inside a node is a :class:`NodeError` ``while running node 'X' (Op): ...`` chained
-to the cause; inputs that do not fit ``graph.inputs`` are an :class:`InputError` naming the input.
+Forms are resolved once, when the :func:`program` is built: an attribute that later opsets made an input
+(``axes`` of Squeeze/Unsqueeze/Reduce*, ``split``, Slice's bounds, Clip's bounds, Pad's pads and value,
+TopK's ``k``, Upsample's and Resize-10's ``scales``) becomes that input; Resize-10 and Upsample become
+the Resize they mean; TENSOR attributes are decoded to numpy, text to ``str``; ``Constant`` nodes are
+evaluated. Values whose contents decide a shape (Reshape targets, Slice bounds, indices) are read
+eagerly. ``BatchNormalization`` uses its running statistics and ``Dropout`` is the identity, in
+training too. An error inside a node is a :class:`NodeError` ``while running node 'X' (Op): ...``
+chained to the cause; inputs that do not fit ``graph.inputs`` are an :class:`InputError`.
 """
 
 from __future__ import annotations
@@ -74,7 +63,11 @@ class Primitives(Protocol):
     logical_xor logical_not bitwise_and bitwise_or bitwise_xor bitwise_not left_shift right_shift sqrt
     exp log erf relu sigmoid tanh neg abs reciprocal floor ceil round sign sin cos tan asin acos atan
     sinh cosh asinh acosh atanh softplus isnan isinf gelu gelu_tanh where``, and ``softmax``/
-    ``log_softmax`` ``(x, axis)``.
+    ``log_softmax`` ``(x, axis)``; and the tensor functions ``reshape(x, shape)``, ``transpose(x, perm)``,
+    ``concat(xs, axis)``, ``split(x, sizes, axis)``, ``strided_slice(x, begins, ends, steps)`` (steps > 0),
+    ``take(x, indices, axis)`` (1-D int64 indices), ``gather_elements(x, axis, indices)``,
+    ``gather_nd(x, indices)`` (indices ``[..., depth]``), ``broadcast_to(x, shape)``, ``tile(x, repeats)``,
+    ``flip(x, axes)``, ``cumsum(x, axis)``, ``matmul(a, b)``.
     """
 
     @property
@@ -89,26 +82,13 @@ class Primitives(Protocol):
     def shape(self, x: Any) -> tuple[int, ...]: ...  # waits for an asynchronous framework's shape
     def dtype(self, x: Any) -> str: ...  # numpy's name: float32, int64, bool, bfloat16 ...
     def cast(self, x: Any, dtype: str) -> Any: ...
-    def reshape(self, x: Any, shape: Sequence[int]) -> Any: ...
-    def transpose(self, x: Any, perm: Sequence[int]) -> Any: ...
-    def concat(self, xs: Sequence[Any], axis: int) -> Any: ...
-    def split(self, x: Any, sizes: Sequence[int], axis: int) -> Sequence[Any]: ...
-    def strided_slice(self, x: Any, begin: Sequence[int], end: Sequence[int], step: Sequence[int]) -> Any: ...
-    def take(self, x: Any, indices: Any, axis: int) -> Any: ...  # 1-D non-negative int64 indices
-    def gather_elements(self, x: Any, axis: int, indices: Any) -> Any: ...
-    def gather_nd(self, x: Any, indices: Any) -> Any: ...  # indices [..., depth], non-negative
     def scatter_elements(self, x: Any, axis: int, indices: Any, updates: Any, reduction: str) -> Any: ...
     def scatter_nd(self, x: Any, indices: Any, updates: Any, reduction: str) -> Any: ...
-    def broadcast_to(self, x: Any, shape: Sequence[int]) -> Any: ...
-    def tile(self, x: Any, repeats: Sequence[int]) -> Any: ...
-    def flip(self, x: Any, axes: Sequence[int]) -> Any: ...
     def pad(self, x: Any, begins: Sequence[int], ends: Sequence[int], value: Any = 0) -> Any: ...  # < 0 crops
     def full(self, shape: Sequence[int], value: Any, dtype: str, like: Any = None) -> Any: ...
     def reduce(self, kind: str, x: Any, axes: Sequence[int], keep: bool) -> Any: ...  # sum mean max min prod logsumexp
     def arg(self, kind: str, x: Any, axis: int, keep: bool) -> Any: ...  # argmax, argmin (int64)
-    def cumsum(self, x: Any, axis: int) -> Any: ...
     def topk(self, x: Any, k: int, axis: int, largest: bool, ordered: bool) -> tuple[Any, Any]: ...
-    def matmul(self, a: Any, b: Any) -> Any: ...
     def conv(self, x: Any, w: Any, b: Any, stride: Sequence[int], pads: Sequence[int], dilation: Sequence[int],
              groups: int) -> Any: ...  # 1-3-D, the same pads at both ends
     def conv_transpose(self, x: Any, w: Any, stride: Sequence[int], dilation: Sequence[int], groups: int) -> Any: ...
@@ -422,7 +402,7 @@ def _pad(p: Primitives, x: Any, begins: Sequence[int], ends: Sequence[int], mode
             period = 2 * (length - 1)
             folded = np.mod(positions, period)
             index = np.where(folded < length, folded, period - folded)
-        x = p.take(x, p.tensor(index.astype(np.int64), x), axis)
+        x = _fn(p, "take", x, p.tensor(index.astype(np.int64), x), axis)
     return x
 
 
@@ -443,17 +423,14 @@ def _hard_sigmoid(p: Primitives, x: Any, alpha: float, beta: float) -> Any:
     return _fn(p, "maximum", _fn(p, "minimum", x * alpha + beta, p.full((), 1, p.dtype(x), x)), _zero(p, x))
 
 
+#: A layer's ``activation`` attribute -> ``function(p, y)``.
 _ACTIVATIONS: dict[str, Callable[[Primitives, Any], Any]] = {
-    "relu": lambda p, x: _fn(p, "relu", x),
-    "gelu": lambda p, x: _fn(p, "gelu", x),
-    "sigmoid": lambda p, x: _fn(p, "sigmoid", x),
-    "tanh": lambda p, x: _fn(p, "tanh", x),
-    "relu6": lambda p, x: _hard_sigmoid(p, x, 1 / 6, 0.0) * 6,
+    "relu": lambda p, x: _fn(p, "relu", x), "gelu": lambda p, x: _fn(p, "gelu", x),
+    "sigmoid": lambda p, x: _fn(p, "sigmoid", x), "tanh": lambda p, x: _fn(p, "tanh", x),
+    "relu6": lambda p, x: _hard_sigmoid(p, x, 1 / 6, 0.0) * 6, "elu": lambda p, x: _elu(p, x, 1.0),
     "hswish": lambda p, x: x * _hard_sigmoid(p, x, 1 / 6, 0.5),
     "hsigmoid": lambda p, x: _hard_sigmoid(p, x, 1 / 6, 0.5),
-    "leakyrelu": lambda p, x: _fn(p, "where", x >= 0, x, x * 0.01),
-    "elu": lambda p, x: _elu(p, x, 1.0),
-    "silu": lambda p, x: x * _fn(p, "sigmoid", x),
+    "leakyrelu": lambda p, x: _fn(p, "where", x >= 0, x, x * 0.01), "silu": lambda p, x: x * _fn(p, "sigmoid", x),
     "softmax": lambda p, x: _fn(p, "softmax", x, -1),
 }
 
@@ -478,19 +455,20 @@ def _check_layer(step: Step) -> None:
 
 
 def _linear(step: Step, p: Primitives, x: Any, weight: Any, bias: Any) -> Any:
-    return _scaled(p, step.attrs, p.matmul(x, p.transpose(weight, (1, 0))), bias)
+    return _scaled(p, step.attrs, _fn(p, "matmul", x, _fn(p, "transpose", weight, (1, 0))), bias)
 
 
 def _matmul_layer(step: Step, p: Primitives, x: Any, weight: Any, bias: Any) -> Any:
     if step.attrs.get("weight_side", "right") == "left":  # the features are the second-to-last axis
-        return _scaled(p, step.attrs, p.matmul(weight, x), None if bias is None else p.reshape(bias, (-1, 1)))
-    return _scaled(p, step.attrs, p.matmul(x, weight), bias)
+        bias = None if bias is None else _fn(p, "reshape", bias, (-1, 1))
+        return _scaled(p, step.attrs, _fn(p, "matmul", weight, x), bias)
+    return _scaled(p, step.attrs, _fn(p, "matmul", x, weight), bias)
 
 
 def _embedding(step: Step, p: Primitives, ids: Any, weight: Any, bias: Any) -> Any:
     rows = p.shape(weight)[0]
-    flat = p.take(weight, p.reshape(_positive(p, ids, rows, weight), (-1,)), 0)
-    return p.reshape(flat, (*p.shape(ids), *p.shape(weight)[1:]))
+    flat = _fn(p, "take", weight, _fn(p, "reshape", _positive(p, ids, rows, weight), (-1,)), 0)
+    return _fn(p, "reshape", flat, (*p.shape(ids), *p.shape(weight)[1:]))
 
 
 def _conv_layer(step: Step, p: Primitives, x: Any, weight: Any, bias: Any) -> Any:
@@ -581,7 +559,7 @@ def _convolve_transpose(p: Primitives, x: Any, weight: Any, bias: Any, strides: 
     y = p.conv_transpose(x, weight, strides, dilations, int(groups))
     tails = [extra - end for extra, end in zip(output_padding, ends, strict=True)]
     y = _pad(p, y, [0, 0, *(-b for b in begins)], [0, 0, *tails])
-    return y if bias is None else y + p.reshape(bias, (1, -1, *([1] * ndim)))
+    return y if bias is None else y + _fn(p, "reshape", bias, (1, -1, *([1] * ndim)))
 
 
 def _onnx_padding(attrs: dict[str, Any], ndim: int) -> Any:
@@ -616,15 +594,10 @@ def _conv_transpose(step: Step, p: Primitives, x: Any, w: Any, b: Any = None) ->
 @onnx_op("Gemm")
 def _gemm(step: Step, p: Primitives, a: Any, b: Any, c: Any = None) -> Any:
     if step.attrs.get("transA", 0):
-        a = p.transpose(a, (1, 0))
+        a = _fn(p, "transpose", a, (1, 0))
     if step.attrs.get("transB", 0):
-        b = p.transpose(b, (1, 0))
-    return _scaled(p, step.attrs, p.matmul(a, b), c)
-
-
-@onnx_op("MatMul")
-def _matmul(step: Step, p: Primitives, a: Any, b: Any) -> Any:
-    return p.matmul(a, b)
+        b = _fn(p, "transpose", b, (1, 0))
+    return _scaled(p, step.attrs, _fn(p, "matmul", a, b), c)
 
 
 # --------------------------------------------------------------------------------------- elementwise
@@ -665,14 +638,48 @@ for _name, _function in _VARIADIC.items():
     OPS[_name] = _elementwise(_function, None)
 
 
-@onnx_op("Mean")
-def _mean(step: Step, p: Primitives, *inputs: Any) -> Any:
-    return OPS["Sum"](step, p, *inputs) / len(inputs)
+def _zero(p: Primitives, x: Any) -> Any:
+    return p.full((), 0, p.dtype(x), x)
 
 
-@onnx_op("Div")
-def _div(step: Step, p: Primitives, a: Any, b: Any) -> Any:
-    return _fn(p, "div" if _is_float(p, a) else "trunc_div", a, b)  # ONNX integer division truncates
+def _elu(p: Primitives, x: Any, alpha: float) -> Any:
+    return _fn(p, "where", x < 0, (_fn(p, "exp", _fn(p, "minimum", x, _zero(p, x))) - 1) * alpha, x)
+
+
+def _attr(step: Step, key: str, default: float) -> float:
+    return float(step.attrs.get(key, default))
+
+
+#: ONNX ops whose meaning is one expression: ``function(step, p, *inputs)``.
+OPS.update({
+    "Mean": lambda step, p, *inputs: OPS["Sum"](step, p, *inputs) / len(inputs),
+    "Div": lambda step, p, a, b: _fn(p, "div" if _is_float(p, a) else "trunc_div", a, b),  # ints truncate
+    "Mod": lambda step, p, a, b: _fn(p, "fmod" if step.attrs.get("fmod", 0) else "remainder", a, b),
+    "BitShift": lambda step, p, x, y: _fn(p, "left_shift" if step.attrs["direction"] == "LEFT" else "right_shift",
+                                          x, y),
+    "Identity": lambda step, p, x: x,
+    "LeakyRelu": lambda step, p, x: _fn(p, "where", x >= 0, x, x * _attr(step, "alpha", 0.01)),
+    "PRelu": lambda step, p, x, slope: _fn(p, "where", x < 0, x * slope, x),
+    "Elu": lambda step, p, x: _elu(p, x, _attr(step, "alpha", 1.0)),
+    "Selu": lambda step, p, x: _elu(p, x, _attr(step, "alpha", 1.67326319217681884765625))
+    * _attr(step, "gamma", 1.05070102214813232421875),
+    "Celu": lambda step, p, x: _fn(p, "where", x > 0, x, _elu(p, x / _attr(step, "alpha", 1.0), 1.0)
+                                   * _attr(step, "alpha", 1.0)),
+    "ThresholdedRelu": lambda step, p, x: _fn(p, "where", x > _attr(step, "alpha", 1.0), x, _zero(p, x)),
+    "Shrink": lambda step, p, x: _fn(p, "where", x < -_attr(step, "lambd", 0.5), x + _attr(step, "bias", 0.0),
+                                     _fn(p, "where", x > _attr(step, "lambd", 0.5), x - _attr(step, "bias", 0.0),
+                                         _zero(p, x))),
+    "Softsign": lambda step, p, x: x / (_fn(p, "abs", x) + 1),
+    "Mish": lambda step, p, x: x * _fn(p, "tanh", _fn(p, "softplus", x)),
+    "HardSigmoid": lambda step, p, x: _hard_sigmoid(p, x, _attr(step, "alpha", 0.2), _attr(step, "beta", 0.5)),
+    "HardSwish": lambda step, p, x: x * _hard_sigmoid(p, x, 1 / 6, 0.5),
+    "MatMul": lambda step, p, a, b: _fn(p, "matmul", a, b),
+    "GlobalAveragePool": lambda step, p, x: p.reduce("mean", x, tuple(range(2, len(p.shape(x)))), True),
+    "GlobalMaxPool": lambda step, p, x: p.reduce("max", x, tuple(range(2, len(p.shape(x)))), True),
+    "Size": lambda step, p, x: p.tensor(np.array(math.prod(p.shape(x)), dtype=np.int64), x),
+    "Tile": lambda step, p, x, repeats: _fn(p, "tile", x, _ints(p, repeats)),
+    "CastLike": lambda step, p, x, like: x if p.dtype(x) == p.dtype(like) else p.cast(x, p.dtype(like)),
+})
 
 
 @onnx_op("Pow")
@@ -680,16 +687,6 @@ def _pow(step: Step, p: Primitives, base: Any, exponent: Any) -> Any:
     if p.dtype(exponent) != p.dtype(base):  # the output has the base's type
         exponent = p.cast(exponent, p.dtype(base))
     return _fn(p, "pow", base, exponent)
-
-
-@onnx_op("Mod")
-def _mod(step: Step, p: Primitives, a: Any, b: Any) -> Any:
-    return _fn(p, "fmod" if step.attrs.get("fmod", 0) else "remainder", a, b)
-
-
-@onnx_op("BitShift")
-def _bit_shift(step: Step, p: Primitives, x: Any, y: Any) -> Any:
-    return _fn(p, "left_shift" if step.attrs["direction"] == "LEFT" else "right_shift", x, y)
 
 
 @onnx_op("IsInf")
@@ -703,11 +700,6 @@ def _is_inf(step: Step, p: Primitives, x: Any) -> Any:
     return _fn(p, "logical_and", infinite, _fn(p, "logical_not", infinite))
 
 
-@onnx_op("Identity")
-def _identity(step: Step, p: Primitives, x: Any) -> Any:
-    return x
-
-
 @onnx_op("Dropout")
 def _dropout(step: Step, p: Primitives, x: Any, ratio: Any = None, training_mode: Any = None) -> Any:
     """Inference: the identity, and an all-true mask if the node asks for one."""
@@ -717,72 +709,6 @@ def _dropout(step: Step, p: Primitives, x: Any, ratio: Any = None, training_mode
     if len(step.outputs) > 1 and step.outputs[1]:
         return x, p.full(p.shape(x), True, "bool", x)
     return x
-
-
-def _zero(p: Primitives, x: Any) -> Any:
-    return p.full((), 0, p.dtype(x), x)
-
-
-def _elu(p: Primitives, x: Any, alpha: float) -> Any:
-    return _fn(p, "where", x < 0, (_fn(p, "exp", _fn(p, "minimum", x, _zero(p, x))) - 1) * alpha, x)
-
-
-@onnx_op("LeakyRelu")
-def _leaky_relu(step: Step, p: Primitives, x: Any) -> Any:
-    return _fn(p, "where", x >= 0, x, x * float(step.attrs.get("alpha", 0.01)))
-
-
-@onnx_op("PRelu")
-def _prelu(step: Step, p: Primitives, x: Any, slope: Any) -> Any:
-    return _fn(p, "where", x < 0, x * slope, x)
-
-
-@onnx_op("Elu")
-def _elu_op(step: Step, p: Primitives, x: Any) -> Any:
-    return _elu(p, x, float(step.attrs.get("alpha", 1.0)))
-
-
-@onnx_op("Selu")
-def _selu(step: Step, p: Primitives, x: Any) -> Any:
-    alpha = float(step.attrs.get("alpha", 1.67326319217681884765625))
-    return _elu(p, x, alpha) * float(step.attrs.get("gamma", 1.05070102214813232421875))
-
-
-@onnx_op("Celu")
-def _celu(step: Step, p: Primitives, x: Any) -> Any:
-    alpha = float(step.attrs.get("alpha", 1.0))
-    return _fn(p, "where", x > 0, x, (_fn(p, "exp", _fn(p, "minimum", x, _zero(p, x)) / alpha) - 1) * alpha)
-
-
-@onnx_op("ThresholdedRelu")
-def _thresholded_relu(step: Step, p: Primitives, x: Any) -> Any:
-    return _fn(p, "where", x > float(step.attrs.get("alpha", 1.0)), x, _zero(p, x))
-
-
-@onnx_op("Shrink")
-def _shrink(step: Step, p: Primitives, x: Any) -> Any:
-    bias, lambd = float(step.attrs.get("bias", 0.0)), float(step.attrs.get("lambd", 0.5))
-    return _fn(p, "where", x < -lambd, x + bias, _fn(p, "where", x > lambd, x - bias, _zero(p, x)))
-
-
-@onnx_op("Softsign")
-def _softsign(step: Step, p: Primitives, x: Any) -> Any:
-    return x / (_fn(p, "abs", x) + 1)
-
-
-@onnx_op("Mish")
-def _mish(step: Step, p: Primitives, x: Any) -> Any:
-    return x * _fn(p, "tanh", _fn(p, "softplus", x))
-
-
-@onnx_op("HardSigmoid")
-def _hard_sigmoid_op(step: Step, p: Primitives, x: Any) -> Any:
-    return _hard_sigmoid(p, x, float(step.attrs.get("alpha", 0.2)), float(step.attrs.get("beta", 0.5)))
-
-
-@onnx_op("HardSwish")
-def _hard_swish(step: Step, p: Primitives, x: Any) -> Any:
-    return x * _hard_sigmoid(p, x, 1 / 6, 0.5)
 
 
 @onnx_op("Gelu")
@@ -817,11 +743,6 @@ def _cast(step: Step, p: Primitives, x: Any) -> Any:
     return x if p.dtype(x) == ONNX_DTYPES[to] else p.cast(x, ONNX_DTYPES[to])
 
 
-@onnx_op("CastLike")
-def _cast_like(step: Step, p: Primitives, x: Any, like: Any) -> Any:
-    return x if p.dtype(x) == p.dtype(like) else p.cast(x, p.dtype(like))
-
-
 # ------------------------------------------------------------------------------------ normalizations
 
 def _hardmax(p: Primitives, x: Any, axis: int) -> Any:
@@ -839,8 +760,8 @@ def _softmax_like(function: Callable[[Primitives, Any, int], Any]) -> OpFunction
         axis = _axis(step.attrs.get("axis", -1), len(shape))
         if not step.attrs.get("coerce_2d"):
             return function(p, x, axis)
-        flat = p.reshape(x, (math.prod(shape[:axis]), math.prod(shape[axis:])))
-        return p.reshape(function(p, flat, 1), shape)
+        flat = _fn(p, "reshape", x, (math.prod(shape[:axis]), math.prod(shape[axis:])))
+        return _fn(p, "reshape", function(p, flat, 1), shape)
     return run
 
 
@@ -879,15 +800,15 @@ def _batch_norm(step: Step, p: Primitives, x: Any, scale: Any, bias: Any, mean: 
     if not step.attrs.get("spatial", 1):
         raise ValueError("BatchNormalization with spatial=0 is not supported")
     shape = (-1,) + (1,) * (len(p.shape(x)) - 2)
-    factor = p.reshape(scale / _fn(p, "sqrt", var + float(step.attrs.get("epsilon", 1e-5))), shape)
-    return (x - p.reshape(mean, shape)) * factor + p.reshape(bias, shape)
+    factor = _fn(p, "reshape", scale / _fn(p, "sqrt", var + float(step.attrs.get("epsilon", 1e-5))), shape)
+    return (x - _fn(p, "reshape", mean, shape)) * factor + _fn(p, "reshape", bias, shape)
 
 
 @onnx_op("InstanceNormalization")
 def _instance_norm(step: Step, p: Primitives, x: Any, scale: Any, bias: Any) -> Any:
     shape = (-1,) + (1,) * (len(p.shape(x)) - 2)
     y, _, _ = _normalized(p, x, tuple(range(2, len(p.shape(x)))), float(step.attrs.get("epsilon", 1e-5)))
-    return y * p.reshape(scale, shape) + p.reshape(bias, shape)
+    return y * _fn(p, "reshape", scale, shape) + _fn(p, "reshape", bias, shape)
 
 
 @onnx_op("LRN")
@@ -899,7 +820,7 @@ def _lrn(step: Step, p: Primitives, x: Any) -> Any:
     shape = p.shape(x)
     rest = [0] * (len(shape) - 2)
     squares = p.pad(x * x, [0, (size - 1) // 2, *rest], [0, size - 1 - (size - 1) // 2, *rest])
-    pieces = [p.strided_slice(squares, [0, offset, *rest], [shape[0], offset + shape[1], *shape[2:]],
+    pieces = [_fn(p, "strided_slice", squares, [0, offset, *rest], [shape[0], offset + shape[1], *shape[2:]],
                               [1] * len(shape)) for offset in range(size)]
     total = pieces[0]
     for piece in pieces[1:]:
@@ -957,7 +878,7 @@ def _pool_windows(attrs: dict[str, Any], sizes: Sequence[int]) -> _Windows:
 def _window_slices(p: Primitives, x: Any, windows: _Windows) -> list[Any]:
     """For each kernel offset, the strided slice of (padded) ``x`` its windows read."""
     lead = list(p.shape(x)[:2])
-    return [p.strided_slice(x, [0, 0, *begin], [*lead, *end], [1, 1, *step])
+    return [_fn(p, "strided_slice", x, [0, 0, *begin], [*lead, *end], [1, 1, *step])
             for begin, end, step in (zip(*axes, strict=True) for axes in windows.ranges())]
 
 
@@ -1020,16 +941,6 @@ def _average_pool(step: Step, p: Primitives, x: Any) -> Any:
     return total / p.tensor(np.asarray(counts, dtype=p.dtype(x) if p.dtype(x) != "bfloat16" else "float32"), x)
 
 
-@onnx_op("GlobalAveragePool")
-def _global_average_pool(step: Step, p: Primitives, x: Any) -> Any:
-    return p.reduce("mean", x, tuple(range(2, len(p.shape(x)))), True)
-
-
-@onnx_op("GlobalMaxPool")
-def _global_max_pool(step: Step, p: Primitives, x: Any) -> Any:
-    return p.reduce("max", x, tuple(range(2, len(p.shape(x)))), True)
-
-
 # ---------------------------------------------------------------------------------------- reductions
 
 _REDUCTIONS: dict[str, Callable[[Primitives, Any, tuple[int, ...], bool], Any]] = {
@@ -1069,7 +980,7 @@ def _arg_reduction(kind: str) -> OpFunction:
         axis = _axis(step.attrs.get("axis", 0), len(p.shape(x)))
         keep = bool(step.attrs.get("keepdims", 1))
         if step.attrs.get("select_last_index", 0):  # the first extreme of the reversed axis
-            return (p.shape(x)[axis] - 1) - p.arg(kind, p.flip(x, (axis,)), axis, keep)
+            return (p.shape(x)[axis] - 1) - p.arg(kind, _fn(p, "flip", x, (axis,)), axis, keep)
         return p.arg(kind, x, axis, keep)
     return run
 
@@ -1083,11 +994,11 @@ def _cumsum(step: Step, p: Primitives, x: Any, axis: Any) -> Any:
     dim = _axis(_scalar(p, axis), len(p.shape(x)))
     reverse = bool(step.attrs.get("reverse", 0))
     if reverse:
-        x = p.flip(x, (dim,))
-    y = p.cumsum(x, dim)
+        x = _fn(p, "flip", x, (dim,))
+    y = _fn(p, "cumsum", x, dim)
     if step.attrs.get("exclusive", 0):
         y = y - x
-    return p.flip(y, (dim,)) if reverse else y
+    return _fn(p, "flip", y, (dim,)) if reverse else y
 
 
 @onnx_op("TopK")
@@ -1105,11 +1016,6 @@ def _shape(step: Step, p: Primitives, x: Any) -> Any:
     return p.tensor(np.array(dims, dtype=np.int64), x)
 
 
-@onnx_op("Size")
-def _size(step: Step, p: Primitives, x: Any) -> Any:
-    return p.tensor(np.array(math.prod(p.shape(x)), dtype=np.int64), x)
-
-
 def _reshape_target(shape: Sequence[int], target: Sequence[int]) -> tuple[int, ...]:
     """``target`` (``0`` already resolved) with its ``-1`` inferred; ``ValueError`` when it cannot hold ``shape``."""
     count = math.prod(shape)
@@ -1125,21 +1031,7 @@ def _reshape_target(shape: Sequence[int], target: Sequence[int]) -> tuple[int, .
 @onnx_op("Reshape")
 def _reshape(step: Step, p: Primitives, x: Any, shape: Any) -> Any:
     target = _dataflow.onnx_shape(_ints(p, shape), p.shape(x), allow_zero=bool(step.attrs.get("allowzero", 0)))
-    return p.reshape(x, _reshape_target(p.shape(x), target))
-
-
-@onnx_op("Flatten")
-def _flatten(step: Step, p: Primitives, x: Any) -> Any:
-    shape = p.shape(x)
-    axis = int(step.attrs.get("axis", 1))
-    axis = axis + len(shape) if axis < 0 else axis
-    return p.reshape(x, (math.prod(shape[:axis]), math.prod(shape[axis:])))
-
-
-@onnx_op("Transpose")
-def _transpose(step: Step, p: Primitives, x: Any) -> Any:
-    perm = step.attrs.get("perm") or tuple(reversed(range(len(p.shape(x)))))
-    return p.transpose(x, tuple(int(v) for v in perm))
+    return _fn(p, "reshape", x, _reshape_target(p.shape(x), target))
 
 
 @onnx_op("Squeeze")
@@ -1151,7 +1043,7 @@ def _squeeze(step: Step, p: Primitives, x: Any, axes: Any = None) -> Any:
     wrong = sorted(i for i in drop if shape[i] != 1)
     if wrong:
         raise ValueError(f"cannot squeeze axes {wrong} of shape {list(shape)}: their size is not 1")
-    return p.reshape(x, tuple(size for i, size in enumerate(shape) if i not in drop))
+    return _fn(p, "reshape", x, tuple(size for i, size in enumerate(shape) if i not in drop))
 
 
 @onnx_op("Unsqueeze")
@@ -1161,7 +1053,7 @@ def _unsqueeze(step: Step, p: Primitives, x: Any, axes: Any) -> Any:
     rank = len(p.shape(x)) + len(listed)
     inserted = {_axis(a, rank) for a in listed}
     sizes = iter(p.shape(x))
-    return p.reshape(x, tuple(1 if i in inserted else next(sizes) for i in range(rank)))
+    return _fn(p, "reshape", x, tuple(1 if i in inserted else next(sizes) for i in range(rank)))
 
 
 @onnx_op("Concat")
@@ -1169,7 +1061,7 @@ def _concat(step: Step, p: Primitives, *inputs: Any) -> Any:
     tensors = [_tensor(p, x) for x in inputs if x is not None]
     axis = _axis(step.attrs["axis"], len(p.shape(tensors[0])))
     tensors = [x for x in tensors if p.shape(x)[axis] != 0] or tensors[:1]
-    return tensors[0] if len(tensors) == 1 else p.concat(tensors, axis)
+    return tensors[0] if len(tensors) == 1 else _fn(p, "concat", tensors, axis)
 
 
 @onnx_op("Split")
@@ -1189,7 +1081,7 @@ def _split(step: Step, p: Primitives, x: Any, split: Any = None) -> tuple[Any, .
             sizes = [length // parts] * parts
     if sum(sizes) != length:
         raise ValueError(f"split sizes {sizes} do not add up to the axis length {length}")
-    return tuple(p.split(x, sizes, axis))
+    return tuple(_fn(p, "split", x, sizes, axis))
 
 
 @onnx_op("Slice")
@@ -1206,7 +1098,7 @@ def _slice(step: Step, p: Primitives, x: Any, starts: Any, ends: Any, axes: Any 
         begin[axis], stop[axis], stride[axis] = slice(start, end, step_size).indices(shape[axis])
         if stride[axis] < 0:  # gather the explicit positions
             positions = np.arange(begin[axis], stop[axis], stride[axis], dtype=np.int64)
-            x = p.take(x, p.tensor(positions, x), axis)
+            x = _fn(p, "take", x, p.tensor(positions, x), axis)
             begin[axis], stop[axis], stride[axis] = 0, len(positions), 1
             shape[axis] = len(positions)
     if begin == [0] * len(shape) and stop == shape and stride == [1] * len(shape):
@@ -1214,7 +1106,7 @@ def _slice(step: Step, p: Primitives, x: Any, starts: Any, ends: Any, axes: Any 
     if any(b >= e for b, e in zip(begin, stop, strict=True)):
         sizes = [max(len(range(b, e, s)), 0) for b, e, s in zip(begin, stop, stride, strict=True)]
         return p.full(sizes, 0, p.dtype(x), x)
-    return p.strided_slice(x, begin, stop, stride)
+    return _fn(p, "strided_slice", x, begin, stop, stride)
 
 
 @onnx_op("Gather")
@@ -1222,14 +1114,8 @@ def _gather(step: Step, p: Primitives, x: Any, indices: Any) -> Any:
     shape = p.shape(x)
     axis = _axis(step.attrs.get("axis", 0), len(shape))
     indices = _array(p, indices)
-    flat = p.reshape(_positive(p, indices, shape[axis], x), (-1,))
-    return p.reshape(p.take(x, flat, axis), (*shape[:axis], *indices.shape, *shape[axis + 1:]))
-
-
-@onnx_op("GatherElements")
-def _gather_elements(step: Step, p: Primitives, x: Any, indices: Any) -> Any:
-    axis = _axis(step.attrs.get("axis", 0), len(p.shape(x)))
-    return p.gather_elements(x, axis, _positive(p, indices, p.shape(x)[axis], x))
+    flat = _fn(p, "reshape", _positive(p, indices, shape[axis], x), (-1,))
+    return _fn(p, "reshape", _fn(p, "take", x, flat, axis), (*shape[:axis], *indices.shape, *shape[axis + 1:]))
 
 
 def _nd_indices(p: Primitives, x: Any, indices: Any, batch: int) -> Any:
@@ -1245,34 +1131,6 @@ def _nd_indices(p: Primitives, x: Any, indices: Any, batch: int) -> Any:
     return p.tensor(array.astype(np.int64), x)
 
 
-@onnx_op("GatherND")
-def _gather_nd(step: Step, p: Primitives, x: Any, indices: Any) -> Any:
-    return p.gather_nd(x, _nd_indices(p, x, indices, int(step.attrs.get("batch_dims", 0))))
-
-
-@onnx_op("ScatterND")
-def _scatter_nd(step: Step, p: Primitives, x: Any, indices: Any, updates: Any) -> Any:
-    return p.scatter_nd(x, _nd_indices(p, x, indices, 0), updates, step.attrs.get("reduction", "none"))
-
-
-@onnx_op("ScatterElements", "Scatter")
-def _scatter_elements(step: Step, p: Primitives, x: Any, indices: Any, updates: Any) -> Any:
-    axis = _axis(step.attrs.get("axis", 0), len(p.shape(x)))
-    return p.scatter_elements(x, axis, _positive(p, indices, p.shape(x)[axis], x), updates,
-                              step.attrs.get("reduction", "none"))
-
-
-@onnx_op("Expand")
-def _expand(step: Step, p: Primitives, x: Any, shape: Any) -> Any:
-    target = tuple(int(d) for d in np.broadcast_shapes(p.shape(x), tuple(_ints(p, shape))))
-    return x if target == p.shape(x) else p.broadcast_to(x, target)
-
-
-@onnx_op("Tile")
-def _tile(step: Step, p: Primitives, x: Any, repeats: Any) -> Any:
-    return p.tile(x, _ints(p, repeats))
-
-
 def _constant_array(attrs: dict[str, Any]) -> np.ndarray:
     """The value of an ONNX ``Constant`` node the frontend kept as a node (its dense ones are graph params)."""
     if "value" in attrs:
@@ -1284,9 +1142,38 @@ def _constant_array(attrs: dict[str, Any]) -> np.ndarray:
     raise ValueError(f"a Constant with attributes {sorted(attrs)} (strings, sparse tensors) has no tensor value")
 
 
-@onnx_op("Constant")
-def _constant(step: Step, p: Primitives) -> Any:
-    return p.tensor(_constant_array(step.attrs))
+def _broadcast(p: Primitives, x: Any, shape: Any) -> Any:
+    target = tuple(int(d) for d in np.broadcast_shapes(p.shape(x), tuple(_ints(p, shape))))
+    return x if target == p.shape(x) else _fn(p, "broadcast_to", x, target)
+
+
+def _scatter_elements(step: Step, p: Primitives, x: Any, indices: Any, updates: Any) -> Any:
+    axis = _axis(step.attrs.get("axis", 0), len(p.shape(x)))
+    return p.scatter_elements(x, axis, _positive(p, indices, p.shape(x)[axis], x), updates,
+                              step.attrs.get("reduction", "none"))
+
+
+OPS.update({
+    "Flatten": lambda step, p, x: _fn(p, "reshape", x, (math.prod(p.shape(x)[:int(step.attrs.get("axis", 1))]),
+                                                        math.prod(p.shape(x)[int(step.attrs.get("axis", 1)):]))),
+    "Transpose": lambda step, p, x: _fn(p, "transpose", x, step.attrs.get("perm") or
+                                        tuple(reversed(range(len(p.shape(x)))))),
+    "GatherElements": lambda step, p, x, indices: _fn(
+        p, "gather_elements", x, _axis(step.attrs.get("axis", 0), len(p.shape(x))),
+        _positive(p, indices, p.shape(x)[_axis(step.attrs.get("axis", 0), len(p.shape(x)))], x)),
+    "GatherND": lambda step, p, x, indices: _fn(p, "gather_nd", x, _nd_indices(p, x, indices,
+                                                                                int(step.attrs.get("batch_dims", 0)))),
+    "ScatterND": lambda step, p, x, indices, updates: p.scatter_nd(x, _nd_indices(p, x, indices, 0), updates,
+                                                                    step.attrs.get("reduction", "none")),
+    "ScatterElements": _scatter_elements,
+    "Scatter": _scatter_elements,
+    "Expand": lambda step, p, x, shape: _broadcast(p, x, shape),
+    "Constant": lambda step, p: p.tensor(_constant_array(step.attrs)),
+    "Range": lambda step, p, start, limit, delta: p.tensor(np.arange(
+        *(_array(p, v).reshape(()) for v in (start, limit, delta)), dtype=_array(p, start).dtype), start),
+    "NonZero": lambda step, p, x: p.tensor(np.stack(np.nonzero(_array(p, x))).astype(np.int64)
+                                           .reshape(len(p.shape(x)), -1), x),  # a data-dependent shape: eager
+})
 
 
 @onnx_op("ConstantOfShape")
@@ -1294,12 +1181,6 @@ def _constant_of_shape(step: Step, p: Primitives, shape: Any) -> Any:
     value = step.attrs.get("value")
     array = np.zeros(1, np.float32) if value is None else np.asarray(value).reshape(-1)
     return p.tensor(np.full(_ints(p, shape), array[0], dtype=array.dtype), shape)
-
-
-@onnx_op("Range")
-def _range(step: Step, p: Primitives, start: Any, limit: Any, delta: Any) -> Any:
-    first, last, stride = (_array(p, v).reshape(()) for v in (start, limit, delta))
-    return p.tensor(np.arange(first, last, stride, dtype=first.dtype), start)
 
 
 @onnx_op("Pad")
@@ -1334,18 +1215,18 @@ def _depth_to_space(step: Step, p: Primitives, x: Any) -> Any:
     b = int(step.attrs["blocksize"])
     n, c, h, w = p.shape(x)
     if step.attrs.get("mode", "DCR") == "CRD":
-        y = p.transpose(p.reshape(x, (n, c // (b * b), b, b, h, w)), (0, 1, 4, 2, 5, 3))
+        y = _fn(p, "transpose", _fn(p, "reshape", x, (n, c // (b * b), b, b, h, w)), (0, 1, 4, 2, 5, 3))
     else:
-        y = p.transpose(p.reshape(x, (n, b, b, c // (b * b), h, w)), (0, 3, 4, 1, 5, 2))
-    return p.reshape(y, (n, c // (b * b), h * b, w * b))
+        y = _fn(p, "transpose", _fn(p, "reshape", x, (n, b, b, c // (b * b), h, w)), (0, 3, 4, 1, 5, 2))
+    return _fn(p, "reshape", y, (n, c // (b * b), h * b, w * b))
 
 
 @onnx_op("SpaceToDepth")
 def _space_to_depth(step: Step, p: Primitives, x: Any) -> Any:
     b = int(step.attrs["blocksize"])
     n, c, h, w = p.shape(x)
-    y = p.transpose(p.reshape(x, (n, c, h // b, b, w // b, b)), (0, 3, 5, 1, 2, 4))
-    return p.reshape(y, (n, c * b * b, h // b, w // b))
+    y = _fn(p, "transpose", _fn(p, "reshape", x, (n, c, h // b, b, w // b, b)), (0, 3, 5, 1, 2, 4))
+    return _fn(p, "reshape", y, (n, c * b * b, h // b, w // b))
 
 
 @onnx_op("OneHot")
@@ -1355,15 +1236,8 @@ def _one_hot(step: Step, p: Primitives, indices: Any, depth: Any, values: Any) -
     array = np.where(array < 0, array + size, array)
     axis = _axis(step.attrs.get("axis", -1), array.ndim + 1)
     hot = np.moveaxis(array[..., None] == np.arange(size), -1, axis)
-    off, on = p.split(p.reshape(values, (2,)), [1, 1], 0)
-    return _fn(p, "where", p.tensor(hot, values), p.reshape(on, ()), p.reshape(off, ()))
-
-
-@onnx_op("NonZero")
-def _non_zero(step: Step, p: Primitives, x: Any) -> Any:
-    """Data-dependent shape: computed eagerly."""
-    array = _array(p, x)
-    return p.tensor(np.stack(np.nonzero(array)).astype(np.int64).reshape(array.ndim, -1), x)
+    off, on = _fn(p, "split", _fn(p, "reshape", values, (2,)), [1, 1], 0)
+    return _fn(p, "where", p.tensor(hot, values), _fn(p, "reshape", on, ()), _fn(p, "reshape", off, ()))
 
 
 # -------------------------------------------------------------------------------------------- einsum
@@ -1417,15 +1291,15 @@ def _contract(p: Primitives, a: Any, left: list[str], b: Any, right: list[str], 
     size = dict(zip(left, p.shape(a), strict=True))
     for c, n in zip(right, p.shape(b), strict=True):
         size[c] = max(size.get(c, 1), n)
-    a = p.broadcast_to(p.transpose(a, [left.index(c) for c in batch + only_a + shared]),
+    a = _fn(p, "broadcast_to", _fn(p, "transpose", a, [left.index(c) for c in batch + only_a + shared]),
                        [size[c] for c in batch + only_a + shared])
-    b = p.broadcast_to(p.transpose(b, [right.index(c) for c in batch + shared + only_b]),
+    b = _fn(p, "broadcast_to", _fn(p, "transpose", b, [right.index(c) for c in batch + shared + only_b]),
                        [size[c] for c in batch + shared + only_b])
     batch_size = math.prod(size[c] for c in batch)
-    product = p.matmul(p.reshape(a, (batch_size, math.prod(size[c] for c in only_a), -1)),
-                       p.reshape(b, (batch_size, math.prod(size[c] for c in shared), -1)))
+    product = _fn(p, "matmul", _fn(p, "reshape", a, (batch_size, math.prod(size[c] for c in only_a), -1)),
+                       _fn(p, "reshape", b, (batch_size, math.prod(size[c] for c in shared), -1)))
     letters = batch + only_a + only_b
-    return p.reshape(product, [size[c] for c in letters]), letters
+    return _fn(p, "reshape", product, [size[c] for c in letters]), letters
 
 
 @onnx_op("Einsum")
@@ -1437,7 +1311,7 @@ def _einsum(step: Step, p: Primitives, *operands: Any) -> Any:
         later = set(output).union(*terms[index + 1:])
         result, letters = _contract(p, result, letters, operands[index], terms[index], later)
     result, letters = _sum_out(p, result, letters, set(output))
-    return result if letters == output else p.transpose(result, [letters.index(c) for c in output])
+    return result if letters == output else _fn(p, "transpose", result, [letters.index(c) for c in output])
 
 
 # -------------------------------------------------------------------------------------------- resize
@@ -1476,20 +1350,20 @@ def _source_coordinates(axis: _ResizeAxis, mode: str) -> np.ndarray:
     raise ValueError(f"coordinate_transformation_mode {mode!r} is not supported")
 
 
+#: ``nearest_mode`` -> source index of each coordinate; ``simple`` (Resize-10, Upsample) is chosen by the scale.
+_NEAREST: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "round_prefer_floor": lambda x: np.where(x - np.floor(x) == 0.5, np.floor(x), np.floor(x + 0.5)),
+    "round_prefer_ceil": lambda x: np.floor(x + 0.5), "floor": np.floor, "ceil": np.ceil,
+}
+
+
 def _nearest(x: np.ndarray, mode: str, scale: float) -> np.ndarray:
-    """Source indices of nearest resampling; ``simple`` (Resize-10, Upsample) rounds down, up when shrinking."""
-    floor = np.floor(x)
+    """Source indices of nearest resampling; ``simple`` rounds down, up when shrinking."""
     if mode == "simple":
-        return np.ceil(x) if scale < 1 else floor
-    if mode == "round_prefer_floor":
-        return np.where(x - floor == 0.5, floor, np.floor(x + 0.5))
-    if mode == "round_prefer_ceil":
-        return np.floor(x + 0.5)
-    if mode == "floor":
-        return floor
-    if mode == "ceil":
-        return np.ceil(x)
-    raise ValueError(f"nearest_mode {mode!r} is not supported")
+        return np.ceil(x) if scale < 1 else np.floor(x)
+    if mode not in _NEAREST:
+        raise ValueError(f"nearest_mode {mode!r} is not supported")
+    return _NEAREST[mode](x)
 
 
 def _cubic_weights(ratio: np.ndarray, a: float) -> np.ndarray:
@@ -1581,14 +1455,14 @@ def _resize(step: Step, p: Primitives, x: Any, roi: Any = None, scales: Any = No
             source = _source_coordinates(spec, transform)
             inside = (source >= 0) & (source <= spec.size - 1)
             rounded = _nearest(source, attrs.get("nearest_mode", "round_prefer_floor"), spec.scale)
-            x = p.take(x, p.tensor(np.clip(rounded, 0, spec.size - 1).astype(np.int64), x), axis)
+            x = _fn(p, "take", x, p.tensor(np.clip(rounded, 0, spec.size - 1).astype(np.int64), x), axis)
         else:
             matrix, inside = _interpolation_matrix(spec, attrs, mode, transform)
             weights = p.tensor(matrix.astype(p.dtype(x) if p.dtype(x) != "bfloat16" else "float32"), x)
-            moved = p.transpose(x, [*(i for i in range(len(p.shape(x))) if i != axis), axis])
-            y = p.matmul(moved, p.transpose(weights, (1, 0)))
+            moved = _fn(p, "transpose", x, [*(i for i in range(len(p.shape(x))) if i != axis), axis])
+            y = _fn(p, "matmul", moved, _fn(p, "transpose", weights, (1, 0)))
             rank = len(p.shape(y))
-            x = p.transpose(y, [*range(axis), rank - 1, *range(axis, rank - 1)])
+            x = _fn(p, "transpose", y, [*range(axis), rank - 1, *range(axis, rank - 1)])
         if transform == "tf_crop_and_resize":
             shape = [1] * len(p.shape(x))
             shape[axis] = spec.out

@@ -1,40 +1,24 @@
 """A dataflow IR graph rebuilt as one trainable PyTorch module: :class:`GraphModule`, :func:`rebuild`.
 
-``rebuild(graph)`` takes a graph lowered from ONNX (``frontends.onnx.lower``), decomposed or not, and
-returns an ``nn.Module`` whose ``forward`` runs the graph through the one ONNX interpreter
-(``backends/_onnx_interpreter.py``: every op's meaning, the forms of every opset). This module
-supplies only PyTorch's primitives (:data:`PRIMITIVES`) and the container.
+``rebuild(graph)`` takes a graph lowered from ONNX (``frontends.onnx.lower``), decomposed or not; its
+``forward`` runs the graph through the one ONNX interpreter (``backends/_onnx_interpreter.py``). This
+module supplies PyTorch's primitives (:data:`PRIMITIVES`) and the container.
 
-Parameters and names. Every graph param a node reads is registered on the module:
-
-- as an ``nn.Parameter`` when it is trainable (``_dataflow.trainable_params``: layer weights and
-  biases, floating-point initializers, but not the running mean and variance of a
-  ``BatchNormalization``: inference-mode statistics, not weights);
-- as a persistent buffer otherwise (integer shapes and indices, BN statistics), so the state dict
-  holds everything a rebuilt structure needs.
-
-The state-dict key is the IR param name itself wherever that name is a dotted module path (each part
-a Python identifier or a decimal number, none shadowing an ``nn.Module`` attribute, no name a prefix
-path of another): ``encoder.layer.0.attention.self.query.weight`` lives in nested submodules, as in
-the source model. Other names (``onnx::MatMul_123``, ``/encoder/Constant_output_0``) are stored
-under ``_escaped.<code>``, see :func:`escape_name`. ``GraphModule.param_names`` maps state-dict key
--> IR name; :func:`graph_params` gives the module's current values by IR name, for ``graph.set_param``.
+Every graph param a node reads is registered on the module: as an ``nn.Parameter`` when it is
+trainable (``_dataflow.trainable_params``: layer weights and biases, float initializers, not a
+``BatchNormalization``'s running statistics), else as a persistent buffer (shapes, indices, BN
+statistics), so the state dict holds everything a rebuilt structure needs. The state-dict key is the
+IR param name wherever it is a dotted module path (parts that are identifiers or numbers, none
+shadowing an ``nn.Module`` attribute, none a prefix path of another); other names
+(``onnx::MatMul_123``) live under ``_escaped.<code>`` (:func:`escape_name`). ``param_names`` maps
+state-dict key -> IR name; :func:`graph_params` gives the current values by IR name.
 
 ``weights=False`` builds the structure only: trainable parameters get PyTorch's default
-initialisation for their layer type (layer weights and biases) or zeros (other float initializers),
-ready for ``load_state_dict``; buffers (shapes, indices, constants, BN statistics) are structure and
-are always taken from the graph.
-
-The ONNX ``Constant`` nodes the frontend keeps as nodes (``value_float``, ``value_ints`` ...) are
-evaluated once, at build time, into non-persistent buffers under ``_constants`` (they follow
-``.to(device)`` and are not state). Inputs are given by position or by name; any floating dtype is
-accepted for a float input (a ``.double()`` module runs in float64); other dtypes must be the graph's.
-Values no later node reads are freed as the graph runs; gradients reach every parameter.
-
-Errors: a graph without dataflow (lowered from a module tree), or using an op the interpreter lacks,
-is a ``ValueError`` listing what is wrong, raised before anything is built; inputs that do not fit
-``graph.inputs`` are an ``InputError`` (a ``TypeError`` and a ``ValueError``) naming the input; an
-error inside a node is a ``NodeError`` (a ``RuntimeError``) ``while running node 'X' (Op): ...``.
+initialisation for their layer type, or zeros, ready for ``load_state_dict``; buffers always come
+from the graph. ``Constant`` node outputs are non-persistent buffers under ``_constants``. Inputs go
+by position or by name; any float dtype is accepted for a float input (a ``.double()`` module runs in
+float64). Errors are the interpreter's: ``ValueError`` before anything is built, ``InputError``,
+``NodeError`` (a ``RuntimeError``) naming the node.
 """
 
 from __future__ import annotations
@@ -111,6 +95,16 @@ class TorchPrimitives:
         "acosh": torch.acosh, "atanh": torch.atanh, "softplus": F.softplus, "isnan": torch.isnan,
         "isinf": torch.isinf, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
         "where": torch.where, "softmax": torch.softmax, "log_softmax": torch.log_softmax,
+        "reshape": lambda x, shape: x.reshape(tuple(shape)), "transpose": lambda x, perm: x.permute(*perm),
+        "concat": lambda xs, axis: torch.cat(list(xs), dim=axis),
+        "split": lambda x, sizes, axis: torch.split(x, list(sizes), dim=axis),
+        "strided_slice": lambda x, begin, end, step: x[tuple(map(slice, begin, end, step))],
+        "take": lambda x, indices, axis: torch.index_select(x, axis, indices),
+        "gather_elements": lambda x, axis, indices: torch.gather(x, axis, indices),
+        "gather_nd": lambda x, indices: x[tuple(indices.unbind(-1))],
+        "broadcast_to": lambda x, shape: x.expand(tuple(shape)), "tile": lambda x, repeats: x.repeat(*repeats),
+        "flip": lambda x, axes: torch.flip(x, dims=tuple(axes)), "cumsum": lambda x, axis: torch.cumsum(x, dim=axis),
+        "matmul": torch.matmul,
     }
 
     def as_input(self, value: Any) -> Tensor | None:
@@ -135,30 +129,6 @@ class TorchPrimitives:
     def cast(self, x: Tensor, dtype: str) -> Tensor:
         return x.to(_DTYPES[dtype])
 
-    def reshape(self, x: Tensor, shape: Sequence[int]) -> Tensor:
-        return x.reshape(tuple(shape))
-
-    def transpose(self, x: Tensor, perm: Sequence[int]) -> Tensor:
-        return x.permute(*perm)
-
-    def concat(self, xs: Sequence[Tensor], axis: int) -> Tensor:
-        return torch.cat(list(xs), dim=axis)
-
-    def split(self, x: Tensor, sizes: Sequence[int], axis: int) -> Sequence[Tensor]:
-        return torch.split(x, list(sizes), dim=axis)
-
-    def strided_slice(self, x: Tensor, begin: Sequence[int], end: Sequence[int], step: Sequence[int]) -> Tensor:
-        return x[tuple(slice(b, e, s) for b, e, s in zip(begin, end, step, strict=True))]
-
-    def take(self, x: Tensor, indices: Tensor, axis: int) -> Tensor:
-        return torch.index_select(x, axis, indices)
-
-    def gather_elements(self, x: Tensor, axis: int, indices: Tensor) -> Tensor:
-        return torch.gather(x, axis, indices)
-
-    def gather_nd(self, x: Tensor, indices: Tensor) -> Tensor:
-        return x[tuple(indices.unbind(-1))]
-
     def scatter_elements(self, x: Tensor, axis: int, indices: Tensor, updates: Tensor, reduction: str) -> Tensor:
         if reduction == "none":
             return torch.scatter(x, axis, indices, updates)
@@ -170,15 +140,6 @@ class TorchPrimitives:
         if reduction not in ("none", "add"):
             raise ValueError(f"ScatterND reduction {reduction!r} is not supported ('none', 'add')")
         return x.clone().index_put_(tuple(indices.unbind(-1)), updates, accumulate=reduction == "add")
-
-    def broadcast_to(self, x: Tensor, shape: Sequence[int]) -> Tensor:
-        return x.expand(tuple(shape))
-
-    def tile(self, x: Tensor, repeats: Sequence[int]) -> Tensor:
-        return x.repeat(*repeats)
-
-    def flip(self, x: Tensor, axes: Sequence[int]) -> Tensor:
-        return torch.flip(x, dims=tuple(axes))
 
     def pad(self, x: Tensor, begins: Sequence[int], ends: Sequence[int], value: Any = 0) -> Tensor:
         amounts = [int(v) for axis in reversed(range(len(begins))) for v in (begins[axis], ends[axis])]
@@ -194,15 +155,9 @@ class TorchPrimitives:
     def arg(self, kind: str, x: Tensor, axis: int, keep: bool) -> Tensor:
         return (torch.argmax if kind == "argmax" else torch.argmin)(x, dim=axis, keepdim=keep)
 
-    def cumsum(self, x: Tensor, axis: int) -> Tensor:
-        return torch.cumsum(x, dim=axis)
-
     def topk(self, x: Tensor, k: int, axis: int, largest: bool, ordered: bool) -> tuple[Tensor, Tensor]:
         values, indices = torch.topk(x, k, dim=axis, largest=largest, sorted=ordered)
         return values, indices
-
-    def matmul(self, a: Tensor, b: Tensor) -> Tensor:
-        return torch.matmul(a, b)
 
     def conv(self, x: Tensor, w: Tensor, b: Tensor | None, stride: Sequence[int], pads: Sequence[int],
              dilation: Sequence[int], groups: int) -> Tensor:
@@ -260,7 +215,6 @@ def state_keys(names: Iterable[str]) -> dict[str, str]:
     prefixes = {".".join(name.split(".")[:end]) for name in paths for end in range(1, name.count(".") + 1)}
     kept = {name for name in paths if name not in prefixes}
     return {name: name if name in kept else f"{ESCAPED}.{escape_name(name)}" for name in names}
-
 
 
 # ---------------------------------------------------------------------------------------- module
@@ -370,36 +324,22 @@ def _initial(array: np.ndarray, use: tuple[interpreter.Step, str] | None) -> Ten
     if use is None or tensor.dim() == 0:
         return tensor
     step, role = use
-    weight_shape = _layer_weight_shape(step)
-    fan_in = 1
-    if step.op in (Op.LINEAR.value, Op.CONV.value):
-        fan_in = math.prod(weight_shape[1:])
-    elif step.op == Op.CONV_TRANSPOSE.value:
-        fan_in = math.prod(weight_shape[1:])
-    elif step.op == Op.MATMUL.value:
-        fan_in = int(step.attrs["in_features"])
+    attrs = step.attrs
+    if step.op in (Op.CONV.value, Op.CONV_TRANSPOSE.value):
+        channels = attrs["in_channels" if step.op == Op.CONV.value else "out_channels"] // attrs["groups"]
+        fan_in = channels * math.prod(attrs["kernel_size"])
+    else:
+        fan_in = int(attrs.get("in_features", 1))
     with torch.no_grad():
         if role == "weight" and step.op == Op.EMBEDDING.value:
             nn.init.normal_(tensor)
         elif role == "weight":
-            matrix = tensor.T if step.op == Op.MATMUL.value and step.attrs.get("weight_side", "right") == "right" \
-                else tensor
-            nn.init.kaiming_uniform_(matrix, a=math.sqrt(5))
+            right = step.op == Op.MATMUL.value and attrs.get("weight_side", "right") == "right"
+            nn.init.kaiming_uniform_(tensor.T if right else tensor, a=math.sqrt(5))
         else:
             bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0.0
             nn.init.uniform_(tensor, -bound, bound)
     return tensor
-
-
-def _layer_weight_shape(step: interpreter.Step) -> tuple[int, ...]:
-    attrs = step.attrs
-    if step.op == Op.LINEAR.value:
-        return (attrs["out_features"], attrs["in_features"])
-    if step.op == Op.CONV.value:
-        return (attrs["out_channels"], attrs["in_channels"] // attrs["groups"], *attrs["kernel_size"])
-    if step.op == Op.CONV_TRANSPOSE.value:
-        return (attrs["in_channels"], attrs["out_channels"] // attrs["groups"], *attrs["kernel_size"])
-    return (attrs.get("in_features", 1), attrs.get("out_features", 1))
 
 
 def rebuild(graph: Graph, *, weights: bool = True) -> GraphModule:
