@@ -5,7 +5,8 @@ input form, at the opsets the exporters we meet emit: torch's dynamo exporter (o
 (opset 11-ish) and the PP-OCR models (opsets 11 and 12). Constants are initializers (``Constant``
 nodes where the form matters), so a case also checks how a builder tells weights from shapes.
 
-API (read by ``tests/test_torch_rebuild.py`` and ``tests/test_mindspore_rebuild.py``):
+API (read by ``tests/test_graph_interpreter.py``, which runs every case in PyTorch and in MindSpore
+through the one ONNX interpreter, and by the two frameworks' rebuild tests):
 
 - ``CASES``: list of :class:`Case` (``.name``, ``.model``, ``.feeds`` name -> ``np.ndarray``, ``.ops``);
   ``cases_for(ops)`` the cases using only ``ops``; ``REQUIRED_OPS`` the ops issue 7 asks for;
