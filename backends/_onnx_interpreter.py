@@ -20,9 +20,11 @@ chained to the cause; inputs that do not fit ``graph.inputs`` are an :class:`Inp
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import math
+import operator
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -471,23 +473,15 @@ def _embedding(step: Step, p: Primitives, ids: Any, weight: Any, bias: Any) -> A
     return _fn(p, "reshape", flat, (*p.shape(ids), *p.shape(weight)[1:]))
 
 
-def _conv_layer(step: Step, p: Primitives, x: Any, weight: Any, bias: Any) -> Any:
-    attrs = step.attrs
-    return _convolve(p, x, weight, bias, attrs["stride"], attrs["padding"], attrs["dilation"], int(attrs["groups"]),
-                     attrs.get("padding_mode", "zeros"))
-
-
-def _conv_transpose_layer(step: Step, p: Primitives, x: Any, weight: Any, bias: Any) -> Any:
-    attrs = step.attrs
-    output_padding = attrs.get("output_padding") or (0,) * len(attrs["kernel_size"])
-    return _convolve_transpose(p, x, weight, bias, attrs["stride"], attrs["padding"], attrs["dilation"],
-                               int(attrs["groups"]), output_padding)
-
-
 #: IR layer op -> ``function(step, p, x, weight, bias)``.
 LAYERS: dict[str, Callable[..., Any]] = {
     Op.LINEAR.value: _linear, Op.MATMUL.value: _matmul_layer, Op.EMBEDDING.value: _embedding,
-    Op.CONV.value: _conv_layer, Op.CONV_TRANSPOSE.value: _conv_transpose_layer,
+    Op.CONV.value: lambda step, p, x, weight, bias: _convolve(
+        p, x, weight, bias, step.attrs["stride"], step.attrs["padding"], step.attrs["dilation"],
+        int(step.attrs["groups"]), step.attrs.get("padding_mode", "zeros")),
+    Op.CONV_TRANSPOSE.value: lambda step, p, x, weight, bias: _convolve_transpose(
+        p, x, weight, bias, step.attrs["stride"], step.attrs["padding"], step.attrs["dilation"],
+        int(step.attrs["groups"]), step.attrs.get("output_padding") or ()),
 }
 
 
@@ -623,19 +617,12 @@ def _elementwise(function: str, arity: int | None) -> OpFunction:
         tensors = [_tensor(p, x) for x in inputs]
         if arity is not None:
             return _fn(p, function, *tensors[:arity])
-        result = tensors[0]
-        for other in tensors[1:]:
-            result = _fn(p, function, result, other)
-        return result
+        return functools.reduce(p.functions[function], tensors)
     return run
 
 
-for _name, _function in _UNARY.items():
-    OPS[_name] = _elementwise(_function, 1)
-for _name, _function in _BINARY.items():
-    OPS[_name] = _elementwise(_function, 2)
-for _name, _function in _VARIADIC.items():
-    OPS[_name] = _elementwise(_function, None)
+for _table, _arity in ((_UNARY, 1), (_BINARY, 2), (_VARIADIC, None)):
+    OPS.update({name: _elementwise(function, _arity) for name, function in _table.items()})
 
 
 def _zero(p: Primitives, x: Any) -> Any:
@@ -820,11 +807,9 @@ def _lrn(step: Step, p: Primitives, x: Any) -> Any:
     shape = p.shape(x)
     rest = [0] * (len(shape) - 2)
     squares = p.pad(x * x, [0, (size - 1) // 2, *rest], [0, size - 1 - (size - 1) // 2, *rest])
-    pieces = [_fn(p, "strided_slice", squares, [0, offset, *rest], [shape[0], offset + shape[1], *shape[2:]],
-                              [1] * len(shape)) for offset in range(size)]
-    total = pieces[0]
-    for piece in pieces[1:]:
-        total = total + piece
+    total = functools.reduce(operator.add, (
+        _fn(p, "strided_slice", squares, [0, offset, *rest], [shape[0], offset + shape[1], *shape[2:]],
+            [1] * len(shape)) for offset in range(size)))
     return x / (total * (alpha / size) + bias) ** beta
 
 
@@ -903,11 +888,9 @@ def _max_pool(step: Step, p: Primitives, x: Any) -> Any:
     lowest = -math.inf if _is_float(p, x) else int(np.iinfo(np.dtype(dtype)).min)
     padded = _pad(p, x, [0, 0, *windows.begins], [0, 0, *ends], value=lowest)
     slices = _window_slices(p, padded, windows)
-    result = slices[0]
     if not (len(step.outputs) > 1 and step.outputs[1]):
-        for other in slices[1:]:
-            result = _fn(p, "maximum", result, other)
-        return result
+        return functools.reduce(p.functions["maximum"], slices)
+    result = slices[0]
     positions = np.pad(_flat_positions(shape, bool(step.attrs.get("storage_order", 0))),
                        [(0, 0), (0, 0), *zip(windows.begins, ends, strict=True)], constant_values=-1)
     found = None
@@ -928,10 +911,8 @@ def _average_pool(step: Step, p: Primitives, x: Any) -> Any:
     sizes = list(p.shape(x)[2:])
     windows = _pool_windows(step.attrs, sizes)
     ends = [e + o for e, o in zip(windows.ends, windows.overhang, strict=True)]
-    slices = _window_slices(p, _pad(p, x, [0, 0, *windows.begins], [0, 0, *ends]), windows)
-    total = slices[0]
-    for other in slices[1:]:
-        total = total + other
+    total = functools.reduce(operator.add, _window_slices(p, _pad(p, x, [0, 0, *windows.begins], [0, 0, *ends]),
+                                                          windows))
     if step.attrs.get("count_include_pad", 0):
         counted = np.pad(np.ones([s + b + e for s, b, e in zip(sizes, windows.begins, windows.ends, strict=True)]),
                          [(0, o) for o in windows.overhang])
