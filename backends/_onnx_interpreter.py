@@ -999,12 +999,10 @@ def _shape(step: Step, p: Primitives, x: Any) -> Any:
 
 def _reshape_target(shape: Sequence[int], target: Sequence[int]) -> tuple[int, ...]:
     """``target`` (``0`` already resolved) with its ``-1`` inferred; ``ValueError`` when it cannot hold ``shape``."""
-    count = math.prod(shape)
-    known = math.prod(d for d in target if d != -1)
-    unknown = [i for i, d in enumerate(target) if d == -1]
-    if len(unknown) <= 1 and all(d >= -1 for d in target) and unknown and known and count % known == 0:
+    count, known = math.prod(shape), math.prod(d for d in target if d != -1)
+    if list(target).count(-1) == 1 and known > 0 and count % known == 0:
         target = [count // known if d == -1 else d for d in target]
-    if len(unknown) > 1 or any(d < -1 for d in target) or math.prod(target) != count or (unknown and not known):
+    if any(d < 0 for d in target) or math.prod(target) != count:
         raise ValueError(f"shape {list(target)} is invalid for a tensor of shape {list(shape)} ({count} elements)")
     return tuple(int(d) for d in target)
 

@@ -1,10 +1,11 @@
 """Whole models rebuilt in MindSpore from a dataflow IR (``backends.mindspore.rebuild``), checked against onnxruntime.
 
-A ResNet-50 layout, the three real PP-OCR models, all-MiniLM-L6-v2 with its real weights, and models MindSpore itself exported must agree with onnxruntime to 1e-4
-relative (max |got - ref| / max |ref|), before and after decomposition (the one-op cases of
-``rebuild_cases`` run in ``test_graph_interpreter.py``, for both frameworks). A rebuilt cell trains (one SGD
-step lowers the loss), its parameters carry the IR names, checkpoints round-trip into a structure-only
-rebuild, and bad input is a clear error.
+A ResNet-50 layout, the three real PP-OCR models, all-MiniLM-L6-v2 with its real weights, and models
+MindSpore itself exported must agree with onnxruntime to 1e-4 relative (max |got - ref| / max |ref|),
+before and after decomposition (the one-op cases of ``rebuild_cases`` run in
+``test_graph_interpreter.py``, for both frameworks). A rebuilt cell trains (one SGD step lowers the
+loss), its parameters carry the IR names, checkpoints round-trip into a structure-only rebuild, and
+bad input is a clear error.
 """
 
 from __future__ import annotations
