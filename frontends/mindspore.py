@@ -573,7 +573,7 @@ def _float_outputs(value: Any) -> list[np.ndarray]:
 
 
 def output_errors(model: nn.Cell, datasets: Iterable[Any], trials: Sequence[Mapping[str, np.ndarray]],
-                  max_iter: int = -1) -> list[float]:
+                  max_iter: int = -1, progress: Callable[[int], None] | None = None) -> list[float]:
     """Per trial, the model's relative output error Σ‖y' − y‖² / Σ‖y‖² when its params are replaced.
 
     A trial maps parameter names to replacement arrays in the IR's layout (e.g. one layer's weight
@@ -609,7 +609,7 @@ def output_errors(model: nn.Cell, datasets: Iterable[Any], trials: Sequence[Mapp
                 params[name].set_data(ms.Tensor(array, dtype=params[name].dtype))
 
     with _Calibration(work, {}):
-        return relative_output_errors(outputs, len(elements), trials, applied)
+        return relative_output_errors(outputs, len(elements), trials, applied, progress)
 
 
 if TYPE_CHECKING:  # the registry hands this module out as a Frontend: mypy checks that it is one

@@ -55,7 +55,7 @@ import logging
 import math
 import os
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -1366,7 +1366,7 @@ def _store_folded(model: ModelProto, names: Iterable[str]) -> None:
 
 
 def output_errors(model: ModelSource, datasets: Iterable[Any], trials: Sequence[Mapping[str, np.ndarray]],
-                  max_iter: int = -1) -> list[float]:
+                  max_iter: int = -1, progress: Callable[[int], None] | None = None) -> list[float]:
     """Per trial, the model's relative output error Σ‖y' − y‖² / Σ‖y‖² with some weights replaced.
 
     A trial maps initializer (or ``Constant``, or folded: see the module docstring) names to replacement
@@ -1408,7 +1408,7 @@ def output_errors(model: ModelSource, datasets: Iterable[Any], trials: Sequence[
                 tensors[name].CopyFrom(tensor)
         yield
 
-    return relative_output_errors(outputs, len(feeds), trials, applied)
+    return relative_output_errors(outputs, len(feeds), trials, applied, progress)
 
 
 if TYPE_CHECKING:  # the registry hands this module out as a Frontend: mypy checks that it is one

@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from tools.cli import UsageError
+from tools.common import UsageError, is_onnx_path, load_factory, load_model, parse_input_shapes
 
 __all__ = ["BenchResult", "LayerTime", "Timing", "add_parser", "bench", "bench_command"]
 
@@ -329,11 +329,10 @@ def _torch_decomposed(spec: str, source: Any) -> Any:
     """
     from backends.torch import load_weights
     from lowrank_ir import Decompose
-    from tools.cli import _load_factory
 
     folder = Path(spec)
     if not folder.is_dir():
-        return _load_factory(spec)
+        return load_factory(spec)
     config = folder / "decompose_config.json"
     weights = next((folder / name for name in _DECOMPOSED_WEIGHTS if (folder / name).is_file()), None)
     if not config.is_file() or weights is None:
@@ -357,7 +356,6 @@ def bench_torch(original: str, decomposed: str | os.PathLike[str], *, weights: s
     import torch
 
     from backends.latency import interleaved_calls
-    from tools.cli import _load_model
 
     clock = _check_counts(threads, runs, warmup, clock)
     if os.fspath(decomposed).lower().endswith(".onnx"):
@@ -369,7 +367,7 @@ def bench_torch(original: str, decomposed: str | os.PathLike[str], *, weights: s
     if not feeds and not input_shapes:
         raise UsageError("a PyTorch model needs its inputs: --input-shape NAME=D1,D2,... (one per forward "
                          "argument, in order) or --feeds FEEDS.npz")
-    source = _load_model(original, weights).eval()
+    source = load_model(original, weights).eval()
     models = [source, _torch_decomposed(os.fspath(decomposed), source).eval()]
     generator = torch.Generator().manual_seed(0)
     arrays = dict(feeds) if feeds is not None else {
@@ -404,7 +402,6 @@ def bench_command(args: argparse.Namespace) -> int:
     """``lowrank bench``: print the table (and write ``--json``)."""
     from backends.onnx import load_feeds
     from lowrank_ir import write_json
-    from tools.onnx_cli import is_onnx_path, parse_input_shapes
 
     feeds = load_feeds(args.feeds) if args.feeds else None
     input_shapes = parse_input_shapes(args.input_shape)
