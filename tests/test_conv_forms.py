@@ -323,3 +323,15 @@ def test_benchmark_mac_ratio_counts_every_layer_at_its_resolution() -> None:
     big, small = 64 * 8 * 4096, 64 * 64 * 64
     assert mac_ratio(model, decomposer.plan, {"x": [1, 8, 64, 64]}) == pytest.approx(
         (big + 8 * 128 * 64) / (big + small))
+
+
+def test_decompose_command_writes_the_form_the_latency_budget_chose(tmp_path, capsys) -> None:
+    import onnx
+
+    from tools.cli import main
+
+    source, target = tmp_path / "separable.onnx", tmp_path / "small.onnx"
+    onnx.save(separable_conv(), source)
+    assert main(["decompose", str(source), "-o", str(target), "--budget-latency", "0.6", "--divisor", "16"]) == 0, \
+        capsys.readouterr().err
+    assert [_kernel_shape(node) for node in onnx.load(str(target)).graph.node] == [[3, 1], [1, 3]]
