@@ -144,11 +144,14 @@ class LatencyTimer(Protocol):
     def supports(self, node: Node) -> str:
         """Empty when the layer's latency can be measured; else why not."""
 
-    def layer_ms(self, node: Node, rank: int | None = None) -> float:
-        """The layer's latency (ms), whole or factorized at ``rank``."""
+    def layer_ms(self, node: Node, rank: int | None = None, form: str | None = None) -> float:
+        """The layer's latency (ms), whole or factorized at ``rank`` (in ``form``, else its main form)."""
 
-    def cost(self, node: Node, max_rank: int, divisor: int) -> Callable[[int], float]:
-        """``rank -> latency (ms)`` of the layer factorized."""
+    def forms(self, node: Node) -> list[str]:
+        """The two-factor forms the layer may take besides its main one (a k x k conv's)."""
+
+    def cost(self, node: Node, max_rank: int, divisor: int, form: str | None = None) -> Callable[[int], float]:
+        """``rank -> latency (ms)`` of the layer factorized (in ``form``, else its main form)."""
 
     def compare(self, decomposed: Any, runs: int = 20) -> tuple[float, float]:
         """Latencies (ms) of the model and of ``decomposed``, measured interleaved."""
