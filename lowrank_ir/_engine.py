@@ -35,6 +35,8 @@ one thread per worker: oversubscribed OpenBLAS on a small machine is up to 100x 
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import difflib
 import functools
 import logging
@@ -654,7 +656,29 @@ def _written(node: Node, entry: PlanEntry, graph: Graph, stats: LayerStats | Non
         params[bias_name] = params[bias_name].astype(np.float64) + factors.bias_shift
     flushed = _cast_for_writing(params, parts, node, graph)
     error = None if factors.error is None else (factors.error, factors.error_kind)
+    del factors
+    _release_free_memory()
     return _Written(parts, params, flushed, error)
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """The C library's ``malloc_trim`` (glibc), or None where it has none."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def _release_free_memory() -> None:
+    """Give the pages of freed workspace back to the system (glibc keeps them in its arenas otherwise).
+
+    A layer's float64 workspace is freed between the small arrays that outlive it (the written factors),
+    and glibc keeps such holes resident; without this, a rewrite's resident memory grows past what it holds.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def _approximation(node: Node, entry: PlanEntry, graph: Graph, stats: LayerStats | None) -> dict[str, np.ndarray]:
