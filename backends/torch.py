@@ -131,21 +131,23 @@ def _fill(module: nn.Module, node: Node, graph: Graph, like: torch.Tensor) -> No
 def _taken(array: np.ndarray, like: torch.Tensor) -> torch.Tensor:
     """``array`` as a tensor of ``like``'s dtype and device, sharing its memory where it can.
 
-    Only a writable, C-contiguous float array already of ``like``'s dtype and device is shared, and it is
-    marked read-only afterwards, so no second tensor is ever made from it. The graph's arrays that share
-    a user's model's memory are read-only views (``frontends/torch.py``): they are always copied.
+    Only a writable, C-contiguous float array already of ``like``'s dtype and device is shared. The
+    graph's arrays that share a user's model's memory are read-only views (``frontends/torch.py``):
+    they are always copied.
     """
     if not (array.flags.writeable and array.flags.c_contiguous and array.dtype.kind == "f"):
         return _tensor(array, like)
     tensor = torch.from_numpy(array)
     if tensor.dtype != like.dtype or tensor.device != like.device:
         return tensor.to(dtype=like.dtype, device=like.device)
-    array.flags.writeable = False
     return tensor
 
 
-def _filled_layer(node: Node, graph: Graph, like: torch.Tensor) -> nn.Module:
-    """The layer for ``node`` holding the graph's arrays, built without initialising weights it replaces."""
+def _filled_layer(node: Node, graph: Graph, like: torch.Tensor, take_arrays: bool) -> nn.Module:
+    """The layer for ``node`` holding the graph's arrays (copies, or with ``take_arrays`` the arrays' memory).
+
+    It is built on the meta device: no weight is allocated or initialised only to be replaced.
+    """
     with torch.device("meta"):
         layer = build_layer(node, graph)
     for role, param_name in node.params.items():
@@ -154,7 +156,8 @@ def _filled_layer(node: Node, graph: Graph, like: torch.Tensor) -> nn.Module:
         if expected != tuple(array.shape):
             raise ValueError(f"node {node.name!r}: {role} {param_name!r} has shape {tuple(array.shape)}, the "
                              f"module expects {expected}")
-        setattr(layer, role, nn.Parameter(_taken(array, like), requires_grad=like.requires_grad))
+        tensor = _taken(array, like) if take_arrays else _tensor(array, like)
+        setattr(layer, role, nn.Parameter(tensor, requires_grad=like.requires_grad))
     stale = [name for name, tensor in layer.named_parameters() if tensor.is_meta]
     stale += [name for name, tensor in layer.named_buffers() if tensor.is_meta]
     if stale:
@@ -162,7 +165,8 @@ def _filled_layer(node: Node, graph: Graph, like: torch.Tensor) -> nn.Module:
     return layer
 
 
-def _chain(original: str, old: nn.Module, part_names: list[str], graph: Graph, weights: bool) -> nn.Sequential:
+def _chain(original: str, old: nn.Module, part_names: list[str], graph: Graph, weights: bool,
+           take_arrays: bool) -> nn.Sequential:
     """The ``nn.Sequential`` of ``original``'s parts, in the replaced layer's dtype, device and modes."""
     reference = getattr(old, "weight", None)
     if not isinstance(reference, torch.Tensor):
@@ -171,7 +175,7 @@ def _chain(original: str, old: nn.Module, part_names: list[str], graph: Graph, w
     for part_name in part_names:
         node = graph.node(part_name)
         if weights:
-            layer = _filled_layer(node, graph, reference)
+            layer = _filled_layer(node, graph, reference, take_arrays)
         else:
             layer = build_layer(node, graph).to(device=reference.device, dtype=reference.dtype)
         chain.append(layer)
@@ -180,16 +184,17 @@ def _chain(original: str, old: nn.Module, part_names: list[str], graph: Graph, w
     return chain
 
 
-def build(graph: Graph, like: nn.Module, weights: bool = True) -> nn.Module:
+def build(graph: Graph, like: nn.Module, weights: bool = True, *, take_arrays: bool = False) -> nn.Module:
     """A copy of ``like`` with the layers ``graph`` factorized replaced by ``nn.Sequential`` chains.
 
     With ``weights=False`` the new layers keep their initialisation (structure only).
 
-    Memory: the replaced layers are never copied (their chains stand in for them during the copy), and
-    the new weights take over the graph's factor arrays without a copy where dtype and device allow;
-    those arrays are then read-only views of the returned model's weights (a second ``build`` from the
-    same graph copies them). Everything else is a copy: the returned model shares no tensor with
-    ``like``, so training it never changes ``like``.
+    Memory: the replaced layers are never copied (their chains stand in for them during the copy).
+    With ``take_arrays`` the new weights use the memory of the graph's factor arrays where dtype and
+    device allow (no copy): the graph must not be used afterwards, since its arrays then change with
+    the model's weights (``Decompose`` passes its own graph, which nothing else sees). Everything taken
+    from ``like`` is a copy: the returned model shares no tensor with it, so training the returned
+    model never changes ``like``.
     """
     if not isinstance(like, nn.Module):
         raise TypeError(f"like must be the torch.nn.Module the graph was lowered from, got {type(like).__name__}")
@@ -200,7 +205,7 @@ def build(graph: Graph, like: nn.Module, weights: bool = True) -> nn.Module:
             old = like.get_submodule(original)
         except AttributeError as err:
             raise ValueError(f"the graph factorized {original!r}, which the model does not have") from err
-        chains[original] = _chain(original, old, part_names, graph, weights)
+        chains[original] = _chain(original, old, part_names, graph, weights, take_arrays)
     if "" in chains:  # the model itself is the layer
         return chains[""]
     # deepcopy's memo maps each replaced layer to its chain: the copy takes the chain in its place.

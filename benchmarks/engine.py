@@ -306,9 +306,9 @@ def nproc_row(repeat: int = 1, blocks: int = 2, hidden: int = 2048, mlp: int = 5
     from backends.safetensors import layer_cost, split_by_cost
     from frontends.safetensors import linear_layers, open_checkpoint
 
-    def command(source: Path, target: Path, nproc: int, *extra: str) -> float:
-        argv = [sys.executable, "-m", "tools.cli", "decompose", str(source), "-o", str(target), "--ratio", "0.5",
-                "--threads", "1", "--nproc", str(nproc), *extra]
+    def command(source: Path, target: Path, nproc: int, *policy: str) -> float:
+        argv = [sys.executable, "-m", "tools.cli", "decompose", str(source), "-o", str(target),
+                *(policy or ("--ratio", "0.5")), "--threads", "1", "--nproc", str(nproc)]
         start = time.perf_counter()
         subprocess.run(argv, capture_output=True, text=True, check=True, cwd=ROOT)
         return time.perf_counter() - start

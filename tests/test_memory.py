@@ -89,8 +89,8 @@ def test_training_the_decomposed_model_never_changes_the_users_model() -> None:
     assert not torch.equal(small[0].norm.weight, model[0].norm.weight)  # the step did reach the copies
 
 
-def test_a_second_build_from_one_graph_copies_the_factors() -> None:
-    """The first model takes the graph's factor arrays over; a second one gets its own copies."""
+def test_build_copies_the_factors_unless_told_to_take_them() -> None:
+    """Models built from one graph share nothing; with take_arrays the model uses the graph's arrays' memory."""
     from backends.torch import build
     from frontends.torch import lower
     from lowrank_ir import Policy, plan, rewrite
@@ -98,12 +98,14 @@ def test_a_second_build_from_one_graph_copies_the_factors() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32))
     graph = rewrite(lower(model), plan(lower(model), Policy.ratio(0.3, divisor=8))).graph
+    factor = graph.params["0.0.weight"]
     first, second = build(graph, like=model), build(graph, like=model)
-    with torch.no_grad():
-        first[0][0].weight.add_(1.0)
-    assert not torch.equal(first[0][0].weight, second[0][0].weight)
-    np.testing.assert_array_equal(graph.params["0.0.weight"], first[0][0].weight.numpy())
-    assert not graph.params["0.0.weight"].flags.writeable  # a view of the first model's weight
     x = torch.randn(4, 64)
     with torch.no_grad():
-        np.testing.assert_allclose(second(x).numpy(), build(graph, like=model)(x).numpy())
+        np.testing.assert_array_equal(first(x).numpy(), second(x).numpy())
+        first[0][0].weight.add_(1.0)
+    assert not torch.equal(first[0][0].weight, second[0][0].weight)
+    assert not np.shares_memory(factor, second[0][0].weight.detach().numpy())
+    taken = build(graph, like=model, take_arrays=True)
+    assert np.shares_memory(factor, taken[0][0].weight.detach().numpy())
+    np.testing.assert_array_equal(factor, second[0][0].weight.detach().numpy())
