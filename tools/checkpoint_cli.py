@@ -130,17 +130,19 @@ def _outputs(args: argparse.Namespace) -> tuple[Any, Path | None]:
 
 
 def decompose(args: argparse.Namespace) -> int:
-    from backends.safetensors import decompose_checkpoint
     from lowrank_ir._files import atomic_directory, write_json
     from tools.onnx_cli import policy_from_args
 
     _check(args)
     policy = policy_from_args(args)
+    if args.nproc is not None and args.nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        _outputs(args)  # bad outputs stop here, before torchrun starts; torch is not imported in this process
+        return _launch(args)
+    from backends.safetensors import decompose_checkpoint
+
     workers = _distributed(args.threads)
     if workers.rank == 0:
         outputs, report = _outputs(args)
-    if args.nproc is not None and args.nproc > 1 and workers.size == 1:
-        return _launch(args)
     source = Path(args.model).resolve()
     if workers.rank != 0:
         decompose_checkpoint(source, _shared_folder(None), policy, workers=workers)
