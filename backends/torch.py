@@ -1,7 +1,8 @@
 """PyTorch backend: layer IR -> native ``nn.Module`` and state dict.
 
-Mirrors ``frontends/torch.py``. ``build(graph, like=model)`` returns a deep copy of ``model`` in which
-every layer the engine factorized is an ``nn.Sequential`` of its parts, so the state-dict keys are
+Mirrors ``frontends/torch.py``. ``build(graph, like=model)`` returns a deep copy of ``model`` (the
+layers it replaces are not copied) in which every layer the engine factorized is an ``nn.Sequential``
+of its parts, so the state-dict keys are
 ``fc.0.weight``, ``fc.1.weight``, ``fc.1.bias``, ``conv.0.weight`` ... The new weights take the
 replaced layer's dtype and device, and its ``requires_grad`` and training mode. ``like`` is not changed.
 
