@@ -300,18 +300,27 @@ def nproc_row(repeat: int = 1, blocks: int = 2, hidden: int = 2048, mlp: int = 5
     model class, copying the shards: what does not shrink with more processes).
     """
     import json
+    import resource
     import subprocess
     import tempfile
 
     from backends.safetensors import layer_cost, split_by_cost
     from frontends.safetensors import linear_layers, open_checkpoint
 
+    cpu = {1: math.inf, 2: math.inf}
+
     def command(source: Path, target: Path, nproc: int, *policy: str) -> float:
         argv = [sys.executable, "-m", "tools.cli", "decompose", str(source), "-o", str(target),
                 *(policy or ("--ratio", "0.5")), "--threads", "1", "--nproc", str(nproc)]
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         start = time.perf_counter()
         subprocess.run(argv, capture_output=True, text=True, check=True, cwd=ROOT)
-        return time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        if not policy:
+            used = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+            cpu[nproc] = min(cpu[nproc], used)
+        return seconds
 
     with tempfile.TemporaryDirectory(prefix="lowrank-bench-") as tmp:
         source = Path(tmp) / "src"
@@ -332,7 +341,8 @@ def nproc_row(repeat: int = 1, blocks: int = 2, hidden: int = 2048, mlp: int = 5
         rules.write_text(json.dumps({"^$": 1}))  # matches no layer: everything but the factorizations
         fixed = command(source, Path(tmp) / "fixed", 1, "--dict", str(rules))
     return (f"--threads 1 on the checkpoint folder ({len(nodes)} layers): --nproc 1 {best[1]:.1f} s, --nproc 2 "
-            f"{best[2]:.1f} s, throughput x{best[1] / best[2]:.2f}; output {'identical' if same else 'DIFFERS'}; "
+            f"{best[2]:.1f} s, throughput x{best[1] / best[2]:.2f} (CPU time of all processes: {cpu[1]:.1f} s and "
+            f"{cpu[2]:.1f} s); output {'identical' if same else 'DIFFERS'}; "
             f"largest process's share of the estimated cost {largest / sum(costs.values()):.3f}; "
             f"the command without factorizations (start-up, reading, writing) {fixed:.1f} s")
 
