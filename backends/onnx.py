@@ -561,8 +561,8 @@ def _fails_check(model: ModelProto) -> bool:
     return False
 
 
-def build(graph: Graph, like: ModelSource | None = None, weights: bool = True, *, check: bool = True,
-          take_arrays: bool = False) -> ModelProto:
+def build(graph: Graph, like: ModelSource | None = None, weights: bool = True, *, take_arrays: bool = False,
+          check: bool = True) -> ModelProto:
     """An ONNX model from ``graph``: unchanged nodes exactly as in ``like``, factorized layers as parts.
 
     ``like`` is the model ``graph`` was lowered from (its unchanged constants are copied from it, so
