@@ -545,7 +545,8 @@ class Decompose:
                                                      max_iter=max_iter, names=names, **self._data_options)
         result = rewrite(graph, chosen, stats=stats, weights=do_decompose_weight,
                          progress=progress or self._layers("rewrite"))
-        model = backend.build(result.graph, like=self.model, weights=do_decompose_weight)
+        # The rewritten graph is this call's alone: the new model may take its arrays over without a copy.
+        model = backend.build(result.graph, like=self.model, weights=do_decompose_weight, take_arrays=True)
         errors, flushed = result.errors, result.flushed
         if sequential and do_decompose_weight:
             errors, flushed = self._refine_sequentially(model, graph, chosen, datasets, max_iter, names,

@@ -39,6 +39,8 @@ one thread per worker: oversubscribed OpenBLAS on a small machine is up to 100x 
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import difflib
 import functools
 import logging
@@ -726,9 +728,68 @@ def _cast_for_writing(params: dict[str, np.ndarray], parts: list[Node], node: No
     count = 0
     for part in parts:
         for role, name in part.params.items():
-            params[name], flushed = _linalg.flush_subnormals(params[name].astype(dtypes[role], copy=False))
+            cast = params[name].astype(dtypes[role], order="C", copy=False)
+            params[name], flushed = _linalg.flush_subnormals(cast)
             count += flushed
     return count
+
+
+def _parts(node: Node, entry: PlanEntry, graph: Graph, arrays: list[np.ndarray] | None,
+           ) -> tuple[list[Node], dict[str, np.ndarray]]:
+    builder = {TUCKER2: _parts_tucker2, SPATIAL_SVD: _parts_spatial}.get(entry.form or SVD, _parts_svd)
+    return builder(node, entry, graph, arrays)
+
+
+@dataclass(slots=True)
+class _Written:
+    """One factorized layer as it goes into the new graph: its parts, their arrays (in the layer's dtypes).
+
+    ``flushed`` and ``error`` are None for a structure-only rewrite.
+    """
+
+    parts: list[Node]
+    params: dict[str, np.ndarray]
+    flushed: int | None = None
+    error: tuple[float, str] | None = None
+
+
+def _written(node: Node, entry: PlanEntry, graph: Graph, stats: LayerStats | None) -> _Written:
+    """Factorize one layer and write its parts, cast to the layer's dtypes as soon as they are computed.
+
+    Only the written arrays outlive the call: the float64 factors and workspace are the worker's, so a
+    rewrite holds the factorized layers in their own dtype plus the workspace of the layers in flight.
+    """
+    factors = _compute(node, entry, graph, stats)
+    parts, params = _parts(node, entry, graph, factors.arrays)
+    factors.arrays = []
+    if factors.bias_shift is not None:
+        bias_name = parts[-1].params["bias"]
+        params[bias_name] = params[bias_name].astype(np.float64) + factors.bias_shift
+    flushed = _cast_for_writing(params, parts, node, graph)
+    error = None if factors.error is None else (factors.error, factors.error_kind)
+    del factors
+    _release_free_memory()
+    return _Written(parts, params, flushed, error)
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """The C library's ``malloc_trim`` (glibc), or None where it has none."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def _release_free_memory() -> None:
+    """Give the pages of freed workspace back to the system (glibc keeps them in its arenas otherwise).
+
+    A layer's float64 workspace is freed between the small arrays that outlive it (the written factors),
+    and glibc keeps such holes resident; without this, a rewrite's resident memory grows past what it holds.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def _approximation(node: Node, entry: PlanEntry, graph: Graph, stats: LayerStats | None) -> dict[str, np.ndarray]:
@@ -835,31 +896,26 @@ def rewrite(graph: Graph, the_plan: Plan, stats: Mapping[str, LayerStats] | None
     if missing:
         raise ValueError(f"the plan names layers the graph does not have: {missing}")
     stats = stats or {}
-    results: list[_Factors | None] = [None] * len(entries)
     if weights:
-        tasks = [functools.partial(_compute, graph.node(entry.name), entry, graph, stats.get(entry.name))
+        tasks = [functools.partial(_written, graph.node(entry.name), entry, graph, stats.get(entry.name))
                  for entry in entries]
         names = [entry.name for entry in entries]
-        results = list(_run_parallel(tasks, names, _workers(workers, len(tasks)), progress, threads))
+        layers = list(_run_parallel(tasks, names, _workers(workers, len(tasks)), progress, threads))
+    else:
+        layers = [_Written(*_parts(graph.node(entry.name), entry, graph, None)) for entry in entries]
     new = graph.copy()
     factorized: dict[str, list[str]] = dict(new.meta.get("factorized", {}))
     errors: dict[str, tuple[float, str]] = {}
     flushed: dict[str, int] = {}
-    for entry, result in zip(entries, results, strict=True):
+    for entry, layer in zip(entries, layers, strict=True):
         node = new.node(entry.name)
-        arrays = None if result is None else result.arrays
-        builder = {TUCKER2: _parts_tucker2, SPATIAL_SVD: _parts_spatial}.get(entry.form or SVD, _parts_svd)
-        parts, params = builder(node, entry, new, arrays)
-        if result is not None:
-            if result.bias_shift is not None:
-                bias_name = parts[-1].params["bias"]
-                params[bias_name] = params[bias_name].astype(np.float64) + result.bias_shift
-            flushed[entry.name] = _cast_for_writing(params, parts, node, new)
-        _wire(parts, node)
-        new.replace_node(node.name, parts, params, drop_params=node.params.values())
-        factorized[entry.name] = [part.name for part in parts]
-        if result is not None and result.error is not None:
-            errors[entry.name] = (result.error, result.error_kind)
+        _wire(layer.parts, node)
+        new.replace_node(node.name, layer.parts, layer.params, drop_params=node.params.values())
+        factorized[entry.name] = [part.name for part in layer.parts]
+        if layer.flushed is not None:
+            flushed[entry.name] = layer.flushed
+        if layer.error is not None:
+            errors[entry.name] = layer.error
     new.meta["factorized"] = factorized
     verify(new)
     total = sum(flushed.values())

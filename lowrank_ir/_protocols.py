@@ -83,8 +83,12 @@ class Backend(Protocol):
     #: How factorized layers are laid out unless the caller says (one of ``lowrank_ir.LAYOUTS``).
     DEFAULT_LAYOUT: str
 
-    def build(self, graph: Graph, like: Any, weights: bool = True) -> Any:
-        """A new model like ``like`` (the model ``graph`` was lowered from) with ``graph``'s factorized layers."""
+    def build(self, graph: Graph, like: Any, weights: bool = True, *, take_arrays: bool = False) -> Any:
+        """A new model like ``like`` (the model ``graph`` was lowered from) with ``graph``'s factorized layers.
+
+        ``take_arrays``: the new model may use the memory of ``graph``'s arrays instead of copies (a backend
+        that cannot keeps copying); ``graph`` must not be used afterwards.
+        """
 
     def load_layers(self, model: Any, graph: Graph, names: list[str]) -> None:
         """Copy the factors of the factorized layers ``names`` from ``graph`` into ``model`` (one ``build`` made)."""
