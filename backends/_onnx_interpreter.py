@@ -33,6 +33,7 @@ import numpy as np
 
 from backends import _dataflow
 from lowrank_ir import Graph, Op, conv_pads, verify
+from lowrank_ir._ir import onnx_padding
 
 __all__ = ["DEFAULT_OPSET", "LAYERS", "ONNX_DTYPES", "OPS", "InputError", "NodeError", "Primitives", "Program",
            "Step", "bind_inputs", "onnx_op", "program"]
@@ -556,21 +557,10 @@ def _convolve_transpose(p: Primitives, x: Any, weight: Any, bias: Any, strides: 
     return y if bias is None else y + _fn(p, "reshape", bias, (1, -1, *([1] * ndim)))
 
 
-def _onnx_padding(attrs: dict[str, Any], ndim: int) -> Any:
-    """An ONNX node's ``auto_pad``/``pads`` as an IR ``padding`` form."""
-    auto_pad = attrs.get("auto_pad", "NOTSET")
-    if auto_pad in ("NOTSET", ""):
-        return tuple(int(v) for v in attrs.get("pads", (0,) * (2 * ndim)))
-    forms = {"VALID": "valid", "SAME_UPPER": "same", "SAME_LOWER": "same_lower"}
-    if auto_pad not in forms:
-        raise ValueError(f"auto_pad {auto_pad!r} is not one of NOTSET, VALID, SAME_UPPER, SAME_LOWER")
-    return forms[auto_pad]
-
-
 @onnx_op("Conv")
 def _conv(step: Step, p: Primitives, x: Any, w: Any, b: Any = None) -> Any:
     attrs, ndim = step.attrs, len(p.shape(w)) - 2
-    return _convolve(p, x, w, b, attrs.get("strides", (1,) * ndim), _onnx_padding(attrs, ndim),
+    return _convolve(p, x, w, b, attrs.get("strides", (1,) * ndim), onnx_padding(attrs, ndim),
                      attrs.get("dilations", (1,) * ndim), int(attrs.get("group", 1)))
 
 
@@ -578,7 +568,7 @@ def _conv(step: Step, p: Primitives, x: Any, w: Any, b: Any = None) -> Any:
 def _conv_transpose(step: Step, p: Primitives, x: Any, w: Any, b: Any = None) -> Any:
     attrs, ndim = step.attrs, len(p.shape(w)) - 2
     output_shape = attrs.get("output_shape")
-    return _convolve_transpose(p, x, w, b, attrs.get("strides", (1,) * ndim), _onnx_padding(attrs, ndim),
+    return _convolve_transpose(p, x, w, b, attrs.get("strides", (1,) * ndim), onnx_padding(attrs, ndim),
                                attrs.get("dilations", (1,) * ndim), int(attrs.get("group", 1)),
                                attrs.get("output_padding", (0,) * ndim),
                                [int(v) for v in output_shape][-ndim:] if output_shape else None,
@@ -844,7 +834,7 @@ def _pool_windows(attrs: dict[str, Any], sizes: Sequence[int]) -> _Windows:
         raise ValueError(f"kernel_shape {kernel} needs a {ndim + 2}-D input, got {len(sizes) + 2} dimensions")
     strides = [int(s) for s in attrs.get("strides", (1,) * ndim)]
     dilations = [int(d) for d in attrs.get("dilations", (1,) * ndim)]
-    begins, ends = conv_pads(_onnx_padding(attrs, ndim), sizes, kernel, strides, dilations)
+    begins, ends = conv_pads(onnx_padding(attrs, ndim), sizes, kernel, strides, dilations)
     ceil = bool(attrs.get("ceil_mode", 0))
     outputs, overhang = [], []
     for size, k, s, d, begin, end in zip(sizes, kernel, strides, dilations, begins, ends, strict=True):
