@@ -55,7 +55,8 @@ def _float32_kernel(function: Callable[..., ms.Tensor]) -> Callable[..., ms.Tens
     return run
 
 
-_SCATTER_ND = {"none": ops.tensor_scatter_update, "add": ops.tensor_scatter_add, "mul": ops.tensor_scatter_mul,
+#: Scatter ``reduction`` -> the MindSpore function that applies it.
+_SCATTER = {"none": ops.tensor_scatter_update, "add": ops.tensor_scatter_add, "mul": ops.tensor_scatter_mul,
                "max": ops.tensor_scatter_max, "min": ops.tensor_scatter_min}
 
 _REDUCE: dict[str, Callable[[ms.Tensor, tuple[int, ...], bool], ms.Tensor]] = {
@@ -117,16 +118,8 @@ class MindSporePrimitives:
     def cast(self, x: ms.Tensor, dtype: str) -> ms.Tensor:
         return ops.cast(x, _DTYPES[dtype])
 
-    def scatter_elements(self, x: ms.Tensor, axis: int, indices: ms.Tensor, updates: ms.Tensor, reduction: str,
-                         ) -> ms.Tensor:
-        if reduction not in ("none", "add"):
-            raise ValueError(f"ScatterElements reduction {reduction!r} is not supported (none, add are)")
-        return ops.tensor_scatter_elements(x, indices, updates, axis, reduction)
-
-    def scatter_nd(self, x: ms.Tensor, indices: ms.Tensor, updates: ms.Tensor, reduction: str) -> ms.Tensor:
-        if reduction not in _SCATTER_ND:
-            raise ValueError(f"ScatterND reduction {reduction!r} is not one of {sorted(_SCATTER_ND)}")
-        return _SCATTER_ND[reduction](x, indices, updates)
+    def scatter_rows(self, x: ms.Tensor, rows: ms.Tensor, updates: ms.Tensor, reduction: str) -> ms.Tensor:
+        return _SCATTER[reduction](x, ops.expand_dims(rows, -1), updates)
 
     def pad(self, x: ms.Tensor, begins: Sequence[int], ends: Sequence[int], value: Any = 0) -> ms.Tensor:
         pairs = [(int(b), int(e)) for b, e in zip(begins, ends, strict=True)]

@@ -85,8 +85,7 @@ class Primitives(Protocol):
     def shape(self, x: Any) -> tuple[int, ...]: ...  # waits for an asynchronous framework's shape
     def dtype(self, x: Any) -> str: ...  # numpy's name: float32, int64, bool, bfloat16 ...
     def cast(self, x: Any, dtype: str) -> Any: ...
-    def scatter_elements(self, x: Any, axis: int, indices: Any, updates: Any, reduction: str) -> Any: ...
-    def scatter_nd(self, x: Any, indices: Any, updates: Any, reduction: str) -> Any: ...
+    def scatter_rows(self, x: Any, rows: Any, updates: Any, reduction: str) -> Any: ...  # none add mul max min
     def pad(self, x: Any, begins: Sequence[int], ends: Sequence[int], value: Any = 0) -> Any: ...  # < 0 crops
     def full(self, shape: Sequence[int], value: Any, dtype: str, like: Any = None) -> Any: ...
     def reduce(self, kind: str, x: Any, axes: Sequence[int], keep: bool) -> Any: ...  # sum mean max min prod logsumexp
@@ -370,13 +369,18 @@ def _fn(p: Primitives, name: str, *args: Any) -> Any:
     return p.functions[name](*args)
 
 
-def _positive(p: Primitives, indices: Any, size: int, like: Any) -> Any:
+def _positions(p: Primitives, indices: Any, size: int) -> np.ndarray:
     """Indices checked against an axis of ``size``, negative ones counted from the end, as int64 (eager)."""
     array = np.asarray(_array(p, indices), dtype=np.int64)
     if array.size and (int(array.min()) < -size or int(array.max()) >= size):
         raise ValueError(f"indices range over [{int(array.min())}, {int(array.max())}], out of [{-size}, {size - 1}] "
                          f"for an axis of {size}")
-    return p.tensor(np.where(array < 0, array + size, array), like)
+    return np.where(array < 0, array + size, array)
+
+
+def _positive(p: Primitives, indices: Any, size: int, like: Any) -> Any:
+    """:func:`_positions` as a tensor on ``like``'s device."""
+    return p.tensor(_positions(p, indices, size), like)
 
 
 def _pad(p: Primitives, x: Any, begins: Sequence[int], ends: Sequence[int], mode: str = "constant",
@@ -1087,7 +1091,7 @@ def _gather(step: Step, p: Primitives, x: Any, indices: Any) -> Any:
     return _fn(p, "reshape", _fn(p, "take", x, flat, axis), (*shape[:axis], *indices.shape, *shape[axis + 1:]))
 
 
-def _nd_indices(p: Primitives, x: Any, indices: Any, batch: int) -> Any:
+def _nd_indices(p: Primitives, x: Any, indices: Any, batch: int) -> np.ndarray:
     """GatherND/ScatterND indices counted from the start, ``batch`` leading coordinates prepended (eager)."""
     array = _array(p, indices).astype(np.int64)
     sizes = np.array(p.shape(x)[batch:batch + array.shape[-1]], dtype=np.int64)
@@ -1097,7 +1101,7 @@ def _nd_indices(p: Primitives, x: Any, indices: Any, batch: int) -> Any:
         grids = np.meshgrid(*(np.arange(n) for n in lead[:batch]), indexing="ij")
         coordinates = [np.broadcast_to(g.reshape(g.shape + (1,) * (len(lead) - batch)), lead) for g in grids]
         array = np.concatenate([np.stack(coordinates, axis=-1), array], axis=-1)
-    return p.tensor(array.astype(np.int64), x)
+    return array.astype(np.int64)
 
 
 def _constant_array(attrs: dict[str, Any]) -> np.ndarray:
@@ -1116,10 +1120,43 @@ def _broadcast(p: Primitives, x: Any, shape: Any) -> Any:
     return x if target == p.shape(x) else _fn(p, "broadcast_to", x, target)
 
 
+#: ONNX scatter ``reduction``s: how an update combines with the value it lands on.
+SCATTER_REDUCTIONS = ("none", "add", "mul", "max", "min")
+
+
+def _scatter_rows(p: Primitives, x: Any, rows: np.ndarray, updates: Any, rest: Sequence[int], reduction: Any) -> Any:
+    """``x`` seen as a table ``[-1, *rest]`` whose ``rows`` (flat int64) take ``updates`` by ``reduction``.
+
+    ``p.scatter_rows(table, rows, updates [len(rows), *rest], reduction)`` replaces the rows (``none``) or
+    combines each update with its row (``add``, ``mul``, ``max``, ``min``; repeated rows accumulate).
+    """
+    if reduction not in SCATTER_REDUCTIONS:
+        raise ValueError(f"reduction {reduction!r} is not one of {', '.join(SCATTER_REDUCTIONS)}")
+    table = _fn(p, "reshape", x, (-1, *rest))
+    flat_rows = p.tensor(rows.reshape(-1), x)
+    changed = p.scatter_rows(table, flat_rows, _fn(p, "reshape", updates, (rows.size, *rest)), reduction)
+    return _fn(p, "reshape", changed, p.shape(x))
+
+
+@onnx_op("ScatterND")
+def _scatter_nd(step: Step, p: Primitives, x: Any, indices: Any, updates: Any) -> Any:
+    """Each index ``[..., k]`` names a row of ``x`` seen as ``[positions of its first k axes, rest]``."""
+    shape = p.shape(x)
+    coordinates = _nd_indices(p, x, indices, 0)
+    depth = coordinates.shape[-1]
+    rows = np.ravel_multi_index(tuple(np.moveaxis(coordinates, -1, 0)), shape[:depth])
+    return _scatter_rows(p, x, rows, updates, shape[depth:], step.attrs.get("reduction", "none"))
+
+
+@onnx_op("ScatterElements", "Scatter")
 def _scatter_elements(step: Step, p: Primitives, x: Any, indices: Any, updates: Any) -> Any:
-    axis = _axis(step.attrs.get("axis", 0), len(p.shape(x)))
-    return p.scatter_elements(x, axis, _positive(p, indices, p.shape(x)[axis], x), updates,
-                              step.attrs.get("reduction", "none"))
+    """Each update lands at its own position, but for its index along ``axis``."""
+    shape = p.shape(x)
+    axis = _axis(step.attrs.get("axis", 0), len(shape))
+    coordinates = list(np.indices(_array(p, indices).shape))
+    coordinates[axis] = _positions(p, indices, shape[axis])
+    rows = np.ravel_multi_index(tuple(coordinates), shape)
+    return _scatter_rows(p, x, rows, updates, (), step.attrs.get("reduction", "none"))
 
 
 OPS.update({
@@ -1130,12 +1167,8 @@ OPS.update({
     "GatherElements": lambda step, p, x, indices: _fn(
         p, "gather_elements", x, _axis(step.attrs.get("axis", 0), len(p.shape(x))),
         _positive(p, indices, p.shape(x)[_axis(step.attrs.get("axis", 0), len(p.shape(x)))], x)),
-    "GatherND": lambda step, p, x, indices: _fn(p, "gather_nd", x, _nd_indices(p, x, indices,
-                                                                                int(step.attrs.get("batch_dims", 0)))),
-    "ScatterND": lambda step, p, x, indices, updates: p.scatter_nd(x, _nd_indices(p, x, indices, 0), updates,
-                                                                    step.attrs.get("reduction", "none")),
-    "ScatterElements": _scatter_elements,
-    "Scatter": _scatter_elements,
+    "GatherND": lambda step, p, x, indices: _fn(p, "gather_nd", x, p.tensor(
+        _nd_indices(p, x, indices, int(step.attrs.get("batch_dims", 0))), x)),
     "Expand": lambda step, p, x, shape: _broadcast(p, x, shape),
     "Constant": lambda step, p: p.tensor(_constant_array(step.attrs)),
     "Range": lambda step, p, start, limit, delta: p.tensor(np.arange(

@@ -55,6 +55,7 @@ _DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in (
     "uint64", "bool")}
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+#: Scatter reductions as ``torch.scatter_reduce`` names them.
 _SCATTER_REDUCE = {"add": "sum", "mul": "prod", "max": "amax", "min": "amin"}
 
 
@@ -129,17 +130,11 @@ class TorchPrimitives:
     def cast(self, x: Tensor, dtype: str) -> Tensor:
         return x.to(_DTYPES[dtype])
 
-    def scatter_elements(self, x: Tensor, axis: int, indices: Tensor, updates: Tensor, reduction: str) -> Tensor:
+    def scatter_rows(self, x: Tensor, rows: Tensor, updates: Tensor, reduction: str) -> Tensor:
+        index = rows.reshape(-1, *[1] * (x.dim() - 1)).expand_as(updates)
         if reduction == "none":
-            return torch.scatter(x, axis, indices, updates)
-        if reduction not in _SCATTER_REDUCE:
-            raise ValueError(f"ScatterElements reduction {reduction!r} is not one of none, {sorted(_SCATTER_REDUCE)}")
-        return torch.scatter_reduce(x, axis, indices, updates, _SCATTER_REDUCE[reduction], include_self=True)
-
-    def scatter_nd(self, x: Tensor, indices: Tensor, updates: Tensor, reduction: str) -> Tensor:
-        if reduction not in ("none", "add"):
-            raise ValueError(f"ScatterND reduction {reduction!r} is not supported ('none', 'add')")
-        return x.clone().index_put_(tuple(indices.unbind(-1)), updates, accumulate=reduction == "add")
+            return torch.scatter(x, 0, index, updates)
+        return torch.scatter_reduce(x, 0, index, updates, _SCATTER_REDUCE[reduction], include_self=True)
 
     def pad(self, x: Tensor, begins: Sequence[int], ends: Sequence[int], value: Any = 0) -> Tensor:
         amounts = [int(v) for axis in reversed(range(len(begins))) for v in (begins[axis], ends[axis])]

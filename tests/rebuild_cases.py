@@ -902,6 +902,19 @@ def _scatter(rng):
 
 
 
+@case("ScatterND ScatterElements reductions")
+def _scatter_reductions(rng):
+    """add, mul, max and min with a repeated target, which every reduction accumulates."""
+    kinds = ("add", "mul", "max", "min")
+    nodes = [node("ScatterND", ["x", "idx", "upd"], [f"nd_{kind}"], reduction=kind) for kind in kinds]
+    nodes += [node("ScatterElements", ["x", "eidx", "eupd"], [f"elements_{kind}"], axis=1, reduction=kind)
+              for kind in kinds]
+    inits = {"idx": np.array([[0, 1], [1, -1], [0, 1]], np.int64), "upd": normal(rng, 3, 4),
+             "eidx": np.array([[[0], [0]], [[1], [-1]]], np.int64), "eupd": normal(rng, 2, 2, 1)}
+    outputs = [(f"{prefix}_{kind}", FLOAT) for prefix in ("nd", "elements") for kind in kinds]
+    return nodes, {"x": normal(rng, 2, 3, 4)}, outputs, inits, 18
+
+
 @case("Scatter opset 10")
 def _scatter_old(rng):
     inits = {"idx": np.array([[1, 0, 2], [0, 2, -1]], np.int64), "upd": normal(rng, 2, 3)}
