@@ -35,8 +35,8 @@ from backends import _dataflow
 from lowrank_ir import Graph, Op, conv_pads, verify
 from lowrank_ir._ir import onnx_padding
 
-__all__ = ["DEFAULT_OPSET", "LAYERS", "ONNX_DTYPES", "OPS", "InputError", "NodeError", "Primitives", "Program",
-           "Step", "bind_inputs", "onnx_op", "program"]
+__all__ = ["COMMON_FUNCTIONS", "DEFAULT_OPSET", "LAYERS", "ONNX_DTYPES", "OPS", "InputError", "NodeError",
+           "Primitives", "Program", "Step", "bind_inputs", "onnx_op", "program"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,19 +58,29 @@ class InputError(TypeError, ValueError):
     """The inputs given to a rebuilt model do not fit the graph's (count, names, rank, dims or dtype)."""
 
 
+#: Functions PyTorch (``torch``) and MindSpore (``mindspore.ops``) both name so, with the same meaning
+#: (``softmax``, ``log_softmax`` and ``cumsum`` take ``(x, axis)``): a framework may look them up by name.
+COMMON_FUNCTIONS = (
+    "add", "sub", "mul", "div", "pow", "fmod", "remainder", "maximum", "minimum", "less", "greater", "less_equal",
+    "greater_equal", "logical_and", "logical_or", "logical_xor", "logical_not", "bitwise_and", "bitwise_or",
+    "bitwise_xor", "sqrt", "exp", "log", "erf", "relu", "sigmoid", "tanh", "neg", "abs", "reciprocal", "floor",
+    "ceil", "round", "sign", "sin", "cos", "tan", "asin", "acos", "atan", "sinh", "cosh", "asinh", "acosh", "atanh",
+    "isnan", "isinf", "where", "softmax", "log_softmax", "cumsum", "matmul",
+)
+
+
 class Primitives(Protocol):
     """What a framework supplies to run the ONNX ops (tensors ``T`` are the framework's own).
 
-    ``functions`` maps a name to an elementwise function of tensors: ``add sub mul div trunc_div pow
-    fmod remainder maximum minimum equal less greater less_equal greater_equal logical_and logical_or
-    logical_xor logical_not bitwise_and bitwise_or bitwise_xor bitwise_not left_shift right_shift sqrt
-    exp log erf relu sigmoid tanh neg abs reciprocal floor ceil round sign sin cos tan asin acos atan
-    sinh cosh asinh acosh atanh softplus isnan isinf gelu gelu_tanh where``, and ``softmax``/
-    ``log_softmax`` ``(x, axis)``; and the tensor functions ``reshape(x, shape)``, ``transpose(x, perm)``,
+    ``functions`` maps names to functions of tensors: :data:`COMMON_FUNCTIONS`, the elementwise ``equal``,
+    ``trunc_div``, ``bitwise_not``, ``left_shift``, ``right_shift``, ``softplus``,
+    ``gelu`` and ``gelu_tanh``, and the tensor functions ``reshape(x, shape)``, ``transpose(x, perm)``,
     ``concat(xs, axis)``, ``split(x, sizes, axis)``, ``strided_slice(x, begins, ends, steps)`` (steps > 0),
     ``take(x, indices, axis)`` (1-D int64 indices), ``gather_elements(x, axis, indices)``,
     ``gather_nd(x, indices)`` (indices ``[..., depth]``), ``broadcast_to(x, shape)``, ``tile(x, repeats)``,
-    ``flip(x, axes)``, ``cumsum(x, axis)``, ``matmul(a, b)``.
+    ``flip(x, axes)``. ``scatter_rows(x, rows, updates, reduction)``: ``x`` a table ``[n, ...]``, ``rows``
+    1-D int64, ``updates [len(rows), ...]``; each update replaces its row (``none``) or combines with it
+    (``add``, ``mul``, ``max``, ``min``; repeated rows accumulate).
     """
 
     @property

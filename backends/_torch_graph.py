@@ -50,52 +50,26 @@ CONSTANTS = "_constants"
 
 # ---------------------------------------------------------------------------------- primitives
 
-_DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in (
-    "float32", "float16", "float64", "bfloat16", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32",
-    "uint64", "bool")}
+_DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in interpreter.ONNX_DTYPES.values()}
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 #: Scatter reductions as ``torch.scatter_reduce`` names them.
 _SCATTER_REDUCE = {"add": "sum", "mul": "prod", "max": "amax", "min": "amin"}
 
 
-def _prod(x: Tensor, dims: Sequence[int], keep: bool) -> Tensor:
-    for dim in sorted(dims, reverse=True):
-        x = torch.prod(x, dim=dim, keepdim=keep)
-    return x
-
-
-_REDUCE: dict[str, Callable[[Tensor, Sequence[int], bool], Tensor]] = {
-    "sum": lambda x, dims, keep: torch.sum(x, dim=tuple(dims), keepdim=keep),
-    "mean": lambda x, dims, keep: torch.mean(x, dim=tuple(dims), keepdim=keep),
-    "max": lambda x, dims, keep: torch.amax(x, dim=tuple(dims), keepdim=keep),
-    "min": lambda x, dims, keep: torch.amin(x, dim=tuple(dims), keepdim=keep),
-    "prod": _prod,
-    "logsumexp": lambda x, dims, keep: torch.logsumexp(x, dim=tuple(dims), keepdim=keep),
-}
+#: Reductions over several axes at once (``prod`` is computed one axis at a time).
+_REDUCE = {"sum": torch.sum, "mean": torch.mean, "max": torch.amax, "min": torch.amin, "logsumexp": torch.logsumexp}
 
 
 class TorchPrimitives:
     """PyTorch's primitives for the ONNX interpreter (``_onnx_interpreter.Primitives``)."""
 
     any_float_input = True
-    functions: dict[str, Callable[..., Any]] = {
-        "add": torch.add, "sub": torch.sub, "mul": torch.mul, "div": torch.div,
-        "trunc_div": lambda a, b: torch.div(a, b, rounding_mode="trunc"), "pow": torch.pow, "fmod": torch.fmod,
-        "remainder": torch.remainder, "maximum": torch.maximum, "minimum": torch.minimum, "equal": torch.eq,
-        "less": torch.lt, "greater": torch.gt, "less_equal": torch.le, "greater_equal": torch.ge,
-        "logical_and": torch.logical_and, "logical_or": torch.logical_or, "logical_xor": torch.logical_xor,
-        "logical_not": torch.logical_not, "bitwise_and": torch.bitwise_and, "bitwise_or": torch.bitwise_or,
-        "bitwise_xor": torch.bitwise_xor, "bitwise_not": torch.bitwise_not,
-        "left_shift": torch.bitwise_left_shift, "right_shift": torch.bitwise_right_shift,
-        "sqrt": torch.sqrt, "exp": torch.exp, "log": torch.log, "erf": torch.erf, "relu": torch.relu,
-        "sigmoid": torch.sigmoid, "tanh": torch.tanh, "neg": torch.neg, "abs": torch.abs,
-        "reciprocal": torch.reciprocal, "floor": torch.floor, "ceil": torch.ceil, "round": torch.round,
-        "sign": torch.sign, "sin": torch.sin, "cos": torch.cos, "tan": torch.tan, "asin": torch.asin,
-        "acos": torch.acos, "atan": torch.atan, "sinh": torch.sinh, "cosh": torch.cosh, "asinh": torch.asinh,
-        "acosh": torch.acosh, "atanh": torch.atanh, "softplus": F.softplus, "isnan": torch.isnan,
-        "isinf": torch.isinf, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
-        "where": torch.where, "softmax": torch.softmax, "log_softmax": torch.log_softmax,
+    functions: dict[str, Callable[..., Any]] = {name: getattr(torch, name) for name in interpreter.COMMON_FUNCTIONS} | {
+        "equal": torch.eq, "trunc_div": lambda a, b: torch.div(a, b, rounding_mode="trunc"),
+        "bitwise_not": torch.bitwise_not, "left_shift": torch.bitwise_left_shift,
+        "right_shift": torch.bitwise_right_shift, "softplus": F.softplus, "gelu": F.gelu,
+        "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
         "reshape": lambda x, shape: x.reshape(tuple(shape)), "transpose": lambda x, perm: x.permute(*perm),
         "concat": lambda xs, axis: torch.cat(list(xs), dim=axis),
         "split": lambda x, sizes, axis: torch.split(x, list(sizes), dim=axis),
@@ -104,8 +78,7 @@ class TorchPrimitives:
         "gather_elements": lambda x, axis, indices: torch.gather(x, axis, indices),
         "gather_nd": lambda x, indices: x[tuple(indices.unbind(-1))],
         "broadcast_to": lambda x, shape: x.expand(tuple(shape)), "tile": lambda x, repeats: x.repeat(*repeats),
-        "flip": lambda x, axes: torch.flip(x, dims=tuple(axes)), "cumsum": lambda x, axis: torch.cumsum(x, dim=axis),
-        "matmul": torch.matmul,
+        "flip": lambda x, axes: torch.flip(x, dims=tuple(axes)),
     }
 
     def as_input(self, value: Any) -> Tensor | None:
@@ -145,7 +118,11 @@ class TorchPrimitives:
                           device=like.device if isinstance(like, Tensor) else None)
 
     def reduce(self, kind: str, x: Tensor, axes: Sequence[int], keep: bool) -> Tensor:
-        return _REDUCE[kind](x, axes, keep)
+        if kind != "prod":
+            return _REDUCE[kind](x, dim=tuple(axes), keepdim=keep)
+        for axis in sorted(axes, reverse=True):
+            x = torch.prod(x, dim=axis, keepdim=keep)
+        return x
 
     def arg(self, kind: str, x: Tensor, axis: int, keep: bool) -> Tensor:
         return (torch.argmax if kind == "argmax" else torch.argmin)(x, dim=axis, keepdim=keep)
