@@ -209,8 +209,6 @@ def from_dataflow(graph: Graph, *, weights: bool = True) -> GraphCell:
     statistics from the graph). ``ValueError`` for a graph without dataflow (lowered from a module tree) or with ops the
     builder cannot run (all listed).
     """
-    if not isinstance(graph, Graph):
-        raise TypeError(f"from_dataflow takes a lowrank_ir.Graph, got {type(graph).__name__}")
     return GraphCell(graph, weights=weights)
 
 

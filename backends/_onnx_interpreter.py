@@ -210,9 +210,7 @@ _INPUT_FORMS: dict[str, tuple[tuple[int, str], ...]] = {
     "Squeeze": ((1, "axes"),), "Unsqueeze": ((1, "axes"),), "Split": ((1, "split"),),
     "Slice": ((1, "starts"), (2, "ends"), (3, "axes")), "Clip": ((1, "min"), (2, "max")),
     "Pad": ((1, "pads"), (2, "value")), "TopK": ((1, "k"),), "Resize": ((2, "scales"),),
-    "Upsample": ((2, "scales"),),
-    **{f"Reduce{kind}": ((1, "axes"),) for kind in ("Mean", "Sum", "Max", "Min", "Prod", "L1", "L2", "SumSquare",
-                                                    "LogSum", "LogSumExp")},
+    "Upsample": ((2, "scales"),),  # and every ReduceX: ((1, "axes"),), where the reductions are registered
 }
 
 
@@ -251,9 +249,11 @@ def _plan_frees(steps: list[Step], keep: set[str]) -> None:
 def program(graph: Graph, target: str) -> Program:
     """The program running dataflow ``graph``; ``target`` names the backend in errors.
 
-    ``ValueError`` for a graph without dataflow, with ops or layer attributes this interpreter cannot
-    run (all listed), or inconsistent (``lowrank_ir.verify``).
+    ``TypeError`` for what is not a ``Graph``; ``ValueError`` for a graph without dataflow, with ops or layer
+    attributes this interpreter cannot run (all listed), or inconsistent (``lowrank_ir.verify``).
     """
+    if not isinstance(graph, Graph):
+        raise TypeError(f"from_dataflow takes a lowrank_ir.Graph, got {type(graph).__name__}")
     calls = _dataflow.calls(graph)  # ValueError for a graph without dataflow
     _dataflow.check_supported(graph, OPS, target)
     verify(graph)
@@ -600,13 +600,11 @@ def _gemm(step: Step, p: Primitives, a: Any, b: Any, c: Any = None) -> Any:
 
 # --------------------------------------------------------------------------------------- elementwise
 
-_UNARY = {
-    "Sqrt": "sqrt", "Exp": "exp", "Log": "log", "Erf": "erf", "Relu": "relu", "Sigmoid": "sigmoid", "Tanh": "tanh",
-    "Neg": "neg", "Abs": "abs", "Reciprocal": "reciprocal", "Floor": "floor", "Ceil": "ceil", "Round": "round",
-    "Sign": "sign", "Sin": "sin", "Cos": "cos", "Tan": "tan", "Atan": "atan", "Asin": "asin", "Acos": "acos",
-    "Sinh": "sinh", "Cosh": "cosh", "Asinh": "asinh", "Acosh": "acosh", "Atanh": "atanh", "Softplus": "softplus",
-    "Not": "logical_not", "IsNaN": "isnan", "BitwiseNot": "bitwise_not",
-}
+#: ONNX elementwise op -> the primitive function it is (the op's name in lower case where not listed).
+_UNARY = {name: name.lower() for name in (
+    "Sqrt", "Exp", "Log", "Erf", "Relu", "Sigmoid", "Tanh", "Neg", "Abs", "Reciprocal", "Floor", "Ceil", "Round",
+    "Sign", "Sin", "Cos", "Tan", "Atan", "Asin", "Acos", "Sinh", "Cosh", "Asinh", "Acosh", "Atanh", "Softplus",
+)} | {"Not": "logical_not", "IsNaN": "isnan", "BitwiseNot": "bitwise_not"}
 _BINARY = {
     "Add": "add", "Sub": "sub", "Mul": "mul", "And": "logical_and", "Or": "logical_or", "Xor": "logical_xor",
     "Equal": "equal", "Less": "less", "Greater": "greater", "LessOrEqual": "less_equal",
@@ -828,7 +826,7 @@ class _Windows:
     dilations: list[int]
     outputs: list[int]
     begins: list[int]
-    ends: list[int]
+    ends: list[int]  # the pads at the end, and past them the overhang of ``ceil_mode``'s last window
     overhang: list[int]
 
     def ranges(self) -> list[list[tuple[int, int, int]]]:
@@ -861,11 +859,13 @@ def _pool_windows(attrs: dict[str, Any], sizes: Sequence[int]) -> _Windows:
             count -= 1
         outputs.append(count)
         overhang.append(max((count - 1) * s + span - (size + begin + end), 0))
+    ends = [end + extra for end, extra in zip(ends, overhang, strict=True)]
     return _Windows(kernel, strides, dilations, outputs, begins, ends, overhang)
 
 
-def _window_slices(p: Primitives, x: Any, windows: _Windows) -> list[Any]:
-    """For each kernel offset, the strided slice of (padded) ``x`` its windows read."""
+def _window_slices(p: Primitives, x: Any, windows: _Windows, fill: Any = 0) -> list[Any]:
+    """For each kernel offset, the strided slice its windows read of ``x`` padded with ``fill``."""
+    x = _pad(p, x, [0, 0, *windows.begins], [0, 0, *windows.ends], value=fill)
     lead = list(p.shape(x)[:2])
     return [_fn(p, "strided_slice", x, [0, 0, *begin], [*lead, *end], [1, 1, *step])
             for begin, end, step in (zip(*axes, strict=True) for axes in windows.ranges())]
@@ -887,16 +887,13 @@ def _max_pool(step: Step, p: Primitives, x: Any) -> Any:
     """The maximum over each window; the optional Indices output holds the first maximum's flat position."""
     shape = p.shape(x)
     windows = _pool_windows(step.attrs, shape[2:])
-    ends = [e + o for e, o in zip(windows.ends, windows.overhang, strict=True)]
-    dtype = p.dtype(x)
-    lowest = -math.inf if _is_float(p, x) else int(np.iinfo(np.dtype(dtype)).min)
-    padded = _pad(p, x, [0, 0, *windows.begins], [0, 0, *ends], value=lowest)
-    slices = _window_slices(p, padded, windows)
+    lowest = -math.inf if _is_float(p, x) else int(np.iinfo(np.dtype(p.dtype(x))).min)
+    slices = _window_slices(p, x, windows, lowest)
     if not (len(step.outputs) > 1 and step.outputs[1]):
         return functools.reduce(p.functions["maximum"], slices)
     result = slices[0]
     positions = np.pad(_flat_positions(shape, bool(step.attrs.get("storage_order", 0))),
-                       [(0, 0), (0, 0), *zip(windows.begins, ends, strict=True)], constant_values=-1)
+                       [(0, 0), (0, 0), *zip(windows.begins, windows.ends, strict=True)], constant_values=-1)
     found = None
     for piece, axes in zip(slices, windows.ranges(), strict=True):
         where = p.tensor(positions[(slice(None), slice(None), *(slice(*axis) for axis in axes))], x)
@@ -914,14 +911,13 @@ def _average_pool(step: Step, p: Primitives, x: Any) -> Any:
     """Window sums divided by the number of elements counted (pads only with ``count_include_pad``)."""
     sizes = list(p.shape(x)[2:])
     windows = _pool_windows(step.attrs, sizes)
-    ends = [e + o for e, o in zip(windows.ends, windows.overhang, strict=True)]
-    total = functools.reduce(operator.add, _window_slices(p, _pad(p, x, [0, 0, *windows.begins], [0, 0, *ends]),
-                                                          windows))
-    if step.attrs.get("count_include_pad", 0):
-        counted = np.pad(np.ones([s + b + e for s, b, e in zip(sizes, windows.begins, windows.ends, strict=True)]),
+    total = functools.reduce(operator.add, _window_slices(p, x, windows))
+    pads = list(zip(windows.begins, windows.ends, strict=True))
+    if step.attrs.get("count_include_pad", 0):  # the pads count, the overhang does not
+        counted = np.pad(np.ones([s + b + e - o for s, (b, e), o in zip(sizes, pads, windows.overhang, strict=True)]),
                          [(0, o) for o in windows.overhang])
     else:
-        counted = np.pad(np.ones(sizes), list(zip(windows.begins, ends, strict=True)))
+        counted = np.pad(np.ones(sizes), pads)
     counts = sum(counted[tuple(slice(*axis) for axis in axes)] for axes in windows.ranges())
     return total / p.tensor(np.asarray(counts, dtype=p.dtype(x) if p.dtype(x) != "bfloat16" else "float32"), x)
 
@@ -958,6 +954,7 @@ def _reduction(name: str) -> OpFunction:
 
 for _name in _REDUCTIONS:
     OPS[_name] = _reduction(_name)
+    _INPUT_FORMS[_name] = ((1, "axes"),)
 
 
 def _arg_reduction(kind: str) -> OpFunction:

@@ -58,7 +58,8 @@ _SCATTER_REDUCE = {"add": "sum", "mul": "prod", "max": "amax", "min": "amin"}
 
 
 #: Reductions over several axes at once (``prod`` is computed one axis at a time).
-_REDUCE = {"sum": torch.sum, "mean": torch.mean, "max": torch.amax, "min": torch.amin, "logsumexp": torch.logsumexp}
+_REDUCE: dict[str, Callable[..., Tensor]] = {
+    "sum": torch.sum, "mean": torch.mean, "max": torch.amax, "min": torch.amin, "logsumexp": torch.logsumexp}
 
 
 class TorchPrimitives:
@@ -207,8 +208,6 @@ class GraphModule(nn.Module):
 
     def __init__(self, graph: Graph, *, weights: bool = True) -> None:
         super().__init__()
-        if not isinstance(graph, Graph):
-            raise TypeError(f"from_dataflow takes a lowrank_ir.Graph, got {type(graph).__name__}")
         program = interpreter.program(graph, "the PyTorch backend")
         self.opset = program.opset
         self.input_specs = program.input_specs
@@ -333,14 +332,7 @@ def graph_params(module: GraphModule) -> dict[str, np.ndarray]:
     """The module's parameters and buffers by IR param name, as numpy arrays (copies, on the CPU)."""
     if not isinstance(module, GraphModule):
         raise TypeError(f"graph_params takes a GraphModule (from from_dataflow), got {type(module).__name__}")
-    named: dict[str, Tensor] = dict(module.named_parameters(remove_duplicate=False))
-    named.update(module.named_buffers(remove_duplicate=False))
-    result = {}
-    for key, name in module.param_names.items():
-        tensor = named[key].detach().cpu()
-        if tensor.dtype == torch.bfloat16:
-            tensor = tensor.float()
-        result[name] = tensor.numpy().copy()
-    return result
+    tensors = module._tensors()
+    return {name: PRIMITIVES.array(tensors[name]).copy() for name in module.param_names.values()}
 
 
