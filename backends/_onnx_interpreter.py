@@ -32,7 +32,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from backends import _dataflow
-from lowrank_ir import Graph, Op, conv_pads, verify
+from lowrank_ir import Graph, Op, Value, conv_pads, verify
 from lowrank_ir._ir import onnx_padding
 
 __all__ = ["COMMON_FUNCTIONS", "DEFAULT_OPSET", "LAYERS", "ONNX_DTYPES", "OPS", "InputError", "NodeError",
@@ -133,7 +133,7 @@ class Program:
 
     steps: list[Step]
     constants: dict[str, np.ndarray]
-    input_specs: list[tuple[str, str | None, Any]]
+    input_specs: list[Value]
     output_names: list[str]
     opset: int
 
@@ -279,20 +279,16 @@ def program(graph: Graph, target: str) -> Program:
     outputs = [value.name for value in graph.outputs]
     _plan_frees(steps, set(outputs))
     logger.debug("%s: %d steps, %d constants (opset %d)", target, len(steps), len(constants), opset)
-    return Program(steps, constants, [(value.name, value.dtype, value.shape) for value in graph.inputs], outputs,
-                   opset)
+    return Program(steps, constants, [Value(value.name, value.dtype, value.shape) for value in graph.inputs],
+                   outputs, opset)
 
 
 # -------------------------------------------------------------------------------------------- inputs
 
-def _show(shape: Sequence[Any]) -> str:
-    return "[" + ", ".join("?" if dim is None else str(dim) for dim in shape) + "]"
-
-
-def bind_inputs(p: Primitives, specs: Sequence[tuple[str, str | None, Any]], inputs: Sequence[Any],
-                named: Mapping[str, Any]) -> dict[str, Any]:
+def bind_inputs(p: Primitives, specs: Sequence[Value], inputs: Sequence[Any], named: Mapping[str, Any],
+                ) -> dict[str, Any]:
     """The graph inputs given by position (``specs`` order) and by name, checked: name -> tensor."""
-    names = [spec[0] for spec in specs]
+    names = [spec.name for spec in specs]
     if len(inputs) > len(names):
         raise InputError(f"the graph takes {len(names)} inputs {names}, {len(inputs)} were given")
     bound = dict(zip(names, inputs, strict=False))
@@ -306,23 +302,15 @@ def bind_inputs(p: Primitives, specs: Sequence[tuple[str, str | None, Any]], inp
     if missing:
         raise InputError(f"missing inputs {missing}; the graph takes {names}")
     feeds = {}
-    for name, dtype, shape in specs:
-        value = p.as_input(bound[name])
+    for spec in specs:
+        value = p.as_input(bound[spec.name])
         if value is None:
-            raise InputError(f"input {name!r} must be a tensor or numpy array, got {type(bound[name]).__name__}")
-        got = p.dtype(value)
-        if dtype is not None and got != dtype and not (
-                p.any_float_input and got.startswith(("float", "bfloat")) and dtype.startswith(("float", "bfloat"))):
-            raise InputError(f"input {name!r} has dtype {got}, the graph expects {dtype}")
-        given = list(p.shape(value))
-        if shape is not None and len(given) != len(shape):
-            raise InputError(f"input {name!r} has shape {given} ({len(given)} dimensions), the graph expects "
-                             f"{len(shape)} dimensions {_show(shape)}")
-        for axis, (size, want) in enumerate(zip(given, shape or (), strict=False)):
-            if isinstance(want, int) and want > 0 and size != want:
-                raise InputError(f"input {name!r} has shape {given}, the graph expects {_show(shape)} "
-                                 f"(dimension {axis} must be {want})")
-        feeds[name] = value
+            raise InputError(f"input {spec.name!r} must be a tensor or numpy array, got "
+                             f"{type(bound[spec.name]).__name__}")
+        problem = spec.mismatch(p.dtype(value), p.shape(value), any_float=p.any_float_input)
+        if problem:
+            raise InputError(problem)
+        feeds[spec.name] = value
     return feeds
 
 

@@ -201,7 +201,7 @@ class GraphModule(nn.Module):
 
     Attributes:
         param_names: state-dict key -> IR param name, for every parameter and persistent buffer.
-        input_specs: the graph inputs ``(name, dtype, shape)`` ``forward`` takes, in order.
+        input_specs: the graph inputs (``lowrank_ir.Value``: name, dtype, shape) ``forward`` takes, in order.
         output_names: the graph outputs ``forward`` returns, in order.
         opset: the ONNX opset the opaque nodes are run at.
     """
@@ -286,7 +286,7 @@ class GraphModule(nn.Module):
         for step in self._program.steps:
             ops[step.op] = ops.get(step.op, 0) + 1
         listed = ", ".join(f"{op}: {count}" for op, count in sorted(ops.items()))
-        return f"inputs={[spec[0] for spec in self.input_specs]}, outputs={self.output_names}, nodes={{{listed}}}"
+        return f"inputs={[spec.name for spec in self.input_specs]}, outputs={self.output_names}, nodes={{{listed}}}"
 
 
 def _initial(array: np.ndarray, use: tuple[interpreter.Step, str] | None) -> Tensor:

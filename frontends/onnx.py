@@ -1126,26 +1126,15 @@ def check_feeds(model: ModelProto, feeds: object, where: str = "feeds") -> dict[
             checked[name] = value
             continue
         array = np.asarray(value)
-        if str(array.dtype) != spec.dtype:
-            raise ValueError(f"{where}: input {name!r} has dtype {array.dtype}, the model expects {spec.dtype}")
-        if spec.shape is not None:
-            if array.ndim != len(spec.shape):
-                raise ValueError(f"{where}: input {name!r} has shape {list(array.shape)}, the model expects "
-                                 f"{len(spec.shape)} dimensions {_show(spec.shape)}")
-            for axis, (got, want) in enumerate(zip(array.shape, spec.shape, strict=True)):
-                if isinstance(want, int) and want > 0 and got != want:
-                    raise ValueError(f"{where}: input {name!r} has shape {list(array.shape)}, the model expects "
-                                     f"{_show(spec.shape)} (dimension {axis} must be {want})")
+        problem = spec.mismatch(str(array.dtype), array.shape, "model")
+        if problem:
+            raise ValueError(f"{where}: {problem}")
         if array.dtype.kind in "fc" and not np.isfinite(array).all():  # NaN compares false: checks would pass
             bad = int(array.size - np.count_nonzero(np.isfinite(array)))
             raise ValueError(f"{where}: input {name!r} has {bad} of {array.size} values not finite (NaN or Inf); "
                              f"feeds must be finite numbers")
         checked[name] = array
     return checked
-
-
-def _show(shape: Sequence[int | str | None]) -> str:
-    return "[" + ", ".join("?" if dim is None else str(dim) for dim in shape) + "]"
 
 
 # -------------------------------------------------------------------------------------- statistics

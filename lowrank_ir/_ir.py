@@ -179,6 +179,30 @@ class Value:
     dtype: str | None = None
     shape: tuple[int | str | None, ...] | None = None
 
+    def mismatch(self, dtype: str, shape: Sequence[int], holder: str = "graph", any_float: bool = False,
+                 ) -> str | None:
+        """Why an array of ``dtype`` and ``shape`` cannot feed this input (``input 'x' has ...``), or None.
+
+        The dtype must be this one (any float dtype for a float input when ``any_float``); the rank and
+        every fixed (positive) dim must be this shape's. An unknown dtype or shape accepts any; ``holder``
+        names what declares the input (``graph``, ``model``).
+        """
+        floats = ("float", "bfloat")
+        if self.dtype is not None and dtype != self.dtype and not (
+                any_float and dtype.startswith(floats) and self.dtype.startswith(floats)):
+            return f"input {self.name!r} has dtype {dtype}, the {holder} expects {self.dtype}"
+        if self.shape is None:
+            return None
+        given, shown = list(shape), "[" + ", ".join("?" if dim is None else str(dim) for dim in self.shape) + "]"
+        if len(given) != len(self.shape):
+            return (f"input {self.name!r} has shape {given} ({len(given)} dimensions), the {holder} expects "
+                    f"{len(self.shape)} dimensions {shown}")
+        for axis, (size, want) in enumerate(zip(given, self.shape, strict=True)):
+            if isinstance(want, int) and want > 0 and size != want:
+                return (f"input {self.name!r} has shape {given}, the {holder} expects {shown} "
+                        f"(dimension {axis} must be {want})")
+        return None
+
 
 @dataclass(slots=True, eq=False)
 class Node:

@@ -125,6 +125,17 @@ def test_onnx_padding_names_what_it_cannot_read() -> None:
         onnx_padding({"pads": [1, 1]}, 2)
 
 
+def test_value_mismatch_says_why_an_array_cannot_feed_an_input() -> None:
+    value = Value("x", "float32", ("batch", 8))
+    assert value.mismatch("float32", (3, 8)) is None
+    assert value.mismatch("int64", (3, 8)) == "input 'x' has dtype int64, the graph expects float32"
+    assert value.mismatch("float64", (3, 8), "model", any_float=True) is None
+    assert value.mismatch("float32", (8,), "model") == ("input 'x' has shape [8] (1 dimensions), the model expects "
+                                                        "2 dimensions [batch, 8]")
+    assert value.mismatch("float32", (3, 7)).endswith("expects [batch, 8] (dimension 1 must be 8)")
+    assert Value("y").mismatch("int8", (1, 2, 3)) is None  # nothing declared, anything fits
+
+
 def test_replace_node_keeps_graph_consistent(rng: np.random.Generator) -> None:
     graph = linear_graph(rng)
     parts = [Node(Op.LINEAR, "fc.0", {"in_features": 3, "out_features": 2}, {"weight": "fc.0.weight"}, ["x"], ["h"]),
