@@ -1,7 +1,7 @@
 """One interpreter for a dataflow IR graph, whatever framework runs it: every ONNX op's meaning, once.
 
 A graph lowered from ONNX (``frontends.onnx.lower``), decomposed or not, runs node by node in its order
-(``backends/_dataflow.py`` reads the nodes as calls). ``backends/_torch_graph.py`` and
+(``backends/_dataflow.py`` reads each node as a ``Step``). ``backends/_torch_graph.py`` and
 ``backends/_mindspore_graph.py`` supply only a :class:`Primitives` and a container (``nn.Module`` /
 ``nn.Cell``), as tensorly's backends and torch.fx's ``Interpreter`` do. A layer node runs from its IR
 attributes (``lowrank_ir/_ir.py``), an opaque node as its ONNX operator: :data:`OPS` maps each op type
@@ -26,12 +26,13 @@ import logging
 import math
 import operator
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 
 from backends import _dataflow
+from backends._dataflow import Step
 from lowrank_ir import Graph, Op, Value, conv_pads, verify
 from lowrank_ir._ir import onnx_padding
 
@@ -109,25 +110,6 @@ class Primitives(Protocol):
 # ------------------------------------------------------------------------------------------ program
 
 @dataclass(slots=True)
-class Step:
-    """One node as the program runs it (picklable: the op is looked up by name at run time).
-
-    ``args``: ``("value", name)``, ``("param", name)``, ``("const", array)`` (an attribute resolved into
-    an input) or None for a skipped optional input.
-    """
-
-    name: str
-    op: str
-    layer: bool
-    attrs: dict[str, Any]
-    args: list[tuple[str, Any] | None]
-    outputs: list[str]
-    opset: int
-    params: dict[str, str] = field(default_factory=dict)  # layers: role -> IR param name
-    free: list[str] = field(default_factory=list)  # values no later step reads
-
-
-@dataclass(slots=True)
 class Program:
     """A graph ready to run: its steps, the evaluated ``Constant`` outputs, inputs and outputs."""
 
@@ -187,12 +169,10 @@ def _decode_tensor(data: Any) -> np.ndarray:
     return np.asarray(numpy_helper.to_array(TensorProto.FromString(data)))
 
 
-def _decoded(call: _dataflow.Call, target: str) -> dict[str, Any]:
-    """The call's attributes with TENSOR attributes as numpy and text as ``str``."""
-    record = call.node.attrs.get("onnx")
-    types = record.get("types", {}) if isinstance(record, dict) and not call.is_layer else {}
-    attrs = dict(call.attrs)
-    for key, kind in types.items():
+def _decoded(step: Step, target: str) -> dict[str, Any]:
+    """The step's attributes with TENSOR attributes as numpy and text as ``str``."""
+    attrs = dict(step.attrs)
+    for key, kind in step.types.items():
         if key not in attrs:
             continue
         if kind == "TENSOR":
@@ -200,7 +180,7 @@ def _decoded(call: _dataflow.Call, target: str) -> dict[str, Any]:
         elif kind == "STRING":
             attrs[key] = _text(attrs[key])
         elif kind in ("SPARSE_TENSOR", "GRAPH", "GRAPHS", "TENSORS", "SPARSE_TENSORS"):
-            raise ValueError(f"node {call.node.name!r} ({call.op}): attribute {key!r} of type {kind} is not "
+            raise ValueError(f"node {step.name!r} ({step.op}): attribute {key!r} of type {kind} is not "
                              f"supported by {target}")
     return attrs
 
@@ -254,15 +234,13 @@ def program(graph: Graph, target: str) -> Program:
     """
     if not isinstance(graph, Graph):
         raise TypeError(f"from_dataflow takes a lowrank_ir.Graph, got {type(graph).__name__}")
-    calls = _dataflow.calls(graph)  # ValueError for a graph without dataflow
+    read = _dataflow.steps(graph)  # ValueError for a graph without dataflow
     _dataflow.check_supported(graph, OPS, target)
     verify(graph)
     opset = _opset(graph)
     steps, constants = [], {}
-    for call in calls:
-        step = Step(call.node.name, call.op, call.is_layer, _decoded(call, target),
-                    [None if arg is None else (arg.kind, arg.name) for arg in call.args], list(call.outputs),
-                    opset, dict(call.node.params) if call.is_layer else {})
+    for step in read:
+        step.opset, step.attrs = opset, _decoded(step, target)
         if step.layer:
             _check_layer(step)
         elif step.op == "Constant":
