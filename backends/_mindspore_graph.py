@@ -13,9 +13,10 @@ Strings and empty arrays (checkpoints drop them) stay numpy arrays. ``weights=Fa
 structure only: trainable parameters are zeros, the others come from the graph.
 
 Inputs go by position or by name and must have the graph's dtypes. Where MindSpore's CPU kernels lack
-a dtype (float64 convolutions) the primitive computes in float32 and casts back. MindSpore runs
-kernels asynchronously: the interpreter waits for each node's output shapes, so an error is raised as
-a ``NodeError`` naming the node that caused it.
+a dtype (float64 convolutions) the primitive computes in float32 and casts back. Errors are the
+interpreter's: ``TypeError`` or ``ValueError`` before anything is built, ``InputError``, and
+``NodeError`` naming the node that caused it (the interpreter waits for each node's output shapes, as
+MindSpore runs kernels asynchronously).
 """
 
 from __future__ import annotations
@@ -203,12 +204,7 @@ class GraphCell(nn.Cell):
 
 
 def from_dataflow(graph: Graph, *, weights: bool = True) -> GraphCell:
-    """The MindSpore ``nn.Cell`` running dataflow ``graph``, with a parameter per graph param.
-
-    ``weights=False`` builds the structure only (trainable parameters zero; constants and BN
-    statistics from the graph). ``ValueError`` for a graph without dataflow (lowered from a module tree) or with ops the
-    builder cannot run (all listed).
-    """
+    """The MindSpore ``nn.Cell`` running dataflow ``graph``, with a parameter per graph param (see the module)."""
     return GraphCell(graph, weights=weights)
 
 

@@ -430,7 +430,7 @@ def _check_layer(step: Step) -> None:
             raise ValueError(f"{where}: a {len(attrs['kernel_size'])}-D convolution; 1-D, 2-D and 3-D are supported")
         if not str(attrs.get("data_format", "NCHW")).startswith("NC"):
             raise ValueError(f"{where}: data_format {attrs['data_format']!r} is not channels-first")
-        modes = ("zeros", "reflect", "replicate", "circular") if step.op == Op.CONV.value else ("zeros",)
+        modes = tuple(_PAD_MODES) if step.op == Op.CONV.value else ("zeros",)
         if attrs.get("padding_mode", "zeros") not in modes:
             raise ValueError(f"{where}: padding_mode {attrs['padding_mode']!r} is not one of {modes}")
     if step.op == Op.MATMUL.value and attrs.get("weight_side", "right") not in ("right", "left"):
@@ -468,6 +468,7 @@ LAYERS: dict[str, Callable[..., Any]] = {
 
 # -------------------------------------------------------------------------------------- convolutions
 
+#: A ``Conv`` layer's ``padding_mode`` -> the ``Pad`` mode that means it.
 _PAD_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "edge", "circular": "wrap"}
 
 
@@ -476,15 +477,12 @@ def _convolve(p: Primitives, x: Any, weight: Any, bias: Any, stride: Sequence[in
     """N-d (1-3) convolution; ``weight [out, in // groups, *kernel]``, ``padding`` in any IR form."""
     kernel = list(p.shape(weight)[2:])
     ndim = len(kernel)
-    if len(p.shape(x)) != ndim + 2:
-        raise ValueError(f"a {ndim}-D convolution needs a rank-{ndim + 2} input, got shape {list(p.shape(x))}")
-    if ndim not in (1, 2, 3):
-        raise ValueError(f"a {ndim}-D convolution; 1-D, 2-D and 3-D are supported")
+    if len(p.shape(x)) != ndim + 2 or ndim not in (1, 2, 3):
+        raise ValueError(f"a {ndim}-D convolution needs a rank-{ndim + 2} input (1-D, 2-D and 3-D), "
+                         f"got shape {list(p.shape(x))}")
     stride, dilation = [int(s) for s in stride], [int(d) for d in dilation]
     begins, ends = conv_pads(padding, p.shape(x)[2:], kernel, stride, dilation)
-    if begins != ends or padding_mode != "zeros":
-        if padding_mode not in _PAD_MODES:
-            raise ValueError(f"padding_mode {padding_mode!r} is not one of {sorted(_PAD_MODES)}")
+    if begins != ends or padding_mode != "zeros":  # the mode is checked when the program is built
         x = _pad(p, x, [0, 0, *begins], [0, 0, *ends], _PAD_MODES[padding_mode])
         begins = [0] * ndim
     return p.conv(x, weight, bias, stride, begins, dilation, int(groups))

@@ -17,8 +17,8 @@ state-dict key -> IR name; :func:`graph_params` gives the current values by IR n
 initialisation for their layer type, or zeros, ready for ``load_state_dict``; buffers always come
 from the graph. ``Constant`` node outputs are non-persistent buffers under ``_constants``. Inputs go
 by position or by name; any float dtype is accepted for a float input (a ``.double()`` module runs in
-float64). Errors are the interpreter's: ``ValueError`` before anything is built, ``InputError``,
-``NodeError`` (a ``RuntimeError``) naming the node.
+float64). Errors are the interpreter's: ``TypeError`` or ``ValueError`` before anything is built,
+``InputError``, ``NodeError`` (a ``RuntimeError``) naming the node.
 """
 
 from __future__ import annotations
@@ -193,7 +193,7 @@ def state_keys(names: Iterable[str]) -> dict[str, str]:
 # ---------------------------------------------------------------------------------------- module
 
 #: Attributes GraphModule sets on itself (reserved: no param may take these names).
-_OWN_ATTRIBUTES = ("param_names", "input_specs", "output_names", "opset", "_program", "_keys", "_constant_keys")
+_OWN_ATTRIBUTES = ("param_names", "input_specs", "output_names", "opset", "_program", "_constant_keys")
 
 
 class GraphModule(nn.Module):
@@ -229,7 +229,6 @@ class GraphModule(nn.Module):
         layer_roles = {name: (step, role) for step in reversed(steps) if step.layer
                        for role, name in step.params.items()}
         keys = state_keys(ordered)
-        self._keys = keys
         self.param_names = {key: name for name, key in keys.items()}
         for name in ordered:
             array = np.asarray(graph.params[name])
@@ -314,17 +313,7 @@ def _initial(array: np.ndarray, use: tuple[interpreter.Step, str] | None) -> Ten
 
 
 def from_dataflow(graph: Graph, *, weights: bool = True) -> GraphModule:
-    """The whole model of a dataflow ``graph`` as a trainable :class:`GraphModule`.
-
-    Args:
-        graph: a graph lowered from ONNX (``frontends.onnx.lower``), possibly decomposed by the engine.
-        weights: fill the parameters from the graph; ``False`` builds the structure only (see the module
-            docstring), for a state dict to be loaded.
-
-    Raises:
-        ValueError: the graph has no dataflow, uses ops this backend cannot run (all listed), or is
-            inconsistent (``lowrank_ir.verify``).
-    """
+    """The whole model of a dataflow ``graph`` as a trainable :class:`GraphModule` (see the module docstring)."""
     return GraphModule(graph, weights=weights)
 
 
