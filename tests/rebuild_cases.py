@@ -9,7 +9,7 @@ API (read by ``tests/test_graph_interpreter.py``, which runs every case in PyTor
 through the one ONNX interpreter, and by the two frameworks' rebuild tests):
 
 - ``CASES``: list of :class:`Case` (``.name``, ``.model``, ``.feeds`` name -> ``np.ndarray``, ``.ops``);
-  ``cases_for(ops)`` the cases using only ``ops``; ``REQUIRED_OPS`` the ops issue 7 asks for;
+  ``cases_for(ops)`` the cases using only ``ops``; ``REQUIRED_OPS`` the ops every rebuilder must run;
 - :func:`reference` runs a case in onnxruntime; :func:`relative_error` is the agreement measure,
   ``max |got - ref| / max |ref|`` (exact equality for integer and boolean outputs), and
   ``TOLERANCE`` the bound every rebuilt case must meet.
@@ -31,7 +31,7 @@ __all__ = ["CASES", "REQUIRED_OPS", "TOLERANCE", "Case", "cases_for", "reference
 #: Relative error (max |d| / max |ref|) a rebuilt model may have against onnxruntime.
 TOLERANCE = 1e-4
 
-#: The ONNX ops issue 7 asks every rebuilder to cover (the cases cover more).
+#: The ONNX ops every rebuilder must run (the cases cover more).
 REQUIRED_OPS = frozenset({
     "Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "Exp", "Erf", "Relu",
     "LeakyRelu", "Sigmoid", "Tanh", "Gelu", "HardSigmoid", "HardSwish", "Clip", "Softmax", "LayerNormalization",
