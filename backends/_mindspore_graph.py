@@ -55,7 +55,7 @@ def _float32_kernel(function: Callable[..., ms.Tensor]) -> Callable[..., ms.Tens
 
 #: Scatter ``reduction`` -> the MindSpore function that applies it.
 _SCATTER = {"none": ops.tensor_scatter_update, "add": ops.tensor_scatter_add, "mul": ops.tensor_scatter_mul,
-               "max": ops.tensor_scatter_max, "min": ops.tensor_scatter_min}
+            "max": ops.tensor_scatter_max, "min": ops.tensor_scatter_min}
 
 #: ``Primitives.reduce`` kinds; each takes ``(x, axes, keep_dims)``.
 _REDUCE = {"sum": ops.sum, "mean": ops.mean, "max": ops.amax, "min": ops.amin, "prod": ops.prod,
