@@ -1,7 +1,8 @@
-"""What the native graph builders share: a dataflow IR read as a list of calls.
+"""What the native graph builders share: a dataflow IR read as a list of steps.
 
 ``backends/torch.py`` and ``backends/mindspore.py`` rebuild a whole model from a dataflow graph (one
-lowered from ONNX, whose nodes name their values). Each node becomes a :class:`Call`:
+lowered from ONNX, whose nodes name their values), run by ``backends/_onnx_interpreter.py``. Each node
+becomes a :class:`Step`:
 
 - a layer node (``Linear``, ``Conv``, ``ConvTranspose``, ``Embedding``, ``MatMul``) is run from its IR
   attributes (documented in ``lowrank_ir/_ir.py``); its one data input is ``args[0]``;
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,66 +33,58 @@ from lowrank_ir import Graph, Node, Op
 from lowrank_ir._ir import DEFAULT_DOMAINS, source_attrs
 from lowrank_ir._protocols import NativeOutputs
 
-__all__ = ["Arg", "Call", "DEFAULT_DOMAINS", "NativeOutputs", "batch_norm_statistics", "calls", "check_supported",
-           "check_weights_fit", "native_outputs", "onnx_shape", "trainable_params", "weights_file"]
-
-
-@dataclass(frozen=True, slots=True)
-class Arg:
-    """One input of a call: a run-time value (``kind="value"``) or a graph param (``kind="param"``)."""
-
-    kind: str
-    name: str
+__all__ = ["DEFAULT_DOMAINS", "NativeOutputs", "Step", "batch_norm_statistics", "check_supported", "check_weights_fit",
+           "native_outputs", "onnx_shape", "steps", "trainable_params", "weights_file"]
 
 
 @dataclass(slots=True)
-class Call:
-    """One node as a builder runs it.
+class Step:
+    """One node as the interpreter runs it (picklable: it holds names and arrays, never a framework object).
 
-    ``op`` is the IR op for layers and the ONNX op type for opaque nodes; ``attrs`` are the IR
-    attributes of a layer or the ONNX attributes of an opaque node; ``args`` the inputs in operator
-    order (``None`` for a skipped optional input); ``outputs`` the values it defines (``""`` for an
-    output nobody reads).
+    ``op`` is the IR op of a layer or the ONNX op type of an opaque node; ``attrs`` the IR attributes of
+    a layer or the ONNX attributes of an opaque node (``types``: their ONNX attribute types); ``args``
+    the inputs in operator order: ``("value", name)`` a run-time value, ``("param", name)`` a graph
+    param, ``("const", array)`` an attribute made an input, or None for a skipped optional input;
+    ``outputs`` the values it defines (``""`` for an output nobody reads); ``params`` a layer's role ->
+    param name. The interpreter sets ``opset`` (the one its op runs at) and ``free`` (the values no later
+    step reads).
     """
 
-    node: Node
+    name: str
     op: str
+    layer: bool
     attrs: dict[str, Any]
-    args: list[Arg | None]
+    args: list[tuple[str, Any] | None]
     outputs: list[str]
-
-    @property
-    def is_layer(self) -> bool:
-        return self.node.is_layer
-
-    def param(self, role: str) -> str | None:
-        """The graph param a layer uses in ``role`` (``weight``/``bias``), or None."""
-        return self.node.params.get(role)
+    params: dict[str, str] = field(default_factory=dict)
+    types: dict[str, str] = field(default_factory=dict)
+    opset: int = 0
+    free: list[str] = field(default_factory=list)
 
 
-def _opaque_args(node: Node) -> list[Arg | None]:
+def _opaque_args(node: Node) -> list[tuple[str, Any] | None]:
     record = node.attrs.get("onnx")
     if record is None:  # built by hand: data inputs first, then the constants in role order
-        args: list[Arg | None] = [Arg("value", name) if name else None for name in node.inputs]
+        args: list[tuple[str, Any] | None] = [("value", name) if name else None for name in node.inputs]
         roles = sorted((role for role in node.params if role.startswith("input:")), key=lambda r: int(r[6:]))
-        return args + [Arg("param", node.params[role]) for role in roles]
+        return args + [("param", node.params[role]) for role in roles]
     args = []
     for slot in record["inputs"]:
         if isinstance(slot, int):
             name = node.inputs[slot]
-            args.append(Arg("value", name) if name else None)
+            args.append(("value", name) if name else None)
         else:
-            args.append(Arg("param", node.params[slot]))
+            args.append(("param", node.params[slot]))
     return args
 
 
-def _domain(node: Node) -> str:
+def _record(node: Node) -> dict[str, Any]:
     record = node.attrs.get("onnx")
-    return record.get("domain", "") if isinstance(record, dict) else ""
+    return record if isinstance(record, dict) else {}
 
 
-def calls(graph: Graph) -> list[Call]:
-    """The nodes of a dataflow ``graph`` as calls, in execution order.
+def steps(graph: Graph) -> list[Step]:
+    """The nodes of a dataflow ``graph`` as steps, in execution order.
 
     Raises ``ValueError`` for a graph lowered from a module tree (its nodes do not name their values)
     or a node from a non-standard ONNX domain.
@@ -103,15 +96,15 @@ def calls(graph: Graph) -> list[Call]:
     result = []
     for node in graph.nodes:
         if node.op is Op.OPAQUE:
-            domain = _domain(node)
+            domain = _record(node).get("domain", "")
             if domain not in DEFAULT_DOMAINS:
                 raise ValueError(f"node {node.name!r} is {node.attrs['source_op']!r} from the ONNX domain "
                                  f"{domain!r}; only standard ONNX operators can be rebuilt")
-            attrs = source_attrs(node)
-            result.append(Call(node, str(node.attrs["source_op"]), attrs, _opaque_args(node), list(node.outputs)))
+            result.append(Step(node.name, str(node.attrs["source_op"]), False, source_attrs(node),
+                               _opaque_args(node), list(node.outputs), types=dict(_record(node).get("types", {}))))
         else:
-            args: list[Arg | None] = [Arg("value", name) for name in node.inputs]
-            result.append(Call(node, node.op.value, dict(node.attrs), args, list(node.outputs)))
+            result.append(Step(node.name, node.op.value, True, dict(node.attrs),
+                               [("value", name) for name in node.inputs], list(node.outputs), dict(node.params)))
     return result
 
 
@@ -133,7 +126,7 @@ def batch_norm_statistics(graph: Graph) -> set[str]:
     statistics: set[str] = set()
     for node in graph.nodes:
         if node.op is Op.OPAQUE and node.attrs.get("source_op") == "BatchNormalization":
-            statistics.update(arg.name for arg in _opaque_args(node)[3:5] if arg is not None and arg.kind == "param")
+            statistics.update(arg[1] for arg in _opaque_args(node)[3:5] if arg is not None and arg[0] == "param")
     return statistics
 
 

@@ -13,9 +13,10 @@ Strings and empty arrays (checkpoints drop them) stay numpy arrays. ``weights=Fa
 structure only: trainable parameters are zeros, the others come from the graph.
 
 Inputs go by position or by name and must have the graph's dtypes. Where MindSpore's CPU kernels lack
-a dtype (float64 convolutions) the primitive computes in float32 and casts back. MindSpore runs
-kernels asynchronously: the interpreter waits for each node's output shapes, so an error is raised as
-a ``NodeError`` naming the node that caused it.
+a dtype (float64 convolutions) the primitive computes in float32 and casts back. Errors are the
+interpreter's: ``TypeError`` or ``ValueError`` before anything is built, ``InputError``, and
+``NodeError`` naming the node that caused it (the interpreter waits for each node's output shapes, as
+MindSpore runs kernels asynchronously).
 """
 
 from __future__ import annotations
@@ -34,11 +35,8 @@ from lowrank_ir import Graph
 __all__ = ["PRIMITIVES", "GraphCell", "MindSporePrimitives", "from_dataflow", "graph_params"]
 
 #: numpy dtype name -> MindSpore dtype, for params, inputs and casts.
-_DTYPES: dict[str, Any] = {
-    "float32": ms.float32, "float16": ms.float16, "float64": ms.float64, "bfloat16": ms.bfloat16,
-    "int8": ms.int8, "int16": ms.int16, "int32": ms.int32, "int64": ms.int64,
-    "uint8": ms.uint8, "uint16": ms.uint16, "uint32": ms.uint32, "uint64": ms.uint64, "bool": ms.bool_,
-}
+_DTYPES: dict[str, Any] = {name: getattr(ms, "bool_" if name == "bool" else name)
+                           for name in interpreter.ONNX_DTYPES.values()}
 _NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 _FLOATS = (ms.float16, ms.float32, ms.float64, ms.bfloat16)
 
@@ -55,39 +53,24 @@ def _float32_kernel(function: Callable[..., ms.Tensor]) -> Callable[..., ms.Tens
     return run
 
 
-_SCATTER_ND = {"none": ops.tensor_scatter_update, "add": ops.tensor_scatter_add, "mul": ops.tensor_scatter_mul,
-               "max": ops.tensor_scatter_max, "min": ops.tensor_scatter_min}
+#: Scatter ``reduction`` -> the MindSpore function that applies it.
+_SCATTER = {"none": ops.tensor_scatter_update, "add": ops.tensor_scatter_add, "mul": ops.tensor_scatter_mul,
+            "max": ops.tensor_scatter_max, "min": ops.tensor_scatter_min}
 
-_REDUCE: dict[str, Callable[[ms.Tensor, tuple[int, ...], bool], ms.Tensor]] = {
-    "sum": lambda x, axes, keep: ops.sum(x, axes, keepdim=keep),
-    "mean": lambda x, axes, keep: ops.mean(x, axes, keep_dims=keep),
-    "max": lambda x, axes, keep: ops.amax(x, axes, keepdims=keep),
-    "min": lambda x, axes, keep: ops.amin(x, axes, keepdims=keep),
-    "prod": lambda x, axes, keep: ops.prod(x, axes, keep_dims=keep),
-    "logsumexp": lambda x, axes, keep: ops.logsumexp(x, axes, keep),
-}
+#: ``Primitives.reduce`` kinds; each takes ``(x, axes, keep_dims)``.
+_REDUCE = {"sum": ops.sum, "mean": ops.mean, "max": ops.amax, "min": ops.amin, "prod": ops.prod,
+           "logsumexp": ops.logsumexp}
 
 
 class MindSporePrimitives:
     """MindSpore's primitives for the ONNX interpreter (``_onnx_interpreter.Primitives``), PyNative mode."""
 
     any_float_input = False
-    functions: dict[str, Callable[..., Any]] = {
-        "add": ops.add, "sub": ops.sub, "mul": ops.mul, "div": ops.div,
-        "trunc_div": lambda a, b: ops.div(a, b, rounding_mode="trunc"), "pow": ops.pow, "fmod": ops.fmod,
-        "remainder": ops.remainder, "maximum": ops.maximum, "minimum": ops.minimum, "equal": ops.equal,
-        "less": ops.less, "greater": ops.greater, "less_equal": ops.less_equal, "greater_equal": ops.greater_equal,
-        "logical_and": ops.logical_and, "logical_or": ops.logical_or, "logical_xor": ops.logical_xor,
-        "logical_not": ops.logical_not, "bitwise_and": ops.bitwise_and, "bitwise_or": ops.bitwise_or,
-        "bitwise_xor": ops.bitwise_xor, "bitwise_not": ops.invert, "left_shift": ops.bitwise_left_shift,
-        "right_shift": ops.bitwise_right_shift, "sqrt": ops.sqrt, "exp": ops.exp, "log": ops.log, "erf": ops.erf,
-        "relu": ops.relu, "sigmoid": ops.sigmoid, "tanh": ops.tanh, "neg": ops.neg, "abs": ops.abs,
-        "reciprocal": ops.reciprocal, "floor": ops.floor, "ceil": ops.ceil, "round": ops.round, "sign": ops.sign,
-        "sin": ops.sin, "cos": ops.cos, "tan": ops.tan, "asin": ops.asin, "acos": ops.acos, "atan": ops.atan,
-        "sinh": ops.sinh, "cosh": ops.cosh, "asinh": ops.asinh, "acosh": ops.acosh, "atanh": ops.atanh,
-        "softplus": ops.softplus, "isnan": ops.isnan, "isinf": ops.isinf,
-        "gelu": lambda x: ops.gelu(x, approximate="none"), "gelu_tanh": lambda x: ops.gelu(x, approximate="tanh"),
-        "where": ops.where, "softmax": ops.softmax, "log_softmax": ops.log_softmax,
+    functions: dict[str, Callable[..., Any]] = {name: getattr(ops, name) for name in interpreter.COMMON_FUNCTIONS} | {
+        "equal": ops.equal, "trunc_div": lambda a, b: ops.div(a, b, rounding_mode="trunc"),
+        "bitwise_not": ops.invert, "left_shift": ops.bitwise_left_shift, "right_shift": ops.bitwise_right_shift,
+        "softplus": ops.softplus, "gelu": lambda x: ops.gelu(x, approximate="none"),
+        "gelu_tanh": lambda x: ops.gelu(x, approximate="tanh"),
         "reshape": lambda x, shape: ops.reshape(x, tuple(int(d) for d in shape)),
         "transpose": lambda x, perm: ops.transpose(x, tuple(int(v) for v in perm)),
         "concat": lambda xs, axis: ops.concat(tuple(xs), axis),
@@ -96,7 +79,6 @@ class MindSporePrimitives:
         "take": lambda x, indices, axis: ops.gather(x, indices, axis), "gather_elements": ops.gather_elements,
         "gather_nd": ops.gather_nd, "broadcast_to": lambda x, shape: ops.broadcast_to(x, tuple(int(d) for d in shape)),
         "tile": lambda x, repeats: ops.tile(x, tuple(repeats)), "flip": lambda x, axes: ops.flip(x, tuple(axes)),
-        "cumsum": ops.cumsum, "matmul": ops.matmul,
     }
 
     def as_input(self, value: Any) -> ms.Tensor:
@@ -117,16 +99,8 @@ class MindSporePrimitives:
     def cast(self, x: ms.Tensor, dtype: str) -> ms.Tensor:
         return ops.cast(x, _DTYPES[dtype])
 
-    def scatter_elements(self, x: ms.Tensor, axis: int, indices: ms.Tensor, updates: ms.Tensor, reduction: str,
-                         ) -> ms.Tensor:
-        if reduction not in ("none", "add"):
-            raise ValueError(f"ScatterElements reduction {reduction!r} is not supported (none, add are)")
-        return ops.tensor_scatter_elements(x, indices, updates, axis, reduction)
-
-    def scatter_nd(self, x: ms.Tensor, indices: ms.Tensor, updates: ms.Tensor, reduction: str) -> ms.Tensor:
-        if reduction not in _SCATTER_ND:
-            raise ValueError(f"ScatterND reduction {reduction!r} is not one of {sorted(_SCATTER_ND)}")
-        return _SCATTER_ND[reduction](x, indices, updates)
+    def scatter_rows(self, x: ms.Tensor, rows: ms.Tensor, updates: ms.Tensor, reduction: str) -> ms.Tensor:
+        return _SCATTER[reduction](x, ops.expand_dims(rows, -1), updates)
 
     def pad(self, x: ms.Tensor, begins: Sequence[int], ends: Sequence[int], value: Any = 0) -> ms.Tensor:
         pairs = [(int(b), int(e)) for b, e in zip(begins, ends, strict=True)]
@@ -230,14 +204,7 @@ class GraphCell(nn.Cell):
 
 
 def from_dataflow(graph: Graph, *, weights: bool = True) -> GraphCell:
-    """The MindSpore ``nn.Cell`` running dataflow ``graph``, with a parameter per graph param.
-
-    ``weights=False`` builds the structure only (trainable parameters zero; constants and BN
-    statistics from the graph). ``ValueError`` for a graph without dataflow (lowered from a module tree) or with ops the
-    builder cannot run (all listed).
-    """
-    if not isinstance(graph, Graph):
-        raise TypeError(f"from_dataflow takes a lowrank_ir.Graph, got {type(graph).__name__}")
+    """The MindSpore ``nn.Cell`` running dataflow ``graph``, with a parameter per graph param (see the module)."""
     return GraphCell(graph, weights=weights)
 
 

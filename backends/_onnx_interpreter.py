@@ -1,7 +1,7 @@
 """One interpreter for a dataflow IR graph, whatever framework runs it: every ONNX op's meaning, once.
 
 A graph lowered from ONNX (``frontends.onnx.lower``), decomposed or not, runs node by node in its order
-(``backends/_dataflow.py`` reads the nodes as calls). ``backends/_torch_graph.py`` and
+(``backends/_dataflow.py`` reads each node as a ``Step``). ``backends/_torch_graph.py`` and
 ``backends/_mindspore_graph.py`` supply only a :class:`Primitives` and a container (``nn.Module`` /
 ``nn.Cell``), as tensorly's backends and torch.fx's ``Interpreter`` do. A layer node runs from its IR
 attributes (``lowrank_ir/_ir.py``), an opaque node as its ONNX operator: :data:`OPS` maps each op type
@@ -26,16 +26,18 @@ import logging
 import math
 import operator
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 
 from backends import _dataflow
-from lowrank_ir import Graph, Op, conv_pads, verify
+from backends._dataflow import Step
+from lowrank_ir import Graph, Op, Value, conv_pads, verify
+from lowrank_ir._ir import onnx_padding
 
-__all__ = ["DEFAULT_OPSET", "LAYERS", "ONNX_DTYPES", "OPS", "InputError", "NodeError", "Primitives", "Program",
-           "Step", "bind_inputs", "onnx_op", "program"]
+__all__ = ["COMMON_FUNCTIONS", "DEFAULT_OPSET", "LAYERS", "ONNX_DTYPES", "OPS", "InputError", "NodeError",
+           "Primitives", "Program", "Step", "bind_inputs", "onnx_op", "program"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,19 +59,29 @@ class InputError(TypeError, ValueError):
     """The inputs given to a rebuilt model do not fit the graph's (count, names, rank, dims or dtype)."""
 
 
+#: Functions PyTorch (``torch``) and MindSpore (``mindspore.ops``) both name so, with the same meaning
+#: (``softmax``, ``log_softmax`` and ``cumsum`` take ``(x, axis)``): a framework may look them up by name.
+COMMON_FUNCTIONS = (
+    "add", "sub", "mul", "div", "pow", "fmod", "remainder", "maximum", "minimum", "less", "greater", "less_equal",
+    "greater_equal", "logical_and", "logical_or", "logical_xor", "logical_not", "bitwise_and", "bitwise_or",
+    "bitwise_xor", "sqrt", "exp", "log", "erf", "relu", "sigmoid", "tanh", "neg", "abs", "reciprocal", "floor",
+    "ceil", "round", "sign", "sin", "cos", "tan", "asin", "acos", "atan", "sinh", "cosh", "asinh", "acosh", "atanh",
+    "isnan", "isinf", "where", "softmax", "log_softmax", "cumsum", "matmul",
+)
+
+
 class Primitives(Protocol):
     """What a framework supplies to run the ONNX ops (tensors ``T`` are the framework's own).
 
-    ``functions`` maps a name to an elementwise function of tensors: ``add sub mul div trunc_div pow
-    fmod remainder maximum minimum equal less greater less_equal greater_equal logical_and logical_or
-    logical_xor logical_not bitwise_and bitwise_or bitwise_xor bitwise_not left_shift right_shift sqrt
-    exp log erf relu sigmoid tanh neg abs reciprocal floor ceil round sign sin cos tan asin acos atan
-    sinh cosh asinh acosh atanh softplus isnan isinf gelu gelu_tanh where``, and ``softmax``/
-    ``log_softmax`` ``(x, axis)``; and the tensor functions ``reshape(x, shape)``, ``transpose(x, perm)``,
+    ``functions`` maps names to functions of tensors: :data:`COMMON_FUNCTIONS`, the elementwise ``equal``,
+    ``trunc_div``, ``bitwise_not``, ``left_shift``, ``right_shift``, ``softplus``,
+    ``gelu`` and ``gelu_tanh``, and the tensor functions ``reshape(x, shape)``, ``transpose(x, perm)``,
     ``concat(xs, axis)``, ``split(x, sizes, axis)``, ``strided_slice(x, begins, ends, steps)`` (steps > 0),
     ``take(x, indices, axis)`` (1-D int64 indices), ``gather_elements(x, axis, indices)``,
     ``gather_nd(x, indices)`` (indices ``[..., depth]``), ``broadcast_to(x, shape)``, ``tile(x, repeats)``,
-    ``flip(x, axes)``, ``cumsum(x, axis)``, ``matmul(a, b)``.
+    ``flip(x, axes)``. ``scatter_rows(x, rows, updates, reduction)``: ``x`` a table ``[n, ...]``, ``rows``
+    1-D int64, ``updates [len(rows), ...]``; each update replaces its row (``none``) or combines with it
+    (``add``, ``mul``, ``max``, ``min``; repeated rows accumulate).
     """
 
     @property
@@ -84,8 +96,7 @@ class Primitives(Protocol):
     def shape(self, x: Any) -> tuple[int, ...]: ...  # waits for an asynchronous framework's shape
     def dtype(self, x: Any) -> str: ...  # numpy's name: float32, int64, bool, bfloat16 ...
     def cast(self, x: Any, dtype: str) -> Any: ...
-    def scatter_elements(self, x: Any, axis: int, indices: Any, updates: Any, reduction: str) -> Any: ...
-    def scatter_nd(self, x: Any, indices: Any, updates: Any, reduction: str) -> Any: ...
+    def scatter_rows(self, x: Any, rows: Any, updates: Any, reduction: str) -> Any: ...  # none add mul max min
     def pad(self, x: Any, begins: Sequence[int], ends: Sequence[int], value: Any = 0) -> Any: ...  # < 0 crops
     def full(self, shape: Sequence[int], value: Any, dtype: str, like: Any = None) -> Any: ...
     def reduce(self, kind: str, x: Any, axes: Sequence[int], keep: bool) -> Any: ...  # sum mean max min prod logsumexp
@@ -99,31 +110,12 @@ class Primitives(Protocol):
 # ------------------------------------------------------------------------------------------ program
 
 @dataclass(slots=True)
-class Step:
-    """One node as the program runs it (picklable: the op is looked up by name at run time).
-
-    ``args``: ``("value", name)``, ``("param", name)``, ``("const", array)`` (an attribute resolved into
-    an input) or None for a skipped optional input.
-    """
-
-    name: str
-    op: str
-    layer: bool
-    attrs: dict[str, Any]
-    args: list[tuple[str, Any] | None]
-    outputs: list[str]
-    opset: int
-    params: dict[str, str] = field(default_factory=dict)  # layers: role -> IR param name
-    free: list[str] = field(default_factory=list)  # values no later step reads
-
-
-@dataclass(slots=True)
 class Program:
     """A graph ready to run: its steps, the evaluated ``Constant`` outputs, inputs and outputs."""
 
     steps: list[Step]
     constants: dict[str, np.ndarray]
-    input_specs: list[tuple[str, str | None, Any]]
+    input_specs: list[Value]
     output_names: list[str]
     opset: int
 
@@ -177,12 +169,10 @@ def _decode_tensor(data: Any) -> np.ndarray:
     return np.asarray(numpy_helper.to_array(TensorProto.FromString(data)))
 
 
-def _decoded(call: _dataflow.Call, target: str) -> dict[str, Any]:
-    """The call's attributes with TENSOR attributes as numpy and text as ``str``."""
-    record = call.node.attrs.get("onnx")
-    types = record.get("types", {}) if isinstance(record, dict) and not call.is_layer else {}
-    attrs = dict(call.attrs)
-    for key, kind in types.items():
+def _decoded(step: Step, target: str) -> dict[str, Any]:
+    """The step's attributes with TENSOR attributes as numpy and text as ``str``."""
+    attrs = dict(step.attrs)
+    for key, kind in step.types.items():
         if key not in attrs:
             continue
         if kind == "TENSOR":
@@ -190,7 +180,7 @@ def _decoded(call: _dataflow.Call, target: str) -> dict[str, Any]:
         elif kind == "STRING":
             attrs[key] = _text(attrs[key])
         elif kind in ("SPARSE_TENSOR", "GRAPH", "GRAPHS", "TENSORS", "SPARSE_TENSORS"):
-            raise ValueError(f"node {call.node.name!r} ({call.op}): attribute {key!r} of type {kind} is not "
+            raise ValueError(f"node {step.name!r} ({step.op}): attribute {key!r} of type {kind} is not "
                              f"supported by {target}")
     return attrs
 
@@ -200,9 +190,7 @@ _INPUT_FORMS: dict[str, tuple[tuple[int, str], ...]] = {
     "Squeeze": ((1, "axes"),), "Unsqueeze": ((1, "axes"),), "Split": ((1, "split"),),
     "Slice": ((1, "starts"), (2, "ends"), (3, "axes")), "Clip": ((1, "min"), (2, "max")),
     "Pad": ((1, "pads"), (2, "value")), "TopK": ((1, "k"),), "Resize": ((2, "scales"),),
-    "Upsample": ((2, "scales"),),
-    **{f"Reduce{kind}": ((1, "axes"),) for kind in ("Mean", "Sum", "Max", "Min", "Prod", "L1", "L2", "SumSquare",
-                                                    "LogSum", "LogSumExp")},
+    "Upsample": ((2, "scales"),),  # and every ReduceX: ((1, "axes"),), where the reductions are registered
 }
 
 
@@ -241,18 +229,18 @@ def _plan_frees(steps: list[Step], keep: set[str]) -> None:
 def program(graph: Graph, target: str) -> Program:
     """The program running dataflow ``graph``; ``target`` names the backend in errors.
 
-    ``ValueError`` for a graph without dataflow, with ops or layer attributes this interpreter cannot
-    run (all listed), or inconsistent (``lowrank_ir.verify``).
+    ``TypeError`` for what is not a ``Graph``; ``ValueError`` for a graph without dataflow, with ops or layer
+    attributes this interpreter cannot run (all listed), or inconsistent (``lowrank_ir.verify``).
     """
-    calls = _dataflow.calls(graph)  # ValueError for a graph without dataflow
+    if not isinstance(graph, Graph):
+        raise TypeError(f"from_dataflow takes a lowrank_ir.Graph, got {type(graph).__name__}")
+    read = _dataflow.steps(graph)  # ValueError for a graph without dataflow
     _dataflow.check_supported(graph, OPS, target)
     verify(graph)
     opset = _opset(graph)
     steps, constants = [], {}
-    for call in calls:
-        step = Step(call.node.name, call.op, call.is_layer, _decoded(call, target),
-                    [None if arg is None else (arg.kind, arg.name) for arg in call.args], list(call.outputs),
-                    opset, dict(call.node.params) if call.is_layer else {})
+    for step in read:
+        step.opset, step.attrs = opset, _decoded(step, target)
         if step.layer:
             _check_layer(step)
         elif step.op == "Constant":
@@ -269,20 +257,16 @@ def program(graph: Graph, target: str) -> Program:
     outputs = [value.name for value in graph.outputs]
     _plan_frees(steps, set(outputs))
     logger.debug("%s: %d steps, %d constants (opset %d)", target, len(steps), len(constants), opset)
-    return Program(steps, constants, [(value.name, value.dtype, value.shape) for value in graph.inputs], outputs,
-                   opset)
+    return Program(steps, constants, [Value(value.name, value.dtype, value.shape) for value in graph.inputs],
+                   outputs, opset)
 
 
 # -------------------------------------------------------------------------------------------- inputs
 
-def _show(shape: Sequence[Any]) -> str:
-    return "[" + ", ".join("?" if dim is None else str(dim) for dim in shape) + "]"
-
-
-def bind_inputs(p: Primitives, specs: Sequence[tuple[str, str | None, Any]], inputs: Sequence[Any],
-                named: Mapping[str, Any]) -> dict[str, Any]:
+def bind_inputs(p: Primitives, specs: Sequence[Value], inputs: Sequence[Any], named: Mapping[str, Any],
+                ) -> dict[str, Any]:
     """The graph inputs given by position (``specs`` order) and by name, checked: name -> tensor."""
-    names = [spec[0] for spec in specs]
+    names = [spec.name for spec in specs]
     if len(inputs) > len(names):
         raise InputError(f"the graph takes {len(names)} inputs {names}, {len(inputs)} were given")
     bound = dict(zip(names, inputs, strict=False))
@@ -296,23 +280,15 @@ def bind_inputs(p: Primitives, specs: Sequence[tuple[str, str | None, Any]], inp
     if missing:
         raise InputError(f"missing inputs {missing}; the graph takes {names}")
     feeds = {}
-    for name, dtype, shape in specs:
-        value = p.as_input(bound[name])
+    for spec in specs:
+        value = p.as_input(bound[spec.name])
         if value is None:
-            raise InputError(f"input {name!r} must be a tensor or numpy array, got {type(bound[name]).__name__}")
-        got = p.dtype(value)
-        if dtype is not None and got != dtype and not (
-                p.any_float_input and got.startswith(("float", "bfloat")) and dtype.startswith(("float", "bfloat"))):
-            raise InputError(f"input {name!r} has dtype {got}, the graph expects {dtype}")
-        given = list(p.shape(value))
-        if shape is not None and len(given) != len(shape):
-            raise InputError(f"input {name!r} has shape {given} ({len(given)} dimensions), the graph expects "
-                             f"{len(shape)} dimensions {_show(shape)}")
-        for axis, (size, want) in enumerate(zip(given, shape or (), strict=False)):
-            if isinstance(want, int) and want > 0 and size != want:
-                raise InputError(f"input {name!r} has shape {given}, the graph expects {_show(shape)} "
-                                 f"(dimension {axis} must be {want})")
-        feeds[name] = value
+            raise InputError(f"input {spec.name!r} must be a tensor or numpy array, got "
+                             f"{type(bound[spec.name]).__name__}")
+        problem = spec.mismatch(p.dtype(value), p.shape(value), any_float=p.any_float_input)
+        if problem:
+            raise InputError(problem)
+        feeds[spec.name] = value
     return feeds
 
 
@@ -369,13 +345,18 @@ def _fn(p: Primitives, name: str, *args: Any) -> Any:
     return p.functions[name](*args)
 
 
-def _positive(p: Primitives, indices: Any, size: int, like: Any) -> Any:
+def _positions(p: Primitives, indices: Any, size: int) -> np.ndarray:
     """Indices checked against an axis of ``size``, negative ones counted from the end, as int64 (eager)."""
     array = np.asarray(_array(p, indices), dtype=np.int64)
     if array.size and (int(array.min()) < -size or int(array.max()) >= size):
         raise ValueError(f"indices range over [{int(array.min())}, {int(array.max())}], out of [{-size}, {size - 1}] "
                          f"for an axis of {size}")
-    return p.tensor(np.where(array < 0, array + size, array), like)
+    return np.where(array < 0, array + size, array)
+
+
+def _positive(p: Primitives, indices: Any, size: int, like: Any) -> Any:
+    """:func:`_positions` as a tensor on ``like``'s device."""
+    return p.tensor(_positions(p, indices, size), like)
 
 
 def _pad(p: Primitives, x: Any, begins: Sequence[int], ends: Sequence[int], mode: str = "constant",
@@ -449,7 +430,7 @@ def _check_layer(step: Step) -> None:
             raise ValueError(f"{where}: a {len(attrs['kernel_size'])}-D convolution; 1-D, 2-D and 3-D are supported")
         if not str(attrs.get("data_format", "NCHW")).startswith("NC"):
             raise ValueError(f"{where}: data_format {attrs['data_format']!r} is not channels-first")
-        modes = ("zeros", "reflect", "replicate", "circular") if step.op == Op.CONV.value else ("zeros",)
+        modes = tuple(_PAD_MODES) if step.op == Op.CONV.value else ("zeros",)
         if attrs.get("padding_mode", "zeros") not in modes:
             raise ValueError(f"{where}: padding_mode {attrs['padding_mode']!r} is not one of {modes}")
     if step.op == Op.MATMUL.value and attrs.get("weight_side", "right") not in ("right", "left"):
@@ -487,6 +468,7 @@ LAYERS: dict[str, Callable[..., Any]] = {
 
 # -------------------------------------------------------------------------------------- convolutions
 
+#: A ``Conv`` layer's ``padding_mode`` -> the ``Pad`` mode that means it.
 _PAD_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "edge", "circular": "wrap"}
 
 
@@ -495,15 +477,12 @@ def _convolve(p: Primitives, x: Any, weight: Any, bias: Any, stride: Sequence[in
     """N-d (1-3) convolution; ``weight [out, in // groups, *kernel]``, ``padding`` in any IR form."""
     kernel = list(p.shape(weight)[2:])
     ndim = len(kernel)
-    if len(p.shape(x)) != ndim + 2:
-        raise ValueError(f"a {ndim}-D convolution needs a rank-{ndim + 2} input, got shape {list(p.shape(x))}")
-    if ndim not in (1, 2, 3):
-        raise ValueError(f"a {ndim}-D convolution; 1-D, 2-D and 3-D are supported")
+    if len(p.shape(x)) != ndim + 2 or ndim not in (1, 2, 3):
+        raise ValueError(f"a {ndim}-D convolution needs a rank-{ndim + 2} input (1-D, 2-D and 3-D), "
+                         f"got shape {list(p.shape(x))}")
     stride, dilation = [int(s) for s in stride], [int(d) for d in dilation]
     begins, ends = conv_pads(padding, p.shape(x)[2:], kernel, stride, dilation)
-    if begins != ends or padding_mode != "zeros":
-        if padding_mode not in _PAD_MODES:
-            raise ValueError(f"padding_mode {padding_mode!r} is not one of {sorted(_PAD_MODES)}")
+    if begins != ends or padding_mode != "zeros":  # the mode is checked when the program is built
         x = _pad(p, x, [0, 0, *begins], [0, 0, *ends], _PAD_MODES[padding_mode])
         begins = [0] * ndim
     return p.conv(x, weight, bias, stride, begins, dilation, int(groups))
@@ -556,21 +535,10 @@ def _convolve_transpose(p: Primitives, x: Any, weight: Any, bias: Any, strides: 
     return y if bias is None else y + _fn(p, "reshape", bias, (1, -1, *([1] * ndim)))
 
 
-def _onnx_padding(attrs: dict[str, Any], ndim: int) -> Any:
-    """An ONNX node's ``auto_pad``/``pads`` as an IR ``padding`` form."""
-    auto_pad = attrs.get("auto_pad", "NOTSET")
-    if auto_pad in ("NOTSET", ""):
-        return tuple(int(v) for v in attrs.get("pads", (0,) * (2 * ndim)))
-    forms = {"VALID": "valid", "SAME_UPPER": "same", "SAME_LOWER": "same_lower"}
-    if auto_pad not in forms:
-        raise ValueError(f"auto_pad {auto_pad!r} is not one of NOTSET, VALID, SAME_UPPER, SAME_LOWER")
-    return forms[auto_pad]
-
-
 @onnx_op("Conv")
 def _conv(step: Step, p: Primitives, x: Any, w: Any, b: Any = None) -> Any:
     attrs, ndim = step.attrs, len(p.shape(w)) - 2
-    return _convolve(p, x, w, b, attrs.get("strides", (1,) * ndim), _onnx_padding(attrs, ndim),
+    return _convolve(p, x, w, b, attrs.get("strides", (1,) * ndim), onnx_padding(attrs, ndim),
                      attrs.get("dilations", (1,) * ndim), int(attrs.get("group", 1)))
 
 
@@ -578,7 +546,7 @@ def _conv(step: Step, p: Primitives, x: Any, w: Any, b: Any = None) -> Any:
 def _conv_transpose(step: Step, p: Primitives, x: Any, w: Any, b: Any = None) -> Any:
     attrs, ndim = step.attrs, len(p.shape(w)) - 2
     output_shape = attrs.get("output_shape")
-    return _convolve_transpose(p, x, w, b, attrs.get("strides", (1,) * ndim), _onnx_padding(attrs, ndim),
+    return _convolve_transpose(p, x, w, b, attrs.get("strides", (1,) * ndim), onnx_padding(attrs, ndim),
                                attrs.get("dilations", (1,) * ndim), int(attrs.get("group", 1)),
                                attrs.get("output_padding", (0,) * ndim),
                                [int(v) for v in output_shape][-ndim:] if output_shape else None,
@@ -596,13 +564,11 @@ def _gemm(step: Step, p: Primitives, a: Any, b: Any, c: Any = None) -> Any:
 
 # --------------------------------------------------------------------------------------- elementwise
 
-_UNARY = {
-    "Sqrt": "sqrt", "Exp": "exp", "Log": "log", "Erf": "erf", "Relu": "relu", "Sigmoid": "sigmoid", "Tanh": "tanh",
-    "Neg": "neg", "Abs": "abs", "Reciprocal": "reciprocal", "Floor": "floor", "Ceil": "ceil", "Round": "round",
-    "Sign": "sign", "Sin": "sin", "Cos": "cos", "Tan": "tan", "Atan": "atan", "Asin": "asin", "Acos": "acos",
-    "Sinh": "sinh", "Cosh": "cosh", "Asinh": "asinh", "Acosh": "acosh", "Atanh": "atanh", "Softplus": "softplus",
-    "Not": "logical_not", "IsNaN": "isnan", "BitwiseNot": "bitwise_not",
-}
+#: ONNX elementwise op -> the primitive function it is (the op's name in lower case where not listed).
+_UNARY = {name: name.lower() for name in (
+    "Sqrt", "Exp", "Log", "Erf", "Relu", "Sigmoid", "Tanh", "Neg", "Abs", "Reciprocal", "Floor", "Ceil", "Round",
+    "Sign", "Sin", "Cos", "Tan", "Atan", "Asin", "Acos", "Sinh", "Cosh", "Asinh", "Acosh", "Atanh", "Softplus",
+)} | {"Not": "logical_not", "IsNaN": "isnan", "BitwiseNot": "bitwise_not"}
 _BINARY = {
     "Add": "add", "Sub": "sub", "Mul": "mul", "And": "logical_and", "Or": "logical_or", "Xor": "logical_xor",
     "Equal": "equal", "Less": "less", "Greater": "greater", "LessOrEqual": "less_equal",
@@ -824,7 +790,7 @@ class _Windows:
     dilations: list[int]
     outputs: list[int]
     begins: list[int]
-    ends: list[int]
+    ends: list[int]  # the pads at the end, and past them the overhang of ``ceil_mode``'s last window
     overhang: list[int]
 
     def ranges(self) -> list[list[tuple[int, int, int]]]:
@@ -844,7 +810,7 @@ def _pool_windows(attrs: dict[str, Any], sizes: Sequence[int]) -> _Windows:
         raise ValueError(f"kernel_shape {kernel} needs a {ndim + 2}-D input, got {len(sizes) + 2} dimensions")
     strides = [int(s) for s in attrs.get("strides", (1,) * ndim)]
     dilations = [int(d) for d in attrs.get("dilations", (1,) * ndim)]
-    begins, ends = conv_pads(_onnx_padding(attrs, ndim), sizes, kernel, strides, dilations)
+    begins, ends = conv_pads(onnx_padding(attrs, ndim), sizes, kernel, strides, dilations)
     ceil = bool(attrs.get("ceil_mode", 0))
     outputs, overhang = [], []
     for size, k, s, d, begin, end in zip(sizes, kernel, strides, dilations, begins, ends, strict=True):
@@ -857,11 +823,13 @@ def _pool_windows(attrs: dict[str, Any], sizes: Sequence[int]) -> _Windows:
             count -= 1
         outputs.append(count)
         overhang.append(max((count - 1) * s + span - (size + begin + end), 0))
+    ends = [end + extra for end, extra in zip(ends, overhang, strict=True)]
     return _Windows(kernel, strides, dilations, outputs, begins, ends, overhang)
 
 
-def _window_slices(p: Primitives, x: Any, windows: _Windows) -> list[Any]:
-    """For each kernel offset, the strided slice of (padded) ``x`` its windows read."""
+def _window_slices(p: Primitives, x: Any, windows: _Windows, fill: Any = 0) -> list[Any]:
+    """For each kernel offset, the strided slice its windows read of ``x`` padded with ``fill``."""
+    x = _pad(p, x, [0, 0, *windows.begins], [0, 0, *windows.ends], value=fill)
     lead = list(p.shape(x)[:2])
     return [_fn(p, "strided_slice", x, [0, 0, *begin], [*lead, *end], [1, 1, *step])
             for begin, end, step in (zip(*axes, strict=True) for axes in windows.ranges())]
@@ -883,16 +851,13 @@ def _max_pool(step: Step, p: Primitives, x: Any) -> Any:
     """The maximum over each window; the optional Indices output holds the first maximum's flat position."""
     shape = p.shape(x)
     windows = _pool_windows(step.attrs, shape[2:])
-    ends = [e + o for e, o in zip(windows.ends, windows.overhang, strict=True)]
-    dtype = p.dtype(x)
-    lowest = -math.inf if _is_float(p, x) else int(np.iinfo(np.dtype(dtype)).min)
-    padded = _pad(p, x, [0, 0, *windows.begins], [0, 0, *ends], value=lowest)
-    slices = _window_slices(p, padded, windows)
+    lowest = -math.inf if _is_float(p, x) else int(np.iinfo(np.dtype(p.dtype(x))).min)
+    slices = _window_slices(p, x, windows, lowest)
     if not (len(step.outputs) > 1 and step.outputs[1]):
         return functools.reduce(p.functions["maximum"], slices)
     result = slices[0]
     positions = np.pad(_flat_positions(shape, bool(step.attrs.get("storage_order", 0))),
-                       [(0, 0), (0, 0), *zip(windows.begins, ends, strict=True)], constant_values=-1)
+                       [(0, 0), (0, 0), *zip(windows.begins, windows.ends, strict=True)], constant_values=-1)
     found = None
     for piece, axes in zip(slices, windows.ranges(), strict=True):
         where = p.tensor(positions[(slice(None), slice(None), *(slice(*axis) for axis in axes))], x)
@@ -910,14 +875,13 @@ def _average_pool(step: Step, p: Primitives, x: Any) -> Any:
     """Window sums divided by the number of elements counted (pads only with ``count_include_pad``)."""
     sizes = list(p.shape(x)[2:])
     windows = _pool_windows(step.attrs, sizes)
-    ends = [e + o for e, o in zip(windows.ends, windows.overhang, strict=True)]
-    total = functools.reduce(operator.add, _window_slices(p, _pad(p, x, [0, 0, *windows.begins], [0, 0, *ends]),
-                                                          windows))
-    if step.attrs.get("count_include_pad", 0):
-        counted = np.pad(np.ones([s + b + e for s, b, e in zip(sizes, windows.begins, windows.ends, strict=True)]),
+    total = functools.reduce(operator.add, _window_slices(p, x, windows))
+    pads = list(zip(windows.begins, windows.ends, strict=True))
+    if step.attrs.get("count_include_pad", 0):  # the pads count, the overhang does not
+        counted = np.pad(np.ones([s + b + e - o for s, (b, e), o in zip(sizes, pads, windows.overhang, strict=True)]),
                          [(0, o) for o in windows.overhang])
     else:
-        counted = np.pad(np.ones(sizes), list(zip(windows.begins, ends, strict=True)))
+        counted = np.pad(np.ones(sizes), pads)
     counts = sum(counted[tuple(slice(*axis) for axis in axes)] for axes in windows.ranges())
     return total / p.tensor(np.asarray(counts, dtype=p.dtype(x) if p.dtype(x) != "bfloat16" else "float32"), x)
 
@@ -954,6 +918,7 @@ def _reduction(name: str) -> OpFunction:
 
 for _name in _REDUCTIONS:
     OPS[_name] = _reduction(_name)
+    _INPUT_FORMS[_name] = ((1, "axes"),)
 
 
 def _arg_reduction(kind: str) -> OpFunction:
@@ -1097,7 +1062,7 @@ def _gather(step: Step, p: Primitives, x: Any, indices: Any) -> Any:
     return _fn(p, "reshape", _fn(p, "take", x, flat, axis), (*shape[:axis], *indices.shape, *shape[axis + 1:]))
 
 
-def _nd_indices(p: Primitives, x: Any, indices: Any, batch: int) -> Any:
+def _nd_indices(p: Primitives, x: Any, indices: Any, batch: int) -> np.ndarray:
     """GatherND/ScatterND indices counted from the start, ``batch`` leading coordinates prepended (eager)."""
     array = _array(p, indices).astype(np.int64)
     sizes = np.array(p.shape(x)[batch:batch + array.shape[-1]], dtype=np.int64)
@@ -1107,7 +1072,7 @@ def _nd_indices(p: Primitives, x: Any, indices: Any, batch: int) -> Any:
         grids = np.meshgrid(*(np.arange(n) for n in lead[:batch]), indexing="ij")
         coordinates = [np.broadcast_to(g.reshape(g.shape + (1,) * (len(lead) - batch)), lead) for g in grids]
         array = np.concatenate([np.stack(coordinates, axis=-1), array], axis=-1)
-    return p.tensor(array.astype(np.int64), x)
+    return array.astype(np.int64)
 
 
 def _constant_array(attrs: dict[str, Any]) -> np.ndarray:
@@ -1126,10 +1091,43 @@ def _broadcast(p: Primitives, x: Any, shape: Any) -> Any:
     return x if target == p.shape(x) else _fn(p, "broadcast_to", x, target)
 
 
+#: ONNX scatter ``reduction``s: how an update combines with the value it lands on.
+SCATTER_REDUCTIONS = ("none", "add", "mul", "max", "min")
+
+
+def _scatter_rows(p: Primitives, x: Any, rows: np.ndarray, updates: Any, rest: Sequence[int], reduction: Any) -> Any:
+    """``x`` seen as a table ``[-1, *rest]`` whose ``rows`` (flat int64) take ``updates`` by ``reduction``.
+
+    ``p.scatter_rows(table, rows, updates [len(rows), *rest], reduction)`` replaces the rows (``none``) or
+    combines each update with its row (``add``, ``mul``, ``max``, ``min``; repeated rows accumulate).
+    """
+    if reduction not in SCATTER_REDUCTIONS:
+        raise ValueError(f"reduction {reduction!r} is not one of {', '.join(SCATTER_REDUCTIONS)}")
+    table = _fn(p, "reshape", x, (-1, *rest))
+    flat_rows = p.tensor(rows.reshape(-1), x)
+    changed = p.scatter_rows(table, flat_rows, _fn(p, "reshape", updates, (rows.size, *rest)), reduction)
+    return _fn(p, "reshape", changed, p.shape(x))
+
+
+@onnx_op("ScatterND")
+def _scatter_nd(step: Step, p: Primitives, x: Any, indices: Any, updates: Any) -> Any:
+    """Each index ``[..., k]`` names a row of ``x`` seen as ``[positions of its first k axes, rest]``."""
+    shape = p.shape(x)
+    coordinates = _nd_indices(p, x, indices, 0)
+    depth = coordinates.shape[-1]
+    rows = np.ravel_multi_index(tuple(np.moveaxis(coordinates, -1, 0)), shape[:depth])
+    return _scatter_rows(p, x, rows, updates, shape[depth:], step.attrs.get("reduction", "none"))
+
+
+@onnx_op("ScatterElements", "Scatter")
 def _scatter_elements(step: Step, p: Primitives, x: Any, indices: Any, updates: Any) -> Any:
-    axis = _axis(step.attrs.get("axis", 0), len(p.shape(x)))
-    return p.scatter_elements(x, axis, _positive(p, indices, p.shape(x)[axis], x), updates,
-                              step.attrs.get("reduction", "none"))
+    """Each update lands at its own position, but for its index along ``axis``."""
+    shape = p.shape(x)
+    axis = _axis(step.attrs.get("axis", 0), len(shape))
+    coordinates = list(np.indices(_array(p, indices).shape))
+    coordinates[axis] = _positions(p, indices, shape[axis])
+    rows = np.ravel_multi_index(tuple(coordinates), shape)
+    return _scatter_rows(p, x, rows, updates, (), step.attrs.get("reduction", "none"))
 
 
 OPS.update({
@@ -1140,12 +1138,8 @@ OPS.update({
     "GatherElements": lambda step, p, x, indices: _fn(
         p, "gather_elements", x, _axis(step.attrs.get("axis", 0), len(p.shape(x))),
         _positive(p, indices, p.shape(x)[_axis(step.attrs.get("axis", 0), len(p.shape(x)))], x)),
-    "GatherND": lambda step, p, x, indices: _fn(p, "gather_nd", x, _nd_indices(p, x, indices,
-                                                                                int(step.attrs.get("batch_dims", 0)))),
-    "ScatterND": lambda step, p, x, indices, updates: p.scatter_nd(x, _nd_indices(p, x, indices, 0), updates,
-                                                                    step.attrs.get("reduction", "none")),
-    "ScatterElements": _scatter_elements,
-    "Scatter": _scatter_elements,
+    "GatherND": lambda step, p, x, indices: _fn(p, "gather_nd", x, p.tensor(
+        _nd_indices(p, x, indices, int(step.attrs.get("batch_dims", 0))), x)),
     "Expand": lambda step, p, x, shape: _broadcast(p, x, shape),
     "Constant": lambda step, p: p.tensor(_constant_array(step.attrs)),
     "Range": lambda step, p, start, limit, delta: p.tensor(np.arange(

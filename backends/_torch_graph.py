@@ -17,8 +17,8 @@ state-dict key -> IR name; :func:`graph_params` gives the current values by IR n
 initialisation for their layer type, or zeros, ready for ``load_state_dict``; buffers always come
 from the graph. ``Constant`` node outputs are non-persistent buffers under ``_constants``. Inputs go
 by position or by name; any float dtype is accepted for a float input (a ``.double()`` module runs in
-float64). Errors are the interpreter's: ``ValueError`` before anything is built, ``InputError``,
-``NodeError`` (a ``RuntimeError``) naming the node.
+float64). Errors are the interpreter's: ``TypeError`` or ``ValueError`` before anything is built,
+``InputError``, ``NodeError`` (a ``RuntimeError``) naming the node.
 """
 
 from __future__ import annotations
@@ -50,51 +50,27 @@ CONSTANTS = "_constants"
 
 # ---------------------------------------------------------------------------------- primitives
 
-_DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in (
-    "float32", "float16", "float64", "bfloat16", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32",
-    "uint64", "bool")}
+_DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in interpreter.ONNX_DTYPES.values()}
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+#: Scatter reductions as ``torch.scatter_reduce`` names them.
 _SCATTER_REDUCE = {"add": "sum", "mul": "prod", "max": "amax", "min": "amin"}
 
 
-def _prod(x: Tensor, dims: Sequence[int], keep: bool) -> Tensor:
-    for dim in sorted(dims, reverse=True):
-        x = torch.prod(x, dim=dim, keepdim=keep)
-    return x
-
-
-_REDUCE: dict[str, Callable[[Tensor, Sequence[int], bool], Tensor]] = {
-    "sum": lambda x, dims, keep: torch.sum(x, dim=tuple(dims), keepdim=keep),
-    "mean": lambda x, dims, keep: torch.mean(x, dim=tuple(dims), keepdim=keep),
-    "max": lambda x, dims, keep: torch.amax(x, dim=tuple(dims), keepdim=keep),
-    "min": lambda x, dims, keep: torch.amin(x, dim=tuple(dims), keepdim=keep),
-    "prod": _prod,
-    "logsumexp": lambda x, dims, keep: torch.logsumexp(x, dim=tuple(dims), keepdim=keep),
-}
+#: Reductions over several axes at once (``prod`` is computed one axis at a time).
+_REDUCE: dict[str, Callable[..., Tensor]] = {
+    "sum": torch.sum, "mean": torch.mean, "max": torch.amax, "min": torch.amin, "logsumexp": torch.logsumexp}
 
 
 class TorchPrimitives:
     """PyTorch's primitives for the ONNX interpreter (``_onnx_interpreter.Primitives``)."""
 
     any_float_input = True
-    functions: dict[str, Callable[..., Any]] = {
-        "add": torch.add, "sub": torch.sub, "mul": torch.mul, "div": torch.div,
-        "trunc_div": lambda a, b: torch.div(a, b, rounding_mode="trunc"), "pow": torch.pow, "fmod": torch.fmod,
-        "remainder": torch.remainder, "maximum": torch.maximum, "minimum": torch.minimum, "equal": torch.eq,
-        "less": torch.lt, "greater": torch.gt, "less_equal": torch.le, "greater_equal": torch.ge,
-        "logical_and": torch.logical_and, "logical_or": torch.logical_or, "logical_xor": torch.logical_xor,
-        "logical_not": torch.logical_not, "bitwise_and": torch.bitwise_and, "bitwise_or": torch.bitwise_or,
-        "bitwise_xor": torch.bitwise_xor, "bitwise_not": torch.bitwise_not,
-        "left_shift": torch.bitwise_left_shift, "right_shift": torch.bitwise_right_shift,
-        "sqrt": torch.sqrt, "exp": torch.exp, "log": torch.log, "erf": torch.erf, "relu": torch.relu,
-        "sigmoid": torch.sigmoid, "tanh": torch.tanh, "neg": torch.neg, "abs": torch.abs,
-        "reciprocal": torch.reciprocal, "floor": torch.floor, "ceil": torch.ceil, "round": torch.round,
-        "sign": torch.sign, "sin": torch.sin, "cos": torch.cos, "tan": torch.tan, "asin": torch.asin,
-        "acos": torch.acos, "atan": torch.atan, "sinh": torch.sinh, "cosh": torch.cosh, "asinh": torch.asinh,
-        "acosh": torch.acosh, "atanh": torch.atanh, "softplus": F.softplus, "isnan": torch.isnan,
-        "isinf": torch.isinf, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
-        "where": torch.where, "softmax": torch.softmax, "log_softmax": torch.log_softmax,
+    functions: dict[str, Callable[..., Any]] = {name: getattr(torch, name) for name in interpreter.COMMON_FUNCTIONS} | {
+        "equal": torch.eq, "trunc_div": lambda a, b: torch.div(a, b, rounding_mode="trunc"),
+        "bitwise_not": torch.bitwise_not, "left_shift": torch.bitwise_left_shift,
+        "right_shift": torch.bitwise_right_shift, "softplus": F.softplus, "gelu": F.gelu,
+        "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
         "reshape": lambda x, shape: x.reshape(tuple(shape)), "transpose": lambda x, perm: x.permute(*perm),
         "concat": lambda xs, axis: torch.cat(list(xs), dim=axis),
         "split": lambda x, sizes, axis: torch.split(x, list(sizes), dim=axis),
@@ -103,8 +79,7 @@ class TorchPrimitives:
         "gather_elements": lambda x, axis, indices: torch.gather(x, axis, indices),
         "gather_nd": lambda x, indices: x[tuple(indices.unbind(-1))],
         "broadcast_to": lambda x, shape: x.expand(tuple(shape)), "tile": lambda x, repeats: x.repeat(*repeats),
-        "flip": lambda x, axes: torch.flip(x, dims=tuple(axes)), "cumsum": lambda x, axis: torch.cumsum(x, dim=axis),
-        "matmul": torch.matmul,
+        "flip": lambda x, axes: torch.flip(x, dims=tuple(axes)),
     }
 
     def as_input(self, value: Any) -> Tensor | None:
@@ -129,17 +104,11 @@ class TorchPrimitives:
     def cast(self, x: Tensor, dtype: str) -> Tensor:
         return x.to(_DTYPES[dtype])
 
-    def scatter_elements(self, x: Tensor, axis: int, indices: Tensor, updates: Tensor, reduction: str) -> Tensor:
+    def scatter_rows(self, x: Tensor, rows: Tensor, updates: Tensor, reduction: str) -> Tensor:
+        index = rows.reshape(-1, *[1] * (x.dim() - 1)).expand_as(updates)
         if reduction == "none":
-            return torch.scatter(x, axis, indices, updates)
-        if reduction not in _SCATTER_REDUCE:
-            raise ValueError(f"ScatterElements reduction {reduction!r} is not one of none, {sorted(_SCATTER_REDUCE)}")
-        return torch.scatter_reduce(x, axis, indices, updates, _SCATTER_REDUCE[reduction], include_self=True)
-
-    def scatter_nd(self, x: Tensor, indices: Tensor, updates: Tensor, reduction: str) -> Tensor:
-        if reduction not in ("none", "add"):
-            raise ValueError(f"ScatterND reduction {reduction!r} is not supported ('none', 'add')")
-        return x.clone().index_put_(tuple(indices.unbind(-1)), updates, accumulate=reduction == "add")
+            return torch.scatter(x, 0, index, updates)
+        return torch.scatter_reduce(x, 0, index, updates, _SCATTER_REDUCE[reduction], include_self=True)
 
     def pad(self, x: Tensor, begins: Sequence[int], ends: Sequence[int], value: Any = 0) -> Tensor:
         amounts = [int(v) for axis in reversed(range(len(begins))) for v in (begins[axis], ends[axis])]
@@ -150,7 +119,11 @@ class TorchPrimitives:
                           device=like.device if isinstance(like, Tensor) else None)
 
     def reduce(self, kind: str, x: Tensor, axes: Sequence[int], keep: bool) -> Tensor:
-        return _REDUCE[kind](x, axes, keep)
+        if kind != "prod":
+            return _REDUCE[kind](x, dim=tuple(axes), keepdim=keep)
+        for axis in sorted(axes, reverse=True):
+            x = torch.prod(x, dim=axis, keepdim=keep)
+        return x
 
     def arg(self, kind: str, x: Tensor, axis: int, keep: bool) -> Tensor:
         return (torch.argmax if kind == "argmax" else torch.argmin)(x, dim=axis, keepdim=keep)
@@ -220,7 +193,7 @@ def state_keys(names: Iterable[str]) -> dict[str, str]:
 # ---------------------------------------------------------------------------------------- module
 
 #: Attributes GraphModule sets on itself (reserved: no param may take these names).
-_OWN_ATTRIBUTES = ("param_names", "input_specs", "output_names", "opset", "_program", "_keys", "_constant_keys")
+_OWN_ATTRIBUTES = ("param_names", "input_specs", "output_names", "opset", "_program", "_constant_keys")
 
 
 class GraphModule(nn.Module):
@@ -228,15 +201,13 @@ class GraphModule(nn.Module):
 
     Attributes:
         param_names: state-dict key -> IR param name, for every parameter and persistent buffer.
-        input_specs: the graph inputs ``(name, dtype, shape)`` ``forward`` takes, in order.
+        input_specs: the graph inputs (``lowrank_ir.Value``: name, dtype, shape) ``forward`` takes, in order.
         output_names: the graph outputs ``forward`` returns, in order.
         opset: the ONNX opset the opaque nodes are run at.
     """
 
     def __init__(self, graph: Graph, *, weights: bool = True) -> None:
         super().__init__()
-        if not isinstance(graph, Graph):
-            raise TypeError(f"from_dataflow takes a lowrank_ir.Graph, got {type(graph).__name__}")
         program = interpreter.program(graph, "the PyTorch backend")
         self.opset = program.opset
         self.input_specs = program.input_specs
@@ -258,7 +229,6 @@ class GraphModule(nn.Module):
         layer_roles = {name: (step, role) for step in reversed(steps) if step.layer
                        for role, name in step.params.items()}
         keys = state_keys(ordered)
-        self._keys = keys
         self.param_names = {key: name for name, key in keys.items()}
         for name in ordered:
             array = np.asarray(graph.params[name])
@@ -315,7 +285,7 @@ class GraphModule(nn.Module):
         for step in self._program.steps:
             ops[step.op] = ops.get(step.op, 0) + 1
         listed = ", ".join(f"{op}: {count}" for op, count in sorted(ops.items()))
-        return f"inputs={[spec[0] for spec in self.input_specs]}, outputs={self.output_names}, nodes={{{listed}}}"
+        return f"inputs={[spec.name for spec in self.input_specs]}, outputs={self.output_names}, nodes={{{listed}}}"
 
 
 def _initial(array: np.ndarray, use: tuple[interpreter.Step, str] | None) -> Tensor:
@@ -343,17 +313,7 @@ def _initial(array: np.ndarray, use: tuple[interpreter.Step, str] | None) -> Ten
 
 
 def from_dataflow(graph: Graph, *, weights: bool = True) -> GraphModule:
-    """The whole model of a dataflow ``graph`` as a trainable :class:`GraphModule`.
-
-    Args:
-        graph: a graph lowered from ONNX (``frontends.onnx.lower``), possibly decomposed by the engine.
-        weights: fill the parameters from the graph; ``False`` builds the structure only (see the module
-            docstring), for a state dict to be loaded.
-
-    Raises:
-        ValueError: the graph has no dataflow, uses ops this backend cannot run (all listed), or is
-            inconsistent (``lowrank_ir.verify``).
-    """
+    """The whole model of a dataflow ``graph`` as a trainable :class:`GraphModule` (see the module docstring)."""
     return GraphModule(graph, weights=weights)
 
 
@@ -361,14 +321,7 @@ def graph_params(module: GraphModule) -> dict[str, np.ndarray]:
     """The module's parameters and buffers by IR param name, as numpy arrays (copies, on the CPU)."""
     if not isinstance(module, GraphModule):
         raise TypeError(f"graph_params takes a GraphModule (from from_dataflow), got {type(module).__name__}")
-    named: dict[str, Tensor] = dict(module.named_parameters(remove_duplicate=False))
-    named.update(module.named_buffers(remove_duplicate=False))
-    result = {}
-    for key, name in module.param_names.items():
-        tensor = named[key].detach().cpu()
-        if tensor.dtype == torch.bfloat16:
-            tensor = tensor.float()
-        result[name] = tensor.numpy().copy()
-    return result
+    tensors = module._tensors()
+    return {name: PRIMITIVES.array(tensors[name]).copy() for name in module.param_names.values()}
 
 

@@ -60,7 +60,7 @@ from frontends.onnx import (
 )
 from lowrank_ir import Graph, Node, Op, Value, verify
 from lowrank_ir._files import FILE_MODE, SafeWriteUmask, atomic_write, temporary_folder
-from lowrank_ir._ir import source_attrs
+from lowrank_ir._ir import AUTO_PAD, source_attrs
 from lowrank_ir._limits import check_array, check_npz, limited
 from lowrank_ir._protocols import Backend, NativeBackend
 
@@ -344,7 +344,7 @@ class _Writer:
         padding = attrs["padding"]
         extra: dict[str, Any] = {}
         if isinstance(padding, str):
-            extra["auto_pad"] = {"same": "SAME_UPPER", "same_lower": "SAME_LOWER", "valid": "VALID"}[padding]
+            extra["auto_pad"] = {form: name for name, form in AUTO_PAD.items()}[padding]
         else:
             pads = [int(p) for p in padding]
             extra["pads"] = pads + pads if len(pads) == ndim else pads

@@ -69,7 +69,7 @@ from lowrank_ir import Graph, LayerStats, Node, Op, Value, verify
 from lowrank_ir._budget import first_elements, relative_output_errors
 from lowrank_ir._calibration import MomentSums
 from lowrank_ir._files import path_inside
-from lowrank_ir._ir import DEFAULT_DOMAINS, RESERVED_ATTRS
+from lowrank_ir._ir import DEFAULT_DOMAINS, RESERVED_ATTRS, onnx_padding
 from lowrank_ir._limits import check_array, check_bytes, format_bytes, limited
 from lowrank_ir._protocols import Frontend
 
@@ -735,18 +735,10 @@ class _Lowering:
         if tuple(attrs.get("kernel_shape", kernel)) != kernel:
             return f"kernel_shape {attrs['kernel_shape']} does not match the weight {weight.shape}"
         group = int(attrs.get("group", 1))
-        auto_pad = attrs.get("auto_pad", "NOTSET")
-        auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
-        padding: tuple[int, ...] | str
-        if auto_pad in ("NOTSET", ""):
-            pads = tuple(int(p) for p in attrs.get("pads", (0,) * (2 * ndim)))
-            if len(pads) != 2 * ndim:
-                return f"pads {pads} do not have {2 * ndim} entries"
-            padding = pads[:ndim] if pads[:ndim] == pads[ndim:] else pads
-        else:
-            padding = {"VALID": "valid", "SAME_UPPER": "same", "SAME_LOWER": "same_lower"}.get(auto_pad, "")
-            if not padding:
-                return f"auto_pad {auto_pad!r} is unknown"
+        try:
+            padding = onnx_padding(attrs, ndim)
+        except ValueError as err:
+            return str(err)
         ir_attrs = {
             "in_channels": int(weight.shape[1]) * group, "out_channels": int(weight.shape[0]),
             "kernel_size": kernel, "stride": tuple(int(s) for s in attrs.get("strides", (1,) * ndim)),
@@ -1134,26 +1126,15 @@ def check_feeds(model: ModelProto, feeds: object, where: str = "feeds") -> dict[
             checked[name] = value
             continue
         array = np.asarray(value)
-        if str(array.dtype) != spec.dtype:
-            raise ValueError(f"{where}: input {name!r} has dtype {array.dtype}, the model expects {spec.dtype}")
-        if spec.shape is not None:
-            if array.ndim != len(spec.shape):
-                raise ValueError(f"{where}: input {name!r} has shape {list(array.shape)}, the model expects "
-                                 f"{len(spec.shape)} dimensions {_show(spec.shape)}")
-            for axis, (got, want) in enumerate(zip(array.shape, spec.shape, strict=True)):
-                if isinstance(want, int) and want > 0 and got != want:
-                    raise ValueError(f"{where}: input {name!r} has shape {list(array.shape)}, the model expects "
-                                     f"{_show(spec.shape)} (dimension {axis} must be {want})")
+        problem = spec.mismatch(str(array.dtype), array.shape, "model")
+        if problem:
+            raise ValueError(f"{where}: {problem}")
         if array.dtype.kind in "fc" and not np.isfinite(array).all():  # NaN compares false: checks would pass
             bad = int(array.size - np.count_nonzero(np.isfinite(array)))
             raise ValueError(f"{where}: input {name!r} has {bad} of {array.size} values not finite (NaN or Inf); "
                              f"feeds must be finite numbers")
         checked[name] = array
     return checked
-
-
-def _show(shape: Sequence[int | str | None]) -> str:
-    return "[" + ", ".join("?" if dim is None else str(dim) for dim in shape) + "]"
 
 
 # -------------------------------------------------------------------------------------- statistics

@@ -22,7 +22,8 @@ The op set is closed (:class:`Op`). Each op's attributes are documented once, he
                 ``"same"`` (output size ceil(input / stride), the total padding split with any odd
                 extra at the end: ONNX ``SAME_UPPER``, MindSpore ``pad_mode="same"``, PyTorch
                 ``padding="same"`` at stride 1); ``"same_lower"`` (the same with the odd extra at the
-                beginning: ONNX ``SAME_LOWER``); :func:`conv_pads` turns any form into explicit pads.
+                beginning: ONNX ``SAME_LOWER``); :func:`conv_pads` turns any form into explicit pads,
+                :func:`onnx_padding` an ONNX ``auto_pad``/``pads`` pair into a form.
                 Optional ``data_format`` (``"NCW"``, ``"NCHW"``; MindSpore ``"NHWC"`` layers are lowered
                 locked, with the weight in the IR's channels-first layout).
 ``ConvTranspose`` weight ``[in_channels, out_channels // groups, *kernel_size]``; attrs as ``Conv``
@@ -69,8 +70,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["DEFAULT_DOMAINS", "RESERVED_ATTRS", "Graph", "GraphError", "Node", "Op", "Value", "conv_pads",
-           "source_attrs", "verify"]
+__all__ = ["AUTO_PAD", "DEFAULT_DOMAINS", "RESERVED_ATTRS", "Graph", "GraphError", "Node", "Op", "Value",
+           "conv_pads", "onnx_padding", "source_attrs", "verify"]
 
 
 def conv_pads(padding: Any, sizes: Sequence[int], kernel: Sequence[int], stride: Sequence[int],
@@ -102,6 +103,28 @@ def conv_pads(padding: Any, sizes: Sequence[int], kernel: Sequence[int], stride:
     if len(pads) == 2 * ndim:
         return pads[:ndim], pads[ndim:]
     raise ValueError(f"padding {tuple(pads)!r} has neither {ndim} (per axis) nor {2 * ndim} (begin..., end...) entries")
+
+
+#: ONNX ``auto_pad`` -> the ``Conv`` ``padding`` form it means (``NOTSET`` means the explicit ``pads``).
+AUTO_PAD = {"VALID": "valid", "SAME_UPPER": "same", "SAME_LOWER": "same_lower"}
+
+
+def onnx_padding(attrs: Mapping[str, Any], ndim: int) -> tuple[int, ...] | str:
+    """An ONNX node's ``auto_pad`` and ``pads`` attributes (``attrs``) as an ``ndim``-D ``Conv`` ``padding``.
+
+    ``NOTSET`` (the default) takes ``pads`` (``2 * ndim`` ints, zeros when absent), written as ``ndim``
+    ints when both ends agree; the other ``auto_pad`` values map through :data:`AUTO_PAD`. ``ValueError``
+    for an unknown ``auto_pad`` or ``pads`` of the wrong length.
+    """
+    auto_pad, pads = attrs.get("auto_pad", "NOTSET"), attrs.get("pads")
+    if auto_pad in ("NOTSET", ""):
+        values = tuple(int(p) for p in (pads if pads is not None else (0,) * (2 * ndim)))
+        if len(values) != 2 * ndim:
+            raise ValueError(f"pads {values!r} do not have {2 * ndim} entries (begin..., end...)")
+        return values[:ndim] if values[:ndim] == values[ndim:] else values
+    if auto_pad not in AUTO_PAD:
+        raise ValueError(f"auto_pad {auto_pad!r} is not one of NOTSET, {', '.join(AUTO_PAD)}")
+    return AUTO_PAD[auto_pad]
 
 
 class Op(str, enum.Enum):
@@ -155,6 +178,30 @@ class Value:
     name: str
     dtype: str | None = None
     shape: tuple[int | str | None, ...] | None = None
+
+    def mismatch(self, dtype: str, shape: Sequence[int], holder: str = "graph", any_float: bool = False,
+                 ) -> str | None:
+        """Why an array of ``dtype`` and ``shape`` cannot feed this input (``input 'x' has ...``), or None.
+
+        The dtype must be this one (any float dtype for a float input when ``any_float``); the rank and
+        every fixed (positive) dim must be this shape's. An unknown dtype or shape accepts any; ``holder``
+        names what declares the input (``graph``, ``model``).
+        """
+        floats = ("float", "bfloat")
+        if self.dtype is not None and dtype != self.dtype and not (
+                any_float and dtype.startswith(floats) and self.dtype.startswith(floats)):
+            return f"input {self.name!r} has dtype {dtype}, the {holder} expects {self.dtype}"
+        if self.shape is None:
+            return None
+        given, shown = list(shape), "[" + ", ".join("?" if dim is None else str(dim) for dim in self.shape) + "]"
+        if len(given) != len(self.shape):
+            return (f"input {self.name!r} has shape {given} ({len(given)} dimensions), the {holder} expects "
+                    f"{len(self.shape)} dimensions {shown}")
+        for axis, (size, want) in enumerate(zip(given, self.shape, strict=True)):
+            if isinstance(want, int) and want > 0 and size != want:
+                return (f"input {self.name!r} has shape {given}, the {holder} expects {shown} "
+                        f"(dimension {axis} must be {want})")
+        return None
 
 
 @dataclass(slots=True, eq=False)

@@ -9,7 +9,7 @@ API (read by ``tests/test_graph_interpreter.py``, which runs every case in PyTor
 through the one ONNX interpreter, and by the two frameworks' rebuild tests):
 
 - ``CASES``: list of :class:`Case` (``.name``, ``.model``, ``.feeds`` name -> ``np.ndarray``, ``.ops``);
-  ``cases_for(ops)`` the cases using only ``ops``; ``REQUIRED_OPS`` the ops issue 7 asks for;
+  ``cases_for(ops)`` the cases using only ``ops``; ``REQUIRED_OPS`` the ops every rebuilder must run;
 - :func:`reference` runs a case in onnxruntime; :func:`relative_error` is the agreement measure,
   ``max |got - ref| / max |ref|`` (exact equality for integer and boolean outputs), and
   ``TOLERANCE`` the bound every rebuilt case must meet.
@@ -31,7 +31,7 @@ __all__ = ["CASES", "REQUIRED_OPS", "TOLERANCE", "Case", "cases_for", "reference
 #: Relative error (max |d| / max |ref|) a rebuilt model may have against onnxruntime.
 TOLERANCE = 1e-4
 
-#: The ONNX ops issue 7 asks every rebuilder to cover (the cases cover more).
+#: The ONNX ops every rebuilder must run (the cases cover more).
 REQUIRED_OPS = frozenset({
     "Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "Exp", "Erf", "Relu",
     "LeakyRelu", "Sigmoid", "Tanh", "Gelu", "HardSigmoid", "HardSwish", "Clip", "Softmax", "LayerNormalization",
@@ -900,6 +900,19 @@ def _scatter(rng):
              "eidx": np.array([[[0], [2]], [[1], [-1]]], np.int64), "eupd": normal(rng, 2, 2, 1)}
     return nodes, {"x": normal(rng, 2, 3, 4)}, [("a", FLOAT), ("b", FLOAT)], inits, 13
 
+
+
+@case("ScatterND ScatterElements reductions")
+def _scatter_reductions(rng):
+    """add, mul, max and min with a repeated target, which every reduction accumulates."""
+    kinds = ("add", "mul", "max", "min")
+    nodes = [node("ScatterND", ["x", "idx", "upd"], [f"nd_{kind}"], reduction=kind) for kind in kinds]
+    nodes += [node("ScatterElements", ["x", "eidx", "eupd"], [f"elements_{kind}"], axis=1, reduction=kind)
+              for kind in kinds]
+    inits = {"idx": np.array([[0, 1], [1, -1], [0, 1]], np.int64), "upd": normal(rng, 3, 4),
+             "eidx": np.array([[[0], [0]], [[1], [-1]]], np.int64), "eupd": normal(rng, 2, 2, 1)}
+    outputs = [(f"{prefix}_{kind}", FLOAT) for prefix in ("nd", "elements") for kind in kinds]
+    return nodes, {"x": normal(rng, 2, 3, 4)}, outputs, inits, 18
 
 
 @case("Scatter opset 10")

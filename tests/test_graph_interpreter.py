@@ -3,12 +3,14 @@
 Every one-op case of ``rebuild_cases`` runs in both frameworks through the same op table and must
 agree with onnxruntime (dtype equal, ``relative_error`` within ``TOLERANCE``); both containers take
 inputs by name, raise the same errors, and free values no later node reads; old-opset attribute forms
-are resolved when the program is built; no ONNX op is named in the framework modules.
+are resolved when the program is built; no ONNX op is named in the framework modules, and each
+framework supplies exactly the primitive functions the interpreter calls.
 """
 
 from __future__ import annotations
 
 import ast
+import importlib
 import os
 from pathlib import Path
 from typing import Any
@@ -149,6 +151,20 @@ def test_a_failing_node_is_one_error_naming_it(framework: str) -> None:
     assert isinstance(caught.value, RuntimeError) and caught.value.__cause__ is not None
 
 
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_an_unknown_scatter_reduction_is_named(framework: str) -> None:
+    nodes = [helper.make_node("ScatterElements", ["x", "i", "u"], ["y"], name="scatter", reduction="mean")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+                              [numpy_helper.from_array(np.zeros((2, 1), np.int64), "i"),
+                               numpy_helper.from_array(np.ones((2, 1), np.float32), "u")])
+    model = rebuilt(framework, onnx_frontend.lower(helper.make_model(graph, opset_imports=[
+        helper.make_opsetid("", 18)])))
+    with pytest.raises(interpreter.NodeError, match=r"node 'scatter' \(ScatterElements\): reduction 'mean' is not "
+                                                    r"one of none, add, mul, max, min"):
+        run(framework, model, {"x": np.zeros((2, 3), np.float32)})
+
+
 # ------------------------------------------------------------------------------------ the program
 
 def test_dead_values_are_freed_after_their_last_reader() -> None:
@@ -179,3 +195,32 @@ def test_no_onnx_op_is_named_in_a_framework_module() -> None:
         strings = {node.value for node in ast.walk(tree)
                    if isinstance(node, ast.Constant) and isinstance(node.value, str)}
         assert not strings & set(interpreter.OPS), (module, sorted(strings & set(interpreter.OPS)))
+
+
+def _function_names_the_interpreter_calls() -> set[str]:
+    """Every name the interpreter looks up in ``Primitives.functions``: ``_fn(p, NAME, ...)``,
+    ``p.functions[NAME]`` (``NAME`` a string or a choice of two) and the elementwise tables."""
+    tree = ast.parse(Path(interpreter.__file__).read_text())
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "_fn":
+            name = node.args[1]
+        elif isinstance(node, ast.Subscript) and isinstance(node.value, ast.Attribute) \
+                and node.value.attr == "functions":
+            name = node.slice
+        else:
+            continue
+        options = [name.body, name.orelse] if isinstance(name, ast.IfExp) else [name]
+        found |= {option.value for option in options if isinstance(option, ast.Constant)}
+    return found | set(interpreter._UNARY.values()) | set(interpreter._BINARY.values()) \
+        | set(interpreter._VARIADIC.values())
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_every_framework_supplies_exactly_the_functions_the_interpreter_calls(framework: str) -> None:
+    pytest.importorskip(framework)
+    supplied = set(importlib.import_module(f"backends._{framework}_graph").PRIMITIVES.functions)
+    called = _function_names_the_interpreter_calls()
+    assert {"add", "where", "reshape", "strided_slice", "gather_nd", "trunc_div"} <= called  # the scan finds them
+    assert set(interpreter.COMMON_FUNCTIONS) <= called
+    assert supplied == called, (sorted(called - supplied), sorted(supplied - called))

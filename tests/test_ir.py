@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from lowrank_ir import Graph, GraphError, Node, Op, Value, conv_pads, load_graph, save_graph, verify
+from lowrank_ir._ir import onnx_padding
 
 
 @pytest.fixture
@@ -103,6 +104,36 @@ def test_conv_pads_names_a_form_it_does_not_know() -> None:
         conv_pads("full", (5,), (3,), (1,), (1,))
     with pytest.raises(ValueError, match=r"padding \(1, 2, 3\) has neither 2 .* nor 4"):
         conv_pads((1, 2, 3), (5, 5), (3, 3), (1, 1), (1, 1))
+
+
+@pytest.mark.parametrize(("attrs", "expected"), [
+    ({}, (0, 0)),
+    ({"pads": [1, 2, 1, 2]}, (1, 2)),
+    ({"auto_pad": "NOTSET", "pads": [0, 1, 2, 1]}, (0, 1, 2, 1)),
+    ({"auto_pad": "VALID", "pads": [1, 1, 1, 1]}, "valid"),
+    ({"auto_pad": "SAME_UPPER"}, "same"),
+    ({"auto_pad": "SAME_LOWER"}, "same_lower"),
+])
+def test_onnx_padding_gives_the_conv_padding_form(attrs, expected) -> None:
+    assert onnx_padding(attrs, 2) == expected
+
+
+def test_onnx_padding_names_what_it_cannot_read() -> None:
+    with pytest.raises(ValueError, match=r"auto_pad 'SAME' is not one of NOTSET, VALID, SAME_UPPER, SAME_LOWER"):
+        onnx_padding({"auto_pad": "SAME"}, 2)
+    with pytest.raises(ValueError, match=r"pads \(1, 1\) do not have 4 entries"):
+        onnx_padding({"pads": [1, 1]}, 2)
+
+
+def test_value_mismatch_says_why_an_array_cannot_feed_an_input() -> None:
+    value = Value("x", "float32", ("batch", 8))
+    assert value.mismatch("float32", (3, 8)) is None
+    assert value.mismatch("int64", (3, 8)) == "input 'x' has dtype int64, the graph expects float32"
+    assert value.mismatch("float64", (3, 8), "model", any_float=True) is None
+    assert value.mismatch("float32", (8,), "model") == ("input 'x' has shape [8] (1 dimensions), the model expects "
+                                                        "2 dimensions [batch, 8]")
+    assert value.mismatch("float32", (3, 7)).endswith("expects [batch, 8] (dimension 1 must be 8)")
+    assert Value("y").mismatch("int8", (1, 2, 3)) is None  # nothing declared, anything fits
 
 
 def test_replace_node_keeps_graph_consistent(rng: np.random.Generator) -> None:
