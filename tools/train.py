@@ -695,6 +695,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.metrics is not None:
                 _write_json(args.metrics, metrics)
                 print(f"metrics written to {args.metrics}", flush=True)
+        if procs.distributed:
+            # Every rank leaves together: a rank whose gloo peers have already closed their sockets can
+            # abort in the process group's teardown ("terminate called without an active exception").
+            dist.barrier()
         return 0
     except (UsageError, DataError, ValueError, TypeError, FileNotFoundError) as err:
         if procs.main or procs.local_rank == 0:  # one line per node, not one per process
