@@ -46,8 +46,10 @@ Formulas:
 
   computed by HOOI (higher-order orthogonal iteration) started from the HOSVD: each mode's
   factor is the leading left singular subspace of the kernel projected on the other mode's factor,
-  alternated until the fit ``||core||_F / ||K||_F`` stops changing. ``last`` has orthonormal
-  columns and ``first`` orthonormal rows, so ``core = lastᵀ ×_out K ×_in first``.
+  alternated until the fit ``||core||_F / ||K||_F`` stops changing (the sweeps in float32, then in
+  float64 from there until the fit stops changing again). ``last`` has orthonormal columns and
+  ``first`` orthonormal rows, so ``core = lastᵀ ×_out K ×_in first`` and
+  ``||K - K'||² = ||K||² - ||core||²`` (:func:`tucker2_relative_error`).
 
 - Data-aware Tucker-2: the in mode is whitened, ``K' = K ×_in C^{1/2}`` (every ``K[:, :, taps]``
   multiplied by ``C^{1/2}`` on the right), HOOI gives ``last, core, first'`` in whitened space, and
@@ -91,6 +93,7 @@ __all__ = [
     "svd_flip",
     "svd_relative_error",
     "tucker2",
+    "tucker2_relative_error",
     "whitened_svd_factors",
 ]
 
@@ -108,6 +111,11 @@ NEGATIVE_EIGENVALUE_TOLERANCE = 1e-3
 ASYMMETRY_TOLERANCE = 1e-5
 
 _TINY = float(np.finfo(np.float64).tiny)
+
+#: Tucker-2 searches its subspaces in float32 unless the HOSVD leaves less than this fraction of the
+#: kernel's energy out: float32 Gram matrices resolve about 1e-7 of it, and near that the fit criterion
+#: cannot tell a float32 subspace from the float64 one.
+FLOAT32_RESIDUAL = 1e-4
 
 #: Rows or columns of a float32 weight converted to float64 at a time (:func:`svd_factors`).
 FLOAT64_BLOCK = 512
@@ -227,24 +235,26 @@ def leading_eigh(symmetric: Array, rank: int) -> tuple[Array, Array]:
 
     Only the wanted pairs are computed (scipy's ``eigh(subset_by_index=..., driver="evr")``) where
     that is cheaper than the full ``np.linalg.eigh``: for a small fraction of the pairs, or for most
-    of a large matrix (see ``PARTIAL_EIGH_*``). No input checks: callers pass a finite symmetric
-    float64 matrix they built and ``1 <= rank <= n``.
+    of a large matrix (see ``PARTIAL_EIGH_*``). A float32 matrix is solved in float32 (scipy's ``evd``
+    driver for all pairs: numpy's float32 ``eigh`` is no faster than its float64 one). No input checks:
+    callers pass a finite symmetric float64 or float32 matrix they built and ``1 <= rank <= n``.
 
     Returns:
-        ``(values [rank], vectors [n, rank])``, the vectors as contiguous columns (matmul on
-        negative strides bypasses BLAS).
+        ``(values [rank], vectors [n, rank])`` in the matrix's dtype, the vectors as contiguous columns
+        (matmul on negative strides bypasses BLAS).
     """
     size = symmetric.shape[0]
     partial = rank <= PARTIAL_EIGH_FRACTION * size or (
         size >= PARTIAL_EIGH_LARGE_SIDE and rank <= PARTIAL_EIGH_LARGE_FRACTION * size)
-    if partial and rank < size:
+    if (partial and rank < size) or symmetric.dtype == np.float32:
         from scipy.linalg import eigh
 
-        values, vectors = eigh(symmetric, subset_by_index=(size - rank, size - 1), driver="evr",
+        subset = (size - rank, size - 1) if partial else None
+        values, vectors = eigh(symmetric, subset_by_index=subset, driver="evr" if partial else "evd",
                                check_finite=False)
     else:
         values, vectors = np.linalg.eigh(symmetric)
-        values, vectors = values[size - rank:], vectors[:, size - rank:]
+    values, vectors = values[values.size - rank:], vectors[:, values.size - rank:]
     return np.ascontiguousarray(values[::-1]), np.ascontiguousarray(vectors[:, ::-1])
 
 
@@ -321,6 +331,18 @@ def svd_relative_error(weight: ArrayLike, left: ArrayLike, right: ArrayLike) -> 
     """
     total = sum(float(np.sum(block * block)) for _, block in _float64_blocks(np.asarray(weight), 0))
     kept = float(np.sum(np.sum(np.square(left), axis=0) * np.sum(np.square(right), axis=1)))
+    return math.sqrt(max(total - kept, 0.0) / total) if total > 0 else 0.0
+
+
+def tucker2_relative_error(kernel: ArrayLike, core: ArrayLike) -> float:
+    """``||K - K'||_F / ||K||_F`` for data-free :func:`tucker2` factors, from the core alone.
+
+    ``K' = last core first`` with orthonormal ``last`` columns and ``first`` rows is the orthogonal
+    projection of ``K`` on their subspaces, so ``||K - K'||² = ||K||² - ||core||²`` (no reconstruction).
+    """
+    kernel_arr, core_arr = np.asarray(kernel), np.asarray(core, dtype=np.float64)
+    total = float(np.vdot(kernel_arr, kernel_arr))
+    kept = float(np.vdot(core_arr, core_arr))
     return math.sqrt(max(total - kept, 0.0) / total) if total > 0 else 0.0
 
 
@@ -492,21 +514,47 @@ def compensating_factors(weight: ArrayLike, cross: ArrayLike, moment: ArrayLike,
 # Tucker-2
 
 
-def _leading_left_subspace(matrix: Array, rank: int) -> tuple[Array, float]:
-    """Leading left singular subspace of ``matrix`` ``[n, m]``.
+def _out_gram(by_tap: np.ndarray, first: np.ndarray) -> np.ndarray:
+    """``M Mᵀ`` for ``M = (K ×_in first)_(0)`` ``[out, T·r_in]``; ``by_tap`` is the kernel as ``[out, T, in]``."""
+    out_dim, taps, in_dim = by_tap.shape
+    projected = (by_tap.reshape(out_dim * taps, in_dim) @ first.T).reshape(out_dim, -1)
+    return projected @ projected.T
 
-    Returns ``(vectors [n, rank], energy)``: the ``rank`` leading left singular vectors as columns
-    and the sum of their squared singular values, ``||vectorsᵀ matrix||_F²``. Wide matrices use
-    the eigenvectors of the Gram matrix ``M Mᵀ`` (``n x n``: about ten times faster than the SVD of
-    a wide unfolding, and accurate for the leading subspace); tall ones use the SVD, completed to a
-    full basis when ``rank`` exceeds the number of columns.
+
+def _in_gram(by_tap: np.ndarray, last: np.ndarray) -> np.ndarray:
+    """``N Nᵀ`` for ``N = (K ×_out lastᵀ)_(1)`` ``[in, r_out·T]``; ``by_tap`` is the kernel as ``[out, T, in]``."""
+    out_dim, taps, in_dim = by_tap.shape
+    projected = (last.T @ by_tap.reshape(out_dim, taps * in_dim)).reshape(-1, in_dim)
+    return projected.T @ projected
+
+
+def _hosvd(by_tap: np.ndarray, rank_out: int, rank_in: int, norm_sq: float) -> tuple[np.ndarray, np.ndarray, float]:
+    """HOSVD of the ``[out, T, in]`` kernel in its dtype: each factor from its own unfolding's Gram; and the fit."""
+    out_dim, taps, in_dim = by_tap.shape
+    by_out = by_tap.reshape(out_dim, taps * in_dim)
+    by_in = by_tap.reshape(out_dim * taps, in_dim)
+    _, last = leading_eigh(by_out @ by_out.T, rank_out)
+    first = leading_eigh(by_in.T @ by_in, rank_in)[1].T
+    kept = float(np.sum((first @ _in_gram(by_tap, last)) * first, dtype=np.float64))
+    return last, first, math.sqrt(max(kept, 0.0) / norm_sq)
+
+
+def _hooi_sweeps(by_tap: np.ndarray, last: np.ndarray, first: np.ndarray, fit: float, norm_sq: float,
+                 max_iter: int, tol: float) -> tuple[np.ndarray, np.ndarray, float]:
+    """HOOI sweeps from ``(last, first)`` in ``by_tap``'s dtype until the fit changes by at most ``tol``.
+
+    Each update is the best factor of its mode given the other one, so the fit never drops;
+    ``||core||²`` is the energy the in-mode update keeps (the sum of its eigenvalues).
     """
-    rows, cols = matrix.shape
-    if cols >= rows:
-        values, leading = leading_eigh(matrix @ matrix.T, rank)
-        return leading, float(np.sum(np.clip(values, 0.0, None)))
-    u, singular, _ = np.linalg.svd(matrix, full_matrices=rank > cols)
-    return np.ascontiguousarray(u[:, :rank]), float(np.sum(singular[:rank] ** 2))
+    rank_out, rank_in = last.shape[1], first.shape[0]
+    for _ in range(max_iter):
+        _, last = leading_eigh(_out_gram(by_tap, first), rank_out)
+        values, vectors = leading_eigh(_in_gram(by_tap, last), rank_in)
+        first = vectors.T
+        previous, fit = fit, math.sqrt(float(np.sum(np.clip(values, 0.0, None), dtype=np.float64)) / norm_sq)
+        if abs(fit - previous) <= tol * max(previous, _TINY):
+            break
+    return last, first, fit
 
 
 def _hooi(
@@ -514,48 +562,32 @@ def _hooi(
 ) -> tuple[Array, Array, Array]:
     """HOOI on a 3-D ``[out, in, T]`` kernel; returns ``(last, core, first)`` with fixed signs.
 
-    Works on the two unfoldings ``K_(0)`` ``[out, in·T]`` and ``K_(1)`` ``[in, out·T]`` so that every
-    projection is one large matrix product.
+    The kernel is held as ``[out, T, in]``, so that both modes' projections are single matrix products
+    on contiguous views, and each mode's factor comes from the Gram matrix of its side (``out x out``,
+    ``in x in``). The sweeps run in float32 first (half the memory traffic of float64, and its
+    eigensolver is about twice as fast), then in float64 from where they stopped until the fit changes
+    by at most ``tol`` again (one sweep, usually): the factors are a float64 HOOI iterate, with a fit at
+    least that of a float64 run from the start (float32 alone cannot resolve the tail of an
+    ill-conditioned kernel), and the core is the float64 projection of the kernel on them.
     """
     out_dim, in_dim, taps = kernel.shape
-    unfold_out = kernel.reshape(out_dim, in_dim * taps)
-    unfold_in = np.ascontiguousarray(kernel.transpose(1, 0, 2)).reshape(in_dim, out_dim * taps)
-    norm_sq = max(float(np.sum(kernel**2)), _TINY)
-
-    def project_out(last: Array) -> Array:
-        """``(K ×_out lastᵀ)_(1)``: ``[in, r_out·T]``."""
-        projected = (last.T @ unfold_out).reshape(rank_out, in_dim, taps)
-        return np.ascontiguousarray(projected.transpose(1, 0, 2)).reshape(in_dim, rank_out * taps)
-
-    def project_in(first: Array) -> Array:
-        """``(K ×_in first)_(0)``: ``[out, r_in·T]``."""
-        projected = (first @ unfold_in).reshape(rank_in, out_dim, taps)
-        return np.ascontiguousarray(projected.transpose(1, 0, 2)).reshape(out_dim, rank_in * taps)
-
-    # HOSVD start: each factor from the unfolding of the kernel itself.
-    last, _ = _leading_left_subspace(unfold_out, rank_out)
-    first = _leading_left_subspace(unfold_in, rank_in)[0].T
-    core_in = project_out(last)
-    previous_fit = math.sqrt(float(np.sum((first @ core_in) ** 2)) / norm_sq)
-    for _ in range(max_iter):
-        # Each update is the best factor of its mode given the other one, so the fit never drops;
-        # ||core||² is the energy kept by the last update.
-        last, _ = _leading_left_subspace(project_in(first), rank_out)
-        core_in = project_out(last)
-        vectors, energy = _leading_left_subspace(core_in, rank_in)
-        first = vectors.T
-        fit = math.sqrt(energy / norm_sq)
-        converged = abs(fit - previous_fit) <= tol * max(previous_fit, _TINY)
-        previous_fit = fit
-        if converged:
-            break
-    last_signs = _column_signs(last)
-    first_signs = _column_signs(first.T)
-    last = last * last_signs
-    first = first * first_signs[:, None]
-    # core[a, b, t] = Σ_i first[b, i] (K ×_out lastᵀ)[a, i, t]; core_in predates the sign flip of last.
-    core = (first @ core_in).reshape(rank_in, rank_out, taps).transpose(1, 0, 2)
-    return last, core * last_signs[:, None, None], first
+    exact = np.ascontiguousarray(kernel.transpose(0, 2, 1))
+    norm_sq = max(float(np.vdot(exact, exact)), _TINY)
+    search = exact.astype(np.float32) if max_iter > 0 else exact
+    last, first, fit = _hosvd(search, rank_out, rank_in, norm_sq)
+    if search is not exact and 1.0 - fit * fit < FLOAT32_RESIDUAL:
+        # Nearly exact at these ranks: the fit no longer sees the tail float32 got wrong. Float64 throughout.
+        search = exact
+        last, first, fit = _hosvd(search, rank_out, rank_in, norm_sq)
+    last, first, fit = _hooi_sweeps(search, last, first, fit, norm_sq, max_iter, tol)
+    if search is not exact:
+        last, first, _ = _hooi_sweeps(exact, last.astype(np.float64), first.astype(np.float64), fit, norm_sq,
+                                      max_iter, tol)
+    last = last * _column_signs(last)
+    first = first * _column_signs(first.T)[:, None]
+    # core[a, b, t] = Σ_{o, i} last[o, a] K[o, i, t] first[b, i]
+    core = ((last.T @ exact.reshape(out_dim, taps * in_dim)).reshape(rank_out * taps, in_dim) @ first.T)
+    return last, core.reshape(rank_out, taps, rank_in).transpose(0, 2, 1), first
 
 
 def tucker2(
@@ -570,7 +602,8 @@ def tucker2(
 
     ``K[o, i, ...] ≈ Σ last[o, a] core[a, b, ...] first[b, i]``, computed by HOOI started from the
     HOSVD. Iteration stops when the fit ``||core|| / ||K||`` changes by less than ``tol`` (relative)
-    or after ``max_iter`` sweeps (``max_iter=0`` returns the HOSVD). Signs are deterministic: the
+    or after ``max_iter`` sweeps, first in float32, then in float64 from there (``max_iter=0`` returns
+    the float64 HOSVD). Signs are deterministic: the
     largest-magnitude entry of each column of ``last`` and of each row of ``first`` is positive, and
     the core carries the matching signs, so the reconstruction does not depend on them.
 
