@@ -6,6 +6,7 @@ by the frontends and backends when a model of theirs is handed in.
 """
 
 from lowrank_ir._api import Decompose, count_parameters
+from lowrank_ir._backend import LINALG_BACKENDS, linalg_backend
 from lowrank_ir._convert import ParityReport, ParityRow, convert, load_converted, parity, save_converted
 from lowrank_ir._engine import LAYOUTS, LayerStats, Plan, PlanEntry, RewriteResult, plan, rewrite, with_layout
 from lowrank_ir._files import SafeWriteUmask, atomic_write, write_json
@@ -20,6 +21,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "LAYOUTS",
+    "LINALG_BACKENDS",
     "Decompose",
     "Graph",
     "GraphError",
@@ -43,6 +45,7 @@ __all__ = [
     "count_parameters",
     "framework_of",
     "load_converted",
+    "linalg_backend",
     "load_graph",
     "make_divisible",
     "parity",

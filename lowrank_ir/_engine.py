@@ -35,6 +35,7 @@ one thread per worker: oversubscribed OpenBLAS on a small machine is up to 100x 
 
 from __future__ import annotations
 
+import contextvars
 import difflib
 import functools
 import logging
@@ -724,7 +725,9 @@ def _run_parallel(tasks: Sequence[Callable[[], _T]], names: Sequence[str], worke
             return results
         order = range(len(tasks)) if costs is None else sorted(range(len(tasks)), key=lambda index: -costs[index])
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lowrank") as pool:
-            futures = {pool.submit(tasks[index]): index for index in order}
+            # Each task runs in a copy of the caller's context: context settings (the linalg backend, the
+            # size limit) hold in the workers too.
+            futures = {pool.submit(contextvars.copy_context().run, tasks[index]): index for index in order}
             for done, future in enumerate(as_completed(futures), start=1):
                 report(done, len(tasks), names[futures[future]])
             by_index = {index: future.result() for future, index in futures.items()}

@@ -78,9 +78,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
+
+from lowrank_ir._backend import as_numpy, device, to_device
 
 __all__ = [
     "flush_subnormals",
@@ -236,14 +239,20 @@ def leading_eigh(symmetric: Array, rank: int) -> tuple[Array, Array]:
     Only the wanted pairs are computed (scipy's ``eigh(subset_by_index=..., driver="evr")``) where
     that is cheaper than the full ``np.linalg.eigh``: for a small fraction of the pairs, or for most
     of a large matrix (see ``PARTIAL_EIGH_*``). A float32 matrix is solved in float32 (scipy's ``evd``
-    driver for all pairs: numpy's float32 ``eigh`` is no faster than its float64 one). No input checks:
+    driver for all pairs: numpy's float32 ``eigh`` is no faster than its float64 one); a torch tensor (the
+    torch backend, :mod:`lowrank_ir._backend`) by ``torch.linalg.eigh`` on its device. No input checks:
     callers pass a finite symmetric float64 or float32 matrix they built and ``1 <= rank <= n``.
 
     Returns:
-        ``(values [rank], vectors [n, rank])`` in the matrix's dtype, the vectors as contiguous columns
-        (matmul on negative strides bypasses BLAS).
+        ``(values [rank], vectors [n, rank])`` in the matrix's dtype and kind (numpy or torch), the vectors
+        as contiguous columns (matmul on negative strides bypasses BLAS).
     """
     size = symmetric.shape[0]
+    if not isinstance(symmetric, np.ndarray):  # a torch tensor (the torch backend): no partial solver there
+        import torch
+
+        values, vectors = torch.linalg.eigh(symmetric)
+        return values[size - rank:].flip(0), vectors[:, size - rank:].flip(1).contiguous()
     partial = rank <= PARTIAL_EIGH_FRACTION * size or (
         size >= PARTIAL_EIGH_LARGE_SIDE and rank <= PARTIAL_EIGH_LARGE_FRACTION * size)
     if (partial and rank < size) or symmetric.dtype == np.float32:
@@ -292,26 +301,43 @@ def svd_factors(weight: ArrayLike, rank: int) -> tuple[Array, Array]:
     out_dim, in_dim = matrix.shape
     rank = _check_rank(rank, "rank", min(out_dim, in_dim), f"min(out={out_dim}, in={in_dim})")
     # float64 arithmetic throughout; a float32 weight is converted a block at a time (no float64 copy).
-    if out_dim <= in_dim:
-        gram = np.zeros((out_dim, out_dim))
-        for _, block in _float64_blocks(matrix, 1):
-            gram += block @ block.T
-        _, basis = leading_eigh(gram, rank)  # U_r
+    where = device()
+    axis = 1 if out_dim <= in_dim else 0  # the Gram matrix of the smaller side
+    basis = as_numpy(leading_eigh(_gram(matrix, axis, where), rank)[1])  # U_r (wide) or V_r (tall)
+    if axis == 1:
         basis *= _column_signs(basis)
-        projected = np.empty((rank, in_dim))
-        for part, block in _float64_blocks(matrix, 1):
-            projected[:, part] = basis.T @ block
-        return _balanced_split(basis, projected)
-    gram = np.zeros((in_dim, in_dim))
-    for _, block in _float64_blocks(matrix, 0):
-        gram += block.T @ block
-    _, right_basis = leading_eigh(gram, rank)  # V_r
-    scaled = np.empty((out_dim, rank))  # U_r S_r
-    for part, block in _float64_blocks(matrix, 0):
-        scaled[part] = block @ right_basis
+        return _balanced_split(basis, _projection(matrix, basis, axis, where))
+    scaled = _projection(matrix, basis, axis, where)  # U_r S_r
     signs = _column_signs(scaled)
-    left, right = _balanced_split(right_basis * signs, (scaled * signs).T)
+    left, right = _balanced_split(basis * signs, (scaled * signs).T)
     return right.T, left.T
+
+
+def _gram(matrix: np.ndarray, axis: int, where: Any) -> Any:
+    """``W Wᵀ`` (``axis`` 1, summed over columns) or ``Wᵀ W`` (``axis`` 0) in float64, on ``where``'s device."""
+    if where is not None:
+        weight = to_device(matrix, np.float64, where)
+        return weight @ weight.T if axis == 1 else weight.T @ weight
+    side = matrix.shape[1 - axis]
+    gram = np.zeros((side, side))
+    for _, block in _float64_blocks(matrix, axis):
+        gram += block @ block.T if axis == 1 else block.T @ block
+    return gram
+
+
+def _projection(matrix: np.ndarray, basis: Array, axis: int, where: Any) -> Array:
+    """``basisᵀ W`` (``axis`` 1, ``basis [out, r]``) or ``W basis`` (``axis`` 0, ``basis [in, r]``), float64."""
+    if where is not None:
+        weight, on = to_device(matrix, np.float64, where), to_device(basis, np.float64, where)
+        return as_numpy(on.T @ weight if axis == 1 else weight @ on)
+    rank = basis.shape[1]
+    result = np.empty((rank, matrix.shape[1]) if axis == 1 else (matrix.shape[0], rank))
+    for part, block in _float64_blocks(matrix, axis):
+        if axis == 1:
+            result[:, part] = basis.T @ block
+        else:
+            result[part] = block @ basis
+    return result
 
 
 def svd_relative_error(weight: ArrayLike, left: ArrayLike, right: ArrayLike) -> float:
@@ -535,7 +561,7 @@ def _hosvd(by_tap: np.ndarray, rank_out: int, rank_in: int, norm_sq: float) -> t
     by_in = by_tap.reshape(out_dim * taps, in_dim)
     _, last = leading_eigh(by_out @ by_out.T, rank_out)
     first = leading_eigh(by_in.T @ by_in, rank_in)[1].T
-    kept = float(np.sum((first @ _in_gram(by_tap, last)) * first, dtype=np.float64))
+    kept = float(((first @ _in_gram(by_tap, last)) * first).sum())
     return last, first, math.sqrt(max(kept, 0.0) / norm_sq)
 
 
@@ -551,7 +577,7 @@ def _hooi_sweeps(by_tap: np.ndarray, last: np.ndarray, first: np.ndarray, fit: f
         _, last = leading_eigh(_out_gram(by_tap, first), rank_out)
         values, vectors = leading_eigh(_in_gram(by_tap, last), rank_in)
         first = vectors.T
-        previous, fit = fit, math.sqrt(float(np.sum(np.clip(values, 0.0, None), dtype=np.float64)) / norm_sq)
+        previous, fit = fit, math.sqrt(float(values.clip(min=0.0).sum()) / norm_sq)
         if abs(fit - previous) <= tol * max(previous, _TINY):
             break
     return last, first, fit
@@ -573,16 +599,19 @@ def _hooi(
     out_dim, in_dim, taps = kernel.shape
     exact = np.ascontiguousarray(kernel.transpose(0, 2, 1))
     norm_sq = max(float(np.vdot(exact, exact)), _TINY)
-    search = exact.astype(np.float32) if max_iter > 0 else exact
+    where = device()
+    precise = to_device(exact, np.float64, where)
+    search = to_device(exact, np.float32, where) if max_iter > 0 else precise
     last, first, fit = _hosvd(search, rank_out, rank_in, norm_sq)
-    if search is not exact and 1.0 - fit * fit < FLOAT32_RESIDUAL:
+    if search is not precise and 1.0 - fit * fit < FLOAT32_RESIDUAL:
         # Nearly exact at these ranks: the fit no longer sees the tail float32 got wrong. Float64 throughout.
-        search = exact
+        search = precise
         last, first, fit = _hosvd(search, rank_out, rank_in, norm_sq)
     last, first, fit = _hooi_sweeps(search, last, first, fit, norm_sq, max_iter, tol)
-    if search is not exact:
-        last, first, _ = _hooi_sweeps(exact, last.astype(np.float64), first.astype(np.float64), fit, norm_sq,
-                                      max_iter, tol)
+    if search is not precise:
+        last, first, _ = _hooi_sweeps(precise, to_device(as_numpy(last), np.float64, where),
+                                      to_device(as_numpy(first), np.float64, where), fit, norm_sq, max_iter, tol)
+    last, first = as_numpy(last), as_numpy(first)
     last = last * _column_signs(last)
     first = first * _column_signs(first.T)[:, None]
     # core[a, b, t] = Σ_{o, i} last[o, a] K[o, i, t] first[b, i]
