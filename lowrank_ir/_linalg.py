@@ -120,6 +120,13 @@ _TINY = float(np.finfo(np.float64).tiny)
 #: cannot tell a float32 subspace from the float64 one.
 FLOAT32_RESIDUAL = 1e-4
 
+#: A float32 weight whose smaller side has at least this many rows or columns has its truncated SVD's
+#: subspace searched in float32 (:func:`_float32_search`), with this many extra directions (at least,
+#: or an eighth of the rank), when its float32 eigenvalues stay above this fraction of the largest.
+FLOAT32_SEARCH_SIDE = 256
+FLOAT32_OVERSAMPLING = 16
+FLOAT32_SEARCH_FLOOR = 1e-3
+
 #: Rows or columns of a float32 weight converted to float64 at a time (:func:`svd_factors`).
 FLOAT64_BLOCK = 512
 
@@ -303,14 +310,45 @@ def svd_factors(weight: ArrayLike, rank: int) -> tuple[Array, Array]:
     # float64 arithmetic throughout; a float32 weight is converted a block at a time (no float64 copy).
     where = device()
     axis = 1 if out_dim <= in_dim else 0  # the Gram matrix of the smaller side
-    basis = as_numpy(leading_eigh(_gram(matrix, axis, where), rank)[1])  # U_r (wide) or V_r (tall)
+    found = _float32_search(matrix, rank, axis) if where is None else None
+    if found is None:
+        basis = as_numpy(leading_eigh(_gram(matrix, axis, where), rank)[1])  # U_r (wide) or V_r (tall)
+        product = _projection(matrix, basis, axis, where)  # U_rᵀ W = S_r V_rᵀ (wide) or W V_r = U_r S_r (tall)
+    else:
+        basis, product = found
     if axis == 1:
-        basis *= _column_signs(basis)
-        return _balanced_split(basis, _projection(matrix, basis, axis, where))
-    scaled = _projection(matrix, basis, axis, where)  # U_r S_r
-    signs = _column_signs(scaled)
-    left, right = _balanced_split(basis * signs, (scaled * signs).T)
+        signs = _column_signs(basis)
+        return _balanced_split(basis * signs, product * signs[:, None])
+    signs = _column_signs(product)
+    left, right = _balanced_split(basis * signs, (product * signs).T)
     return right.T, left.T
+
+
+def _float32_search(matrix: np.ndarray, rank: int, axis: int) -> tuple[Array, Array] | None:
+    """The smaller side's leading subspace searched in float32, refined to the float64 optimum within it.
+
+    For a float32 weight whose smaller side is at least ``FLOAT32_SEARCH_SIDE``: the float32 Gram matrix
+    (no copy of the weight, half the arithmetic) gives ``k = rank + oversampling`` leading eigenvectors
+    ``Q``; in float64, ``Q`` is orthonormalised, ``B = Qᵀ W`` (``W Q`` when tall) is the weight projected
+    on it, and the Rayleigh-Ritz step (the leading eigenvectors ``Z`` of ``B Bᵀ``) returns ``(Q Z_r, Z_rᵀ B)``:
+    the best rank-``r`` approximation whose left (right when tall) subspace lies in ``span(Q)``. Float32
+    perturbs ``Q`` by about ``1e-7 · s_1²`` in the Gram's units, so the ``k``-th eigenvalue must stand
+    above ``FLOAT32_SEARCH_FLOOR · s_1²`` for ``span(Q)`` to hold the top ``r`` directions to far below
+    1e-6 of error; otherwise (an ill-conditioned or exactly low-rank weight) this returns None and the
+    caller works in float64.
+    """
+    side = matrix.shape[1 - axis]
+    if matrix.dtype != np.float32 or side < FLOAT32_SEARCH_SIDE:
+        return None
+    count = min(side, rank + max(FLOAT32_OVERSAMPLING, rank // 8))
+    values, vectors = leading_eigh(matrix @ matrix.T if axis == 1 else matrix.T @ matrix, count)
+    if not values[-1] > FLOAT32_SEARCH_FLOOR * values[0]:
+        return None
+    basis = np.linalg.qr(vectors.astype(np.float64))[0]
+    product = _projection(matrix, basis, axis, None)  # [k, in] (wide) or [out, k] (tall)
+    small = product @ product.T if axis == 1 else product.T @ product
+    rotation = leading_eigh(0.5 * (small + small.T), rank)[1]
+    return basis @ rotation, (rotation.T @ product if axis == 1 else product @ rotation)
 
 
 def _gram(matrix: np.ndarray, axis: int, where: Any) -> Any:

@@ -156,12 +156,15 @@ _TRUNCATION_CASES = [
 
 @pytest.mark.parametrize(("shape", "rank", "large"), _TRUNCATION_CASES)
 @pytest.mark.parametrize("kind", ["decaying", "ill-conditioned", "exactly-low-rank"])
-@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, "float32 searched in float32"])
 def test_svd_factors_match_a_full_svd_to_1e_6(shape: tuple[int, int], rank: int, large: bool, kind: str,
-                                              dtype: type, request: pytest.FixtureRequest,
+                                              dtype: type | str, request: pytest.FixtureRequest,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     if large:
         request.getfixturevalue("large_side_64")
+    if isinstance(dtype, str):  # small weights take the float32 search too (where its floor lets them)
+        monkeypatch.setattr(linalg_module, "FLOAT32_SEARCH_SIDE", 1)
+        dtype = np.float32
     monkeypatch.setattr(linalg_module, "FLOAT64_BLOCK", 64)  # float32 weights go through several blocks
     rng = np.random.default_rng(30)
     k = min(shape)
@@ -186,6 +189,26 @@ def test_svd_factors_match_a_full_svd_to_1e_6(shape: tuple[int, int], rank: int,
                                    atol=1e-5)
         np.testing.assert_allclose(right[distinct] / np.sqrt(singular[:rank][distinct, None]), vt[distinct],
                                    atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(300, 700), (700, 300)])
+@pytest.mark.parametrize("spectrum", ["trained-like", "flat"])
+def test_float32_search_reaches_the_float64_optimum(shape: tuple[int, int], spectrum: str) -> None:
+    # A float32 weight of a realistic spectrum takes the float32 search (not its float64 fallback), and the
+    # Rayleigh-Ritz step in float64 lands on the full SVD's optimum.
+    rng = np.random.default_rng(32)
+    k = min(shape)
+    values = np.exp(-np.arange(k) / (k / 5)) if spectrum == "trained-like" else 1.0 + 0.3 * rng.random(k)
+    weight = _spectrum_matrix(rng, *shape, np.sort(values)[::-1]).astype(np.float32)
+    assert linalg_module._float32_search(weight, 75, 1 if shape[0] <= shape[1] else 0) is not None
+    left, right = svd_factors(weight, 75)
+    optimum = _svd_optimum(weight, 75)
+    assert relative_error(weight, left @ right) == pytest.approx(optimum, rel=1e-9)
+    assert svd_relative_error(weight, left, right) == pytest.approx(optimum, rel=1e-9)
+    np.testing.assert_allclose(left.T @ left, np.diag(np.diag(left.T @ left)), atol=1e-9)  # U_r √S_r: orthogonal
+    # An exactly low-rank weight falls back to float64 (float32 cannot see where its spectrum ends).
+    low = _spectrum_matrix(rng, *shape, np.where(np.arange(k) < 40, 1.0, 0.0)).astype(np.float32)
+    assert linalg_module._float32_search(low, 75, 1 if shape[0] <= shape[1] else 0) is None
 
 
 @pytest.mark.parametrize(("size", "rank"), [(200, 10), (200, 150), (200, 100), (200, 199)])
