@@ -24,6 +24,9 @@ Formulas:
   they carry a relative energy below ``eps`` (1e-16), so the error reached stays the Eckart–Young
   optimum to far below 1e-6 (tested on ill-conditioned and exactly-low-rank weights). Because
   ``U_r U_rᵀ W`` is a projection, ``||W - W'||² = ||W||² - Σ_{i<=r} s_i²`` (:func:`svd_relative_error`).
+  A large float32 weight searches its subspace in float32 first (``Q``, ``r`` plus a few directions)
+  and takes the float64 Rayleigh–Ritz optimum within ``span(Q)`` (:func:`_float32_search`), the same
+  optimum where float32 resolves the spectrum down to the cut, and float64 throughout where it does not.
 
 - Deterministic signs (``svd_flip``): in every component, the entry of largest absolute value of
   the left vector is made positive and the right vector is flipped with it, so ``U S Vᵀ`` is
