@@ -24,20 +24,16 @@ import os
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 
 from lowrank_ir import Graph, Node, Op
+from lowrank_ir._ir import DEFAULT_DOMAINS, source_attrs
+from lowrank_ir._protocols import NativeOutputs
 
 __all__ = ["Arg", "Call", "DEFAULT_DOMAINS", "NativeOutputs", "batch_norm_statistics", "calls", "check_supported",
            "check_weights_fit", "native_outputs", "onnx_shape", "trainable_params", "weights_file"]
-
-#: The ONNX domains of the standard operators.
-DEFAULT_DOMAINS = ("", "ai.onnx")
-
-#: Node attributes the IR keeps for itself (not ONNX attributes).
-_RESERVED = ("source_op", "onnx", "locked", "in_positions", "out_positions")
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +107,7 @@ def calls(graph: Graph) -> list[Call]:
             if domain not in DEFAULT_DOMAINS:
                 raise ValueError(f"node {node.name!r} is {node.attrs['source_op']!r} from the ONNX domain "
                                  f"{domain!r}; only standard ONNX operators can be rebuilt")
-            attrs = {key: value for key, value in node.attrs.items() if key not in _RESERVED}
+            attrs = source_attrs(node)
             result.append(Call(node, str(node.attrs["source_op"]), attrs, _opaque_args(node), list(node.outputs)))
         else:
             args: list[Arg | None] = [Arg("value", name) for name in node.inputs]
@@ -199,17 +195,6 @@ def check_weights_fit(model: object, file: str | os.PathLike[str], expected: Map
                          f"model?): {'; '.join(problems)}")
 
 
-class NativeOutputs(NamedTuple):
-    """What ``run_numpy`` returns: a model's outputs as numpy arrays, in order, and their names or None.
-
-    ``names`` are the keys of a flat dict-like result (a ``transformers`` ``ModelOutput``:
-    ``last_hidden_state``, ``pooler_output``), for naming the outputs of an ONNX export.
-    """
-
-    arrays: list[np.ndarray]
-    names: list[str] | None
-
-
 def _flatten(value: Any) -> list[Any]:
     """The tensors of a model's result, in order (tuples, lists, dicts and ``ModelOutput``s flattened)."""
     if isinstance(value, Mapping):
@@ -228,6 +213,6 @@ def _result_names(result: Any) -> list[str] | None:
     return [key for key, _ in entries]
 
 
-def native_outputs(result: Any, to_numpy: Callable[[Any], np.ndarray]) -> NativeOutputs:
-    """A native model's ``result`` flattened, each tensor turned into numpy by ``to_numpy``, and its names."""
-    return NativeOutputs([to_numpy(item) for item in _flatten(result)], _result_names(result))
+def native_outputs(result: Any, as_numpy: Callable[[Any], np.ndarray]) -> NativeOutputs:
+    """A native model's ``result`` flattened, each tensor turned into numpy by ``as_numpy``, and its names."""
+    return NativeOutputs([as_numpy(item) for item in _flatten(result)], _result_names(result))

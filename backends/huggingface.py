@@ -32,7 +32,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import transformers
@@ -40,12 +40,15 @@ from safetensors import safe_open
 from safetensors.torch import load_model, save_model
 from torch import nn
 
+from frontends.safetensors import model_class
 from frontends.torch import lowering_for
 from lowrank_ir._api import Decompose
 from lowrank_ir._files import atomic_directory, read_json
+from lowrank_ir._protocols import ModelFilesAdapter
 
 __all__ = ["CONFIG_FILE", "DECOMPOSE_CONFIG_FILE", "MARKER", "WEIGHTS_FILE", "decompose_config_of",
-           "load_decomposed", "save_decomposed"]
+           "is_decomposed_folder", "load_decomposed", "load_pretrained", "save_decomposed", "tokenizer_of",
+           "write_decomposed"]
 
 logger = logging.getLogger(__name__)
 
@@ -96,9 +99,14 @@ def decompose_config_of(model: transformers.PreTrainedModel) -> dict[str, int | 
     return config
 
 
+def is_decomposed_folder(folder: Path) -> bool:
+    """Whether ``folder`` is one :func:`save_decomposed` wrote (its ``config.json`` carries the marker)."""
+    return _marker(folder / CONFIG_FILE) == MARKER
+
+
 def _check_folder(folder: Path) -> None:
     """Refuse to replace a folder that is neither empty nor an earlier :func:`save_decomposed` output."""
-    if folder.is_dir() and any(folder.iterdir()) and _marker(folder / CONFIG_FILE) != MARKER:
+    if folder.is_dir() and any(folder.iterdir()) and not is_decomposed_folder(folder):
         raise FileExistsError(f"{str(folder)!r} exists and is not a folder save_decomposed wrote; choose a new "
                               f"folder, the old one is not replaced")
 
@@ -108,6 +116,33 @@ def _marker(file: Path) -> Any:
         return json.loads(file.read_text()).get("model_type")
     except (OSError, ValueError, AttributeError):
         return None
+
+
+def write_decomposed(model: Any, folder: Path, tokenizer: Any = None) -> dict[str, int | list[int]]:
+    """Write the files of :func:`save_decomposed` into the existing, empty ``folder``; the ranks written.
+
+    For callers that write more files beside them and move the folder into place themselves.
+    """
+    model = _check_model(model)
+    ranks = decompose_config_of(model)
+    if not ranks:
+        raise ValueError(f"no layer of this {type(model).__name__} is decomposed (no nn.Sequential chain where "
+                         f"its architecture has a layer); save it with model.save_pretrained(...)")
+    config = model.config.to_dict()
+    config[RECORD_KEY] = {"format": FORMAT_VERSION, "model_type": config.get("model_type"),
+                          "architecture": type(model).__name__, "weights": WEIGHTS_FILE,
+                          "load_with": "lowrank_ir.hf.load_decomposed(folder)"}
+    config["model_type"] = MARKER
+    config["architectures"] = [type(model).__name__]
+    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    (folder / DECOMPOSE_CONFIG_FILE).write_text(json.dumps(ranks, indent=2) + "\n")
+    save_model(model, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+    generation = getattr(model, "generation_config", None)
+    if generation is not None and model.can_generate():
+        generation.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    return ranks
 
 
 def save_decomposed(model: Any, folder: str | os.PathLike[str], tokenizer: Any = None) -> Path:
@@ -127,25 +162,8 @@ def save_decomposed(model: Any, folder: str | os.PathLike[str], tokenizer: Any =
     model = _check_model(model)
     target = Path(folder)
     _check_folder(target)
-    ranks = decompose_config_of(model)
-    if not ranks:
-        raise ValueError(f"no layer of this {type(model).__name__} is decomposed (no nn.Sequential chain where "
-                         f"its architecture has a layer); save it with model.save_pretrained(...)")
-    config = model.config.to_dict()
-    config[RECORD_KEY] = {"format": FORMAT_VERSION, "model_type": config.get("model_type"),
-                          "architecture": type(model).__name__, "weights": WEIGHTS_FILE,
-                          "load_with": "lowrank_ir.hf.load_decomposed(folder)"}
-    config["model_type"] = MARKER
-    config["architectures"] = [type(model).__name__]
     with atomic_directory(target) as tmp:
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        (tmp / DECOMPOSE_CONFIG_FILE).write_text(json.dumps(ranks, indent=2) + "\n")
-        save_model(model, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        generation = getattr(model, "generation_config", None)
-        if generation is not None and model.can_generate():
-            generation.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+        ranks = write_decomposed(model, tmp, tokenizer)
     logger.info("saved %s with %d decomposed layers in %s", type(model).__name__, len(ranks), target)
     return target
 
@@ -218,3 +236,53 @@ def load_decomposed(folder: str | os.PathLike[str]) -> Any:
         raise ValueError(f"the weights in {str(weights)!r} do not fit the rebuilt {architecture.__name__}: "
                          f"missing {sorted(missing)}, unexpected {sorted(unexpected)}")
     return structure.eval()
+
+
+#: Files that show a folder holds a tokenizer ``AutoTokenizer`` can read.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model",
+                   "tokenizer.model")
+
+
+def load_pretrained(folder: str | os.PathLike[str]) -> nn.Module:
+    """A Hugging Face model folder in memory, in eval mode: the class ``config.json`` names, its safetensors weights.
+
+    Raises:
+        ValueError: ``folder`` was written by :func:`save_decomposed` (load it with :func:`load_decomposed`),
+            holds no safetensors weights, or its weights do not fill the model (missing names listed).
+    """
+    source = Path(folder)
+    if is_decomposed_folder(source):
+        raise ValueError(f"{str(source)!r} holds a decomposed model already; load it with "
+                         f"lowrank_ir.hf.load_decomposed")
+    config = read_json(source / CONFIG_FILE, f"{CONFIG_FILE} of {str(source)!r}", schema=dict)
+    architecture = model_class(config, source)
+    if not any(source.glob("*.safetensors")):
+        raise ValueError(f"{str(source)!r} holds no .safetensors weights (model.safetensors or shards); "
+                         f"save the model with save_pretrained(safe_serialization=True)")
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()  # progress is drawn by the caller, if at all
+    try:
+        model, info = architecture.from_pretrained(source, use_safetensors=True, output_loading_info=True)
+    finally:
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
+    missing = sorted(info.get("missing_keys") or [])
+    mismatched = info.get("mismatched_keys") or []
+    if missing or mismatched:
+        raise ValueError(f"the weights in {str(source)!r} do not fill {architecture.__name__}: missing "
+                         f"{missing[:5]}, shape mismatches {list(mismatched)[:5]}")
+    return model.eval()
+
+
+def tokenizer_of(folder: str | os.PathLike[str]) -> Any:
+    """The tokenizer saved in ``folder`` (``AutoTokenizer``), or None when it holds none."""
+    source = Path(folder)
+    if not any((source / name).is_file() for name in TOKENIZER_FILES):
+        return None
+    return transformers.AutoTokenizer.from_pretrained(source)
+
+
+if TYPE_CHECKING:  # the registry hands this module out as a ModelFilesAdapter: mypy checks that it is one
+    import backends.huggingface as _this_module
+
+    _AS_PROTOCOL: ModelFilesAdapter = _this_module

@@ -13,28 +13,35 @@ last factor (a copy of the original activation cell). ``like`` is not changed.
 Native weights and runs, mirrored by ``backends/torch.py`` (same names and arguments), so that
 framework-agnostic code (``lowrank_ir.convert`` / ``parity``) reaches MindSpore only through here:
 :func:`save_weights` / :func:`load_weights` (a ``.ckpt`` checkpoint, loaded strictly),
-:func:`for_inference`, :func:`as_tensors` / :func:`to_numpy` and :func:`run_numpy`.
+:func:`for_inference`, :func:`as_tensors` / :func:`numpy_copy` and :func:`run_numpy`.
 """
 
 from __future__ import annotations
 
 import copy
 import os
+import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mindspore as ms
 import numpy as np
 from mindspore import nn
 
 from backends._dataflow import NativeOutputs, check_weights_fit, native_outputs, weights_file
-from backends._mindspore_graph import GraphCell, graph_params, rebuild
+from backends._mindspore_graph import GraphCell, graph_params
+from backends._mindspore_graph import rebuild as from_dataflow
+from frontends.mindspore import copy_model
 from lowrank_ir import Graph, Node, Op
+from lowrank_ir._protocols import NativeBackend
 
-__all__ = ["BUILDERS", "DEFAULT_LAYOUT",
-           "GraphCell", "NativeOutputs", "as_tensors", "build", "build_layer", "copy_model",
-           "for_inference", "graph_params", "load_checkpoint", "load_layers", "load_weights", "native_array",
-           "rebuild", "register_builder", "run_numpy", "save_weights", "state_dict", "to_numpy"]
+__all__ = ["BUILDERS", "DATAFLOW_CLASS", "DEFAULT_LAYOUT", "GraphCell", "NativeOutputs", "as_tensors", "build",
+           "build_layer", "export_onnx", "for_inference", "from_dataflow", "graph_params", "load_checkpoint",
+           "load_layers", "load_weights", "native_array", "numpy_copy", "register_builder", "run_numpy", "save_weights",
+           "state_dict"]
+
+#: The class of the models :func:`from_dataflow` returns.
+DATAFLOW_CLASS = GraphCell
 
 #: How factorized layers are laid out unless the caller says (``lowrank_ir.LAYOUTS``): the reference tool's,
 #: so that its checkpoints load.
@@ -176,17 +183,6 @@ def _mixed_precision(cell: nn.Cell) -> Any:
     """The type ``cell.to_float(...)`` was given, or None."""
     kind = getattr(cell.get_mixed_precision_type(), "name", "NOTSET")
     return {"FP16": ms.float16, "FP32": ms.float32, "BF16": ms.bfloat16}.get(kind)
-
-
-def copy_model(like: nn.Cell) -> nn.Cell:
-    """``copy.deepcopy(like)`` with each cell's ``to_float`` type, which MindSpore's deepcopy drops."""
-    model = copy.deepcopy(like)
-    for (_, original), (_, copied) in zip(like.cells_and_names(), model.cells_and_names(), strict=True):
-        kind = original.get_mixed_precision_type()
-        if copied.get_mixed_precision_type() != kind:
-            name = getattr(kind, "name", "NOTSET")
-            copied.add_flags(fp16=name == "FP16", fp32=name == "FP32", bf16=name == "BF16")
-    return model
 
 
 def _replace(cells: dict[str, nn.Cell], path: str, new: nn.Cell) -> None:
@@ -355,11 +351,11 @@ def as_tensors(arrays: Iterable[np.ndarray]) -> tuple[ms.Tensor, ...]:
     return tuple(ms.Tensor(np.array(array, copy=True)) for array in arrays)
 
 
-def to_numpy(value: Any) -> np.ndarray:
-    """A tensor or parameter (or anything numpy takes) as a numpy array."""
+def numpy_copy(value: Any) -> np.ndarray:
+    """A tensor or parameter (or anything numpy takes) as a new numpy array of its own."""
     if isinstance(value, ms.Tensor):
-        return value.asnumpy()
-    return np.asarray(value)
+        return np.array(value.asnumpy(), copy=True)  # asnumpy may share memory with the tensor
+    return np.array(value, copy=True)
 
 
 def run_numpy(model: nn.Cell, arrays: Sequence[np.ndarray]) -> NativeOutputs:
@@ -368,4 +364,45 @@ def run_numpy(model: nn.Cell, arrays: Sequence[np.ndarray]) -> NativeOutputs:
     A result of tuples, lists and dicts is flattened; the names are a flat dict-like result's keys,
     else None. (PyNative mode: nothing is recorded for gradients unless a gradient function runs it.)
     """
-    return native_outputs(model(*as_tensors(arrays)), to_numpy)
+    return native_outputs(model(*as_tensors(arrays)), numpy_copy)
+
+
+def export_onnx(model: nn.Cell, arguments: tuple[Any, ...], input_names: Sequence[str] | None = None,
+                output_names: Sequence[str] | None = None, opset: int | None = None) -> Any:
+    """``model`` exported to ONNX (an ``onnx.ModelProto``) by ``mindspore.export(..., file_format="ONNX")``.
+
+    ``arguments`` are the cell's positional tensors; the cell is exported in the mode it is in.
+    ``input_names`` rename the data inputs; MindSpore chooses the opset and output names itself
+    (``output_names`` and ``opset`` are not used). ``ValueError`` with the exporter's first line when it fails.
+    """
+    from frontends.onnx import load_model
+
+    with tempfile.TemporaryDirectory(prefix="lowrank_ms_export.") as folder:
+        stem = os.path.join(folder, "model")
+        try:
+            ms.export(model, *arguments, file_name=stem, file_format="ONNX")
+        except Exception as err:
+            raise ValueError(f"mindspore.export failed: {str(err).strip().splitlines()[0]}") from err
+        exported = load_model(stem + ".onnx")
+    if input_names is not None:
+        _rename_inputs(exported, input_names)
+    return exported
+
+
+def _rename_inputs(model: Any, names: Sequence[str]) -> None:
+    """Rename the data inputs of the ONNX ``model`` (not its initializers) to ``names``, in order, in place."""
+    inits = {tensor.name for tensor in model.graph.initializer}
+    data = [value for value in model.graph.input if value.name not in inits]
+    if len(names) != len(data):
+        raise ValueError(f"input_names has {len(names)} names, the model has {len(data)} inputs")
+    renames = {value.name: new for value, new in zip(data, names, strict=True)}
+    for value in data:
+        value.name = renames[value.name]
+    for node in model.graph.node:
+        node.input[:] = [renames.get(name, name) for name in node.input]
+
+
+if TYPE_CHECKING:  # the registry hands this module out as a NativeBackend: mypy checks that it is one
+    import backends.mindspore as _this_module
+
+    _AS_PROTOCOL: NativeBackend = _this_module

@@ -37,12 +37,10 @@ import logging
 import math
 import os
 import shutil
-import tempfile
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
@@ -50,7 +48,6 @@ from onnx import AttributeProto, GraphProto, ModelProto, NodeProto, TensorProto,
 
 from frontends.onnx import (
     PROTOBUF_LIMIT,
-    RESERVED_ATTRS,
     ModelSource,
     as_model,
     check_feeds,
@@ -63,7 +60,9 @@ from frontends.onnx import (
 )
 from lowrank_ir import Graph, Node, Op, Value, verify
 from lowrank_ir._files import FILE_MODE, SafeWriteUmask, atomic_write, temporary_folder
+from lowrank_ir._ir import source_attrs
 from lowrank_ir._limits import check_array, check_npz, limited
+from lowrank_ir._protocols import Backend, NativeBackend
 
 __all__ = [
     "DEFAULT_LAYOUT",
@@ -291,7 +290,7 @@ class _Writer:
         if node.is_layer:
             values = record.get("attrs", {})
         else:
-            values = {key: value for key, value in node.attrs.items() if key not in RESERVED_ATTRS}
+            values = source_attrs(node)
         for key, value in values.items():
             proto.attribute.append(encode_attribute(key, value, types.get(key), docs.get(key, "")))
         return proto
@@ -300,7 +299,7 @@ class _Writer:
         """An opaque node built by hand (no record): its source op with attributes of inferred types."""
         if "source_op" not in node.attrs:
             raise ValueError("an Opaque node needs attrs['source_op'] (the ONNX op type)")
-        values = {key: value for key, value in node.attrs.items() if key not in RESERVED_ATTRS}
+        values = source_attrs(node)
         inputs = list(node.inputs) + [name for role, name in node.params.items() if not role.startswith("outer:")]
         return onnx.helper.make_node(node.attrs["source_op"], inputs, node.outputs, name=node.name, **values)
 
@@ -857,109 +856,51 @@ def validate(original: ModelSource, decomposed: ModelSource, feeds: Any = None, 
 
 # ------------------------------------------------------------------------------------ native export
 
-def _framework(model: Any) -> str:
-    from lowrank_ir import framework_of
-
-    return framework_of(model)
-
-
 def _arguments(example_inputs: Any) -> tuple[Any, ...]:
     return tuple(example_inputs) if isinstance(example_inputs, (list, tuple)) else (example_inputs,)
 
 
+def _native_backend(model: Any) -> NativeBackend:
+    """The backend of a PyTorch or MindSpore ``model``; ``TypeError`` for a model of another framework."""
+    from lowrank_ir._registry import NATIVE_FRAMEWORKS, framework_of, native_backend
+
+    framework = framework_of(model)
+    if framework not in NATIVE_FRAMEWORKS:
+        raise TypeError(f"export takes a PyTorch or MindSpore model, got a {framework} model")
+    return native_backend(framework)
+
+
 def export(model: Any, example_inputs: Any, *, input_names: Sequence[str] | None = None,
            output_names: Sequence[str] | None = None, opset: int | None = None) -> ModelProto:
-    """A native PyTorch ``nn.Module`` or MindSpore ``nn.Cell`` exported to ONNX.
+    """A native PyTorch ``nn.Module`` or MindSpore ``nn.Cell`` exported to ONNX, by its backend's ``export_onnx``.
 
-    PyTorch: ``torch.onnx.export(..., dynamo=True)`` (needs ``onnxscript``); MindSpore:
-    ``mindspore.export(..., file_format="ONNX")``. ``example_inputs`` is one tensor or a tuple of them.
-    The model is exported in the mode it is in (call ``.eval()`` / ``set_train(False)`` first).
+    ``example_inputs`` is one tensor or a tuple of them. The model is exported in the mode it is in
+    (call ``.eval()`` / ``set_train(False)`` first).
     """
-    framework = _framework(model)
-    arguments = _arguments(example_inputs)
-    if framework == "torch":
-        import torch
-
-        try:
-            with warnings.catch_warnings():  # torch's own deprecations, raised inside its exporter
-                warnings.filterwarnings("ignore", category=FutureWarning, module="copyreg")
-                program = torch.onnx.export(model, arguments, dynamo=True, input_names=input_names,
-                                            output_names=output_names, opset_version=opset, verbose=False)
-        except Exception as err:
-            raise ValueError(f"torch.onnx.export failed: {str(err).strip().splitlines()[0]}") from err
-        if program is None or program.model_proto is None:
-            raise ValueError("torch.onnx.export returned no model")
-        exported = program.model_proto
-    elif framework == "mindspore":
-        exported = _export_mindspore(model, arguments)
-    else:
-        raise TypeError(f"export takes a PyTorch or MindSpore model, got a {framework} model")
-    if input_names is not None and framework != "torch":
-        _rename_inputs(exported, input_names)
+    exported: ModelProto = _native_backend(model).export_onnx(model, _arguments(example_inputs), input_names,
+                                                              output_names, opset)
     return exported
-
-
-def _export_mindspore(model: Any, arguments: tuple[Any, ...]) -> ModelProto:
-    import mindspore
-
-    with tempfile.TemporaryDirectory(prefix="lowrank_ms_export.") as folder:
-        stem = os.path.join(folder, "model")
-        try:
-            mindspore.export(model, *arguments, file_name=stem, file_format="ONNX")
-        except Exception as err:
-            raise ValueError(f"mindspore.export failed: {str(err).strip().splitlines()[0]}") from err
-        return load_model(stem + ".onnx")
-
-
-def _rename_inputs(model: ModelProto, names: Sequence[str]) -> None:
-    inits = {tensor.name for tensor in model.graph.initializer}
-    data = [value for value in model.graph.input if value.name not in inits]
-    if len(names) != len(data):
-        raise ValueError(f"input_names has {len(names)} names, the model has {len(data)} inputs")
-    renames = {value.name: new for value, new in zip(data, names, strict=True)}
-    for value in data:
-        value.name = renames[value.name]
-    for node in model.graph.node:
-        node.input[:] = [renames.get(name, name) for name in node.input]
-
-
-def _native_outputs(model: Any, arguments: tuple[Any, ...], framework: str) -> list[np.ndarray]:
-    def flatten(value: Any) -> list[Any]:
-        if isinstance(value, (list, tuple)):
-            return [item for part in value for item in flatten(part)]
-        return [value]
-
-    if framework == "torch":
-        import torch
-
-        with torch.no_grad():
-            result = model(*arguments)
-        return [item.detach().cpu().numpy() for item in flatten(result)]
-    result = model(*arguments)
-    return [item.asnumpy() for item in flatten(result)]
-
-
-def _as_numpy(value: Any) -> np.ndarray:
-    if hasattr(value, "detach"):
-        return value.detach().cpu().numpy()
-    if hasattr(value, "asnumpy"):
-        return value.asnumpy()
-    return np.asarray(value)
 
 
 def validate_native(native: Any, exported: ModelSource, example_inputs: Any) -> ValidationReport:
     """Run ``native`` (PyTorch or MindSpore) and its ONNX export on ``example_inputs``; compare outputs."""
-    framework = _framework(native)
+    backend = _native_backend(native)
     arguments = _arguments(example_inputs)
-    expected = _native_outputs(native, arguments, framework)
     sess, proto = _session_for(exported)
     specs = list(input_specs(proto))
     if len(specs) != len(arguments):
         raise ValueError(f"the ONNX model takes {len(specs)} inputs, {len(arguments)} example inputs were given")
-    feeds = {name: _as_numpy(value) for name, value in zip(specs, arguments, strict=True)}
+    feeds = {name: backend.numpy_copy(value) for name, value in zip(specs, arguments, strict=True)}
+    expected = backend.run_numpy(native, list(feeds.values())).arrays
     names = [value.name for value in proto.graph.output]
     got = run(sess, check_feeds(proto, feeds), names, "the example inputs")
     if len(got) != len(expected):
         raise ValueError(f"the native model returns {len(expected)} outputs, its ONNX export {len(got)}")
     outputs = [compare(name, ref, res) for name, ref, res in zip(names, expected, got, strict=True)]
     return ValidationReport(outputs, {name: list(np.shape(value)) for name, value in feeds.items()})
+
+
+if TYPE_CHECKING:  # the registry hands this module out as a Backend: mypy checks that it is one
+    import backends.onnx as _this_module
+
+    _AS_PROTOCOL: Backend = _this_module

@@ -202,7 +202,8 @@ def decompose_checkpoint(source: str | os.PathLike[str], target: str | os.PathLi
         shutil.rmtree(parts)
     chosen = Plan(entries)
     report = build_report(skeleton(nodes, checkpoint), chosen, errors)
-    logger.info("decomposed %d of %d Linear layers of %s", len(chosen.decomposed()), len(nodes), checkpoint.folder)
+    logger.info("decomposed %d of %d Linear layers of %s", len(chosen.decomposed_entries()), len(nodes),
+                checkpoint.folder)
     return Decomposed(chosen.decompose_config(), report, weight_map, checkpoint.largest_shard_bytes)
 
 

@@ -8,28 +8,33 @@ replaced layer's dtype and device, and its ``requires_grad`` and training mode. 
 Native weights and runs, mirrored by ``backends/mindspore.py`` (same names and arguments), so that
 framework-agnostic code (``lowrank_ir.convert`` / ``parity``) reaches PyTorch only through here:
 :func:`save_weights` / :func:`load_weights` (a state dict file, loaded strictly), :func:`for_inference`,
-:func:`as_tensors` / :func:`to_numpy` and :func:`run_numpy`.
+:func:`as_tensors` / :func:`numpy_copy` and :func:`run_numpy`.
 """
 
 from __future__ import annotations
 
 import copy
 import os
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from backends._dataflow import NativeOutputs, check_weights_fit, native_outputs, weights_file
-from backends._torch_graph import GraphModule, graph_params, rebuild
+from backends._torch_graph import GraphModule, graph_params
+from backends._torch_graph import rebuild as from_dataflow
 from lowrank_ir import Graph, Node, Op
+from lowrank_ir._protocols import NativeBackend
 
-__all__ = ["BUILDERS", "DEFAULT_LAYOUT",
-           "ConstantMatMul", "GraphModule", "NativeOutputs", "as_tensors", "build", "build_layer",
-           "for_inference", "graph_params", "load_layers", "load_weights", "rebuild", "register_builder",
-           "run_numpy", "save_weights", "state_dict", "to_numpy"]
+__all__ = ["BUILDERS", "ConstantMatMul", "DATAFLOW_CLASS", "DEFAULT_LAYOUT", "GraphModule", "NativeOutputs",
+           "as_tensors", "build", "build_layer", "export_onnx", "for_inference", "from_dataflow", "graph_params",
+           "load_layers", "load_weights", "numpy_copy", "register_builder", "run_numpy", "save_weights", "state_dict"]
+
+#: The class of the models :func:`from_dataflow` returns.
+DATAFLOW_CLASS = GraphModule
 
 #: How factorized layers are laid out unless the caller says (``lowrank_ir.LAYOUTS``): the reference tool's,
 #: so that its checkpoints load.
@@ -267,12 +272,12 @@ def as_tensors(arrays: Iterable[np.ndarray]) -> tuple[torch.Tensor, ...]:
     return tuple(torch.from_numpy(np.array(array, copy=True)) for array in arrays)
 
 
-def to_numpy(value: Any) -> np.ndarray:
-    """A tensor (or anything numpy takes) as a numpy array: detached, on the CPU, bfloat16 as float32."""
+def numpy_copy(value: Any) -> np.ndarray:
+    """A tensor (or anything numpy takes) as a new numpy array of its own: detached, bfloat16 as float32."""
     if isinstance(value, torch.Tensor):
         tensor = value.detach().cpu()
-        return (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy()
-    return np.asarray(value)
+        return np.array((tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy(), copy=True)
+    return np.array(value, copy=True)
 
 
 def run_numpy(model: nn.Module, arrays: Sequence[np.ndarray]) -> NativeOutputs:
@@ -283,4 +288,29 @@ def run_numpy(model: nn.Module, arrays: Sequence[np.ndarray]) -> NativeOutputs:
     """
     with torch.no_grad():
         result = model(*as_tensors(arrays))
-    return native_outputs(result, to_numpy)
+    return native_outputs(result, numpy_copy)
+
+
+def export_onnx(model: nn.Module, arguments: tuple[Any, ...], input_names: Sequence[str] | None = None,
+                output_names: Sequence[str] | None = None, opset: int | None = None) -> Any:
+    """``model`` exported to ONNX (an ``onnx.ModelProto``) by ``torch.onnx.export(..., dynamo=True)``.
+
+    Needs ``onnxscript``. ``arguments`` are the model's positional tensors; the model is exported in
+    the mode it is in. ``ValueError`` with the exporter's first line when it fails.
+    """
+    try:
+        with warnings.catch_warnings():  # torch's own deprecations, raised inside its exporter
+            warnings.filterwarnings("ignore", category=FutureWarning, module="copyreg")
+            program = torch.onnx.export(model, arguments, dynamo=True, input_names=input_names,
+                                        output_names=output_names, opset_version=opset, verbose=False)
+    except Exception as err:
+        raise ValueError(f"torch.onnx.export failed: {str(err).strip().splitlines()[0]}") from err
+    if program is None or program.model_proto is None:
+        raise ValueError("torch.onnx.export returned no model")
+    return program.model_proto
+
+
+if TYPE_CHECKING:  # the registry hands this module out as a NativeBackend: mypy checks that it is one
+    import backends.torch as _this_module
+
+    _AS_PROTOCOL: NativeBackend = _this_module

@@ -21,24 +21,29 @@ key). The graph's arrays are read-only copies of the parameters.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mindspore as ms
 import numpy as np
 from mindspore import nn
 
-from frontends._patches import collects_patches, patch_moment_sum
+from frontends._im2col import collects_patches, patch_moment_sum
 from lowrank_ir import Graph, LayerStats, Node, Op, verify
 from lowrank_ir._budget import first_elements, relative_output_errors
-from lowrank_ir._engine import stats_from_sums
+from lowrank_ir._calibration import MomentSums
+from lowrank_ir._protocols import Frontend
 
-__all__ = ["LOWERINGS", "collect_cross_stats", "collect_stats", "count_parameters", "execution_groups", "lower",
-           "register_lowering", "to_numpy"]
+__all__ = ["LOWERINGS", "MASKS_PADDING", "collect_cross_stats", "collect_stats", "copy_model", "count_parameters",
+           "execution_groups", "lower", "output_errors", "read_only_array", "register_lowering"]
 
 logger = logging.getLogger(__name__)
+
+#: Whether calibration can leave padded token positions out: not here, every position of every element counts.
+MASKS_PADDING = False
 
 Lowering = Callable[[str, nn.Cell], Node]
 
@@ -159,13 +164,24 @@ def _lowering_for(cell: nn.Cell) -> tuple[type[nn.Cell], Lowering] | None:
     return None
 
 
-def to_numpy(param: ms.Tensor) -> np.ndarray:
+def read_only_array(param: ms.Tensor) -> np.ndarray:
     """A read-only numpy copy of a tensor (float32 for dtypes numpy lacks, e.g. bfloat16)."""
     if param.dtype == ms.bfloat16:
         param = param.astype(ms.float32)
     array = np.array(param.asnumpy(), copy=True)  # asnumpy may share memory with the parameter
     array.flags.writeable = False
     return array
+
+
+def copy_model(like: nn.Cell) -> nn.Cell:
+    """``copy.deepcopy(like)`` with each cell's ``to_float`` type, which MindSpore's deepcopy drops."""
+    model = copy.deepcopy(like)
+    for (_, original), (_, copied) in zip(like.cells_and_names(), model.cells_and_names(), strict=True):
+        kind = original.get_mixed_precision_type()
+        if copied.get_mixed_precision_type() != kind:
+            name = getattr(kind, "name", "NOTSET")
+            copied.add_flags(fp16=name == "FP16", fp32=name == "FP32", bf16=name == "BF16")
+    return model
 
 
 def _children(cell: nn.Cell) -> dict[str, nn.Cell]:
@@ -255,7 +271,7 @@ def lower(model: nn.Cell) -> Graph:
             raise ValueError(f"two different parameters are both named {param.name!r} (the second at {path!r}); "
                              f"MindSpore checkpoints need unique parameter names")
         seen[param.name] = id(param)
-        params[param.name] = to_numpy(param)
+        params[param.name] = read_only_array(param)
         dtypes[param.name] = str(param.dtype)
     locks = _lock_reasons(model)
     graph = Graph(meta={"source": "mindspore", "model_type": type(model).__qualname__, "dtypes": dtypes})
@@ -415,11 +431,7 @@ def collect_stats(model: nn.Cell, graph: Graph, datasets: Iterable[Any], max_ite
     candidates = names if names is not None else [node.name for node in graph.layers()]
     wanted = [name for name in candidates
               if name in graph and graph.node(name).op in (Op.LINEAR, Op.CONV) and name in cells]
-    sums: dict[str, np.ndarray] = {}
-    firsts: dict[str, np.ndarray] = {}
-    patch_sums: dict[str, np.ndarray] = {}
-    patch_counts: dict[str, int] = {}
-    counts: dict[str, int] = dict.fromkeys(wanted, 0)
+    sums = MomentSums(wanted)
     pending: set[str] = set()
 
     def make_hook(name: str) -> Callable[..., None]:
@@ -433,15 +445,10 @@ def collect_stats(model: nn.Cell, graph: Graph, datasets: Iterable[Any], max_ite
             if not np.isfinite(rows).all():
                 raise _StatsError(f"the input of layer {name!r} holds NaN or Inf values; statistics need "
                                   f"finite activations")
-            moment, total = rows.T @ rows, rows.sum(axis=0)
-            sums[name] = moment if name not in sums else sums[name] + moment
-            firsts[name] = total if name not in firsts else firsts[name] + total
-            counts[name] += rows.shape[0]
+            sums.add(name, rows.shape[0], moment=rows.T @ rows, mean=rows.sum(axis=0))
             if patches_wanted and args[0].ndim == 4:
                 value = args[0].astype(ms.float32) if args[0].dtype == ms.bfloat16 else args[0]
-                patches, number = patch_moment_sum(node, value.asnumpy())
-                patch_sums[name] = patches + patch_sums.get(name, 0.0)
-                patch_counts[name] = patch_counts.get(name, 0) + number
+                sums.add_patches(name, *patch_moment_sum(node, value.asnumpy()))
             pending.discard(name)
             if stop_early and not pending:
                 raise _Enough
@@ -457,14 +464,7 @@ def collect_stats(model: nn.Cell, graph: Graph, datasets: Iterable[Any], max_ite
                 break
     if seen == 0:
         raise ValueError("datasets is empty: data-aware decomposition needs at least one element")
-    stats = {}
-    for name in wanted:
-        if counts[name] == 0:
-            logger.warning("layer %r saw no data during calibration; it is decomposed data-free", name)
-            continue
-        patch = (patch_sums[name], patch_counts[name]) if patch_counts.get(name) else None
-        stats[name] = stats_from_sums(name, counts[name], {"moment": sums[name], "mean": firsts[name]}, patch)
-    return stats
+    return sums.stats()
 
 
 def execution_groups(model: nn.Cell, graph: Graph, datasets: Iterable[Any], names: Sequence[str]) -> list[list[str]]:
@@ -513,13 +513,9 @@ def collect_cross_stats(original: nn.Cell, model: nn.Cell, graph: Graph, dataset
     _check_datasets(datasets)
     candidates = names if names is not None else [node.name for node in graph.layers()]
     wanted = [name for name in candidates if name in graph and graph.node(name).op in (Op.LINEAR, Op.CONV)]
-    sums: dict[str, dict[str, np.ndarray]] = {name: {} for name in wanted}
-    counts: dict[str, int] = dict.fromkeys(wanted, 0)
+    sums = MomentSums(wanted)
     captured: dict[str, np.ndarray] = {}
     pending: set[str] = set()
-
-    def add(name: str, key: str, value: np.ndarray) -> None:
-        sums[name][key] = value if key not in sums[name] else sums[name][key] + value
 
     def make_hook(name: str, source: bool) -> Callable[..., None]:
         node = graph.node(name)
@@ -535,12 +531,8 @@ def collect_cross_stats(original: nn.Cell, model: nn.Cell, graph: Graph, dataset
                 if first is None or first.shape != rows.shape:
                     raise ValueError(f"layer {name!r} saw inputs of different shapes in the original and the "
                                      f"decomposed model")
-                add(name, "moment", rows.T @ rows)
-                add(name, "mean", rows.sum(axis=0))
-                add(name, "cross", first.T @ rows)
-                add(name, "source", first.T @ first)
-                add(name, "source_mean", first.sum(axis=0))
-                counts[name] += rows.shape[0]
+                sums.add(name, rows.shape[0], moment=rows.T @ rows, mean=rows.sum(axis=0), cross=first.T @ rows,
+                         source=first.T @ first, source_mean=first.sum(axis=0))
             pending.discard(name)
             if not pending:
                 raise _Enough
@@ -560,12 +552,7 @@ def collect_cross_stats(original: nn.Cell, model: nn.Cell, graph: Graph, dataset
                 break
     if seen == 0:
         raise ValueError("datasets is empty: data-aware decomposition needs at least one element")
-    stats = {}
-    for name in wanted:
-        if counts[name] == 0:
-            continue
-        stats[name] = stats_from_sums(name, counts[name], sums[name])
-    return stats
+    return sums.stats(warn_unseen=False)
 
 
 # ------------------------------------------------------------------------------------ output errors
@@ -586,7 +573,7 @@ def _float_outputs(value: Any) -> list[np.ndarray]:
 
 
 def output_errors(model: nn.Cell, datasets: Iterable[Any], trials: Sequence[Mapping[str, np.ndarray]],
-                  max_iter: int = -1) -> list[float]:
+                  max_iter: int = -1, progress: Callable[[int], None] | None = None) -> list[float]:
     """Per trial, the model's relative output error Σ‖y' − y‖² / Σ‖y‖² when its params are replaced.
 
     A trial maps parameter names to replacement arrays in the IR's layout (e.g. one layer's weight
@@ -594,8 +581,6 @@ def output_errors(model: nn.Cell, datasets: Iterable[Any], trials: Sequence[Mapp
     floating-point outputs on the first ``max_iter`` elements of ``datasets`` (-1: all), ``y'`` the same
     with the trial's arrays. Trials run on a copy of the model; ``model`` is not changed.
     """
-    from backends.mindspore import copy_model
-
     _check_datasets(datasets)
     elements = first_elements(datasets, max_iter)
     work = copy_model(model)
@@ -624,4 +609,10 @@ def output_errors(model: nn.Cell, datasets: Iterable[Any], trials: Sequence[Mapp
                 params[name].set_data(ms.Tensor(array, dtype=params[name].dtype))
 
     with _Calibration(work, {}):
-        return relative_output_errors(outputs, len(elements), trials, applied)
+        return relative_output_errors(outputs, len(elements), trials, applied, progress)
+
+
+if TYPE_CHECKING:  # the registry hands this module out as a Frontend: mypy checks that it is one
+    import frontends.mindspore as _this_module
+
+    _AS_PROTOCOL: Frontend = _this_module

@@ -55,28 +55,32 @@ import logging
 import math
 import os
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
 from onnx import AttributeProto, GraphProto, ModelProto, NodeProto, TensorProto, ValueInfoProto, numpy_helper
 
-from frontends._patches import collects_patches, patch_moment_sum
+from frontends._im2col import collects_patches, patch_moment_sum
 from lowrank_ir import Graph, LayerStats, Node, Op, Value, verify
 from lowrank_ir._budget import first_elements, relative_output_errors
-from lowrank_ir._engine import stats_from_sums
+from lowrank_ir._calibration import MomentSums
 from lowrank_ir._files import path_inside
+from lowrank_ir._ir import DEFAULT_DOMAINS, RESERVED_ATTRS
 from lowrank_ir._limits import check_array, check_bytes, format_bytes, limited
+from lowrank_ir._protocols import Frontend
 
 __all__ = [
+    "MASKS_PADDING",
     "ModelSource",
     "as_model",
     "check_external_data",
     "check_feeds",
     "check_input_shapes",
+    "collect_cross_stats",
     "collect_stats",
     "count_parameters",
     "decode_attribute",
@@ -86,6 +90,7 @@ __all__ = [
     "load_model",
     "lower",
     "measured_shapes",
+    "output_errors",
     "parse_model",
     "tensor_bytes",
     "value_from_info",
@@ -93,12 +98,13 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+#: Whether calibration can leave padded token positions out: not here, every position of every element counts.
+MASKS_PADDING = False
+
 ModelSource = ModelProto | str | os.PathLike
 
 #: Protobuf cannot serialize a message of 2 GB or more; such models keep their weights in external data.
 PROTOBUF_LIMIT = 2**31 - 1
-
-DEFAULT_DOMAINS = ("", "ai.onnx")
 
 #: Attribute types whose values the IR keeps as the serialized proto (bytes), so they come back exactly.
 _PROTO_TYPES = {
@@ -113,9 +119,6 @@ _PROTO_LIST_TYPES = {
     AttributeProto.SPARSE_TENSORS: "sparse_tensors",
     AttributeProto.TYPE_PROTOS: "type_protos",
 }
-
-#: attrs keys of an opaque node that are the IR's own, not ONNX attributes.
-RESERVED_ATTRS = ("source_op", "onnx", "locked")
 
 #: Ops whose output is constant when their inputs are: a layer's weight reached through them is folded.
 FOLDABLE_OPS = frozenset({"Identity", "Cast", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "DequantizeLinear",
@@ -1260,11 +1263,7 @@ def collect_stats(model: ModelSource, graph: Graph, datasets: Iterable[Any], max
     wanted = _calibrated_layers(graph, names)
     values = sorted({node.inputs[0] for node in wanted})
     sess = session(_probe(proto, values, graph)) if wanted else None
-    sums: dict[str, np.ndarray] = {}
-    totals: dict[str, np.ndarray] = {}
-    patch_sums: dict[str, np.ndarray] = {}
-    patch_counts: dict[str, int] = {}
-    counts: dict[str, int] = {node.name: 0 for node in wanted}
+    sums = MomentSums(node.name for node in wanted)
     seen = 0
     for index, element in enumerate(datasets):
         where = f"datasets element {index}"
@@ -1276,33 +1275,16 @@ def collect_stats(model: ModelSource, graph: Graph, datasets: Iterable[Any], max
                 if not np.isfinite(rows).all():
                     raise ValueError(f"the input of layer {node.name!r} holds NaN or Inf values on {where}; "
                                      f"statistics need finite activations")
-                moment, total = rows.T @ rows, rows.sum(axis=0)
-                if node.name in sums:
-                    sums[node.name] += moment
-                    totals[node.name] += total
-                else:
-                    sums[node.name], totals[node.name] = moment, total
-                counts[node.name] += rows.shape[0]
+                sums.add(node.name, rows.shape[0], moment=rows.T @ rows, mean=rows.sum(axis=0))
                 value = np.asarray(outputs[node.inputs[0]])
                 if collects_patches(node) and value.ndim == 4:
-                    patches, number = patch_moment_sum(node, value)
-                    patch_sums[node.name] = patches + patch_sums.get(node.name, 0.0)
-                    patch_counts[node.name] = patch_counts.get(node.name, 0) + number
+                    sums.add_patches(node.name, *patch_moment_sum(node, value))
         seen += 1
         if 0 < max_iter <= seen:
             break
     if seen == 0:
         raise ValueError("datasets is empty: data-aware decomposition needs at least one element")
-    stats = {}
-    for node in wanted:
-        if counts[node.name] == 0:
-            logger.warning("layer %r saw no data during calibration; it is decomposed data-free", node.name)
-            continue
-        count = counts[node.name]
-        patch_moment = patch_sums[node.name] / patch_counts[node.name] if patch_counts.get(node.name) else None
-        stats[node.name] = LayerStats(sums[node.name] / count, count, totals[node.name] / count,
-                                      patch_moment=patch_moment)
-    return stats
+    return sums.stats()
 
 
 
@@ -1320,8 +1302,7 @@ def collect_cross_stats(original: ModelSource, model: ModelSource, graph: Graph,
     wanted = _calibrated_layers(graph, names)
     values = sorted({node.inputs[0] for node in wanted})
     sessions = [session(_probe(proto, values, graph)) for proto in (source, target)] if wanted else []
-    sums: dict[str, dict[str, np.ndarray]] = {node.name: {} for node in wanted}
-    counts: dict[str, int] = {node.name: 0 for node in wanted}
+    sums = MomentSums(node.name for node in wanted)
     seen = 0
     for index, element in enumerate(datasets):
         where = f"datasets element {index}"
@@ -1334,17 +1315,14 @@ def collect_cross_stats(original: ModelSource, model: ModelSource, graph: Graph,
                 if x.shape != x_tilde.shape:
                     raise ValueError(f"layer {node.name!r} saw inputs of different shapes in the original and the "
                                      f"decomposed model")
-                for key, value in (("moment", x_tilde.T @ x_tilde), ("mean", x_tilde.sum(0)), ("cross", x.T @ x_tilde),
-                                   ("source", x.T @ x), ("source_mean", x.sum(0))):
-                    sums[node.name][key] = value + sums[node.name].get(key, 0.0)
-                counts[node.name] += x.shape[0]
+                sums.add(node.name, x.shape[0], moment=x_tilde.T @ x_tilde, mean=x_tilde.sum(0), cross=x.T @ x_tilde,
+                         source=x.T @ x, source_mean=x.sum(0))
         seen += 1
         if 0 < max_iter <= seen:
             break
     if seen == 0:
         raise ValueError("datasets is empty: data-aware decomposition needs at least one element")
-    return {node.name: stats_from_sums(node.name, counts[node.name], sums[node.name])
-            for node in wanted if counts[node.name]}
+    return sums.stats(warn_unseen=False)
 
 # ------------------------------------------------------------------------------------------- output errors
 
@@ -1388,7 +1366,7 @@ def _store_folded(model: ModelProto, names: Iterable[str]) -> None:
 
 
 def output_errors(model: ModelSource, datasets: Iterable[Any], trials: Sequence[Mapping[str, np.ndarray]],
-                  max_iter: int = -1) -> list[float]:
+                  max_iter: int = -1, progress: Callable[[int], None] | None = None) -> list[float]:
     """Per trial, the model's relative output error Σ‖y' − y‖² / Σ‖y‖² with some weights replaced.
 
     A trial maps initializer (or ``Constant``, or folded: see the module docstring) names to replacement
@@ -1430,4 +1408,10 @@ def output_errors(model: ModelSource, datasets: Iterable[Any], trials: Sequence[
                 tensors[name].CopyFrom(tensor)
         yield
 
-    return relative_output_errors(outputs, len(feeds), trials, applied)
+    return relative_output_errors(outputs, len(feeds), trials, applied, progress)
+
+
+if TYPE_CHECKING:  # the registry hands this module out as a Frontend: mypy checks that it is one
+    import frontends.onnx as _this_module
+
+    _AS_PROTOCOL: Frontend = _this_module

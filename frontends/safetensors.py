@@ -25,11 +25,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from frontends.torch import lock_reasons, lowering_for, to_numpy
+from frontends.torch import lock_reasons, lowering_for, read_only_array
 from lowrank_ir._ir import Graph, Node, Op, verify
 
 __all__ = ["INDEX_FILE", "SINGLE_FILE", "Checkpoint", "TensorInfo", "is_checkpoint_dir", "layer_graph",
-           "linear_layers", "open_checkpoint", "read_header", "skeleton"]
+           "linear_layers", "model_class", "open_checkpoint", "read_header", "skeleton"]
 
 logger = logging.getLogger(__name__)
 
@@ -151,8 +151,8 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     return checkpoint
 
 
-def _meta_model(config: dict[str, Any], folder: Path) -> nn.Module:
-    """The model class ``config.json`` names, built on the meta device (structure only, no weight memory)."""
+def model_class(config: dict[str, Any], folder: Path) -> Any:
+    """The transformers model class ``config.json`` (``config``, read from ``folder``) names in ``architectures``."""
     import transformers
 
     architectures = config.get("architectures")
@@ -163,6 +163,14 @@ def _meta_model(config: dict[str, Any], folder: Path) -> nn.Module:
     if cls is None:
         raise ValueError(f"config.json of {str(folder)!r} names model class {architectures[0]!r}, which "
                          f"transformers {transformers.__version__} does not have")
+    return cls
+
+
+def _meta_model(config: dict[str, Any], folder: Path) -> nn.Module:
+    """The model class ``config.json`` names, built on the meta device (structure only, no weight memory)."""
+    import transformers
+
+    cls = model_class(config, folder)
     hf_config = transformers.AutoConfig.from_pretrained(folder)
     with torch.device("meta"):
         model = cls(hf_config)
@@ -209,7 +217,7 @@ def layer_graph(checkpoint: Checkpoint, node: Node) -> Graph:
     written back unchanged keeps its exact bits and dtype.
     """
     tensors = {param: checkpoint.read(param) for param in node.params.values()}
-    params = {param: to_numpy(tensor) for param, tensor in tensors.items()}
+    params = {param: read_only_array(tensor) for param, tensor in tensors.items()}
     graph = Graph([Node(node.op, node.name, dict(node.attrs), dict(node.params))], params,
                   meta={"source": "safetensors", "tensors": tensors})
     verify(graph)

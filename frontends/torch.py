@@ -22,7 +22,7 @@ import copy
 import logging
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -31,13 +31,18 @@ from torch.nn import functional
 
 from lowrank_ir import Graph, LayerStats, Node, Op, verify
 from lowrank_ir._budget import first_elements, relative_output_errors
-from lowrank_ir._engine import stats_from_sums
+from lowrank_ir._calibration import MomentSums
+from lowrank_ir._protocols import Frontend
 
-__all__ = ["LOWERINGS", "LOWERINGS_BY_PATH", "TRANSPOSED_WEIGHTS", "collect_cross_stats", "collect_stats",
-           "count_parameters", "drop_padding", "execution_groups", "lock_reasons", "lower", "lowering_for",
-           "register_lowering", "to_numpy", "token_mask", "transposed_weights"]
+__all__ = ["LOWERINGS", "LOWERINGS_BY_PATH", "MASKS_PADDING", "TRANSPOSED_WEIGHTS", "collect_cross_stats",
+           "collect_stats", "count_parameters", "drop_padding", "execution_groups", "lock_reasons", "lower",
+           "lowering_for", "output_errors", "read_only_array", "register_lowering", "token_mask",
+           "transposed_weights"]
 
 logger = logging.getLogger(__name__)
+
+#: Whether calibration can leave padded token positions out (``collect_stats(mask_padding=...)``, on by default).
+MASKS_PADDING = True
 
 Lowering = Callable[[str, nn.Module], Node]
 
@@ -149,7 +154,7 @@ def transposed_weights(model: nn.Module) -> list[str]:
     return names
 
 
-def to_numpy(tensor: torch.Tensor) -> np.ndarray:
+def read_only_array(tensor: torch.Tensor) -> np.ndarray:
     """A read-only numpy view of a tensor (a float32 copy for dtypes numpy lacks, e.g. bfloat16)."""
     tensor = tensor.detach()
     if tensor.device.type != "cpu":
@@ -220,7 +225,7 @@ def lower(model: nn.Module) -> Graph:
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
     state = model.state_dict()
-    params = {name: to_numpy(tensor) for name, tensor in state.items() if isinstance(tensor, torch.Tensor)}
+    params = {name: read_only_array(tensor) for name, tensor in state.items() if isinstance(tensor, torch.Tensor)}
     dtypes = {name: str(tensor.dtype).replace("torch.", "") for name, tensor in state.items()
               if isinstance(tensor, torch.Tensor)}
     locks = lock_reasons(model)
@@ -239,7 +244,7 @@ def lower(model: nn.Module) -> Graph:
                     node.attrs.setdefault("locked", f"its {' and '.join(missing)} is computed in the forward, "
                                                     f"not stored as a parameter")
                     for role in missing:
-                        computed[node.params[role]] = to_numpy(_computed_tensor(module, role))
+                        computed[node.params[role]] = read_only_array(_computed_tensor(module, role))
             else:
                 own = [key for key, _ in module.named_parameters(recurse=False)]
                 own += [key for key, _ in module.named_buffers(recurse=False)]
@@ -428,11 +433,7 @@ def collect_stats(model: nn.Module, graph: Graph, datasets: Iterable[Any], max_i
     candidates = names if names is not None else [node.name for node in graph.layers()]
     wanted = [name for name in candidates
               if name in graph and graph.node(name).op in (Op.LINEAR, Op.CONV) and name in modules]
-    sums: dict[str, torch.Tensor] = {}
-    firsts: dict[str, torch.Tensor] = {}
-    patch_sums: dict[str, torch.Tensor] = {}
-    patch_counts: dict[str, int] = {}
-    counts: dict[str, int] = dict.fromkeys(wanted, 0)
+    sums = MomentSums(wanted)
     pending: set[str] = set()
     masks: list[torch.Tensor | None] = [None]  # the current element's
 
@@ -447,17 +448,13 @@ def collect_stats(model: nn.Module, graph: Graph, datasets: Iterable[Any], max_i
             # Each batch's product in at least float32 (float64 inputs stay float64), summed in float64:
             # float64 products would cost 2-4x the time for no gain at batch sizes' worth of rows.
             rows = rows.to(torch.promote_types(rows.dtype, torch.float32))
-            moment = (rows.T @ rows).to(torch.float64)  # NaN/Inf inputs make it non-finite: checked at the end
-            total = rows.sum(0, dtype=torch.float64)
-            sums[name] = moment if name not in sums else sums[name] + moment
-            firsts[name] = total if name not in firsts else firsts[name] + total
-            counts[name] += rows.shape[0]
+            # NaN/Inf inputs make the sums non-finite: checked at the end
+            sums.add(name, rows.shape[0], moment=(rows.T @ rows).to(torch.float64),
+                     mean=rows.sum(0, dtype=torch.float64))
             if pads is not None:
                 patches = _patch_rows(node, args[0].detach(), pads)
                 patches = patches.to(torch.promote_types(patches.dtype, torch.float32))
-                product = (patches.T @ patches).to(torch.float64)
-                patch_sums[name] = product if name not in patch_sums else patch_sums[name] + product
-                patch_counts[name] = patch_counts.get(name, 0) + patches.shape[0]
+                sums.add_patches(name, (patches.T @ patches).to(torch.float64), patches.shape[0])
             pending.discard(name)
             if stop_early and not pending:
                 raise _Enough
@@ -475,15 +472,7 @@ def collect_stats(model: nn.Module, graph: Graph, datasets: Iterable[Any], max_i
                 break
     if seen == 0:
         raise ValueError("datasets is empty: data-aware decomposition needs at least one element")
-    stats = {}
-    for name in wanted:
-        if counts[name] == 0:
-            logger.warning("layer %r saw no data during calibration; it is decomposed data-free", name)
-            continue
-        patch = (patch_sums[name].cpu().numpy(), patch_counts[name]) if patch_counts.get(name) else None
-        stats[name] = stats_from_sums(name, counts[name], {"moment": sums[name].cpu().numpy(),
-                                                           "mean": firsts[name].cpu().numpy()}, patch)
-    return stats
+    return sums.stats(read_only_array)
 
 
 def collect_cross_stats(original: nn.Module, model: nn.Module, graph: Graph, datasets: Iterable[Any],
@@ -499,15 +488,10 @@ def collect_cross_stats(original: nn.Module, model: nn.Module, graph: Graph, dat
     _check_datasets(datasets)
     candidates = names if names is not None else [node.name for node in graph.layers()]
     wanted = [name for name in candidates if name in graph and graph.node(name).op in (Op.LINEAR, Op.CONV)]
-    sums: dict[str, dict[str, torch.Tensor]] = {name: {} for name in wanted}
-    counts: dict[str, int] = dict.fromkeys(wanted, 0)
+    sums = MomentSums(wanted)
     captured: dict[str, torch.Tensor] = {}
     pending: set[str] = set()
     masks: list[torch.Tensor | None] = [None]  # the current element's
-
-    def add(name: str, key: str, value: torch.Tensor) -> None:
-        value = value.to(torch.float64)
-        sums[name][key] = value if key not in sums[name] else sums[name][key] + value
 
     def make_hook(name: str, source: bool) -> Callable[..., None]:
         node = graph.node(name)
@@ -524,12 +508,9 @@ def collect_cross_stats(original: nn.Module, model: nn.Module, graph: Graph, dat
                 if first is None or first.shape != rows.shape:
                     raise ValueError(f"layer {name!r} saw inputs of different shapes in the original and the "
                                      f"decomposed model")
-                add(name, "moment", rows.T @ rows)
-                add(name, "mean", rows.sum(0))
-                add(name, "cross", first.T @ rows)
-                add(name, "source", first.T @ first)
-                add(name, "source_mean", first.sum(0))
-                counts[name] += rows.shape[0]
+                products = {"moment": rows.T @ rows, "mean": rows.sum(0), "cross": first.T @ rows,
+                            "source": first.T @ first, "source_mean": first.sum(0)}
+                sums.add(name, rows.shape[0], **{key: value.to(torch.float64) for key, value in products.items()})
             pending.discard(name)
             if not pending:
                 raise _Enough
@@ -550,13 +531,7 @@ def collect_cross_stats(original: nn.Module, model: nn.Module, graph: Graph, dat
                 break
     if seen == 0:
         raise ValueError("datasets is empty: data-aware decomposition needs at least one element")
-    stats = {}
-    for name in wanted:
-        if counts[name] == 0:
-            continue
-        stats[name] = stats_from_sums(name, counts[name],
-                                      {key: value.cpu().numpy() for key, value in sums[name].items()})
-    return stats
+    return sums.stats(read_only_array, warn_unseen=False)
 
 
 def execution_groups(model: nn.Module, graph: Graph, datasets: Iterable[Any], names: Sequence[str]) -> list[list[str]]:
@@ -608,7 +583,8 @@ def _float_outputs(value: Any) -> list[torch.Tensor]:
 
 
 def output_errors(model: nn.Module, datasets: Iterable[Any], trials: Sequence[Mapping[str, np.ndarray]],
-                  max_iter: int = -1, mask_padding: bool = True) -> list[float]:
+                  max_iter: int = -1, mask_padding: bool = True,
+                  progress: Callable[[int], None] | None = None) -> list[float]:
     """Per trial, the model's relative output error Σ‖y' − y‖² / Σ‖y‖² when its params are replaced.
 
     A trial maps state-dict names to replacement arrays in the layout of :func:`lower`'s graph (e.g. one
@@ -617,7 +593,7 @@ def output_errors(model: nn.Module, datasets: Iterable[Any], trials: Sequence[Ma
     ``max_iter`` elements of ``datasets`` (-1: all), ``y'`` the same with the trial's arrays. Trials run
     one at a time on a copy of the model; ``model`` is not changed. With ``mask_padding``, token-aligned
     outputs of dict elements holding an ``attention_mask`` count only their real tokens (as in
-    :func:`collect_stats`).
+    :func:`collect_stats`). ``progress(trials done)`` is called as each trial ends.
     """
     _check_datasets(datasets)
     elements = first_elements(datasets, max_iter)
@@ -652,4 +628,10 @@ def output_errors(model: nn.Module, datasets: Iterable[Any], trials: Sequence[Ma
                 tensors[name].data.copy_(tensor)
 
     with _calibrating([work], [{}]):
-        return relative_output_errors(outputs, len(elements), trials, applied)
+        return relative_output_errors(outputs, len(elements), trials, applied, progress)
+
+
+if TYPE_CHECKING:  # the registry hands this module out as a Frontend: mypy checks that it is one
+    import frontends.torch as _this_module
+
+    _AS_PROTOCOL: Frontend = _this_module

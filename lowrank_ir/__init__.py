@@ -7,11 +7,12 @@ by the frontends and backends when a model of theirs is handed in.
 
 from lowrank_ir._api import Decompose, count_parameters
 from lowrank_ir._backend import LINALG_BACKENDS, linalg_backend
-from lowrank_ir._convert import ParityReport, ParityRow, convert, load_converted, parity, save_converted
+from lowrank_ir._cross import convert, load_converted, parity, save_converted
 from lowrank_ir._engine import LAYOUTS, LayerStats, Plan, PlanEntry, RewriteResult, plan, rewrite, with_layout
 from lowrank_ir._files import SafeWriteUmask, atomic_write, write_json
 from lowrank_ir._ir import Graph, GraphError, Node, Op, Value, verify
 from lowrank_ir._logging import set_logger_level
+from lowrank_ir._parity_report import ParityReport, ParityRow
 from lowrank_ir._policy import Policy, make_divisible
 from lowrank_ir._registry import framework_of
 from lowrank_ir._report import LayerReport, Report, build_report

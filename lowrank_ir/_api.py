@@ -11,7 +11,6 @@ changed: ``decompose_network`` returns a new one.
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import logging
 import math
@@ -48,9 +47,14 @@ from lowrank_ir._policy import (
     validate_excludes,
 )
 from lowrank_ir._registry import backend_for, frontend_for, latency_for
-from lowrank_ir._report import Report, _positions, build_report
+from lowrank_ir._report import SPECTRUM_LENGTH, Report, _positions, build_report, spectra
 
-__all__ = ["Decompose", "count_parameters"]
+__all__ = ["Decompose", "PhaseProgress", "count_parameters"]
+
+#: ``progress(phase, done, total, item)``: ``phase`` is ``"calibration"`` (datasets elements run),
+#: ``"sensitivity"`` (layers whose effect on the output is measured), ``"rewrite"`` (layers factorized) or
+#: ``"refine"`` (layers refitted in order); ``total`` 0 when not known in advance.
+PhaseProgress = Callable[[str, int, int, str], None]
 
 logger = logging.getLogger(__name__)
 
@@ -102,23 +106,30 @@ class Decompose:
             (a tokenizer's padded batches), leave the padding positions out of the statistics of
             token-aligned layer inputs and of the measured output errors (the default); False keeps
             them. PyTorch models only.
+        progress: optional ``progress(phase, done, total, item)`` callback (:data:`PhaseProgress`), called
+            as calibration elements, sensitivity runs and layers finish; for progress bars.
 
     Choose ranks with one of ``from_ratio``, ``from_fixed``, ``from_dict``, ``from_vbmf``,
     ``from_file`` (each returns ``self``), then call :meth:`decompose_network`.
     """
 
     def __init__(self, model: Any, config_file: str | os.PathLike[str] | None = None, *,
-                 mask_padding: bool = True) -> None:
+                 mask_padding: bool = True, progress: PhaseProgress | None = None) -> None:
         self._frontend = frontend_for(model)  # TypeError for models of unsupported frameworks
         self.model = model
         self.config_file = _check_config_file(config_file)
         if not isinstance(mask_padding, bool):
             raise TypeError(f"mask_padding must be a bool, got {mask_padding!r}")
-        if not mask_padding and "mask_padding" not in inspect.signature(self._frontend.collect_stats).parameters:
+        if not mask_padding and not self._frontend.MASKS_PADDING:
             raise ValueError(f"mask_padding=False is not an option for a {type(model).__name__}: its calibration "
                              f"never masks padding (only PyTorch models' does)")
         #: Calibration options passed to the frontend (only those that differ from its defaults).
         self._data_options: dict[str, Any] = {} if mask_padding else {"mask_padding": False}
+        if progress is not None and not callable(progress):
+            raise TypeError(f"progress must be a callable progress(phase, done, total, item), got {progress!r}")
+        self._progress = progress
+        #: What :meth:`spectra` reads: the last decomposition's graph, plan and calibration statistics.
+        self._decomposed: tuple[Graph, Plan, dict[str, LayerStats]] | None = None
         self.decompose_config: dict[str, int | list[int]] | None = None
         self.report: Report | None = None
         self.plan: Plan | None = None
@@ -156,6 +167,12 @@ class Decompose:
     def from_vbmf(self, excludes: Sequence[str] | None = None, divisor: int = 64) -> Decompose:
         """Ranks estimated from each weight by EVBMF (best on pretrained weights)."""
         return self._choose(Policy.vbmf(excludes, divisor))
+
+    def from_policy(self, policy: Policy) -> Decompose:
+        """Ranks from a :class:`Policy` (what each ``from_*`` call above builds from its arguments)."""
+        if not isinstance(policy, Policy):
+            raise TypeError(f"from_policy takes a lowrank_ir.Policy (e.g. Policy.ratio(0.5)), got {policy!r}")
+        return self._choose(policy)
 
     def from_energy(self, keep: float, excludes: Sequence[str] | None = None, divisor: int = 1, *,
                     include: str | None = None, datasets: Any = None, max_iter: int = -1) -> Decompose:
@@ -356,7 +373,8 @@ class Decompose:
         names = list(truncated)
         logger.info("measuring the output error of %d layers, each truncated alone", len(names))
         errors = self._frontend.output_errors(self.model, datasets, [truncated[name] for name in names],
-                                              max_iter=probe_iter, **self._data_options)
+                                              max_iter=probe_iter, progress=self._phase("sensitivity", names),
+                                              **self._data_options)
         measured = dict(zip(names, errors, strict=True))
         for name, error in measured.items():
             logger.debug("%s: rank %d alone -> relative output error %.3g", name, probes[name], error)
@@ -390,8 +408,8 @@ class Decompose:
         """Statistics for ``names``, kept for a ``decompose_network`` call given the same ``datasets`` object."""
         if datasets is None:
             return {}
-        stats = self._frontend.collect_stats(self.model, graph, datasets, max_iter=max_iter, names=names,
-                                             **self._data_options)
+        stats = self._frontend.collect_stats(self.model, graph, self._counted(datasets, max_iter), max_iter=max_iter,
+                                             names=names, **self._data_options)
         self._stats = (id(datasets), max_iter, stats)
         return dict(stats)
 
@@ -435,7 +453,7 @@ class Decompose:
         chosen = plan(graph, policy)
         config = chosen.decompose_config()
         if not config:
-            kept = {entry.name: entry.reason for entry in chosen.kept()}
+            kept = {entry.name: entry.reason for entry in chosen.kept_entries()}
             detail = "; ".join(f"{name}: {reason}" for name, reason in list(kept.items())[:5])
             raise ValueError(
                 f"no layer of this {type(self.model).__name__} would be decomposed under {policy.kind!r} "
@@ -468,7 +486,8 @@ class Decompose:
                 taken on the model whose earlier layers are already decomposed, so errors do not
                 compound unseen. Layers fed the same tensor (query/key/value) share one calibration
                 pass, and each pass stops as soon as the layers it serves have seen their input.
-            progress: optional ``progress(done, total, layer name)`` callback, called as layers finish.
+            progress: optional ``progress(done, total, layer name)`` callback, called as layers finish
+                (without it, the ``progress`` given to ``Decompose`` hears of them as ``"rewrite"``).
             layout: ``"reference"`` (the reference tool's: a 1x1 conv becomes three convs, so its
                 checkpoints load) or ``"compact"`` (a 1x1 conv becomes two, without the r x r middle
                 conv: the same function with fewer parameters and kernels). Default: the backend's,
@@ -495,22 +514,61 @@ class Decompose:
         chosen = with_layout(_keep_reasons(plan(graph, Policy.config(self.decompose_config)), self.plan),
                              layout or backend.DEFAULT_LAYOUT)
         stats = None
-        names = [entry.name for entry in chosen.decomposed()]
+        names = [entry.name for entry in chosen.decomposed_entries()]
         if datasets is not None and do_decompose_weight:
             cached = self._stats
             if cached is not None and cached[0] == id(datasets) and cached[1] == max_iter:
                 stats = {name: cached[2][name] for name in names if name in cached[2]}  # from from_energy/budget
             else:
-                stats = self._frontend.collect_stats(self.model, graph, datasets, max_iter=max_iter, names=names,
-                                                     **self._data_options)
-        result = rewrite(graph, chosen, stats=stats, weights=do_decompose_weight, progress=progress)
+                stats = self._frontend.collect_stats(self.model, graph, self._counted(datasets, max_iter),
+                                                     max_iter=max_iter, names=names, **self._data_options)
+        result = rewrite(graph, chosen, stats=stats, weights=do_decompose_weight,
+                         progress=progress or self._layers("rewrite"))
         model = backend.build(result.graph, like=self.model, weights=do_decompose_weight)
         errors, flushed = result.errors, result.flushed
         if sequential and do_decompose_weight:
-            errors, flushed = self._refine_sequentially(model, graph, chosen, datasets, max_iter, names, progress)
+            errors, flushed = self._refine_sequentially(model, graph, chosen, datasets, max_iter, names,
+                                                        progress or self._layers("refine"))
         self.plan = chosen
+        self._decomposed = (graph, chosen, stats or {})
         self.report = build_report(graph, chosen, errors, flushed=flushed)
         return model
+
+    def spectra(self, length: int = SPECTRUM_LENGTH) -> dict[str, dict[str, Any]]:
+        """Each decomposed layer's normalised singular-value spectrum, rank and kept energy (``_report.spectra``).
+
+        Of the last :meth:`decompose_network` call: whitened by the layer's input moment when it was
+        data-aware. Empty before any decomposition.
+        """
+        if self._decomposed is None:
+            return {}
+        return spectra(*self._decomposed, length=length)
+
+    def _layers(self, phase: str) -> Progress | None:
+        """The ``progress`` given to ``Decompose`` as a per-layer ``progress(done, total, name)`` callback."""
+        report = self._progress
+        if report is None:
+            return None
+
+        def show(done: int, total: int, name: str) -> None:
+            report(phase, done, total, name)
+        return show
+
+    def _phase(self, phase: str, names: Sequence[str]) -> Callable[[int], None] | None:
+        """A ``progress(done)`` callback over ``names`` for the ``progress`` given to ``Decompose``."""
+        report = self._progress
+        if report is None:
+            return None
+
+        def show(done: int) -> None:
+            report(phase, done, len(names), names[done - 1] if 0 < done <= len(names) else "")
+        return show
+
+    def _counted(self, datasets: Any, max_iter: int) -> Any:
+        """``datasets``, reporting each element run as ``"calibration"`` progress (as it is without a callback)."""
+        if self._progress is None or isinstance(datasets, (str, bytes, Mapping)) or not hasattr(datasets, "__iter__"):
+            return datasets  # the frontend names what is wrong with it
+        return _Counted(datasets, self._progress, max_iter)
 
     def _refine_sequentially(self, model: Any, graph: Graph, chosen: Plan, datasets: Any, max_iter: int,
                              names: list[str], progress: Progress | None,
@@ -521,16 +579,11 @@ class Decompose:
         errors: dict[str, tuple[float, str]] = {}
         flushed: dict[str, int] = {}
         done = 0
-        # Frontends that can run the original beside the decomposed model fit each layer to the original
-        # outputs (compensating upstream error); the others refit to the layer's own outputs on x̃.
-        cross = getattr(self._frontend, "collect_cross_stats", None)
+        # Each layer is fitted to the original model's outputs (compensating upstream error): the frontend
+        # runs the original beside the decomposed model.
         for group in groups:
-            if cross is not None:
-                stats = cross(self.model, model, graph, datasets, max_iter=max_iter, names=group,
-                              **self._data_options)
-            else:
-                stats = self._frontend.collect_stats(model, graph, datasets, max_iter=max_iter, names=group,
-                                                     stop_early=True, **self._data_options)
+            stats = self._frontend.collect_cross_stats(self.model, model, graph, datasets, max_iter=max_iter,
+                                                       names=group, **self._data_options)
             part = Plan({name: chosen.entries[name] for name in group})
             result = rewrite(graph, part, stats=stats, workers=1)
             backend.load_layers(model, result.graph, group)
@@ -540,6 +593,37 @@ class Decompose:
             if progress is not None:
                 progress(done, len(names), group[-1])
         return errors, flushed
+
+
+class _Counted:
+    """An iterable over ``datasets`` that reports each element the caller has finished with.
+
+    An element counts as done when the next one is asked for, or when the caller stops iterating (a
+    ``max_iter`` cut, the end): ``progress("calibration", done, total, "")``.
+    """
+
+    __slots__ = ("datasets", "max_iter", "progress")
+
+    def __init__(self, datasets: Any, progress: PhaseProgress, max_iter: int) -> None:
+        self.datasets = datasets
+        self.progress = progress
+        self.max_iter = max_iter
+
+    def __iter__(self) -> Iterator[Any]:
+        size = len(self.datasets) if hasattr(self.datasets, "__len__") else 0
+        total = min(size, self.max_iter) if size and self.max_iter > 0 else (size or max(self.max_iter, 0))
+        done = 0
+        pending = False
+        try:
+            for element in self.datasets:
+                pending = True
+                yield element
+                pending = False
+                done += 1
+                self.progress("calibration", done, total, "")
+        finally:
+            if pending:
+                self.progress("calibration", done + 1, total, "")
 
 
 def _check_estimate(estimate: str | None, datasets: Any, probe_iter: int | None) -> str:

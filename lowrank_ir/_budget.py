@@ -203,12 +203,13 @@ def first_elements(datasets: Iterable[Any], max_iter: int) -> list[Any]:
 
 
 def relative_output_errors(outputs: Callable[[int], Sequence[Any]], count: int, trials: Sequence[_Trial],
-                           applied: Callable[[_Trial], AbstractContextManager[object]]) -> list[float]:
+                           applied: Callable[[_Trial], AbstractContextManager[object]],
+                           progress: Callable[[int], None] | None = None) -> list[float]:
     """Per trial, ``Σ‖y' − y‖² / Σ‖y‖²`` over ``count`` elements: what the frontends' ``output_errors`` share.
 
     ``outputs(i)`` runs the model on element ``i`` and returns its floating-point outputs (float64 arrays
     or tensors); ``applied(trial)`` is a context that puts the trial's weights in place and takes them
-    out again. ``y`` is measured before any trial.
+    out again. ``y`` is measured before any trial. ``progress(trials done)`` is called after each trial.
     """
     reference = [outputs(index) for index in range(count)]
     norm = sum(float((value ** 2).sum()) for values in reference for value in values)
@@ -220,4 +221,6 @@ def relative_output_errors(outputs: Callable[[int], Sequence[Any]], count: int, 
             squared = sum(float(((new - old) ** 2).sum()) for index in range(count)
                           for new, old in zip(outputs(index), reference[index], strict=True))
         errors.append(squared / norm if norm > 0 else 0.0)
+        if progress is not None:
+            progress(len(errors))
     return errors

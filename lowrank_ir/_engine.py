@@ -148,16 +148,18 @@ class Plan:
 
     entries: dict[str, PlanEntry] = field(default_factory=dict)
 
-    def decomposed(self) -> list[PlanEntry]:
+    def decomposed_entries(self) -> list[PlanEntry]:
+        """The entries of the layers to factorize (``entry.decomposed``), in graph order."""
         return [entry for entry in self.entries.values() if entry.decomposed]
 
-    def kept(self) -> list[PlanEntry]:
+    def kept_entries(self) -> list[PlanEntry]:
+        """The entries of the layers left whole, each with its ``reason``, in graph order."""
         return [entry for entry in self.entries.values() if not entry.decomposed]
 
     def decompose_config(self) -> dict[str, int | list[int]]:
         """The reference tool's ``decompose_config``: name -> rank, or [out rank, in rank] for convs."""
         config: dict[str, int | list[int]] = {}
-        for entry in self.decomposed():
+        for entry in self.decomposed_entries():
             config[entry.name] = list(entry.rank) if isinstance(entry.rank, tuple) else int(entry.rank or 0)
         return config
 
@@ -651,7 +653,7 @@ def approximations(graph: Graph, the_plan: Plan, stats: Mapping[str, LayerStats]
     reconstruction) with the bias correction applied, so a model can run with one layer truncated and
     nothing else changed: how the budget policy measures each layer's effect on the model's output.
     """
-    entries = [entry for entry in the_plan.decomposed() if entry.name in graph]
+    entries = [entry for entry in the_plan.decomposed_entries() if entry.name in graph]
     stats = stats or {}
     tasks = [functools.partial(_approximation, graph.node(entry.name), entry, graph, stats.get(entry.name))
              for entry in entries]
@@ -745,8 +747,8 @@ def rewrite(graph: Graph, the_plan: Plan, stats: Mapping[str, LayerStats] | None
     threads decompose layers in parallel (default: one per core), sharing ``threads`` BLAS threads
     (default: one per core). ``graph`` itself is not changed.
     """
-    entries = [entry for entry in the_plan.decomposed() if entry.name in graph]
-    missing = [entry.name for entry in the_plan.decomposed() if entry.name not in graph]
+    entries = [entry for entry in the_plan.decomposed_entries() if entry.name in graph]
+    missing = [entry.name for entry in the_plan.decomposed_entries() if entry.name not in graph]
     if missing:
         raise ValueError(f"the plan names layers the graph does not have: {missing}")
     stats = stats or {}

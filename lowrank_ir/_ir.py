@@ -37,6 +37,12 @@ The op set is closed (:class:`Op`). Each op's attributes are documented once, he
 ``Opaque``      anything else, carried untouched. attrs: ``source_op`` (the ONNX op type or module type
                 name) and the source's own attributes.
 
+Some attribute keys belong to the IR on every op, never to the source (:data:`RESERVED_ATTRS`):
+``source_op`` (above), ``onnx`` (the ONNX write-back record, below), ``locked`` (why the engine must
+leave a layer alone), ``in_positions``/``out_positions`` (below). :func:`source_attrs` is what is left:
+an opaque node's own attributes. Opaque nodes from ONNX keep their operator's domain in the record;
+``DEFAULT_DOMAINS`` are the spellings of the standard operators' domain.
+
 Nodes lowered from a module tree (PyTorch, MindSpore) have empty ``inputs``/``outputs``: the tree,
 not the IR, knows the dataflow. Nodes from a dataflow source (ONNX) name their values.
 
@@ -62,7 +68,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Graph", "GraphError", "Node", "Op", "Value", "verify"]
+__all__ = ["DEFAULT_DOMAINS", "RESERVED_ATTRS", "Graph", "GraphError", "Node", "Op", "Value", "source_attrs", "verify"]
 
 
 class Op(str, enum.Enum):
@@ -92,6 +98,17 @@ REQUIRED_ATTRS: dict[Op, tuple[str, ...]] = {
 
 #: Ops whose weight the engine can factorize.
 LAYER_OPS = frozenset({Op.LINEAR, Op.CONV, Op.CONV_TRANSPOSE, Op.EMBEDDING, Op.MATMUL})
+
+#: Node attribute keys the IR keeps for itself (see the module docstring); a source op may not use them.
+RESERVED_ATTRS = ("source_op", "onnx", "locked", "in_positions", "out_positions")
+
+#: The ONNX domains of the standard operators (the empty string and its long spelling).
+DEFAULT_DOMAINS = ("", "ai.onnx")
+
+
+def source_attrs(node: Node) -> dict[str, Any]:
+    """The attributes of ``node`` that belong to its source op: every one but :data:`RESERVED_ATTRS`."""
+    return {key: value for key, value in node.attrs.items() if key not in RESERVED_ATTRS}
 
 
 class GraphError(ValueError):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 
+from lowrank_ir._registry import packages
+
 __all__ = ["LEVELS", "set_logger_level"]
 
 LEVELS = {
@@ -16,7 +18,8 @@ LEVELS = {
     "fatal": logging.CRITICAL,
 }
 
-_ROOTS = ("lowrank_ir", "frontends", "backends", "tools")
+#: The loggers set: the core's, the command line's, and those of the plugin packages the registry names.
+_ROOTS = ("lowrank_ir", "tools")
 
 
 def set_logger_level(level: str = "info") -> None:
@@ -29,7 +32,7 @@ def set_logger_level(level: str = "info") -> None:
     value = LEVELS.get(level.strip().lower())
     if value is None:
         raise ValueError(f"unknown log level {level!r}; use one of {sorted(set(LEVELS) - {'warn', 'fatal'})}")
-    for name in _ROOTS:
+    for name in dict.fromkeys([*_ROOTS, *packages()]):
         logger = logging.getLogger(name)
         logger.setLevel(value)
         if not logger.handlers:

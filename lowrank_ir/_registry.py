@@ -1,7 +1,14 @@
 """Which frontend and backend serve a model: a plain dict keyed by framework, filled at import time.
 
 Detection reads the model's class hierarchy by module name, so it never imports a framework the user
-does not have; the frontend/backend modules (which do import it) are loaded only when picked.
+does not have; the frontend/backend modules (which do import it) are loaded only when picked, and
+returned as the ``Protocol`` they meet (``lowrank_ir._protocols``): a module that lacks a member of
+its protocol is refused when loaded.
+
+This table is the only place the core names a module outside it: the plugins (:data:`FRAMEWORKS`,
+:data:`ADAPTERS`) and the cross-framework work above the backends (:data:`CROSS_FRAMEWORK`: convert
+and parity orchestrate several plugins, so they are not core work; ``lowrank_ir.convert`` and
+``lowrank_ir.parity`` hand their calls on to it).
 """
 
 from __future__ import annotations
@@ -11,8 +18,10 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-__all__ = ["ADAPTERS", "FRAMEWORKS", "Framework", "adapter", "backend_for", "framework_of", "frontend_for",
-           "latency_for", "register_framework"]
+from lowrank_ir._protocols import Backend, Frontend, LatencyMeasurement, ModelFilesAdapter, NativeBackend
+
+__all__ = ["ADAPTERS", "CROSS_FRAMEWORK", "FRAMEWORKS", "Framework", "adapter", "backend_for", "cross_framework",
+           "framework_of", "frontend_for", "latency_for", "native_backend", "packages", "register_framework"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +69,7 @@ def framework_of(model: Any) -> str:
                     f"from module {type(model).__module__!r}")
 
 
-def _load(module_name: str, role: str, framework: str) -> ModuleType:
+def _load(module_name: str, role: str, framework: str) -> object:
     try:
         return importlib.import_module(module_name)
     except ModuleNotFoundError as err:
@@ -68,17 +77,55 @@ def _load(module_name: str, role: str, framework: str) -> ModuleType:
                           f"Install lowrank-ir with the '{framework}' extra.") from err
 
 
-def frontend_for(model: Any) -> ModuleType:
+def _not_a(module: object, protocol: type, role: str, framework: str) -> TypeError:
+    missing = [name for name in _members(protocol) if not hasattr(module, name)]
+    return TypeError(f"the {framework} {role} {getattr(module, '__name__', module)!r} is not a "
+                     f"{protocol.__name__}: it lacks {', '.join(missing)}")
+
+
+def _members(protocol: type) -> list[str]:
+    """The names a module must define to meet ``protocol`` (its methods and annotated attributes)."""
+    names: set[str] = set()
+    for cls in protocol.__mro__:
+        if cls is object or cls.__name__ in ("Protocol", "Generic"):
+            continue
+        names.update(name for name in vars(cls) if not name.startswith("_"))
+        names.update(getattr(cls, "__annotations__", {}))
+    return sorted(names)
+
+
+def frontend_for(model: Any) -> Frontend:
     name = framework_of(model)
-    return _load(FRAMEWORKS[name].frontend, "frontend", name)
+    module = _load(FRAMEWORKS[name].frontend, "frontend", name)
+    if not isinstance(module, Frontend):
+        raise _not_a(module, Frontend, "frontend", name)
+    return module
 
 
-def backend_for(model: Any) -> ModuleType:
+def backend_for(model: Any) -> Backend:
     name = framework_of(model)
-    return _load(FRAMEWORKS[name].backend, "backend", name)
+    module = _load(FRAMEWORKS[name].backend, "backend", name)
+    if not isinstance(module, Backend):
+        raise _not_a(module, Backend, "backend", name)
+    return module
 
 
-def latency_for(model: Any) -> ModuleType:
+#: The frameworks whose models are trained natively (their backends are :class:`NativeBackend`).
+NATIVE_FRAMEWORKS = ("torch", "mindspore")
+
+
+def native_backend(framework: str) -> NativeBackend:
+    """The backend of ``framework`` (one of :data:`NATIVE_FRAMEWORKS`), imported now."""
+    if framework not in NATIVE_FRAMEWORKS:
+        raise ValueError(f"{framework!r} is not a framework of trainable models; choose one of "
+                         f"{', '.join(NATIVE_FRAMEWORKS)}")
+    module = _load(FRAMEWORKS[framework].backend, "backend", framework)
+    if not isinstance(module, NativeBackend):
+        raise _not_a(module, NativeBackend, "backend", framework)
+    return module
+
+
+def latency_for(model: Any) -> LatencyMeasurement:
     """The module that measures ``model``'s latency; ``ValueError`` when its framework has none."""
     name = framework_of(model)
     framework = FRAMEWORKS[name]
@@ -87,15 +134,41 @@ def latency_for(model: Any) -> ModuleType:
         raise ValueError(f"latency is measured in onnxruntime, on {', '.join(measured)} models; this is a "
                          f"{framework.model_class}: export it first (backends.onnx.export(model, inputs)) and "
                          f"decompose the ONNX model")
-    return _load(framework.latency, "latency measurement", name)
+    module = _load(framework.latency, "latency measurement", name)
+    if not isinstance(module, LatencyMeasurement):
+        raise _not_a(module, LatencyMeasurement, "latency measurement", name)
+    return module
 
 
 #: Libraries whose model files the core reads and writes through an adapter module (loaded on first use).
 ADAPTERS: dict[str, str] = {"transformers": "backends.huggingface"}
 
 
-def adapter(library: str) -> ModuleType:
+def adapter(library: str) -> ModelFilesAdapter:
     """The adapter module for ``library`` (a key of :data:`ADAPTERS`), imported now."""
     if library not in ADAPTERS:
         raise ValueError(f"no adapter for {library!r}; adapters exist for: {', '.join(sorted(ADAPTERS))}")
-    return _load(ADAPTERS[library], "adapter", library)
+    module = _load(ADAPTERS[library], "adapter", library)
+    if not isinstance(module, ModelFilesAdapter):
+        raise _not_a(module, ModelFilesAdapter, "adapter", library)
+    return module
+
+
+#: The module of cross-framework work (convert, parity), above the backends.
+CROSS_FRAMEWORK = "crossframework.convert"
+
+
+def cross_framework() -> ModuleType:
+    """The cross-framework module (:data:`CROSS_FRAMEWORK`), imported now.
+
+    Not a plugin: a layer above the backends whose public functions the core re-exports
+    (``lowrank_ir.convert`` ...), so it has no protocol of its own.
+    """
+    return importlib.import_module(CROSS_FRAMEWORK)
+
+
+def packages() -> list[str]:
+    """The top-level packages of the modules this table names (e.g. for their loggers), in table order."""
+    modules = [name for fw in FRAMEWORKS.values() for name in (fw.frontend, fw.backend, fw.latency) if name]
+    modules += [*ADAPTERS.values(), CROSS_FRAMEWORK]
+    return list(dict.fromkeys(module.split(".")[0] for module in modules))

@@ -12,6 +12,11 @@ Nodes a frontend recognised as candidate layers but kept opaque (``graph.meta["u
 -> ``op``, ``weight``, ``shape``, ``reason``; e.g. an ONNX ``ConvTranspose``, or a ``Gemm`` with
 ``transA=1``) get a row too, in graph order, with their reason: their weight's parameters before and
 after, and no FLOPs (the IR does not know their shapes).
+
+:func:`spectra` gives each decomposed layer's normalised singular-value spectrum ``s_i / s_0`` (of the
+weight matrix ``[out, in]``; of ``W C^{1/2}`` when the layer's calibration statistics are given, the
+spectrum data-aware decomposition truncates; of the out-mode unfolding for Tucker-2), truncated to
+its first values, with the planned rank and the energy it keeps, ``Σ_{i<r} s_i² / Σ s_i²``.
 """
 
 from __future__ import annotations
@@ -22,10 +27,14 @@ from typing import Any
 
 import numpy as np
 
-from lowrank_ir._engine import SVD, TUCKER2, Plan, PlanEntry
+from lowrank_ir._budget import matrix_spectrum
+from lowrank_ir._engine import SVD, TUCKER2, LayerStats, Plan, PlanEntry, _matrix_view
 from lowrank_ir._ir import Graph, Node, Op
 
-__all__ = ["LayerReport", "Report", "build_report", "spectral_energy"]
+__all__ = ["SPECTRUM_LENGTH", "LayerReport", "Report", "build_report", "report_document", "spectra", "spectral_energy"]
+
+#: How many leading singular values :func:`spectra` keeps per layer (the report's truncated spectra).
+SPECTRUM_LENGTH = 256
 
 
 @dataclass(slots=True)
@@ -96,7 +105,7 @@ def _kept_energy(matrix: np.ndarray, rank: int) -> float:
 def spectral_energy(graph: Graph, plan: Plan) -> dict[str, float]:
     """Per decomposed layer of ``plan``, the fraction of spectral energy its rank keeps (see module doc)."""
     energy = {}
-    for entry in plan.decomposed():
+    for entry in plan.decomposed_entries():
         weight = graph.param(graph.node(entry.name), "weight")
         if weight is None or not np.isfinite(weight).all():
             continue
@@ -108,6 +117,35 @@ def spectral_energy(graph: Graph, plan: Plan) -> dict[str, float]:
         elif isinstance(entry.rank, int):
             energy[entry.name] = _kept_energy(weight.reshape(weight.shape[0], -1), entry.rank)
     return energy
+
+
+def spectra(graph: Graph, plan: Plan, stats: dict[str, LayerStats] | None = None,
+            length: int = SPECTRUM_LENGTH) -> dict[str, dict[str, Any]]:
+    """Per decomposed layer of ``plan``: its normalised spectrum, planned rank and kept energy (see module doc).
+
+    Each value is ``{"values": [s_i / s_0 for the first length], "count": all values, "rank": r,
+    "kept_energy": fraction, "whitened": bool}``; a layer whose weight is not finite is left out.
+    """
+    stats = stats or {}
+    result: dict[str, dict[str, Any]] = {}
+    for entry in plan.decomposed_entries():
+        node = graph.node(entry.name)
+        weight = graph.param(node, "weight")
+        if weight is None or not np.isfinite(weight).all():
+            continue
+        rank = entry.rank[0] if isinstance(entry.rank, tuple) else entry.rank
+        moment = stats[entry.name].moment if entry.name in stats else None
+        matrix = _matrix_view(node, np.asarray(weight))
+        whitened = moment is not None and moment.shape[0] == matrix.shape[1]
+        squared = matrix_spectrum(matrix, moment if whitened else None)
+        values = np.sqrt(squared)
+        total = float(squared.sum())
+        top = float(values[0]) if values.size and values[0] > 0 else 1.0
+        result[entry.name] = {
+            "values": [round(float(value) / top, 6) for value in values[:length]], "count": int(values.size),
+            "rank": int(rank or 0), "kept_energy": float(squared[:rank].sum()) / total if total > 0 else 1.0,
+            "whitened": bool(whitened)}
+    return result
 
 
 def build_report(graph: Graph, plan: Plan, errors: dict[str, tuple[float, str]] | None = None,
@@ -238,3 +276,23 @@ def _human(count: int) -> str:
         if abs(count) >= size:
             return f"{count / size:.2f}{unit}"
     return str(count)
+
+
+def report_document(report: Report, *, spectra: dict[str, dict[str, Any]] | None = None,
+                    sensitivities: dict[str, float] | None = None, latency: dict[str, Any] | None = None,
+                    policy: dict[str, Any] | None = None, **fields: Any) -> dict[str, Any]:
+    """What ``report.json`` holds: the report's totals and layers, and what explains them.
+
+    Keys: ``tool``, ``version``, ``created`` (UTC, ISO 8601), ``policy`` (how the ranks were chosen),
+    ``totals``, ``layers`` (:meth:`Report.to_dict`), ``spectra`` (:func:`spectra`), ``sensitivities``
+    (each layer's measured relative output error under a budget with data), ``latency`` (what a latency
+    budget measured), then ``fields`` as given (the model, the output, a validation...).
+    """
+    import datetime
+
+    from lowrank_ir import __version__
+
+    return {"tool": "lowrank-ir", "version": __version__,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "policy": policy or {}, **report.to_dict(), "spectra": spectra or {},
+            "sensitivities": sensitivities or {}, "latency": latency or {}, **fields}

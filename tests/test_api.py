@@ -616,3 +616,14 @@ def test_config_file_in_a_missing_folder_is_rejected_up_front(tmp_path) -> None:
 
     with pytest.raises(ValueError, match="which does not exist"):
         Decompose(nn.Linear(4, 4), config_file=tmp_path / "nope" / "c.json")
+
+
+def test_from_policy_is_what_the_from_calls_build(net, config_path) -> None:
+    from lowrank_ir import Policy
+
+    by_call = Decompose(net).from_fixed(16, ["head"], divisor=8)
+    by_policy = Decompose(net, config_file=config_path).from_policy(Policy.fixed(16, ["head"], 8))
+    assert by_policy.decompose_config == by_call.decompose_config == json.loads(config_path.read_text())
+    assert by_policy.report.to_dict() == by_call.report.to_dict()
+    with pytest.raises(TypeError, match=r"takes a lowrank_ir\.Policy.*got 0\.5"):
+        Decompose(net).from_policy(0.5)

@@ -44,10 +44,10 @@ def test_compact_layout_turns_only_pointwise_tucker2_into_two_factors() -> None:
 
     graph = torch_frontend.lower(_torch_model())
     reference = plan(graph, Policy.fixed(RANK, divisor=1))
-    assert {entry.name: entry.form for entry in reference.decomposed()} == {
+    assert {entry.name: entry.form for entry in reference.decomposed_entries()} == {
         "point": "tucker2", "spatial": "tucker2", "fc": "svd"}
     compact = with_layout(reference, "compact")
-    assert {entry.name: (entry.form, entry.rank) for entry in compact.decomposed()} == {
+    assert {entry.name: (entry.form, entry.rank) for entry in compact.decomposed_entries()} == {
         "point": ("svd", RANK), "spatial": ("tucker2", (RANK, RANK)), "fc": ("svd", RANK)}
     assert with_layout(reference, "reference") is reference
     assert reference.entries["point"].form == "tucker2"  # the plan given is not changed

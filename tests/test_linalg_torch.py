@@ -77,7 +77,7 @@ def test_rewrite_on_torch_gives_the_same_ranks_and_errors() -> None:
     graph = Graph([Node(Op.CONV, "conv", conv, {"weight": "conv.weight"}),
                    Node(Op.LINEAR, "fc", {"in_features": 128, "out_features": 24}, {"weight": "fc.weight"})], params)
     chosen = plan(graph, Policy.ratio(0.4, divisor=1))
-    assert [entry.name for entry in chosen.decomposed()] == ["conv", "fc"]
+    assert [entry.name for entry in chosen.decomposed_entries()] == ["conv", "fc"]
     numpy_result = rewrite(graph, chosen, workers=2)
     with linalg_backend("torch"):
         torch_result = rewrite(graph, chosen, workers=2)

@@ -1,4 +1,4 @@
-"""Whole models rebuilt in MindSpore from a dataflow IR (``backends.mindspore.rebuild``), checked against onnxruntime.
+"""Whole models built in MindSpore from a dataflow IR (``backends.mindspore.from_dataflow``), checked with onnxruntime.
 
 Every one-op case of ``rebuild_cases``, a ResNet-50 layout, the three real PP-OCR models, all-MiniLM-L6-v2
 with its real weights, and models MindSpore itself exported must agree with onnxruntime to 1e-4
@@ -65,7 +65,7 @@ def run_cell(cell: ms_backend.GraphCell, graph: Graph, feeds: dict[str, np.ndarr
 def assert_agrees(graph: Graph, model: onnx.ModelProto, feeds: dict[str, np.ndarray],
                   cell: ms_backend.GraphCell | None = None) -> list[float]:
     """Rebuild ``graph`` (unless ``cell`` is given), run it and ``model`` in onnxruntime, compare every output."""
-    cell = ms_backend.rebuild(graph) if cell is None else cell
+    cell = ms_backend.from_dataflow(graph) if cell is None else cell
     got = run_cell(cell, graph, feeds)
     expected = om.run(model, feeds)
     return assert_outputs_agree(got, expected, [value.name for value in graph.outputs])
@@ -93,13 +93,13 @@ def decomposed(graph: Graph, model: onnx.ModelProto, ratio: float = 0.5, divisor
 def test_every_op_the_issue_lists_is_supported() -> None:
     missing = [op for op in ISSUE_OPS if op not in ONNX_OPS]
     assert not missing
-    assert set(ms_backend.__all__) >= {"GraphCell", "rebuild", "graph_params"}
+    assert set(ms_backend.__all__) >= {"GraphCell", "from_dataflow", "graph_params"}
 
 
 @pytest.mark.parametrize("case", rebuild_cases.CASES, ids=lambda case: case.name)
 def test_case_agrees_with_onnxruntime(case: rebuild_cases.Case) -> None:
     graph = onnx_frontend.lower(case.model)
-    got = run_cell(ms_backend.rebuild(graph), graph, case.feeds)
+    got = run_cell(ms_backend.from_dataflow(graph), graph, case.feeds)
     expected = rebuild_cases.reference(case)
     assert len(got) == len(expected)
     for value, g, e in zip(graph.outputs, got, expected, strict=True):
@@ -112,7 +112,7 @@ def test_a_nan_in_any_output_fails_the_check(where: int) -> None:
     """The agreement check fails on a NaN in the rebuilt cell's outputs, first or not (``max`` would drop it)."""
     case = next(item for item in rebuild_cases.CASES if item.model.graph.output[0].type.tensor_type.elem_type == 1)
     graph = onnx_frontend.lower(case.model)
-    got = run_cell(ms_backend.rebuild(graph), graph, case.feeds)[0]
+    got = run_cell(ms_backend.from_dataflow(graph), graph, case.feeds)[0]
     expected = rebuild_cases.reference(case)[0]
     names = ["first", "second"]
     assert_outputs_agree([got, got.copy()], [expected, expected], names)
@@ -188,7 +188,7 @@ def test_linear_and_matmul_layers_run_from_ir_attrs() -> None:
     x = rng.standard_normal((2, 6, 4)).astype(np.float32)
     h = 0.5 * x @ w_linear.T + 2.0 * b_linear
     expected = 1.5 * (w_left @ h) + b_left[:, None]
-    got = run_cell(ms_backend.rebuild(graph), graph, {"x": x})[0]
+    got = run_cell(ms_backend.from_dataflow(graph), graph, {"x": x})[0]
     assert relative_error(got, expected) < 1e-5
 
 
@@ -252,7 +252,7 @@ def test_minilm_agrees(minilm: tuple[onnx.ModelProto, dict[str, np.ndarray]], fo
     if form == "decomposed":
         graph, model = decomposed(graph, model)
         assert len(graph.meta["factorized"]) >= 36  # the encoders' projections
-    cell = ms_backend.rebuild(graph)
+    cell = ms_backend.from_dataflow(graph)
     assert cell.param_names["encoder.layer.0.attention.self.query.bias"] == "encoder.layer.0.attention.self.query.bias"
     assert_agrees(graph, model, feeds, cell)
 
@@ -357,7 +357,7 @@ def _odd_model() -> onnx.ModelProto:
 
 def test_parameters_carry_the_ir_names_and_trainability() -> None:
     graph = onnx_frontend.lower(_odd_model())
-    cell = ms_backend.rebuild(graph)
+    cell = ms_backend.from_dataflow(graph)
     params = {param.name: param for param in cell.get_parameters()}
     assert set(params) == set(graph.params) == set(ODD_NAMES.values())
     assert cell.param_names == {name: name for name in graph.params}
@@ -397,7 +397,7 @@ def test_batch_norm_statistics_are_not_trainable() -> None:
     """Like the PyTorch GraphModule's buffers: scale and bias train, running mean and variance do not."""
     model = _batch_norm_model()
     graph = onnx_frontend.lower(model)
-    cell = ms_backend.rebuild(graph)
+    cell = ms_backend.from_dataflow(graph)
     params = {param.name: param for param in cell.get_parameters()}
     assert set(params) == set(graph.params)
     assert {param.name for param in cell.trainable_params()} == {"conv.weight", "conv.bias", "bn.weight", "bn.bias"}
@@ -419,7 +419,7 @@ def test_batch_norm_statistics_are_not_trainable() -> None:
     assert {"bn.weight", "bn.bias"} <= changed and not changed & BN_STATISTICS
 
     # a structure-only rebuild takes the statistics from the graph, as the PyTorch backend does its buffers
-    empty = {param.name: param for param in ms_backend.rebuild(graph, weights=False).get_parameters()}
+    empty = {param.name: param for param in ms_backend.from_dataflow(graph, weights=False).get_parameters()}
     for name in BN_STATISTICS:
         np.testing.assert_array_equal(empty[name].asnumpy(), graph.params[name])
     assert not empty["bn.weight"].asnumpy().any()
@@ -427,7 +427,7 @@ def test_batch_norm_statistics_are_not_trainable() -> None:
 
 def test_graph_params_follow_the_cell_and_survive_a_parent_prefix() -> None:
     graph = onnx_frontend.lower(_odd_model())
-    cell = ms_backend.rebuild(graph)
+    cell = ms_backend.from_dataflow(graph)
     weight = next(param for param in cell.get_parameters() if param.name == ODD_NAMES["w"])
     weight.set_data(ms.Tensor(np.full((8, 6), 0.25, np.float32)))
 
@@ -450,7 +450,7 @@ def test_graph_params_follow_the_cell_and_survive_a_parent_prefix() -> None:
 
 def test_weights_false_builds_the_structure_only() -> None:
     graph = onnx_frontend.lower(_odd_model())
-    cell = ms_backend.rebuild(graph, weights=False)
+    cell = ms_backend.from_dataflow(graph, weights=False)
     params = {param.name: param for param in cell.get_parameters()}
     for name in (ODD_NAMES["w"], ODD_NAMES["b"]):
         assert params[name].shape == graph.params[name].shape and params[name].dtype == ms.float32
@@ -461,12 +461,12 @@ def test_weights_false_builds_the_structure_only() -> None:
 def test_checkpoint_round_trips_into_a_structure_only_rebuild(mindspore_exports: dict[str, Any], tmp_path) -> None:
     model, feeds = mindspore_exports["cnn"]
     graph, _ = decomposed(onnx_frontend.lower(model), model, divisor=4)
-    rebuilt = ms_backend.rebuild(graph)
+    rebuilt = ms_backend.from_dataflow(graph)
     path = str(tmp_path / "rebuilt.ckpt")
     ms.save_checkpoint(rebuilt, path)
     lowered = onnx_frontend.lower(model)
     structure = rewrite(lowered, plan(lowered, Policy.ratio(0.5, divisor=4)), weights=False).graph
-    empty = ms_backend.rebuild(structure, weights=False)
+    empty = ms_backend.from_dataflow(structure, weights=False)
     not_loaded, unused = ms.load_param_into_net(empty, ms.load_checkpoint(path), strict_load=True)
     assert not not_loaded and not unused
     for before, after in zip(run_cell(rebuilt, graph, feeds), run_cell(empty, structure, feeds), strict=True):
@@ -480,12 +480,12 @@ def test_checkpoint_round_trips_with_empty_constants(tmp_path) -> None:
     inits = {"roi": np.zeros(0, np.float32), "scales": np.array([1, 1, 2, 2], np.float32)}
     model = om.make_model(nodes, [om.tensor("x", [1, 2, 3, 4])], [om.tensor("y", [1, 2, 6, 8])], inits, opset=11)
     graph = onnx_frontend.lower(model)
-    cell = ms_backend.rebuild(graph)
+    cell = ms_backend.from_dataflow(graph)
     assert {param.name for param in cell.get_parameters()} == {"scales"}
     assert set(ms_backend.graph_params(cell)) == {"roi", "scales"}
     path = str(tmp_path / "resize.ckpt")
     ms.save_checkpoint(cell, path)
-    empty = ms_backend.rebuild(graph, weights=False)
+    empty = ms_backend.from_dataflow(graph, weights=False)
     assert ms.load_param_into_net(empty, ms.load_checkpoint(path), strict_load=True) == ([], [])
     feeds = {"x": np.arange(24, dtype=np.float32).reshape(1, 2, 3, 4)}
     assert_agrees(graph, model, feeds, empty)
@@ -494,7 +494,7 @@ def test_checkpoint_round_trips_with_empty_constants(tmp_path) -> None:
 def test_one_training_step_lowers_the_loss(mindspore_exports: dict[str, Any]) -> None:
     model, feeds = mindspore_exports["cnn"]
     graph, _ = decomposed(onnx_frontend.lower(model), model, divisor=4)
-    cell = ms_backend.rebuild(graph)
+    cell = ms_backend.from_dataflow(graph)
     x = ms.Tensor(feeds["x"])
     target = ms.Tensor(np.eye(10, dtype=np.float32)[[3, 7]])
 
@@ -525,12 +525,12 @@ def test_unsupported_ops_are_listed() -> None:
     outputs = [om.tensor("d", []), om.tensor("keep", ["n", 3], TensorProto.INT64)]
     graph = onnx_frontend.lower(om.make_model(nodes, inputs, outputs, check=False))
     with pytest.raises(ValueError, match=r"cannot rebuild: Det \(e\.g\. node 'det'.*NonMaxSuppression.*Supported: "):
-        ms_backend.rebuild(graph)
+        ms_backend.from_dataflow(graph)
 
 
 def test_wrong_inputs_are_clear_errors() -> None:
     graph = onnx_frontend.lower(_odd_model())
-    cell = ms_backend.rebuild(graph)
+    cell = ms_backend.from_dataflow(graph)
     with pytest.raises(ValueError, match=r"input 'x' has shape \[2, 3, 8\] \(rank 3\), the graph expects \[batch, 8\]"):
         cell(ms.Tensor(np.zeros((2, 3, 8), np.float32)))
     with pytest.raises(ValueError, match=r"input 'x' has shape \[2, 7\], the graph expects \[batch, 8\] \(dimension 1 "
@@ -548,7 +548,7 @@ def test_a_failing_node_is_named() -> None:
     model = om.make_model(nodes, [om.tensor("x", ["batch", 12])], [om.tensor("y", ["rows", 5])],
                           {"shape": np.array([-1, 5], np.int64)}, check=False)
     graph = onnx_frontend.lower(model)
-    cell = ms_backend.rebuild(graph)
+    cell = ms_backend.from_dataflow(graph)
     assert cell(ms.Tensor(np.ones((5, 12), np.float32))).shape == (12, 5)
     with pytest.raises(NodeError, match=r"while running node 'to_rows_of_five' \(Reshape\): ") as caught:
         cell(ms.Tensor(np.ones((1, 12), np.float32)))
@@ -560,9 +560,9 @@ def test_a_module_tree_graph_is_rejected() -> None:
 
     graph = ms_frontend.lower(_MsCnn())
     with pytest.raises(ValueError, match="has no dataflow.*export the model to ONNX first"):
-        ms_backend.rebuild(graph)
+        ms_backend.from_dataflow(graph)
     with pytest.raises(TypeError, match="rebuild takes a lowrank_ir.Graph"):
-        ms_backend.rebuild(_odd_model())
+        ms_backend.from_dataflow(_odd_model())
     with pytest.raises(TypeError, match="graph_params takes a GraphCell"):
         ms_backend.graph_params(_MsCnn())
 
@@ -574,4 +574,4 @@ def test_a_non_standard_domain_is_rejected() -> None:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
                                                     helper.make_opsetid("com.microsoft", 1)])
     with pytest.raises(ValueError, match="ONNX domain 'com.microsoft'"):
-        ms_backend.rebuild(onnx_frontend.lower(model))
+        ms_backend.from_dataflow(onnx_frontend.lower(model))

@@ -40,7 +40,8 @@ def decompose(model, policy, stats_feeds=None, **lower_args):
     chosen = plan(graph, policy)
     stats = None
     if stats_feeds is not None:
-        stats = onnx_frontend.collect_stats(model, graph, stats_feeds, names=[e.name for e in chosen.decomposed()])
+        names = [entry.name for entry in chosen.decomposed_entries()]
+        stats = onnx_frontend.collect_stats(model, graph, stats_feeds, names=names)
     result = rewrite(graph, chosen, stats=stats)
     return graph, chosen, result, onnx_backend.build(result.graph, like=model)
 
@@ -172,7 +173,7 @@ def _feeds(model) -> dict[str, np.ndarray]:
 def test_full_rank_decomposition_reproduces_outputs(case, rng) -> None:
     model = FULL_RANK_CASES[case](rng)
     graph, chosen, result, written = decompose(model, Policy.config(full_rank_config(onnx_frontend.lower(model))))
-    assert chosen.decomposed(), "the model has a layer to decompose"
+    assert chosen.decomposed_entries(), "the model has a layer to decompose"
     report = onnx_backend.validate(model, written, _feeds(model))
     assert report.max_rel < 1e-5, report.table()
     # The decomposed layers are plain ONNX nodes named after their parts, initializers after their params.
@@ -218,7 +219,7 @@ def test_ir3_models_list_new_initializers_as_inputs(rng) -> None:
 def test_low_rank_decomposition_is_checked_and_smaller(rng) -> None:
     model = om.mlp(rng, dims=(96, 128, 64))
     graph, chosen, result, written = decompose(model, Policy.ratio(0.5, divisor=8))
-    assert len(chosen.decomposed()) == 2
+    assert len(chosen.decomposed_entries()) == 2
     onnx.checker.check_model(written, full_check=True)
     onnx.shape_inference.infer_shapes(written, strict_mode=True)
     assert onnx_frontend.count_parameters(written) < onnx_frontend.count_parameters(model)
@@ -240,7 +241,7 @@ def test_layers_whose_weight_is_used_elsewhere_are_locked(rng) -> None:
     assert "also read by Gemm node 'b'" in graph.node("a").attrs["locked"]
     assert "graph input" in graph.node("c").attrs["locked"]
     chosen = plan(graph, Policy.ratio(0.5, divisor=1))
-    assert not chosen.decomposed()
+    assert not chosen.decomposed_entries()
 
 
 def test_weight_that_is_a_graph_output_is_locked(rng) -> None:

@@ -75,7 +75,7 @@ def test_ppocr_decomposes_at_ratio_half_and_validates(kind, tmp_path, capsys) ->
         agreement[label] = _agreement(kind, reference, om.run(out, inputs)[0])
     capsys.readouterr()
     report = figures["data-free"]
-    totals = report["layers"]["totals"]
+    totals = report["totals"]
     assert totals["decomposed"] > 0 and totals["params_after"] < totals["params_before"]
     assert report["parameters"]["after"] < report["parameters"]["before"]
     assert totals["flops_unit"] == "per sample"

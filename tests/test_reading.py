@@ -426,7 +426,7 @@ def test_ratio_that_rounds_every_rank_to_zero_is_refused(rng) -> None:
     for ratio in (1e-300, 1e-3):
         with pytest.raises(ValueError, match=rf"ratio {ratio!r} is too small.*every layer it applies to \(2\).*0\.036"):
             plan(graph, Policy.ratio(ratio, divisor=1))
-    assert plan(graph, Policy.ratio(0.05, divisor=1)).decomposed()  # fc0 gets rank 1
+    assert plan(graph, Policy.ratio(0.05, divisor=1)).decomposed_entries()  # fc0 gets rank 1
     with pytest.raises(ValueError, match="too small"):
         plan(graph, Policy.from_dict({"fc": 1e-300}, divisor=1))
 

@@ -1,8 +1,8 @@
 """Side by side with the reference tool (msModelSlim's ``low_rank_decompose``), in the same process.
 
 Nothing here is a stored reference output: every expectation is what the reference computes now, on
-the same model. The only hard-coded facts are the issue's record for ResNet-50 at ``from_ratio(0.5)``
-(39 layers decomposed, the stem and all of ``layer1`` left alone, ``fc`` at 320).
+the same model. The only hard-coded facts are the reference tool's recorded result for ResNet-50 at
+``from_ratio(0.5)`` (39 layers decomposed, the stem and all of ``layer1`` left alone, ``fc`` at 320).
 
 Where we deliberately differ from the reference (it would build a wrong layer), a test shows both
 sides: the reference's broken result and ours.

@@ -1,4 +1,4 @@
-"""Whole-model rebuild of dataflow IR graphs in PyTorch (``backends.torch.rebuild``), checked against onnxruntime.
+"""Whole-model rebuild of dataflow IR graphs in PyTorch (``backends.torch.from_dataflow``), checked against onnxruntime.
 
 Every comparison uses ``rebuild_cases.relative_error`` (max |got - ref| / max |ref|, integer outputs
 exact) with the bound ``rebuild_cases.TOLERANCE`` (1e-4).
@@ -23,7 +23,7 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 from backends import onnx as onnx_backend  # noqa: E402
 from backends import torch as torch_backend  # noqa: E402
 from backends._torch_graph import OPS, escape_name  # noqa: E402
-from backends.torch import GraphModule, graph_params, rebuild  # noqa: E402
+from backends.torch import GraphModule, from_dataflow, graph_params  # noqa: E402
 from frontends import onnx as onnx_frontend  # noqa: E402
 from lowrank_ir import Node, Op, Policy, plan, rewrite  # noqa: E402
 from tests import rebuild_cases  # noqa: E402
@@ -83,7 +83,7 @@ def test_the_cases_exercise_every_layer_form() -> None:
 
 @pytest.mark.parametrize("case", CASES, ids=[item.name for item in CASES])
 def test_case_agrees_with_onnxruntime(case: rebuild_cases.Case) -> None:
-    module = rebuild(onnx_frontend.lower(case.model))
+    module = from_dataflow(onnx_frontend.lower(case.model))
     assert_agree(run(module, case.feeds), rebuild_cases.reference(case))
 
 
@@ -91,7 +91,7 @@ def test_case_agrees_with_onnxruntime(case: rebuild_cases.Case) -> None:
 def test_a_nan_in_any_output_fails_the_check(where: int) -> None:
     """The agreement check fails on a NaN in the rebuilt module's outputs, first or not (``max`` would drop it)."""
     case = next(item for item in CASES if item.model.graph.output[0].type.tensor_type.elem_type == 1)
-    got = run(rebuild(onnx_frontend.lower(case.model)), case.feeds)[0]
+    got = run(from_dataflow(onnx_frontend.lower(case.model)), case.feeds)[0]
     expected = rebuild_cases.reference(case)[0]
     assert_agree([got, got.copy()], [expected, expected])
     poisoned = [got.copy(), got.copy()]
@@ -131,7 +131,7 @@ CONV_TRANSPOSE_CASES = [item for item in CASES if item.name.startswith("ConvTran
 def test_conv_transpose_layer_runs_from_its_ir_attributes(case: rebuild_cases.Case) -> None:
     graph = _conv_transpose_as_layer(case)
     assert [node.op for node in graph] == [Op.CONV_TRANSPOSE]
-    assert_agree(run(rebuild(graph), case.feeds), rebuild_cases.reference(case))
+    assert_agree(run(from_dataflow(graph), case.feeds), rebuild_cases.reference(case))
 
 
 @pytest.mark.parametrize("padding_mode", ["reflect", "replicate", "circular"])
@@ -145,7 +145,7 @@ def test_conv_layer_padding_modes_match_torch(padding_mode: str) -> None:
         reference.weight.copy_(torch.from_numpy(np.array(graph.params["w"])))
         reference.bias.copy_(torch.from_numpy(np.array(graph.params["b"])))
         expected = reference(torch.from_numpy(item.feeds["x"])).numpy()
-    assert_agree(run(rebuild(graph), item.feeds), [expected], 1e-6)
+    assert_agree(run(from_dataflow(graph), item.feeds), [expected], 1e-6)
 
 
 # -------------------------------------------------------------------------------------- ResNet-50
@@ -166,7 +166,7 @@ def resnet():
 
 
 def test_resnet_agrees_with_onnxruntime(resnet) -> None:
-    module = rebuild(resnet["graph"])
+    module = from_dataflow(resnet["graph"])
     assert_agree(run(module, resnet["feeds"]), ort(resnet["model"], resnet["feeds"]))
     keys = set(module.state_dict())
     assert {"conv1.weight", "layer1.0.conv1.weight", "layer4.2.conv3.weight", "fc.weight", "fc.bias"} <= keys
@@ -177,7 +177,7 @@ def test_decomposed_resnet_agrees_with_onnxruntime(resnet) -> None:
     graph = resnet["decomposed"]
     factorized = graph.meta["factorized"]
     assert len(factorized) >= 20
-    module = rebuild(graph)
+    module = from_dataflow(graph)
     assert_agree(run(module, resnet["feeds"]), ort(resnet["decomposed_model"], resnet["feeds"]))
     keys = set(module.state_dict())
     for original, parts in factorized.items():
@@ -187,7 +187,7 @@ def test_decomposed_resnet_agrees_with_onnxruntime(resnet) -> None:
 
 
 def test_bad_input_shapes_name_the_input(resnet) -> None:
-    module = rebuild(resnet["graph"])
+    module = from_dataflow(resnet["graph"])
     with pytest.raises(ValueError, match=r"input 'x' has shape \[1, 3, 64\] \(3 dimensions\), the graph expects "
                                          r"4 dimensions \[1, 3, 64, 64\]"):
         module(torch.zeros(1, 3, 64))
@@ -208,7 +208,7 @@ def test_bad_input_shapes_name_the_input(resnet) -> None:
 @pytest.mark.parametrize("kind", ["det", "rec", "cls"])
 def test_ppocr_agrees_with_onnxruntime(kind: str) -> None:
     model = onnx_frontend.load_model(ppocr_file(kind))
-    module = rebuild(onnx_frontend.lower(model))
+    module = from_dataflow(onnx_frontend.lower(model))
     feeds = ppocr_feeds(kind, seed=0, batch=2)
     assert_agree(run(module, feeds), ort(model, feeds))
 
@@ -236,7 +236,7 @@ def minilm():
 
 
 def test_minilm_agrees_with_onnxruntime_and_transformers(minilm) -> None:
-    module = rebuild(minilm["graph"])
+    module = from_dataflow(minilm["graph"])
     got = run(module, minilm["feeds"])
     assert_agree(got, ort(minilm["model"], minilm["feeds"]))
     assert relative_error(got[0], minilm["hidden"]) <= TOLERANCE
@@ -249,7 +249,7 @@ def test_decomposed_minilm_agrees_with_onnxruntime(minilm) -> None:
     decomposed = rewrite(graph, plan(graph, Policy.ratio(0.5))).graph
     assert "embeddings.word_embeddings" in decomposed.meta["factorized"]
     assert len(decomposed.meta["factorized"]) >= 30
-    module = rebuild(decomposed)
+    module = from_dataflow(decomposed)
     assert "embeddings.word_embeddings.0.weight" in module.state_dict()
     assert_agree(run(module, minilm["feeds"]), ort(onnx_backend.build(decomposed, like=model), minilm["feeds"]))
 
@@ -284,7 +284,7 @@ def small_net(seed: int = 0) -> onnx.ModelProto:
 
 def test_a_rebuilt_model_trains() -> None:
     graph = onnx_frontend.lower(small_net())
-    module = rebuild(graph).train()
+    module = from_dataflow(graph).train()
     trainable = {name for name, param in module.named_parameters() if param.requires_grad}
     assert trainable == {"conv.weight", "conv.bias", "bn.weight", "bn.bias", "fc.weight", "fc.bias"}
     assert {"bn.running_mean", "bn.running_var"} <= {name for name, _ in module.named_buffers()}
@@ -314,7 +314,7 @@ def test_a_rebuilt_model_trains() -> None:
 
 
 def test_the_resnet_trains_one_step(resnet) -> None:
-    module = rebuild(resnet["decomposed"])
+    module = from_dataflow(resnet["decomposed"])
     x = torch.from_numpy(resnet["feeds"]["x"])
     labels = torch.tensor([3])
     optimizer = torch.optim.SGD(module.parameters(), lr=1e-3)
@@ -360,7 +360,7 @@ def odd_names_net() -> onnx.ModelProto:
 def test_state_dict_keys_are_ir_names_or_documented_escapes() -> None:
     model = odd_names_net()
     graph = onnx_frontend.lower(model)
-    module = rebuild(graph)
+    module = from_dataflow(graph)
     keys = list(module.state_dict())
     assert keys == list(module.param_names)
     assert module.param_names == {
@@ -400,13 +400,13 @@ def test_state_dict_round_trip_into_a_structure_only_module(which: str, request)
     else:
         resnet = request.getfixturevalue("resnet")
         graph, feeds = resnet["decomposed"], resnet["feeds"]
-    module = rebuild(graph)
+    module = from_dataflow(graph)
     buffer = io.BytesIO()
     torch.save(module.state_dict(), buffer)
     buffer.seek(0)
     state = torch.load(buffer, weights_only=True)
 
-    empty = rebuild(graph, weights=False)
+    empty = from_dataflow(graph, weights=False)
     structure = empty.state_dict()
     assert list(structure) == list(state)
     for key, tensor in structure.items():
@@ -420,15 +420,15 @@ def test_state_dict_round_trip_into_a_structure_only_module(which: str, request)
 def test_structure_only_ignores_placeholder_weights(resnet) -> None:
     graph = resnet["graph"]
     structure = rewrite(graph, plan(graph, Policy.ratio(0.5, divisor=8)), weights=False).graph
-    module = rebuild(structure, weights=False)
-    trained = rebuild(resnet["decomposed"])
+    module = from_dataflow(structure, weights=False)
+    trained = from_dataflow(resnet["decomposed"])
     module.load_state_dict(trained.state_dict())
     for a, b in zip(run(module, resnet["feeds"]), run(trained, resnet["feeds"]), strict=True):
         np.testing.assert_array_equal(a, b)
 
 
 def test_a_rebuilt_module_copies_and_moves(resnet) -> None:
-    module = rebuild(resnet["graph"])
+    module = from_dataflow(resnet["graph"])
     twin = copy.deepcopy(module).double().float()
     for a, b in zip(run(module, resnet["feeds"]), run(twin, resnet["feeds"]), strict=True):
         np.testing.assert_array_equal(a, b)
@@ -436,8 +436,8 @@ def test_a_rebuilt_module_copies_and_moves(resnet) -> None:
 
 
 def test_the_backend_reexports_the_builder() -> None:
-    assert {"rebuild", "GraphModule", "graph_params"} <= set(torch_backend.__all__)
-    assert torch_backend.rebuild is rebuild
+    assert {"from_dataflow", "GraphModule", "graph_params"} <= set(torch_backend.__all__)
+    assert torch_backend.from_dataflow is from_dataflow
 
 
 # -------------------------------------------------------------------------------------- bad input
@@ -450,7 +450,7 @@ def test_an_unsupported_op_is_a_clear_error_listing_it() -> None:
     model = helper.make_model(graph_proto, opset_imports=[helper.make_opsetid("", 13)])
     with pytest.raises(ValueError, match=r"cannot rebuild: Hardmax \(e.g. node 'hard', 1 node\(s\)\); "
                                          r"LpNormalization \(e.g. node 'norm'.*Supported: .*Conv"):
-        rebuild(onnx_frontend.lower(model))
+        from_dataflow(onnx_frontend.lower(model))
 
 
 def test_a_module_tree_graph_is_refused() -> None:
@@ -458,9 +458,9 @@ def test_a_module_tree_graph_is_refused() -> None:
 
     graph = torch_frontend.lower(torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU()))
     with pytest.raises(ValueError, match="has no dataflow.*export the model to ONNX first"):
-        rebuild(graph)
+        from_dataflow(graph)
     with pytest.raises(TypeError, match="rebuild takes a lowrank_ir.Graph"):
-        rebuild(onnx_frontend.lower(small_net()).nodes)  # type: ignore[arg-type]
+        from_dataflow(onnx_frontend.lower(small_net()).nodes)  # type: ignore[arg-type]
 
 
 def test_an_error_inside_a_node_names_the_node() -> None:
@@ -468,7 +468,8 @@ def test_an_error_inside_a_node_names_the_node() -> None:
     graph_proto = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 6])],
                                     [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, None])],
                                     [numpy_helper.from_array(np.array([4, -1], np.int64), "shape")])
-    module = rebuild(onnx_frontend.lower(helper.make_model(graph_proto, opset_imports=[helper.make_opsetid("", 13)])))
+    model = helper.make_model(graph_proto, opset_imports=[helper.make_opsetid("", 13)])
+    module = from_dataflow(onnx_frontend.lower(model))
     assert run(module, {"x": np.zeros((2, 6), np.float32)})[0].shape == (4, 3)
     with pytest.raises(RuntimeError, match=r"while running node 'reshape_y' \(Reshape\): .*invalid") as caught:
         module(torch.zeros(1, 6))
@@ -476,6 +477,6 @@ def test_an_error_inside_a_node_names_the_node() -> None:
 
 
 def test_a_weights_file_for_another_model_is_refused(resnet) -> None:
-    module = rebuild(onnx_frontend.lower(small_net()), weights=False)
+    module = from_dataflow(onnx_frontend.lower(small_net()), weights=False)
     with pytest.raises(RuntimeError, match="Missing key.*conv.weight"):
-        module.load_state_dict(rebuild(resnet["graph"]).state_dict())
+        module.load_state_dict(from_dataflow(resnet["graph"]).state_dict())

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from tools.cli import UsageError
+from tools.common import UsageError, parse_input_shapes
 
 __all__ = ["BenchResult", "LayerTime", "Timing", "add_parser", "bench", "bench_command"]
 
@@ -308,7 +308,6 @@ def bench_command(args: argparse.Namespace) -> int:
     """``lowrank bench``: print the table (and write ``--json``)."""
     from backends.onnx import load_feeds
     from lowrank_ir import write_json
-    from tools.onnx_cli import parse_input_shapes
 
     feeds = load_feeds(args.feeds) if args.feeds else None
     result = bench(args.original, args.decomposed, feeds=feeds, input_shapes=parse_input_shapes(args.input_shape),

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tools.cli import UsageError, _progress_bar
+from tools.common import UsageError, command_outputs, policy_from_args, progress_bars
 
 __all__ = ["decompose", "folder_only", "is_checkpoint_path"]
 
@@ -107,8 +107,6 @@ def _outputs(args: argparse.Namespace) -> tuple[Any, Path | None]:
 
     ``-o`` is a new folder (or, with ``--force``, one an earlier run wrote); ``--report`` is not an input.
     """
-    from tools.cli import command_outputs
-
     outputs = command_outputs(args)
     report = outputs.file(args.report, "--report") if args.report else None
     outputs.check()
@@ -127,9 +125,11 @@ def _outputs(args: argparse.Namespace) -> tuple[Any, Path | None]:
 def decompose(args: argparse.Namespace) -> int:
     from backends.safetensors import decompose_checkpoint
     from lowrank_ir._files import atomic_directory, write_json
-    from tools.onnx_cli import policy_from_args
+    from lowrank_ir._report import report_document
+    from tools.html_report import check_report_option, policy_of, write_report
 
     _check(args)
+    check_report_option(args.report)
     policy = policy_from_args(args)
     workers = _distributed(args.threads)
     if workers.rank == 0:
@@ -143,12 +143,14 @@ def decompose(args: argparse.Namespace) -> int:
     with outputs.writing() as stage, atomic_directory(Path(args.output).resolve()) as folder:
         if workers.size > 1:
             _shared_folder(folder)
-        result = decompose_checkpoint(source, folder, policy, progress=_progress_bar("decomposing"),
+        result = decompose_checkpoint(source, folder, policy, progress=progress_bars(args).layers("rewrite"),
                                       workers=workers)
+        document = report_document(result.report, policy=policy_of(args), model=args.model, data_aware=False,
+                                   decompose_config=result.decompose_config)
         write_json(folder / "decompose_config.json", result.decompose_config)
-        write_json(folder / "report.json", result.report.to_dict())
+        write_json(folder / "report.json", document)
         if report is not None:  # moved into place with the folder, or not at all
-            write_json(stage.path(report), result.report.to_dict())
+            write_report(document, stage.path(report), args.report)
     print(result.report.table(only_decomposed=True))
     print(f"saved {len(set(result.weight_map.values()))} shard(s), decompose_config.json and report.json "
           f"in {args.output}" + (f" ({workers.size} processes)" if workers.size > 1 else ""))

@@ -4,8 +4,10 @@ Commands:
   demo        the main job on a built-in model (no downloads)
   decompose   decompose a PyTorch model given as ``module:factory`` (+ weights) and save it, an ONNX
               file (``MODEL.onnx -o OUT.onnx``, validated in onnxruntime; see ``tools/onnx_cli.py``), or a
-              Hugging Face checkpoint folder (``MODEL_DIR -o OUT_DIR``; see ``tools/checkpoint_cli.py``)
+              Hugging Face folder (``MODEL_DIR -o OUT_DIR``: in memory with ``--calib-text``, see
+              ``tools/hf_cli.py``; else streamed layer by layer, see ``tools/checkpoint_cli.py``)
   inspect     per-layer table of a model: shapes, chosen ranks, parameters and FLOPs before/after
+  report      draw a ``report.json`` as one self-contained HTML page (``tools/html_report.py``)
   convert     rebuild an ONNX file as a trainable PyTorch or MindSpore model, saved as a folder
               (``MODEL.onnx --to torch|mindspore -o OUT``; see ``tools/parity_cli.py``)
   parity      run a model in onnxruntime, PyTorch and MindSpore on the same inputs and compare them,
@@ -15,158 +17,36 @@ Commands:
 Bad input gives one line on stderr and exit code 2; nothing half-written is left behind. Outputs never
 replace an input; an existing output folder only receives the command's own file names, and files of
 those names are replaced only with ``--force`` (``lowrank_ir._files.Outputs``).
-Every command takes ``-v`` (progress messages; ``-vv`` for details) and ``-q`` (errors only);
-``lowrank --version`` prints the version.
+Every command takes ``-v`` (progress messages; ``-vv`` for details), ``-q`` (errors only) and
+``--progress`` (progress bars even when stderr is not a terminal); ``lowrank --version`` prints the
+version. What the commands share (errors, model arguments, rank options, outputs, progress bars) is in
+``tools/common.py``, the report's drawing in ``tools/html_report.py``; only this module dispatches to
+the command modules, so ``tools/`` has no import cycle.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import json
-import math
 import sys
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
+
+from tools.common import (
+    EXIT_BAD_INPUT,
+    UsageError,
+    add_limit_arg,
+    budget_target,
+    choose_ranks,
+    command_outputs,
+    is_onnx_path,
+    load_model,
+    progress_bars,
+    show_report,
+)
 
 __all__ = ["main"]
 
-EXIT_BAD_INPUT = 2
-
-
-class UsageError(ValueError):
-    """Bad command-line input: reported as one line, exit code 2."""
-
-
 #: The files ``lowrank decompose module:factory -o DIR`` writes in ``DIR`` besides ``state_dict.<format>``.
 TORCH_OUTPUT_FILES = ("decompose_config.json", "report.json")
-
-#: The files a command may read, by option: an output resolving to one of them is refused.
-INPUT_OPTIONS = {"weights": "the --weights file", "dict": "the --dict file", "feeds": "the --feeds file",
-                 "calib": "the --calib file"}
-
-
-def command_outputs(args: argparse.Namespace) -> Any:
-    """A ``lowrank_ir._files.Outputs`` for this command: ``--force`` and the files it reads recorded."""
-    from lowrank_ir._files import Outputs
-    from tools.onnx_cli import is_onnx_path
-
-    outputs = Outputs(force=getattr(args, "force", False))
-    model = getattr(args, "model", None)
-    if model is not None and is_onnx_path(model):
-        outputs.read(model, "the input model", check=False)  # each command says how a model is missing
-    for option, what in INPUT_OPTIONS.items():
-        outputs.read(getattr(args, option, None), what)
-    return outputs
-
-
-def _load_factory(spec: str) -> Any:
-    """Call ``module:factory`` (e.g. ``tests.models:resnet50``) and return the model it builds."""
-    module_name, sep, attribute = spec.partition(":")
-    if not sep or not module_name or not attribute:
-        raise UsageError(f"model {spec!r} must be 'module:factory', e.g. 'tests.models:resnet50'")
-    if str(Path.cwd()) not in sys.path:
-        sys.path.insert(0, str(Path.cwd()))
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise UsageError(f"cannot import module {module_name!r} of {spec!r}: {err}") from err
-    factory = getattr(module, attribute, None)
-    if not callable(factory):
-        raise UsageError(f"{module_name!r} has no callable {attribute!r}")
-    return factory()
-
-
-def _load_model(spec: str, weights: str | None) -> Any:
-    model = _load_factory(spec)
-    if weights is not None:
-        from backends.torch import load_weights
-
-        load_weights(model, weights)  # strict; a .safetensors or a torch.save file (weights_only)
-    return model
-
-
-def read_rules(file: str) -> Any:
-    """The ``--dict`` file's JSON rules, checked (errors name the file and the rule)."""
-    from lowrank_ir import Policy
-    from lowrank_ir._files import read_json
-
-    path = Path(file)
-    if not path.is_file():
-        raise UsageError(f"--dict file {file!r} does not exist")
-    try:
-        rules = read_json(path, f"--dict file {file!r}", schema=dict)
-    except ValueError as err:
-        raise UsageError(str(err)) from err
-    try:
-        Policy.from_dict(rules)
-    except ValueError as err:
-        raise UsageError(f"--dict file {file!r}: {err}") from err
-    return rules
-
-
-def byte_size(text: str) -> int:
-    """A ``--max-bytes`` value: bytes, or a size with a unit (``64G``)."""
-    from lowrank_ir._limits import parse_size
-
-    try:
-        return parse_size(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from err
-
-
-def add_limit_arg(parser: argparse.ArgumentParser) -> None:
-    """``--max-bytes``: the most one array (a tensor, a feed, an input of --input-shape) may take."""
-    parser.add_argument("--max-bytes", type=byte_size, metavar="SIZE",
-                        help="the most one tensor, feed or --input-shape input may take, checked before it is "
-                             "read or allocated (e.g. 64G; default half of physical memory)")
-
-
-def budget_target(text: str) -> float | int:
-    """A ``--budget-params``/``--budget-flops`` value: a fraction in (0, 1) or an absolute count."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if 0.0 < value < 1.0:
-        return value
-    if value >= 1.0 and value == int(value):
-        return int(value)
-    raise argparse.ArgumentTypeError(f"{text!r} is neither a fraction in (0, 1) nor a whole count >= 1")
-
-
-def global_policy(decomposer: Any, args: argparse.Namespace, datasets: Any = None) -> Any:
-    """``--energy`` / ``--budget-params`` / ``--budget-flops`` applied to ``decomposer``, or None if none is given."""
-    excludes = [name for name in (getattr(args, "excludes", None) or "").split(",") if name] or None
-    if getattr(args, "energy", None) is not None:
-        return decomposer.from_energy(args.energy, excludes, args.divisor, datasets=datasets)
-    latency = getattr(args, "budget_latency", None)
-    if latency is not None:
-        from tools.onnx_cli import parse_input_shapes
-
-        return decomposer.from_budget(latency=latency, excludes=excludes, divisor=args.divisor, datasets=datasets,
-                                      input_shapes=parse_input_shapes(args.input_shape))
-    for kind in ("params", "flops"):
-        target = getattr(args, f"budget_{kind}", None)
-        if target is not None:
-            return decomposer.from_budget(**{kind: target}, excludes=excludes, divisor=args.divisor,
-                                          datasets=datasets)
-    return None
-
-
-def _choose(decomposer: Any, args: argparse.Namespace) -> Any:
-    excludes = [name for name in (args.excludes or "").split(",") if name] or None
-    chosen = global_policy(decomposer, args)
-    if chosen is not None:
-        return chosen
-    if args.fixed is not None:
-        return decomposer.from_fixed(args.fixed, excludes, args.divisor)
-    if args.dict is not None:
-        return decomposer.from_dict(read_rules(args.dict), excludes, args.divisor)
-    if args.vbmf:
-        return decomposer.from_vbmf(excludes, args.divisor)
-    return decomposer.from_ratio(args.ratio, excludes, args.divisor)
 
 
 def _add_policy_args(parser: argparse.ArgumentParser) -> None:
@@ -199,29 +79,6 @@ def _add_policy_args(parser: argparse.ArgumentParser) -> None:
     add_limit_arg(parser)
 
 
-def _progress_bar(label: str) -> Any:
-    """A one-line progress bar on stderr (only when stderr is a terminal), as a ``progress`` callback."""
-    if not sys.stderr.isatty():
-        return None
-
-    def show(done: int, total: int, name: str) -> None:
-        filled = 30 * done // max(total, 1)
-        end = "\n" if done == total else ""
-        sys.stderr.write(f"\r{label} [{'#' * filled}{'.' * (30 - filled)}] {done}/{total} {name[:40]:<40}{end}")
-        sys.stderr.flush()
-    return show
-
-
-def show_report(report: Any, args: argparse.Namespace, header: str | None = None) -> None:
-    """Print ``report`` as its table (after ``header``), or as JSON with ``--json``."""
-    if getattr(args, "json", False):
-        print(json.dumps(report.to_dict(), indent=2))
-        return
-    if header is not None:
-        print(header)
-    print(report.table())
-
-
 def _cmd_demo(args: argparse.Namespace) -> int:
     from tools.demo import run_demo
 
@@ -235,30 +92,43 @@ def _onnx_only(args: argparse.Namespace, names: Sequence[str]) -> None:
         raise UsageError(f"{', '.join(given)} apply to ONNX models (MODEL.onnx), not to {args.model!r}")
 
 
+def _folder_only(args: argparse.Namespace) -> None:
+    given = [f"--{name.replace('_', '-')}" for name in ("calib_text", "max_length", "batch_size")
+             if getattr(args, name, None) is not None]
+    given += [f"--{name.replace('_', '-')}" for name in ("in_memory", "count_padding") if getattr(args, name, False)]
+    if given:
+        raise UsageError(f"{', '.join(given)} apply to Hugging Face model folders, not to {args.model!r}")
+
+
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from lowrank_ir import Decompose
-    from tools import onnx_cli
+    from tools import checkpoint_cli, hf_cli, onnx_cli
 
-    if onnx_cli.is_onnx_path(args.model):
+    if checkpoint_cli.is_checkpoint_path(args.model):
+        return hf_cli.inspect(args)
+    _folder_only(args)
+    if is_onnx_path(args.model):
         return onnx_cli.inspect(args)
     _onnx_only(args, ["input_shape"])
-    model = _load_model(args.model, args.weights)
-    decomposer = _choose(Decompose(model), args)
+    model = load_model(args.model, args.weights)
+    decomposer = choose_ranks(Decompose(model), args)
     show_report(decomposer.report, args)
     return 0
 
 
 def _cmd_decompose(args: argparse.Namespace) -> int:
-    from tools import checkpoint_cli, onnx_cli
+    from tools import checkpoint_cli, hf_cli, onnx_cli
 
     if checkpoint_cli.is_checkpoint_path(args.model):
-        return checkpoint_cli.decompose(args)
+        return hf_cli.decompose(args) if hf_cli.in_memory(args) else checkpoint_cli.decompose(args)
     checkpoint_cli.folder_only(args)
-    if onnx_cli.is_onnx_path(args.model):
+    _folder_only(args)
+    if is_onnx_path(args.model):
         return onnx_cli.decompose(args)
     _onnx_only(args, ["input_shape", "calib", "feeds", "tolerance", "opset"])
     from backends.torch import save_weights
     from lowrank_ir import Decompose, SafeWriteUmask, write_json
+    from tools.html_report import check_report_option, decomposer_document, write_report
 
     weights = f"state_dict.{args.weights_format}"
     names = (weights, *TORCH_OUTPUT_FILES)
@@ -266,16 +136,19 @@ def _cmd_decompose(args: argparse.Namespace) -> int:
     folder = outputs.folder(args.output, names, "-o")
     report = outputs.file(args.report, "--report") if args.report else None
     outputs.check()
-    model = _load_model(args.model, args.weights)
-    decomposer = _choose(Decompose(model), args)
-    decomposed = decomposer.decompose_network(progress=_progress_bar("decomposing"))
+    check_report_option(args.report)
+    model = load_model(args.model, args.weights)
+    with progress_bars(args) as bars:
+        decomposer = choose_ranks(Decompose(model, progress=bars), args)
+        decomposed = decomposer.decompose_network()
     with outputs.writing() as stage:
         with SafeWriteUmask():
             save_weights(decomposed, stage.path(folder / weights))
         write_json(stage.path(folder / "decompose_config.json"), decomposer.decompose_config)
-        write_json(stage.path(folder / "report.json"), decomposer.report.to_dict())
+        document = decomposer_document(decomposer, args, data_aware=False)
+        write_json(stage.path(folder / "report.json"), document)
         if report is not None:
-            write_json(stage.path(report), decomposer.report.to_dict())
+            write_report(document, stage.path(report), args.report)
     print(decomposer.report.table(only_decomposed=True))
     print(f"saved {', '.join(names)} in {args.output}")
     return 0
@@ -291,6 +164,20 @@ def _cmd_parity(args: argparse.Namespace) -> int:
     from tools import parity_cli
 
     return parity_cli.parity(args)
+
+
+def _add_text_args(parser: argparse.ArgumentParser) -> None:
+    """``--calib-text`` and its batching: data-aware decomposition of a Hugging Face folder on sentences."""
+    parser.add_argument("--calib-text", metavar="FILE",
+                        help="Hugging Face folders: calibration sentences, one a line (UTF-8), tokenized with the "
+                             "folder's tokenizer into padded batches; padding is left out of the statistics")
+    parser.add_argument("--max-length", type=int, metavar="N",
+                        help="--calib-text: truncate sentences to N tokens (default: the tokenizer's limit, at most "
+                             "512)")
+    parser.add_argument("--batch-size", type=int, metavar="N", help="--calib-text: sentences per batch (default 16)")
+    parser.add_argument("--count-padding", action="store_true",
+                        help="--calib-text: count the padding positions in the statistics (by default they are left "
+                             "out, so a padded batch gives the statistics of its sentences one by one)")
 
 
 def _add_force(parser: argparse.ArgumentParser) -> None:
@@ -324,28 +211,36 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = commands.add_parser("inspect", help="per-layer table of a model under a rank policy",
                                   description="Print each layer's shape, chosen rank, parameters and FLOPs "
                                               "before/after, or why it is left alone.")
-    inspect.add_argument("model", help="an ONNX file (MODEL.onnx), or a PyTorch model as 'module:factory' "
-                                       "(e.g. tests.models:resnet50)")
+    inspect.add_argument("model", help="an ONNX file (MODEL.onnx), a PyTorch model as 'module:factory' "
+                                       "(e.g. tests.models:resnet50), or a Hugging Face model folder (config.json + "
+                                       "safetensors; loaded in memory)")
     inspect.add_argument("--weights", metavar="FILE", help="state dict (.pt) to load into the model")
     inspect.add_argument("--json", action="store_true",
                          help="print the report as JSON (totals and one object per layer) instead of the table")
     _add_policy_args(inspect)
+    _add_text_args(inspect)
     inspect.set_defaults(run=_cmd_inspect)
 
     decompose = commands.add_parser(
         "decompose", help="decompose a model and save it",
         description="Decompose an ONNX model (MODEL.onnx -o OUT.onnx: checked, validated against the original "
-                    "in onnxruntime, written atomically), or a PyTorch model given as module:factory (its state "
-                    "dict, decompose_config.json and report.json saved in the -o folder).")
+                    "in onnxruntime, written atomically), a PyTorch model given as module:factory (its state "
+                    "dict, decompose_config.json and report.json saved in the -o folder), or a Hugging Face model "
+                    "folder (-o OUT_DIR; data-aware with --calib-text).")
     decompose.add_argument("model", help="an ONNX file (MODEL.onnx), a PyTorch model as 'module:factory' "
-                                         "(e.g. tests.models:resnet50), or a Hugging Face checkpoint folder "
-                                         "(config.json + safetensors shards: streamed layer by layer)")
+                                         "(e.g. tests.models:resnet50), or a Hugging Face model folder "
+                                         "(config.json + safetensors): loaded in memory with --calib-text, "
+                                         "--energy, --budget-* or --in-memory (OUT_DIR loads with "
+                                         "lowrank_ir.hf.load_decomposed), else streamed layer by layer "
+                                         "(OUT_DIR: shards in the input's layout)")
     decompose.add_argument("--weights", metavar="FILE", help="PyTorch: state dict (.pt) to load into the model")
     decompose.add_argument("-o", "--output", required=True, metavar="OUT",
                            help="ONNX: the decomposed model's file (OUT.onnx); PyTorch: the output folder (created, "
                                 "or an existing one receives the three files; nothing else in it is touched); "
                                 "checkpoint folders: a new output folder")
-    decompose.add_argument("--report", metavar="FILE.json", help="also write the report here")
+    decompose.add_argument("--report", metavar="FILE.json|FILE.html",
+                           help="also write the report here: JSON, or with .html one self-contained page with "
+                                "spectra, ranks, errors and sensitivities drawn (needs matplotlib)")
     decompose.add_argument("--weights-format", choices=["safetensors", "pt"], default="safetensors",
                            help="PyTorch: the state dict as state_dict.safetensors (the default: no pickle) or "
                                 "state_dict.pt (torch.save)")
@@ -365,6 +260,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 "max|d|/max|ref| exceeds this")
     decompose.add_argument("--opset", type=int, metavar="N",
                            help="ONNX: convert the model to this opset first (onnx.version_converter)")
+    _add_text_args(decompose)
+    decompose.add_argument("--in-memory", action="store_true",
+                           help="Hugging Face folders: load the model in memory even without --calib-text (the "
+                                "output then loads with lowrank_ir.hf.load_decomposed)")
     _add_force(decompose)
     decompose.set_defaults(run=_cmd_decompose)
 
@@ -425,9 +324,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_force(parity)
     parity.set_defaults(run=_cmd_parity)
 
-    from tools import bench_cli
+    from tools import bench_cli, html_report
 
     bench_cli.add_parser(commands)
+    html_report.add_parser(commands)
     for command in commands.choices.values():
         _add_verbosity(command)
     return parser
@@ -437,7 +337,10 @@ def _add_verbosity(parser: argparse.ArgumentParser) -> None:
     group = parser.add_mutually_exclusive_group()
     group.add_argument("-v", "--verbose", action="count", default=0,
                        help="log progress messages to stderr (-vv: details too)")
-    group.add_argument("-q", "--quiet", action="store_true", help="log errors only")
+    group.add_argument("-q", "--quiet", action="store_true", help="log errors only (and no progress bars)")
+    parser.add_argument("--progress", action="store_true",
+                        help="draw progress bars on stderr even when it is not a terminal (by default they are "
+                             "drawn on a terminal only)")
 
 
 def _set_verbosity(args: argparse.Namespace) -> None:

@@ -14,53 +14,20 @@ from pathlib import Path
 from typing import Any
 
 from frontends.onnx import PROTOBUF_LIMIT
-from tools.cli import UsageError, _progress_bar, read_rules, show_report
+from tools.common import (
+    UsageError,
+    chosen_policy,
+    command_outputs,
+    parse_input_shapes,
+    policy_from_args,
+    progress_bars,
+    show_report,
+)
 
-__all__ = ["EXIT_ABOVE_TOLERANCE", "decompose", "inspect", "is_onnx_path", "parse_input_shapes", "policy_from_args"]
+__all__ = ["EXIT_ABOVE_TOLERANCE", "decompose", "inspect"]
 
 #: Exit code when the decomposed model is further from the original than ``--tolerance``.
 EXIT_ABOVE_TOLERANCE = 1
-
-
-def is_onnx_path(spec: str) -> bool:
-    """Whether the model argument names an ONNX file (rather than a ``module:factory``)."""
-    return spec.lower().endswith(".onnx")
-
-
-def parse_input_shapes(items: list[str] | None) -> dict[str, list[int]] | None:
-    """``["x=1,3,640,640", "ids=2x16"]`` -> ``{"x": [1, 3, 640, 640], "ids": [2, 16]}``."""
-    if not items:
-        return None
-    shapes: dict[str, list[int]] = {}
-    for item in items:
-        name, sep, dims = item.rpartition("=")
-        try:
-            values = [int(dim) for dim in dims.replace("x", ",").split(",") if dim.strip()]
-        except ValueError:
-            values = []
-        if not sep or not name or not values or any(value < 1 for value in values):
-            raise UsageError(f"--input-shape {item!r} must be NAME=D1,D2,... with positive dims, e.g. x=1,3,640,640")
-        shapes[name] = values
-    return shapes
-
-
-def policy_from_args(args: argparse.Namespace, model: Any = None, calib: dict[str, Any] | None = None) -> Any:
-    """The rank policy the options ask for; ``--energy``/``--budget-*`` are chosen on ``model`` (with ``calib``)."""
-    from lowrank_ir import Decompose, Policy
-    from tools.cli import global_policy
-
-    if model is not None:
-        chosen = global_policy(Decompose(model), args, None if calib is None else [calib])
-        if chosen is not None:
-            return Policy.config(chosen.decompose_config)
-    excludes = [name for name in (args.excludes or "").split(",") if name] or None
-    if args.fixed is not None:
-        return Policy.fixed(args.fixed, excludes, args.divisor)
-    if args.dict is not None:
-        return Policy.from_dict(read_rules(args.dict), excludes, args.divisor)
-    if args.vbmf:
-        return Policy.vbmf(excludes, args.divisor)
-    return Policy.ratio(args.ratio, excludes, args.divisor)
 
 
 def _describe(model: Any, path: str) -> str:
@@ -105,9 +72,9 @@ def decompose(args: argparse.Namespace) -> int:
     """Decompose an ONNX file, validate it against the original in onnxruntime, save it."""
     from backends.onnx import DEFAULT_LAYOUT, build, convert_opset, save, validate
     from frontends.onnx import collect_stats, count_parameters, load_model, lower
-    from lowrank_ir import build_report, plan, rewrite, with_layout, write_json
-    from lowrank_ir._report import spectral_energy
-    from tools.cli import command_outputs
+    from lowrank_ir import build_report, plan, rewrite, with_layout
+    from lowrank_ir._report import report_document, spectra, spectral_energy
+    from tools.html_report import check_report_option, policy_of, write_report
 
     if args.weights:
         raise UsageError("--weights loads a PyTorch state dict; an ONNX model carries its own weights")
@@ -120,33 +87,37 @@ def decompose(args: argparse.Namespace) -> int:
     external = outputs.file(f"{args.output}.data", "-o", optional=True)  # written from 2 GB on
     report_file = outputs.file(args.report, "--report") if args.report else None
     outputs.check()
+    check_report_option(args.report)
     input_shapes = parse_input_shapes(args.input_shape)
     original = load_model(args.model)
     model = original if args.opset is None else convert_opset(original, args.opset)
     calib = _feeds(args.calib, model, "--calib")
-    policy = policy_from_args(args, model, calib)
+    bars = progress_bars(args)
+    policy, chooser = chosen_policy(args, model, calib, progress=bars)
     feeds = _feeds(args.feeds, original, "--feeds")
     known = calib if calib is not None else feeds  # the feeds' shapes resolve dynamic dims (per-sample FLOPs)
     if input_shapes is None and known is not None:
         input_shapes = {name: list(getattr(value, "shape", ())) for name, value in known.items()}
     graph = lower(model, input_shapes=input_shapes)
     chosen = with_layout(plan(graph, policy), DEFAULT_LAYOUT)
-    if not chosen.decomposed():
-        kept = chosen.kept()
+    if not chosen.decomposed_entries():
+        kept = chosen.kept_entries()
         detail = "; ".join(f"{entry.name}: {entry.reason}" for entry in kept[:3])
         raise ValueError(f"no layer of {args.model!r} would be decomposed under {policy.kind!r} "
                          f"({len(graph.layers())} candidate layers{': ' + detail if detail else ''})")
     stats = None
     if calib is not None:
-        stats = collect_stats(model, graph, [calib], names=[entry.name for entry in chosen.decomposed()])
-    result = rewrite(graph, chosen, stats=stats, progress=_progress_bar("decomposing"))
+        stats = collect_stats(model, graph, [calib], names=[entry.name for entry in chosen.decomposed_entries()])
+    result = rewrite(graph, chosen, stats=stats, progress=bars.layers("rewrite"))
     decomposed = build(result.graph, like=model)
     with outputs.writing() as stage:
         candidate: Any = decomposed
         if decomposed.ByteSize() >= PROTOBUF_LIMIT:  # onnxruntime reads it from disk, with its external data
             candidate = save(decomposed, stage.path(output), external_data=True)
         reference = args.model if original.ByteSize() >= PROTOBUF_LIMIT else original
+        bars("validation", 0, 1, "onnxruntime")
         validation = validate(reference, candidate, feeds, input_shapes=input_shapes)
+        bars("validation", 1, 1, "onnxruntime")
         report = build_report(graph, chosen, result.errors, spectral_energy(graph, chosen), result.flushed)
         passed = args.tolerance is None or validation.passed(args.tolerance)
         params = {"before": count_parameters(original), "after": count_parameters(decomposed)}
@@ -155,12 +126,13 @@ def decompose(args: argparse.Namespace) -> int:
         print(f"float constants {params['before']:,} -> {params['after']:,}; worst relative error "
               f"{validation.max_rel:.3e}" + ("" if args.tolerance is None else f" (tolerance {args.tolerance:g})"))
         if report_file is not None:
-            write_json(stage.path(report_file), {
-                "model": args.model, "output": args.output, "opset": args.opset, "policy": policy.kind,
-                "data_aware": calib is not None, "decompose_config": chosen.decompose_config(),
-                "parameters": params, "layers": report.to_dict(), "validation": validation.to_dict(),
-                "tolerance": args.tolerance, "passed": passed,
-            })
+            document = report_document(
+                report, spectra=spectra(graph, chosen, stats), policy=policy_of(args), model=args.model,
+                sensitivities=getattr(chooser, "sensitivities", None), latency=getattr(chooser, "latency", None),
+                output=args.output, opset=args.opset, data_aware=calib is not None,
+                decompose_config=chosen.decompose_config(), parameters=params, validation=validation.to_dict(),
+                tolerance=args.tolerance, passed=passed)
+            write_report(document, stage.path(report_file), args.report)
         if passed and candidate is decomposed:
             save(decomposed, stage.path(output))
         elif not passed:  # the report is written, the model is not

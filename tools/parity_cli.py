@@ -15,7 +15,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from tools.cli import UsageError, _load_factory
+from tools.common import UsageError, command_outputs, is_onnx_path, load_factory, parse_input_shapes
 
 __all__ = ["EXIT_ABOVE_TOLERANCE", "TARGETS", "convert", "parity"]
 
@@ -42,12 +42,10 @@ def _op_counts(graph: Any) -> str:
 
 def convert(args: argparse.Namespace) -> int:
     """Convert an ONNX file to a PyTorch or MindSpore model folder, and say what was written."""
+    from crossframework.convert import MANIFEST_FILE, WEIGHTS_FILES
     from lowrank_ir import convert as convert_model
     from lowrank_ir import save_converted
-    from lowrank_ir._convert import MANIFEST_FILE, WEIGHTS_FILES
     from lowrank_ir.serde import GRAPH_FILE, PARAMS_FILE
-    from tools.cli import command_outputs
-    from tools.onnx_cli import is_onnx_path, parse_input_shapes
 
     if args.to not in TARGETS:
         raise UsageError(f"--to {args.to!r}: choose torch or mindspore")
@@ -83,13 +81,12 @@ def convert(args: argparse.Namespace) -> int:
 def _model(spec: str) -> Any:
     """An ONNX path as it is; a ``module:factory`` called, its result a PyTorch or MindSpore model."""
     from lowrank_ir import framework_of
-    from tools.onnx_cli import is_onnx_path
 
     if is_onnx_path(spec):
         if not Path(spec).is_file():
             raise UsageError(f"ONNX model {spec!r} does not exist")
         return spec
-    model = _load_factory(spec)
+    model = load_factory(spec)
     framework_of(model)  # TypeError naming the supported model classes
     return model
 
@@ -98,8 +95,6 @@ def parity(args: argparse.Namespace) -> int:
     """Compare onnxruntime, PyTorch and MindSpore on one model; exit 1 above ``--tolerance``."""
     from lowrank_ir import parity as run_parity
     from lowrank_ir import write_json
-    from tools.cli import command_outputs
-    from tools.onnx_cli import is_onnx_path, parse_input_shapes
 
     if not args.tolerance >= 0:
         raise UsageError(f"--tolerance must be a number >= 0, got {args.tolerance!r}")

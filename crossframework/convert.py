@@ -3,8 +3,8 @@
 Three entry points, each a plain function over the frontends and backends:
 
 - :func:`convert` turns an ONNX model (a file, a ``ModelProto``) or a dataflow :class:`Graph` into a
-  trainable native model: ``backends.torch.rebuild`` (a ``GraphModule``) or
-  ``backends.mindspore.rebuild`` (a ``GraphCell``), parameters named after the IR params.
+  trainable native model: ``backends.torch.from_dataflow`` (a ``GraphModule``) or
+  ``backends.mindspore.from_dataflow`` (a ``GraphCell``), parameters named after the IR params.
 - :func:`save_converted` / :func:`load_converted` store a converted model as one folder::
 
       OUT/converted.json        what the folder holds (framework, weights file, format version)
@@ -13,7 +13,7 @@ Three entry points, each a plain function over the frontends and backends:
       OUT/model.pt | model.ckpt the native weights: a PyTorch state dict / a MindSpore checkpoint
 
   The folder appears complete or not at all (written beside ``OUT``, then moved), not
-  group/other-writable. Loading rebuilds the structure from the graph (``rebuild(graph,
+  group/other-writable. Loading rebuilds the structure from the graph (``from_dataflow(graph,
   weights=False)``) and loads the native weights file, or another one saved from the same model
   (``weights=``, e.g. after fine-tuning), strictly.
 - :func:`parity` runs one model in onnxruntime, PyTorch and MindSpore (rebuilt through the IR) and,
@@ -22,11 +22,13 @@ Three entry points, each a plain function over the frontends and backends:
   Then the same for the model decomposed at ``ratio`` (the ONNX facade, ``Decompose``), with how far
   the decomposed model is from the original as information. :class:`ParityReport` holds the rows.
 
-This module imports no framework, at import time or later: the frontends and backends are loaded
-(through ``lowrank_ir._registry``) when a model of theirs is handled, and every framework call goes
-through them. The PyTorch and MindSpore backends mirror the calls used here: ``rebuild``,
+This module sits above the backends: it orchestrates several frontends and backends, which the core
+does not (``lowrank_ir.convert`` / ``parity`` ... hand their calls on to it, through the registry). It
+imports no framework itself: the PyTorch and MindSpore backends are loaded when a model of theirs is
+handled (``lowrank_ir._registry.native_backend``, typed by the ``NativeBackend`` protocol: ``from_dataflow``,
 ``graph_params``, ``save_weights`` / ``load_weights`` (strict), ``for_inference``, ``as_tensors`` /
-``to_numpy`` and ``run_numpy``.
+``numpy_copy``, ``run_numpy`` and ``export_onnx``), and the ONNX frontend and backend when the work
+needs onnx or onnxruntime.
 """
 
 from __future__ import annotations
@@ -37,9 +39,8 @@ import logging
 import os
 import shutil
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -49,16 +50,14 @@ from lowrank_ir._engine import plan
 from lowrank_ir._files import atomic_directory, check_schema, path_inside, read_json
 from lowrank_ir._ir import Graph
 from lowrank_ir._limits import check_array, limited
+from lowrank_ir._parity_report import CHECKED, INFORMATION, REFERENCE, ParityReport, ParityRow
 from lowrank_ir._policy import Policy, plain_number, validate_divisor, validate_ratio
-from lowrank_ir._registry import FRAMEWORKS, _load, framework_of
+from lowrank_ir._registry import NATIVE_FRAMEWORKS, framework_of, native_backend
 from lowrank_ir.serde import GRAPH_FILE, PARAMS_FILE, load_graph, save_graph
 
 __all__ = ["NATIVE_FRAMEWORKS", "ParityReport", "ParityRow", "convert", "load_converted", "parity", "save_converted"]
 
 logger = logging.getLogger(__name__)
-
-#: The frameworks a model can be converted to (``to=``), and parity runs besides onnxruntime.
-NATIVE_FRAMEWORKS = ("torch", "mindspore")
 
 #: The file describing a converted-model folder, and its format.
 MANIFEST_FILE = "converted.json"
@@ -75,29 +74,7 @@ WEIGHTS_FILES = {"torch": "model.pt", "mindspore": "model.ckpt"}
 #: The attribute under which a converted model keeps the IR graph it was rebuilt from.
 GRAPH_ATTRIBUTE = "source_graph"
 
-#: Rows whose ``check`` is one of these count toward :attr:`ParityReport.ok`.
-CHECKED = "checked"
-REFERENCE = "reference"
-INFORMATION = "information"
-
-
-# ------------------------------------------------------------------------------------------- loading
-
-def _module(name: str, framework: str, role: str = "backend") -> ModuleType:
-    return _load(name, role, framework)
-
-
-def _backend(framework: str) -> ModuleType:
-    return _module(FRAMEWORKS[framework].backend, framework)
-
-
-def _onnx_frontend() -> ModuleType:
-    return _module(FRAMEWORKS["onnx"].frontend, "onnx", "frontend")
-
-
-def _onnx_backend() -> ModuleType:
-    return _backend("onnx")
-
+# ------------------------------------------------------------------------------------------- checking
 
 def _check_target(to: object) -> str:
     if not isinstance(to, str) or to not in NATIVE_FRAMEWORKS:
@@ -119,7 +96,9 @@ def _as_graph(model: Any, input_shapes: Mapping[str, Sequence[int]] | None) -> G
     if isinstance(model, Graph):
         return model
     if _is_onnx_source(model):
-        return _onnx_frontend().lower(model, input_shapes=input_shapes)
+        from frontends import onnx as onnx_frontend
+
+        return onnx_frontend.lower(model, input_shapes=input_shapes)
     kind = framework_of(model)  # TypeError for models of no supported framework
     raise TypeError(f"convert takes an ONNX model (a .onnx path or an onnx.ModelProto) or a dataflow "
                     f"lowrank_ir.Graph, got a {kind} model: export it to ONNX first "
@@ -154,17 +133,16 @@ def convert(model: Any, to: str, *, input_shapes: Mapping[str, Sequence[int]] | 
     """
     target = _check_target(to)
     graph = _as_graph(model, input_shapes)
-    native = _backend(target).rebuild(graph)
+    native = native_backend(target).from_dataflow(graph)
     setattr(native, GRAPH_ATTRIBUTE, graph)
     return native
 
 
 def _converted_graph(native: Any, framework: str) -> Graph:
     """The graph ``native`` was rebuilt from, its params replaced by the model's current values."""
-    backend = _backend(framework)
-    rebuilt_type = getattr(backend, "GraphModule" if framework == "torch" else "GraphCell")
+    backend = native_backend(framework)
     graph = getattr(native, GRAPH_ATTRIBUTE, None)
-    if not isinstance(native, rebuilt_type) or not isinstance(graph, Graph):
+    if not isinstance(native, backend.DATAFLOW_CLASS) or not isinstance(graph, Graph):
         raise TypeError(f"save_converted takes a model returned by convert() or load_converted() (it knows the "
                         f"graph it was rebuilt from), or an ONNX model / Graph with to=; got a "
                         f"{type(native).__name__}")
@@ -224,7 +202,7 @@ def save_converted(model: Any, path: str | os.PathLike[str], *, to: str | None =
         for name in (GRAPH_FILE, PARAMS_FILE):
             os.replace(folder / "ir" / name, folder / name)
         shutil.rmtree(folder / "ir")
-        _backend(framework).save_weights(model, folder / weights_file)
+        native_backend(framework).save_weights(model, folder / weights_file)
         (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1) + "\n")
     logger.info("saved the converted %s model in %s", framework, target)
     return target
@@ -259,7 +237,7 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
 def load_converted(path: str | os.PathLike[str], weights: str | os.PathLike[str] | None = None) -> Any:
     """The native model saved in the folder ``path`` by :func:`save_converted` (or ``lowrank convert``).
 
-    The structure is rebuilt from the saved graph (``rebuild(graph, weights=False)``), then the weights
+    The structure is rebuilt from the saved graph (``from_dataflow(graph, weights=False)``), then the weights
     are loaded from the folder's own ``model.pt`` / ``model.ckpt``, or from ``weights``: a state dict
     (``torch.save(model.state_dict(), ...)``) or checkpoint (``mindspore.save_checkpoint``) saved from
     the same converted model, e.g. after fine-tuning.
@@ -275,125 +253,14 @@ def load_converted(path: str | os.PathLike[str], weights: str | os.PathLike[str]
     source = Path(path) / manifest["weights"] if weights is None else Path(weights)
     if not source.is_file():
         raise FileNotFoundError(f"weights file {str(source)!r} does not exist")
-    backend = _backend(framework)
-    native = backend.rebuild(graph, weights=False)
+    backend = native_backend(framework)
+    native = backend.from_dataflow(graph, weights=False)
     backend.load_weights(native, source)
     setattr(native, GRAPH_ATTRIBUTE, graph)
     return native
 
 
 # --------------------------------------------------------------------------------------------- parity
-
-@dataclass(slots=True)
-class ParityRow:
-    """One output of one runtime at one stage, compared with a reference.
-
-    ``stage``: ``"original"`` or ``"decomposed"``. ``runtime``: ``"onnxruntime"``, ``"torch"`` and
-    ``"mindspore"`` (rebuilt through the IR), or ``"torch (native)"`` / ``"mindspore (native)"`` (the
-    model as given). ``reference``: what it is compared with (empty for the reference itself).
-    ``check``: ``"checked"`` (counts toward :attr:`ParityReport.ok`), ``"reference"`` (the row other
-    rows of its stage are compared with), or ``"information"`` (the decomposed model against the
-    original: decomposition error, not a disagreement between frameworks).
-    """
-
-    stage: str
-    runtime: str
-    output: str
-    shape: list[int]
-    max_abs: float
-    mean_abs: float
-    max_rel: float
-    mean_rel: float
-    reference: str
-    check: str
-
-    def within(self, tolerance: float) -> bool:
-        return self.check != CHECKED or self.max_rel <= tolerance
-
-
-@dataclass(slots=True)
-class ParityReport:
-    """The result of :func:`parity`: one row per stage, runtime and output, and what was run."""
-
-    rows: list[ParityRow]
-    tolerance: float
-    model: str
-    feeds: dict[str, list[int]]
-    ratio: float | None = None
-    divisor: int | None = None
-    decomposed_layers: int = 0
-    candidate_layers: int = 0
-    parameters: dict[str, int] = field(default_factory=dict)
-    skipped: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def ok(self) -> bool:
-        """Every checked row within ``tolerance`` (relative: ``max|d| / max|ref|``)."""
-        return all(row.within(self.tolerance) for row in self.rows)
-
-    def failures(self) -> list[ParityRow]:
-        """The checked rows above ``tolerance``."""
-        return [row for row in self.rows if not row.within(self.tolerance)]
-
-    def worst(self, stage: str | None = None, runtime: str | None = None) -> float:
-        """The largest ``max_rel`` of the checked rows of ``stage`` / ``runtime`` (all when None)."""
-        return max((row.max_rel for row in self.rows if row.check == CHECKED
-                    and stage in (None, row.stage) and runtime in (None, row.runtime)), default=0.0)
-
-    def runtimes(self, stage: str) -> list[str]:
-        """The runtimes with rows at ``stage``, in order."""
-        return list(dict.fromkeys(row.runtime for row in self.rows if row.stage == stage))
-
-    def information(self) -> float | None:
-        """How far the decomposed model is from the original (worst ``max_rel``), None without one."""
-        values = [row.max_rel for row in self.rows if row.check == INFORMATION]
-        return max(values) if values else None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"ok": self.ok, "tolerance": self.tolerance, "model": self.model, "feeds": self.feeds,
-                "ratio": self.ratio, "divisor": self.divisor, "decomposed_layers": self.decomposed_layers,
-                "candidate_layers": self.candidate_layers, "parameters": self.parameters, "skipped": self.skipped,
-                "rows": [asdict(row) for row in self.rows]}
-
-    def table(self) -> str:
-        """The rows as an aligned text table, with what was compared and the verdict."""
-        header = ("stage", "runtime", "output", "shape", "max abs", "mean abs", "max rel", "mean rel", "check")
-        body = []
-        for row in self.rows:
-            shape = "x".join(str(dim) for dim in row.shape) or "scalar"
-            if row.check == REFERENCE:
-                numbers = ("-", "-", "-", "-")
-                verdict = "reference"
-            else:
-                numbers = (f"{row.max_abs:.3e}", f"{row.mean_abs:.3e}", f"{row.max_rel:.3e}", f"{row.mean_rel:.3e}")
-                verdict = ("ok" if row.within(self.tolerance) else "FAIL") if row.check == CHECKED \
-                    else "vs original (info)"
-            body.append((row.stage, row.runtime, row.output, shape, *numbers, verdict))
-        widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
-        feeds = ", ".join(f"{name}[{', '.join(str(dim) for dim in shape)}]" for name, shape in self.feeds.items())
-        lines = [f"parity of {self.model} on {feeds}: every runtime against onnxruntime, "
-                 f"tolerance {self.tolerance:g} on max|d|/max|ref|"]
-        lines += ["  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
-                  for line in [header, *body]]
-        for name, reason in self.skipped.items():
-            lines.append(f"{name}: skipped ({reason})")
-        if self.ratio is not None:
-            before, after = self.parameters.get("before", 0), self.parameters.get("after", 0)
-            information = self.information()
-            lines.append(f"decomposed at ratio {self.ratio:g} (divisor {self.divisor}): {self.decomposed_layers} of "
-                         f"{self.candidate_layers} layers, float constants {before:,} -> {after:,}; decomposed vs "
-                         f"original in onnxruntime: max rel {information or 0.0:.3e} (information, not checked)")
-        failures = self.failures()
-        if failures:
-            worst = max(failures, key=lambda row: row.max_rel)
-            lines.append(f"FAIL: {len(failures)} of {sum(row.check == CHECKED for row in self.rows)} checked rows "
-                         f"above {self.tolerance:g} (worst: {worst.runtime} {worst.stage} {worst.output!r}, max rel "
-                         f"{worst.max_rel:.3e})")
-        else:
-            lines.append(f"PASS: every runtime within {self.tolerance:g} of onnxruntime (worst max rel "
-                         f"{self.worst():.3e})")
-        return "\n".join(lines)
-
 
 @dataclass(slots=True)
 class _Runner:
@@ -418,8 +285,8 @@ def _frameworks(frameworks: Sequence[str] | None) -> tuple[list[str], dict[str, 
 
 def _rebuilt_runner(framework: str, graph: Graph) -> _Runner:
     """Rebuild ``graph`` now (unsupported ops fail here, before anything runs); run it later."""
-    backend = _backend(framework)
-    native = backend.rebuild(graph)
+    backend = native_backend(framework)
+    native = backend.from_dataflow(graph)
     names = [value.name for value in graph.inputs]
 
     def run(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -429,21 +296,22 @@ def _rebuilt_runner(framework: str, graph: Graph) -> _Runner:
 
 
 def _onnxruntime(model: Any) -> Callable[[dict[str, np.ndarray]], list[np.ndarray]]:
-    frontend = _onnx_frontend()
-    session = frontend.session(model)
+    from frontends import onnx as onnx_frontend
+
+    session = onnx_frontend.session(model)
     names = [value.name for value in model.graph.output]
 
     def run(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        return [np.asarray(value) for value in frontend.run(session, feeds, names, "the feeds")]
+        return [np.asarray(value) for value in onnx_frontend.run(session, feeds, names, "the feeds")]
 
     return run
 
 
 def _as_numpy(value: Any) -> np.ndarray:
-    """A feed as a numpy array: a PyTorch or MindSpore tensor through its backend's ``to_numpy``."""
+    """A feed as a numpy array: a PyTorch or MindSpore tensor through its backend's ``numpy_copy``."""
     framework = type(value).__module__.split(".")[0]  # as the registry tells models apart: no import
     if framework in NATIVE_FRAMEWORKS:
-        return _backend(framework).to_numpy(value)
+        return native_backend(framework).numpy_copy(value)
     return np.asarray(value)
 
 
@@ -451,7 +319,9 @@ def _read_feeds(feeds: Any) -> dict[str, np.ndarray] | None:
     if feeds is None:
         return None
     if isinstance(feeds, (str, os.PathLike)):
-        return dict(_onnx_backend().load_feeds(feeds))
+        from backends import onnx as onnx_backend
+
+        return dict(onnx_backend.load_feeds(feeds))
     if not isinstance(feeds, Mapping):
         raise TypeError(f"feeds must be a dict of input name -> array or the path of an .npz file, "
                         f"got {type(feeds).__name__}")
@@ -501,7 +371,8 @@ def _compare_rows(stage: str, runtime: str, names: Sequence[str], reference: Seq
     if len(got) != len(reference):
         raise ValueError(f"{runtime} ({stage}) returned {len(got)} outputs, onnxruntime {len(reference)} "
                          f"({list(names)})")
-    compare = _onnx_backend().compare
+    from backends.onnx import compare
+
     rows = []
     for name, expected, result in zip(names, reference, got, strict=True):
         error = compare(name, expected, result)
@@ -523,7 +394,7 @@ def parity(model: Any, *, feeds: Any = None, weights: str | os.PathLike[str] | N
     """Run ``model`` in onnxruntime, PyTorch and MindSpore on the same inputs and compare the outputs.
 
     The PyTorch and MindSpore versions are rebuilt from the ONNX model through the IR
-    (``frontends.onnx.lower`` -> ``backends.torch.rebuild`` / ``backends.mindspore.rebuild``); a native
+    (``frontends.onnx.lower`` -> ``backends.torch.from_dataflow`` / ``backends.mindspore.from_dataflow``); a native
     model is first exported to ONNX (``backends.onnx.export``) and also run as it is. Every output of
     every runtime is compared with onnxruntime's. Then, unless ``ratio`` is None, the ONNX model is
     decomposed (``Decompose(model).from_ratio(ratio, divisor=divisor)``), and its rebuilt versions are
@@ -572,7 +443,9 @@ def parity(model: Any, *, feeds: Any = None, weights: str | os.PathLike[str] | N
         raise ValueError("no framework to compare with onnxruntime: install torch or mindspore, or name one in "
                          "frameworks=")
     given = _read_feeds(feeds)
-    onnx_frontend, onnx_backend = _onnx_frontend(), _onnx_backend()
+    from backends import onnx as onnx_backend
+    from frontends import onnx as onnx_frontend
+
 
     native: tuple[Any, str] | None = None
     if _is_onnx_source(model):
@@ -585,7 +458,7 @@ def parity(model: Any, *, feeds: Any = None, weights: str | os.PathLike[str] | N
         framework = framework_of(model)
         if framework not in NATIVE_FRAMEWORKS:
             raise TypeError(f"parity takes an ONNX, PyTorch or MindSpore model, got a {framework} model")
-        backend = _backend(framework)
+        backend = native_backend(framework)
         ready = backend.for_inference(model, weights)
         arrays = _native_feeds(given, input_shapes, seed, framework)
         result = backend.run_numpy(ready, list(arrays.values()))
@@ -638,8 +511,8 @@ def _decompose(model: Any, graph: Graph, ratio: float, divisor: int) -> tuple[An
     decompose nothing is an error saying what to change, raised before anything runs.
     """
     chosen = plan(graph, Policy.ratio(ratio, None, divisor))
-    if not chosen.decomposed():
-        kept = "; ".join(f"{entry.name}: {entry.reason}" for entry in chosen.kept()[:3])
+    if not chosen.decomposed_entries():
+        kept = "; ".join(f"{entry.name}: {entry.reason}" for entry in chosen.kept_entries()[:3])
         raise ValueError(f"no layer of the model would be decomposed at ratio {ratio:g} with divisor {divisor} "
                          f"({len(chosen.entries)} candidate layers{': ' + kept if kept else ''}); give a smaller "
                          f"divisor, or ratio=None (--no-decompose) to check the original only")
