@@ -29,8 +29,7 @@ import numpy as np
 from mindspore import nn
 
 from backends._dataflow import NativeOutputs, check_weights_fit, native_outputs, weights_file
-from backends._mindspore_graph import GraphCell, graph_params
-from backends._mindspore_graph import rebuild as from_dataflow
+from backends._mindspore_graph import GraphCell, from_dataflow, graph_params
 from frontends.mindspore import copy_model
 from lowrank_ir import Graph, Node, Op
 from lowrank_ir._protocols import NativeBackend

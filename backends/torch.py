@@ -24,8 +24,7 @@ import torch
 from torch import nn
 
 from backends._dataflow import NativeOutputs, check_weights_fit, native_outputs, weights_file
-from backends._torch_graph import GraphModule, graph_params
-from backends._torch_graph import rebuild as from_dataflow
+from backends._torch_graph import GraphModule, from_dataflow, graph_params
 from lowrank_ir import Graph, Node, Op
 from lowrank_ir._protocols import NativeBackend
 

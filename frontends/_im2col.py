@@ -2,9 +2,8 @@
 
 A k x k conv computes ``y = K_mat p`` on every im2col patch ``p`` (length ``in · kh · kw``, ordered
 ``(in, kh, kw)`` like ``kernel.reshape(out, -1)``), so ``E[p pᵀ]`` gives its exact output error. The
-patches here are exactly what the conv sees: the input zero-padded by the IR ``padding`` (explicit
-``(h, w)`` / ``(begin..., end...)``, or ``"valid"``, or ``"same"``/``"same_lower"`` resolved on the
-input size as ONNX's SAME_UPPER/SAME_LOWER and MindSpore's ``same`` do), strided and dilated.
+patches here are exactly what the conv sees: the input zero-padded by the IR ``padding`` (any form,
+resolved on the input size by ``lowrank_ir.conv_pads``), strided and dilated.
 """
 
 from __future__ import annotations
@@ -13,7 +12,7 @@ import math
 
 import numpy as np
 
-from lowrank_ir import Node, Op
+from lowrank_ir import Node, Op, conv_pads
 
 __all__ = ["MAX_PATCH_FEATURES", "collects_patches", "patch_moment_sum"]
 
@@ -33,34 +32,14 @@ def collects_patches(node: Node) -> bool:
             and int(node.attrs["in_channels"]) * math.prod(kernel) <= MAX_PATCH_FEATURES)
 
 
-def _pads(node: Node, spatial: tuple[int, ...]) -> list[tuple[int, int]]:
-    """Per spatial axis ``(begin, end)`` zero padding of a conv, resolving ``auto_pad`` on the input size."""
-    padding = node.attrs["padding"]
-    kernel, stride, dilation = node.attrs["kernel_size"], node.attrs["stride"], node.attrs["dilation"]
-    ndim = len(kernel)
-    if padding == "valid":
-        return [(0, 0)] * ndim
-    if isinstance(padding, str):  # SAME_UPPER ("same") puts the odd pixel at the end, SAME_LOWER at the start
-        pads = []
-        for size, k, s, d in zip(spatial, kernel, stride, dilation, strict=True):
-            total = max((math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0)
-            small, large = total // 2, total - total // 2
-            pads.append((small, large) if padding == "same" else (large, small))
-        return pads
-    values = [int(p) for p in padding]
-    if len(values) == ndim:
-        return [(value, value) for value in values]
-    return list(zip(values[:ndim], values[ndim:], strict=True))
-
-
 def patch_moment_sum(node: Node, x: np.ndarray) -> tuple[np.ndarray, int]:
     """``(Σ p pᵀ, number of patches)`` over the im2col patches ``p`` (ordered (in, kh, kw)) the conv sees.
 
     Products are taken in float32 one image at a time (bounded memory) and summed in float64.
     """
     kernel, stride, dilation = node.attrs["kernel_size"], node.attrs["stride"], node.attrs["dilation"]
-    pads = _pads(node, tuple(x.shape[2:]))
-    padded = np.pad(x.astype(np.float32, copy=False), [(0, 0), (0, 0), *pads])
+    begins, ends = conv_pads(node.attrs["padding"], x.shape[2:], kernel, stride, dilation)
+    padded = np.pad(x.astype(np.float32, copy=False), [(0, 0), (0, 0), *zip(begins, ends, strict=True)])
     window = tuple((k - 1) * d + 1 for k, d in zip(kernel, dilation, strict=True))
     features = int(node.attrs["in_channels"]) * math.prod(kernel)
     total = np.zeros((features, features))

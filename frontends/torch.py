@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +28,8 @@ import torch
 from torch import nn
 from torch.nn import functional
 
-from lowrank_ir import Graph, LayerStats, Node, Op, verify
+from frontends._im2col import collects_patches
+from lowrank_ir import Graph, LayerStats, Node, Op, conv_pads, verify
 from lowrank_ir._budget import first_elements, relative_output_errors
 from lowrank_ir._calibration import MomentSums
 from lowrank_ir._protocols import Frontend
@@ -319,39 +319,14 @@ def _rows(node: Node, x: torch.Tensor, mask: torch.Tensor | None = None) -> torc
     return x.movedim(channel_axis, -1).reshape(-1, node.attrs["in_channels"])
 
 
-#: Largest im2col patch length ``in · prod(k)`` whose second moment is collected (a 4608² float64
-#: matrix is 170 MB; beyond it the channel moment is used).
-MAX_PATCH_FEATURES = 4608
-
-
-def _explicit_padding(node: Node) -> list[int] | None:
-    """The conv's zero padding as ``[top, bottom, left, right]``, or None when patches are not collected."""
-    attrs = node.attrs
-    kernel = tuple(attrs["kernel_size"])
-    if (len(kernel) != 2 or math.prod(kernel) == 1 or attrs.get("groups", 1) != 1
-            or attrs.get("padding_mode", "zeros") != "zeros"
-            or attrs["in_channels"] * math.prod(kernel) > MAX_PATCH_FEATURES):
-        return None
-    padding = attrs["padding"]
-    if padding == "valid":
-        return [0, 0, 0, 0]
-    if padding == "same":  # torch: stride 1, the extra pixel of an odd total goes after
-        pads = []
-        for size, dilation in zip(kernel, attrs["dilation"], strict=True):
-            total = dilation * (size - 1)
-            pads += [total // 2, total - total // 2]
-        return pads
-    if isinstance(padding, str):
-        return None
-    return [int(padding[0]), int(padding[0]), int(padding[1]), int(padding[1])]
-
-
-def _patch_rows(node: Node, x: torch.Tensor, pads: list[int]) -> torch.Tensor:
+def _patch_rows(node: Node, x: torch.Tensor) -> torch.Tensor:
     """The im2col patches the conv sees, one per row, ordered (in, kh, kw) like ``kernel.reshape(out, -1)``."""
     if x.dim() == 3:  # unbatched
         x = x.unsqueeze(0)
-    if any(pads):
-        x = functional.pad(x, (pads[2], pads[3], pads[0], pads[1]))
+    attrs = node.attrs
+    begins, ends = conv_pads(attrs["padding"], x.shape[2:], attrs["kernel_size"], attrs["stride"], attrs["dilation"])
+    if any(begins) or any(ends):
+        x = functional.pad(x, (begins[1], ends[1], begins[0], ends[0]))
     columns = functional.unfold(x, tuple(node.attrs["kernel_size"]), dilation=tuple(node.attrs["dilation"]),
                        stride=tuple(node.attrs["stride"]))
     return columns.transpose(1, 2).reshape(-1, columns.shape[1])
@@ -439,7 +414,7 @@ def collect_stats(model: nn.Module, graph: Graph, datasets: Iterable[Any], max_i
 
     def make_hook(name: str) -> Callable[..., None]:
         node = graph.node(name)
-        pads = _explicit_padding(node) if node.op is Op.CONV else None
+        patches_wanted = collects_patches(node)
 
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
             if not args or not isinstance(args[0], torch.Tensor):
@@ -451,8 +426,8 @@ def collect_stats(model: nn.Module, graph: Graph, datasets: Iterable[Any], max_i
             # NaN/Inf inputs make the sums non-finite: checked at the end
             sums.add(name, rows.shape[0], moment=(rows.T @ rows).to(torch.float64),
                      mean=rows.sum(0, dtype=torch.float64))
-            if pads is not None:
-                patches = _patch_rows(node, args[0].detach(), pads)
+            if patches_wanted:
+                patches = _patch_rows(node, args[0].detach())
                 patches = patches.to(torch.promote_types(patches.dtype, torch.float32))
                 sums.add_patches(name, (patches.T @ patches).to(torch.float64), patches.shape[0])
             pending.discard(name)
@@ -583,8 +558,8 @@ def _float_outputs(value: Any) -> list[torch.Tensor]:
 
 
 def output_errors(model: nn.Module, datasets: Iterable[Any], trials: Sequence[Mapping[str, np.ndarray]],
-                  max_iter: int = -1, mask_padding: bool = True,
-                  progress: Callable[[int], None] | None = None) -> list[float]:
+                  max_iter: int = -1, progress: Callable[[int], None] | None = None,
+                  mask_padding: bool = True) -> list[float]:
     """Per trial, the model's relative output error Σ‖y' − y‖² / Σ‖y‖² when its params are replaced.
 
     A trial maps state-dict names to replacement arrays in the layout of :func:`lower`'s graph (e.g. one

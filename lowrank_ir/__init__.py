@@ -10,7 +10,7 @@ from lowrank_ir._backend import LINALG_BACKENDS, linalg_backend
 from lowrank_ir._cross import convert, load_converted, parity, save_converted
 from lowrank_ir._engine import LAYOUTS, LayerStats, Plan, PlanEntry, RewriteResult, plan, rewrite, with_layout
 from lowrank_ir._files import SafeWriteUmask, atomic_write, write_json
-from lowrank_ir._ir import Graph, GraphError, Node, Op, Value, verify
+from lowrank_ir._ir import Graph, GraphError, Node, Op, Value, conv_pads, verify
 from lowrank_ir._logging import set_logger_level
 from lowrank_ir._parity_report import ParityReport, ParityRow
 from lowrank_ir._policy import Policy, make_divisible
@@ -42,6 +42,7 @@ __all__ = [
     "__version__",
     "atomic_write",
     "build_report",
+    "conv_pads",
     "convert",
     "count_parameters",
     "framework_of",

@@ -22,8 +22,9 @@ The op set is closed (:class:`Op`). Each op's attributes are documented once, he
                 ``"same"`` (output size ceil(input / stride), the total padding split with any odd
                 extra at the end: ONNX ``SAME_UPPER``, MindSpore ``pad_mode="same"``, PyTorch
                 ``padding="same"`` at stride 1); ``"same_lower"`` (the same with the odd extra at the
-                beginning: ONNX ``SAME_LOWER``). Optional ``data_format`` (``"NCW"``, ``"NCHW"``; MindSpore
-                ``"NHWC"`` layers are lowered locked, with the weight in the IR's channels-first layout).
+                beginning: ONNX ``SAME_LOWER``); :func:`conv_pads` turns any form into explicit pads.
+                Optional ``data_format`` (``"NCW"``, ``"NCHW"``; MindSpore ``"NHWC"`` layers are lowered
+                locked, with the weight in the IR's channels-first layout).
 ``ConvTranspose`` weight ``[in_channels, out_channels // groups, *kernel_size]``; attrs as ``Conv``
                 plus ``output_padding`` (tuple).
 ``Embedding``   row lookup.  weight ``[num_embeddings, embedding_dim]``. attrs: ``num_embeddings``,
@@ -62,13 +63,45 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-__all__ = ["DEFAULT_DOMAINS", "RESERVED_ATTRS", "Graph", "GraphError", "Node", "Op", "Value", "source_attrs", "verify"]
+__all__ = ["DEFAULT_DOMAINS", "RESERVED_ATTRS", "Graph", "GraphError", "Node", "Op", "Value", "conv_pads",
+           "source_attrs", "verify"]
+
+
+def conv_pads(padding: Any, sizes: Sequence[int], kernel: Sequence[int], stride: Sequence[int],
+              dilation: Sequence[int]) -> tuple[list[int], list[int]]:
+    """A ``Conv`` ``padding`` (any form the module docstring lists) as explicit ``(begins, ends)`` per axis.
+
+    ``sizes`` are the input's spatial sizes (only ``"same"``/``"same_lower"`` read them): the output
+    is ``ceil(size / stride)`` long, the total padding ``(out - 1) stride + (k - 1) dilation + 1 - size``
+    (at least 0) is split in halves, and the odd extra goes at the end (``"same"``) or the
+    beginning (``"same_lower"``). ``ValueError`` for a form that is none of these.
+    """
+    ndim = len(kernel)
+    if isinstance(padding, str):
+        if padding == "valid":
+            return [0] * ndim, [0] * ndim
+        if padding not in ("same", "same_lower"):
+            raise ValueError(f"padding {padding!r} is not 'valid', 'same', 'same_lower' or a tuple of ints")
+        begins, ends = [], []
+        for size, k, s, d in zip(sizes, kernel, stride, dilation, strict=True):
+            out = -(-int(size) // int(s))
+            total = max((out - 1) * int(s) + (int(k) - 1) * int(d) + 1 - int(size), 0)
+            small, large = total // 2, total - total // 2
+            begins.append(large if padding == "same_lower" else small)
+            ends.append(small if padding == "same_lower" else large)
+        return begins, ends
+    pads = [int(p) for p in padding]
+    if len(pads) == ndim:
+        return pads, list(pads)
+    if len(pads) == 2 * ndim:
+        return pads[:ndim], pads[ndim:]
+    raise ValueError(f"padding {tuple(pads)!r} has neither {ndim} (per axis) nor {2 * ndim} (begin..., end...) entries")
 
 
 class Op(str, enum.Enum):

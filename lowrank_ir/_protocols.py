@@ -69,7 +69,7 @@ class Frontend(Protocol):
         """The layers ``names`` in execution order, grouped by shared input."""
 
     def output_errors(self, model: Any, datasets: Iterable[Any], trials: Sequence[Mapping[str, np.ndarray]],
-                      max_iter: int = -1, *, progress: Callable[[int], None] | None = None) -> list[float]:
+                      max_iter: int = -1, progress: Callable[[int], None] | None = None) -> list[float]:
         """Per trial (param name -> replacement array), the model's relative output error.
 
         ``progress(done)`` is called after each trial, when given.

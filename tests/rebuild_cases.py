@@ -5,7 +5,8 @@ input form, at the opsets the exporters we meet emit: torch's dynamo exporter (o
 (opset 11-ish) and the PP-OCR models (opsets 11 and 12). Constants are initializers (``Constant``
 nodes where the form matters), so a case also checks how a builder tells weights from shapes.
 
-API (read by ``tests/test_torch_rebuild.py`` and ``tests/test_mindspore_rebuild.py``):
+API (read by ``tests/test_graph_interpreter.py``, which runs every case in PyTorch and in MindSpore
+through the one ONNX interpreter, and by the two frameworks' rebuild tests):
 
 - ``CASES``: list of :class:`Case` (``.name``, ``.model``, ``.feeds`` name -> ``np.ndarray``, ``.ops``);
   ``cases_for(ops)`` the cases using only ``ops``; ``REQUIRED_OPS`` the ops issue 7 asks for;
@@ -333,6 +334,27 @@ def _asin(rng):
     return [node("Asin", ["x"], ["a"]), node("Acos", ["x"], ["b"])], {"x": x}, [("a", FLOAT), ("b", FLOAT)], {}, 7
 
 
+@case("Asinh Acosh Atanh")
+def _inverse_hyperbolic(rng):
+    feeds = {"x": normal(rng, 2, 3) * 2, "c": np.abs(normal(rng, 2, 3)) + 1.0,
+             "t": np.clip(normal(rng, 2, 3) * 0.4, -0.95, 0.95)}
+    nodes = [node("Asinh", ["x"], ["a"]), node("Acosh", ["c"], ["b"]), node("Atanh", ["t"], ["h"])]
+    return nodes, feeds, [("a", FLOAT), ("b", FLOAT), ("h", FLOAT)], {}, 9
+
+
+@case("BitShift left right")
+def _bit_shift(rng):
+    feeds = {"a": rng.integers(0, 16, (3, 4)).astype(np.uint8), "s": rng.integers(0, 4, (4,)).astype(np.uint8)}
+    nodes = [node("BitShift", ["a", "s"], ["l"], direction="LEFT"),
+             node("BitShift", ["a", "s"], ["r"], direction="RIGHT")]
+    return nodes, feeds, [("l", TensorProto.UINT8), ("r", TensorProto.UINT8)], {}, 11
+
+
+@case("Shrink")
+def _shrink(rng):
+    return [node("Shrink", ["x"], ["y"], lambd=0.3, bias=0.1)], {"x": normal(rng, 2, 3, 4)}, [("y", FLOAT)], {}, 9
+
+
 @case("Bitwise ops")
 def _bitwise(rng):
     feeds = {"a": rng.integers(-50, 50, (3, 4)).astype(np.int32), "b": rng.integers(-50, 50, (4,)).astype(np.int32)}
@@ -408,6 +430,15 @@ case("Softmax opset 13 axis 1")(_softmax("Softmax", 13, 1))
 case("Softmax opset 13 default axis")(_softmax("Softmax", 13, None))
 case("LogSoftmax opset 11 axis -2")(_softmax("LogSoftmax", 11, -2))
 case("LogSoftmax opset 13")(_softmax("LogSoftmax", 13, 2))
+
+case("Hardmax opset 11 coerced 2-D")(_softmax("Hardmax", 11, 1))
+case("Hardmax opset 13 axis 1")(_softmax("Hardmax", 13, 1))
+
+
+@case("LRN across channels")
+def _lrn(rng):
+    return ([node("LRN", ["x"], ["y"], size=3, alpha=0.001, beta=0.75, bias=2.0)], {"x": normal(rng, 2, 5, 4, 4)},
+            [("y", FLOAT)], {}, 13)
 
 
 @case("LayerNormalization last axis")
@@ -869,6 +900,12 @@ def _scatter(rng):
              "eidx": np.array([[[0], [2]], [[1], [-1]]], np.int64), "eupd": normal(rng, 2, 2, 1)}
     return nodes, {"x": normal(rng, 2, 3, 4)}, [("a", FLOAT), ("b", FLOAT)], inits, 13
 
+
+
+@case("Scatter opset 10")
+def _scatter_old(rng):
+    inits = {"idx": np.array([[1, 0, 2], [0, 2, -1]], np.int64), "upd": normal(rng, 2, 3)}
+    return [node("Scatter", ["x", "idx", "upd"], ["y"], axis=1)], {"x": normal(rng, 2, 4)}, [("y", FLOAT)], inits, 10
 
 # ----------------------------------------------------------------------------------- reference
 

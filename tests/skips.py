@@ -5,8 +5,10 @@ Outside CI a test whose optional dependency is missing skips (:func:`require`, :
 every skip that is not listed in :data:`EXPECTED_SKIPS` -- and every listed test that does not skip --
 so the list is exact: ``pytest -rs`` shows the counts by reason.
 
-The only expected skips are models of the onnx package's backend test data that onnxruntime cannot
-load (:data:`ORT_CANNOT_RUN`): their round trip is still checked byte for byte, their outputs cannot be.
+The expected skips are models of the onnx package's backend test data that onnxruntime cannot load
+(:data:`ORT_CANNOT_RUN`): their round trip is still checked byte for byte, their outputs cannot be; and
+the HTML report's browser test where no Chromium is installed (an operating-system package, not a pip
+one: the README's set-up installs it where ``apt-get`` can).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import importlib
 import locale
 import os
+import shutil
 from types import ModuleType
 from typing import NoReturn
 
@@ -48,7 +51,18 @@ def _locale_installed(name: str) -> bool:
     return True
 
 
+def chromium() -> str | None:
+    """The path of a headless-capable Chromium on ``PATH``, or None."""
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
 ROUND_TRIP = "tests/test_onnx_roundtrip.py::test_round_trip_is_identical"
+BROWSER_TEST = "tests/test_hf_cli.py::test_the_html_report_in_a_headless_browser"
+NO_BROWSER = "Chromium is not installed (an operating-system package: apt-get install chromium)"
 
 #: The onnx backend-test models onnxruntime cannot load, by the reason the round-trip test gives.
 ORT_CANNOT_RUN: dict[str, tuple[str, ...]] = {
@@ -91,3 +105,5 @@ if not _locale_installed("en_US.UTF-8"):  # where the locale is installed, these
 #: node id -> the reason its skip must give; every other skip fails a CI run.
 EXPECTED_SKIPS: dict[str, str] = {f"{ROUND_TRIP}[{model}]": reason
                                   for reason, models in ORT_CANNOT_RUN.items() for model in models}
+if chromium() is None:
+    EXPECTED_SKIPS[BROWSER_TEST] = NO_BROWSER

@@ -32,6 +32,10 @@ def test_demo_runs_and_saves_a_rebuildable_model(tmp_path, capsys) -> None:
     report = json.loads((tmp_path / "report.json").read_text())
     aware, free = report["agreement"]["data-aware"], report["agreement"]["data-free"]
     assert aware["relative_error"] < free["relative_error"]
+    # the same document every command writes: what explains the ranks, and when and by what it was written
+    assert report["tool"] == "lowrank-ir" and report["created"] and report["policy"]["kind"] == "ratio"
+    decomposed = {row["name"] for row in report["layers"] if row.get("rank")}
+    assert decomposed and set(report["spectra"]) == decomposed
     # the recipe the demo prints: structure from the saved config, weights from the saved state dict
     rebuilt = Decompose(demo_model(), config_file=tmp_path / "decompose_config.json").from_file() \
         .decompose_network(do_decompose_weight=False)

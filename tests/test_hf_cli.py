@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from tests.cli_checks import one_line_error
-from tests.skips import missing, require
+from tests.skips import NO_BROWSER, chromium, require
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -285,11 +285,10 @@ window.addEventListener("load", () => {
 
 
 def _chromium() -> str:
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        found = shutil.which(name)
-        if found:
-            return found
-    missing("Chromium (the headless browser that checks the HTML report; apt-get install chromium)")
+    found = chromium()
+    if found is None:
+        pytest.skip(NO_BROWSER)
+    return found
 
 
 def test_the_html_report_in_a_headless_browser(html_report: Path, tmp_path: Path) -> None:

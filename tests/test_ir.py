@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from lowrank_ir import Graph, GraphError, Node, Op, Value, load_graph, save_graph, verify
+from lowrank_ir import Graph, GraphError, Node, Op, Value, conv_pads, load_graph, save_graph, verify
 
 
 @pytest.fixture
@@ -84,6 +84,25 @@ def test_conv_groups_must_divide_channels(rng: np.random.Generator) -> None:
     graph.node("conv").attrs["groups"] = 4
     with pytest.raises(GraphError, match="groups=4 must divide.*out_channels=6"):
         verify(graph)
+
+
+@pytest.mark.parametrize(("padding", "sizes", "stride", "dilation", "expected"), [
+    ((1, 2), (7, 7), (1, 1), (1, 1), ([1, 2], [1, 2])),  # per dimension, both ends
+    ((0, 1, 2, 3), (7, 7), (1, 1), (1, 1), ([0, 1], [2, 3])),  # ONNX pads: begins..., ends...
+    ("valid", (7, 7), (2, 2), (1, 1), ([0, 0], [0, 0])),
+    ("same", (7, 8), (2, 2), (1, 1), ([1, 0], [1, 1])),  # out ceil(size / 2): totals 2 and 1, odd extra at the end
+    ("same_lower", (7, 8), (2, 2), (1, 1), ([1, 1], [1, 0])),  # ... and at the beginning
+    ("same", (5, 5), (1, 1), (2, 2), ([2, 2], [2, 2])),  # total (k - 1) dilation at stride 1
+])
+def test_conv_pads_resolves_every_padding_form(padding, sizes, stride, dilation, expected) -> None:
+    assert conv_pads(padding, sizes, (3, 3), stride, dilation) == expected
+
+
+def test_conv_pads_names_a_form_it_does_not_know() -> None:
+    with pytest.raises(ValueError, match=r"padding 'full' is not 'valid', 'same', 'same_lower'"):
+        conv_pads("full", (5,), (3,), (1,), (1,))
+    with pytest.raises(ValueError, match=r"padding \(1, 2, 3\) has neither 2 .* nor 4"):
+        conv_pads((1, 2, 3), (5, 5), (3, 3), (1, 1), (1, 1))
 
 
 def test_replace_node_keeps_graph_consistent(rng: np.random.Generator) -> None:

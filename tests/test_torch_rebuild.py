@@ -1,6 +1,7 @@
 """Whole-model rebuild of dataflow IR graphs in PyTorch (``backends.torch.from_dataflow``), checked against onnxruntime.
 
-Every comparison uses ``rebuild_cases.relative_error`` (max |got - ref| / max |ref|, integer outputs
+The one-op cases of ``rebuild_cases`` run in ``test_graph_interpreter.py`` (both frameworks). Every
+comparison uses ``rebuild_cases.relative_error`` (max |got - ref| / max |ref|, integer outputs
 exact) with the bound ``rebuild_cases.TOLERANCE`` (1e-4).
 """
 
@@ -22,13 +23,13 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from backends import onnx as onnx_backend  # noqa: E402
 from backends import torch as torch_backend  # noqa: E402
-from backends._torch_graph import OPS, escape_name  # noqa: E402
+from backends._torch_graph import escape_name  # noqa: E402
 from backends.torch import GraphModule, from_dataflow, graph_params  # noqa: E402
 from frontends import onnx as onnx_frontend  # noqa: E402
 from lowrank_ir import Node, Op, Policy, plan, rewrite  # noqa: E402
 from tests import rebuild_cases  # noqa: E402
 from tests.onnx_models import ppocr_feeds, ppocr_file, session  # noqa: E402
-from tests.rebuild_cases import CASES, REQUIRED_OPS, TOLERANCE, relative_error  # noqa: E402
+from tests.rebuild_cases import CASES, TOLERANCE, relative_error  # noqa: E402
 from tests.skips import require  # noqa: E402
 
 pytestmark = [pytest.mark.torch, pytest.mark.usefixtures("one_torch_thread")]
@@ -54,14 +55,6 @@ def ort(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray
 
 # ------------------------------------------------------------------------------------ per-op cases
 
-def test_the_cases_cover_the_required_ops() -> None:
-    covered = {op for item in CASES for op in item.ops}
-    assert REQUIRED_OPS <= covered, sorted(REQUIRED_OPS - covered)
-    assert covered == set(OPS), (sorted(covered - set(OPS)), sorted(set(OPS) - covered))  # every op tested
-    names = [item.name for item in CASES]
-    assert len(names) == len(set(names))
-
-
 def test_the_cases_exercise_every_layer_form() -> None:
     forms = set()
     for item in CASES:
@@ -79,12 +72,6 @@ def test_the_cases_exercise_every_layer_form() -> None:
     assert forms >= {("Conv", 1), ("Conv", 2), ("Conv", "same"), ("Conv", "same_lower"), ("Conv", "valid"),
                      ("Conv", "1-D"), ("Conv", "2-D"), ("Conv", "3-D"), ("Conv", "groups"), ("MatMul", "left"),
                      ("MatMul", "right"), ("MatMul", "bias"), ("Linear", "alpha"), ("Embedding", "plain")}
-
-
-@pytest.mark.parametrize("case", CASES, ids=[item.name for item in CASES])
-def test_case_agrees_with_onnxruntime(case: rebuild_cases.Case) -> None:
-    module = from_dataflow(onnx_frontend.lower(case.model))
-    assert_agree(run(module, case.feeds), rebuild_cases.reference(case))
 
 
 @pytest.mark.parametrize("where", [0, 1])
@@ -443,12 +430,12 @@ def test_the_backend_reexports_the_builder() -> None:
 # -------------------------------------------------------------------------------------- bad input
 
 def test_an_unsupported_op_is_a_clear_error_listing_it() -> None:
-    nodes = [helper.make_node("Hardmax", ["x"], ["h"], name="hard"),
+    nodes = [helper.make_node("Det", ["x"], ["h"], name="det"),
              helper.make_node("LpNormalization", ["h"], ["y"], name="norm")]
     graph_proto = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
                                     [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])])
     model = helper.make_model(graph_proto, opset_imports=[helper.make_opsetid("", 13)])
-    with pytest.raises(ValueError, match=r"cannot rebuild: Hardmax \(e.g. node 'hard', 1 node\(s\)\); "
+    with pytest.raises(ValueError, match=r"cannot rebuild: Det \(e.g. node 'det', 1 node\(s\)\); "
                                          r"LpNormalization \(e.g. node 'norm'.*Supported: .*Conv"):
         from_dataflow(onnx_frontend.lower(model))
 
@@ -459,7 +446,7 @@ def test_a_module_tree_graph_is_refused() -> None:
     graph = torch_frontend.lower(torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU()))
     with pytest.raises(ValueError, match="has no dataflow.*export the model to ONNX first"):
         from_dataflow(graph)
-    with pytest.raises(TypeError, match="rebuild takes a lowrank_ir.Graph"):
+    with pytest.raises(TypeError, match="from_dataflow takes a lowrank_ir.Graph"):
         from_dataflow(onnx_frontend.lower(small_net()).nodes)  # type: ignore[arg-type]
 
 

@@ -193,6 +193,7 @@ def run_demo(out: str | None = None, ratio: float = 0.5, framework: str = "torch
 
     from lowrank_ir import Decompose, SafeWriteUmask, count_parameters, write_json
     from lowrank_ir._files import Outputs
+    from lowrank_ir._report import report_document
 
     if framework not in FRAMEWORKS:
         raise ValueError(f"unknown framework {framework!r}; the demo runs with: {', '.join(FRAMEWORKS)}")
@@ -226,8 +227,11 @@ def run_demo(out: str | None = None, ratio: float = 0.5, framework: str = "torch
                   f"   top-1 agreement {figures['top1_agreement']:.1%}", file=stream)
         with SafeWriteUmask():
             native.save(data_aware, stage.path(folder / native.saved))
-        write_json(stage.path(folder / "report.json"), {"ratio": ratio, "framework": native.name, "agreement": rows,
-                                                         **decomposer.report.to_dict()})
+        document = report_document(decomposer.report, spectra=decomposer.spectra(),
+                                   policy={"kind": "ratio", "value": ratio, "divisor": divisor},
+                                   model=f"the demo's small CNN + MLP ({native.name})", framework=native.name,
+                                   data_aware=True, agreement=rows)
+        write_json(stage.path(folder / "report.json"), document)
     print(f"\nsaved {native.saved}, decompose_config.json and report.json in {given}", file=stream)
     print("rebuild it with Decompose(model, config_file=...).from_file()"
           f".decompose_network(do_decompose_weight=False), {native.recipe}", file=stream)
