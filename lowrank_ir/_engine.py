@@ -608,7 +608,7 @@ def _parts_tucker2(node: Node, entry: PlanEntry, graph: Graph, arrays: list[np.n
 
 
 def _cast_for_writing(params: dict[str, np.ndarray], parts: list[Node], node: Node, graph: Graph) -> int:
-    """Cast the parts' float64 factors (and bias) to the layer's dtypes, subnormals flushed; returns the count.
+    """Cast the parts' factors (and bias) to the layer's dtypes, C-contiguous, subnormals flushed; returns the count.
 
     Every value the tool writes for a factorized layer passes through here once: weights take the
     original weight's dtype, the bias the original bias's. Subnormals of that dtype become zero
@@ -619,7 +619,10 @@ def _cast_for_writing(params: dict[str, np.ndarray], parts: list[Node], node: No
     count = 0
     for part in parts:
         for role, name in part.params.items():
-            params[name], flushed = _linalg.flush_subnormals(params[name].astype(dtypes[role], copy=False))
+            # C-contiguous: factors are often transposed views, and a framework given strided weights may
+            # take another kernel path than for the same weights loaded from a checkpoint (different rounding).
+            cast = np.ascontiguousarray(params[name], dtype=dtypes[role])
+            params[name], flushed = _linalg.flush_subnormals(cast)
             count += flushed
     return count
 
