@@ -24,6 +24,7 @@ grid of ranks and interpolated linearly in between).
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -36,11 +37,13 @@ from onnx import ModelProto
 
 from backends.onnx import build, random_feeds
 from frontends.onnx import check_feeds, inferred_shapes, input_specs, measured_shapes, run
-from lowrank_ir import Graph, Node, Op, Policy, Value, plan, rewrite, with_layout
+from lowrank_ir import Graph, Node, Op, Policy, Value, plan, rewrite, with_forms, with_layout
+from lowrank_ir._conv_forms import channel_params, spatial_params
+from lowrank_ir._engine import SPATIAL_SVD, form_rank_limit
 from lowrank_ir._protocols import LatencyMeasurement
 
-__all__ = ["CLOCKS", "GRID_POINTS", "LAYOUT", "LatencyModel", "interleaved_times", "layer_latency", "resolve_clock",
-           "time_run", "timing_session"]
+__all__ = ["CLOCKS", "GRID_POINTS", "LAYOUT", "LatencyModel", "interleaved_calls", "interleaved_times",
+           "layer_latency", "resolve_clock", "time_run", "timing_session"]
 
 logger = logging.getLogger(__name__)
 
@@ -106,14 +109,28 @@ def interleaved_times(sessions: Sequence[Any], feeds: Mapping[str, Any], runs: i
     At least one untimed round runs, so feeds a model cannot take fail before any timing.
     """
     labels = labels or [f"the feeds (model {index + 1})" for index in range(len(sessions))]
-    order = list(range(len(sessions)))
+    calls = [functools.partial(run, sess, feeds, where=label) for sess, label in zip(sessions, labels, strict=True)]
+    return interleaved_calls(calls, runs, warmup, clock)
+
+
+def interleaved_calls(calls: Sequence[Callable[[], Any]], runs: int, warmup: int,
+                      clock: str = "wall") -> list[list[float]]:
+    """Per call (one inference of one model, any runtime), ``runs`` timed calls (ms) in alternating rounds.
+
+    Rounds run every call once, in an order that reverses from one round to the next, after
+    ``max(warmup, 1)`` untimed rounds; ``clock`` is ``wall`` or ``cpu`` (see the module docstring).
+    """
+    now = time.process_time if clock == "cpu" else time.perf_counter
+    order = list(range(len(calls)))
     for _ in range(max(warmup, 1)):
         for index in order:
-            time_run(sessions[index], feeds, labels[index])
-    times: list[list[float]] = [[] for _ in sessions]
+            calls[index]()
+    times: list[list[float]] = [[] for _ in calls]
     for round_index in range(runs):
         for index in (order if round_index % 2 == 0 else order[::-1]):
-            times[index].append(time_run(sessions[index], feeds, labels[index], clock))
+            start = now()
+            calls[index]()
+            times[index].append((now() - start) * 1000.0)
     return times
 
 
@@ -136,22 +153,26 @@ def _signature(node: Node, weight: np.ndarray, bias: np.ndarray | None, input_sh
 
 
 def layer_latency(node: Node, weight: np.ndarray, bias: np.ndarray | None, input_shape: Sequence[int],
-                  rank: int | None, threads: int = 1, clock: str = "auto") -> float:
+                  rank: int | None, threads: int = 1, clock: str = "auto", form: str | None = None) -> float:
     """Median latency (ms) of ``node`` on an input of ``input_shape``, whole (``rank`` None) or factorized.
 
     A conv is factorized at Tucker-2 ranks ``(rank, rank)``, written in the compact layout (two 1x1
-    convs for a 1x1 conv); a Linear or MatMul at ``rank``.
+    convs for a 1x1 conv), or in ``form`` (``svd``: channel SVD, ``spatial_svd``) at ``rank``; a Linear
+    or MatMul at ``rank``.
     """
     clock = resolve_clock(clock, threads)
-    key = (*_signature(node, weight, bias, input_shape), rank, threads, clock)
+    key = (*_signature(node, weight, bias, input_shape), rank, form, threads, clock)
     if key in _CACHE:
         return _CACHE[key]
     dtype = str(np.dtype(weight.dtype))
     graph = _standalone(node, weight, bias, input_shape, dtype)
     if rank is not None:
-        spec: int | list[int] = [rank, rank] if node.op is Op.CONV else rank
-        graph = rewrite(graph, with_layout(plan(graph, Policy.config({"layer": spec})), LAYOUT),
-                        weights=False).graph
+        limits = (weight.shape[0], weight.shape[1])
+        spec: int | list[int] = [min(rank, limit) for limit in limits] if node.op is Op.CONV else rank
+        chosen = with_layout(plan(graph, Policy.config({"layer": spec})), LAYOUT)
+        if form is not None:
+            chosen = with_forms(chosen, {"layer": (form, rank)})
+        graph = rewrite(graph, chosen, weights=False).graph
     model = build(graph, check=False)
     sess = timing_session(model, threads)
     feeds = {"x": np.ones(tuple(int(dim) for dim in input_shape), dtype=dtype)}
@@ -175,11 +196,14 @@ def _grid(max_rank: int, divisor: int, useful: int) -> list[int]:
     return sorted(point for point in points if point <= max_rank)
 
 
-def _interpolated(points: Sequence[tuple[int, float]]) -> Callable[[int], float]:
+def _interpolated(points: Sequence[tuple[int, float]], limit: int) -> Callable[[int], float]:
+    """Linear interpolation of measured ``(rank, ms)`` points; infinite past ``limit``."""
     ranks = np.array([rank for rank, _ in points], dtype=np.float64)
     values = np.array([value for _, value in points], dtype=np.float64)
 
     def cost(rank: int) -> float:
+        if rank > limit:
+            return math.inf
         if rank > ranks[-1]:  # beyond the grid: the last measured slope
             slope = (values[-1] - values[-2]) / (ranks[-1] - ranks[-2]) if len(ranks) > 1 else 0.0
             return float(values[-1] + slope * (rank - ranks[-1]))
@@ -246,18 +270,29 @@ class LatencyModel:
             return "its input shape is unknown at these input shapes"
         return ""
 
-    def layer_ms(self, node: Node, rank: int | None = None) -> float:
+    def layer_ms(self, node: Node, rank: int | None = None, form: str | None = None) -> float:
         """``node``'s median latency (ms), whole or factorized at ``rank`` (see :func:`layer_latency`)."""
         weight = self.graph.param(node, "weight")
         assert weight is not None
         shape = self.input_shape(node)
         assert shape is not None
-        return layer_latency(node, weight, self.graph.param(node, "bias"), shape, rank, self.threads, self.clock)
+        return layer_latency(node, weight, self.graph.param(node, "bias"), shape, rank, self.threads, self.clock,
+                             form)
 
-    def cost(self, node: Node, max_rank: int, divisor: int) -> Callable[[int], float]:
+    def forms(self, node: Node) -> list[str]:
+        """The two-factor forms ``node`` may take besides its main one: a k x k conv's (``svd``, ``spatial_svd``)."""
+        weight = self.graph.param(node, "weight")
+        if node.op is not Op.CONV or weight is None or math.prod(weight.shape[2:]) == 1:
+            return []
+        return ["svd", SPATIAL_SVD] if weight.ndim == 4 else ["svd"]
+
+    def cost(self, node: Node, max_rank: int, divisor: int, form: str | None = None) -> Callable[[int], float]:
         """``rank -> latency (ms)`` of ``node`` factorized: measured on a grid of ranks, interpolated between.
 
-        The grid reaches the rank whose parameters equal the layer's (past it no form is cheaper).
+        The main form (``form`` None: Tucker-2 for a conv, SVD for a matrix) or a conv's ``form``. The
+        grid reaches the rank whose parameters equal the layer's; past it the cost is infinite (a form
+        with more parameters than the layer is not a decomposition, even where a micro-graph times it
+        faster).
         ``ValueError`` when no multiple of ``divisor`` is a possible rank (at most ``max_rank``).
         """
         weight = self.graph.param(node, "weight")
@@ -266,12 +301,21 @@ class LatencyModel:
         if node.op is Op.MATMUL:
             inp, out = out, inp
         square = taps > 1  # Tucker-2 (r, r): r·in + r²·taps + r·out
-        useful = next((rank for rank in range(1, max_rank + 1)
-                       if rank * (inp + out) + (rank * rank * taps if square else 0) >= out * inp * taps), max_rank)
+
+        def params(rank: int) -> int:
+            if form == SPATIAL_SVD:
+                return spatial_params(weight.shape, rank)
+            if form is not None:
+                return channel_params(weight.shape, rank)
+            return rank * (inp + out) + (rank * rank * taps if square else 0)
+
+        if form is not None:
+            max_rank = form_rank_limit(node.op, weight.shape, form)
+        useful = next((rank for rank in range(1, max_rank + 1) if params(rank) >= out * inp * taps), max_rank)
         ranks = _grid(max_rank, divisor, useful)
         if not ranks:
             raise ValueError(f"layer {node.name!r} has no rank that is a multiple of {divisor} (largest {max_rank})")
-        return _interpolated([(rank, self.layer_ms(node, rank)) for rank in ranks])
+        return _interpolated([(rank, self.layer_ms(node, rank, form)) for rank in ranks], max(useful, ranks[-1]))
 
 
 if TYPE_CHECKING:  # the registry hands this module out as a LatencyMeasurement: mypy checks that it is one

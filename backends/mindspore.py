@@ -195,10 +195,12 @@ def _replace(cells: dict[str, nn.Cell], path: str, new: nn.Cell) -> None:
         setattr(parent, child, new)
 
 
-def build(graph: Graph, like: nn.Cell, weights: bool = True) -> nn.Cell:
+def build(graph: Graph, like: nn.Cell, weights: bool = True, *, take_arrays: bool = False) -> nn.Cell:
     """A copy of ``like`` with the layers ``graph`` factorized replaced by ``nn.SequentialCell`` chains.
 
-    With ``weights=False`` the new layers keep their initialisation (structure only).
+    With ``weights=False`` the new layers keep their initialisation (structure only). ``take_arrays`` is
+    the PyTorch backend's option (the new weights use the graph's arrays' memory); MindSpore parameters
+    always copy them, so it changes nothing here.
     """
     if not isinstance(like, nn.Cell):
         raise TypeError(f"like must be the mindspore.nn.Cell the graph was lowered from, got {type(like).__name__}")

@@ -561,13 +561,15 @@ def _fails_check(model: ModelProto) -> bool:
     return False
 
 
-def build(graph: Graph, like: ModelSource | None = None, weights: bool = True, *, check: bool = True) -> ModelProto:
+def build(graph: Graph, like: ModelSource | None = None, weights: bool = True, *, take_arrays: bool = False,
+          check: bool = True) -> ModelProto:
     """An ONNX model from ``graph``: unchanged nodes exactly as in ``like``, factorized layers as parts.
 
     ``like`` is the model ``graph`` was lowered from (its unchanged constants are copied from it, so
     their storage stays as it was); without it every constant is written from the graph's arrays.
     ``weights=False`` graphs (structure only) are written with their zero placeholders. ``check``
-    runs ``onnx.checker`` with the full check (shape inference included).
+    runs ``onnx.checker`` with the full check (shape inference included). ``take_arrays`` is the
+    PyTorch backend's option; initializers are always written as copies, so it changes nothing here.
     """
     verify(graph)
     original = None if like is None else as_model(like)

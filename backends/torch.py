@@ -1,7 +1,8 @@
 """PyTorch backend: layer IR -> native ``nn.Module`` and state dict.
 
-Mirrors ``frontends/torch.py``. ``build(graph, like=model)`` returns a deep copy of ``model`` in which
-every layer the engine factorized is an ``nn.Sequential`` of its parts, so the state-dict keys are
+Mirrors ``frontends/torch.py``. ``build(graph, like=model)`` returns a deep copy of ``model`` (the
+layers it replaces are not copied) in which every layer the engine factorized is an ``nn.Sequential``
+of its parts, so the state-dict keys are
 ``fc.0.weight``, ``fc.1.weight``, ``fc.1.bias``, ``conv.0.weight`` ... The new weights take the
 replaced layer's dtype and device, and its ``requires_grad`` and training mode. ``like`` is not changed.
 
@@ -132,37 +133,89 @@ def _fill(module: nn.Module, node: Node, graph: Graph, like: torch.Tensor) -> No
             target.copy_(_tensor(array, like))
 
 
-def build(graph: Graph, like: nn.Module, weights: bool = True) -> nn.Module:
+def _taken(array: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+    """``array`` as a tensor of ``like``'s dtype and device, sharing its memory where it can.
+
+    Only a writable, C-contiguous float array already of ``like``'s dtype and device is shared. The
+    graph's arrays that share a user's model's memory are read-only views (``frontends/torch.py``):
+    they are always copied.
+    """
+    if not (array.flags.writeable and array.flags.c_contiguous and array.dtype.kind == "f"):
+        return _tensor(array, like)
+    tensor = torch.from_numpy(array)
+    if tensor.dtype != like.dtype or tensor.device != like.device:
+        return tensor.to(dtype=like.dtype, device=like.device)
+    return tensor
+
+
+def _filled_layer(node: Node, graph: Graph, like: torch.Tensor, take_arrays: bool) -> nn.Module:
+    """The layer for ``node`` holding the graph's arrays (copies, or with ``take_arrays`` the arrays' memory).
+
+    It is built on the meta device: no weight is allocated or initialised only to be replaced.
+    """
+    with torch.device("meta"):
+        layer = build_layer(node, graph)
+    for role, param_name in node.params.items():
+        array = graph.params[param_name]
+        expected = tuple(getattr(layer, role).shape)
+        if expected != tuple(array.shape):
+            raise ValueError(f"node {node.name!r}: {role} {param_name!r} has shape {tuple(array.shape)}, the "
+                             f"module expects {expected}")
+        tensor = _taken(array, like) if take_arrays else _tensor(array, like)
+        setattr(layer, role, nn.Parameter(tensor, requires_grad=like.requires_grad))
+    stale = [name for name, tensor in layer.named_parameters() if tensor.is_meta]
+    stale += [name for name, tensor in layer.named_buffers() if tensor.is_meta]
+    if stale:
+        raise ValueError(f"node {node.name!r}: the graph gives no array for {stale}")
+    return layer
+
+
+def _chain(original: str, old: nn.Module, part_names: list[str], graph: Graph, weights: bool,
+           take_arrays: bool) -> nn.Sequential:
+    """The ``nn.Sequential`` of ``original``'s parts, in the replaced layer's dtype, device and modes."""
+    reference = getattr(old, "weight", None)
+    if not isinstance(reference, torch.Tensor):
+        raise ValueError(f"{original!r} ({type(old).__name__}) has no weight tensor to take dtype/device from")
+    chain = nn.Sequential()
+    for part_name in part_names:
+        node = graph.node(part_name)
+        if weights:
+            layer = _filled_layer(node, graph, reference, take_arrays)
+        else:
+            layer = build_layer(node, graph).to(device=reference.device, dtype=reference.dtype)
+        chain.append(layer)
+    chain.train(old.training)
+    chain.requires_grad_(reference.requires_grad)
+    return chain
+
+
+def build(graph: Graph, like: nn.Module, weights: bool = True, *, take_arrays: bool = False) -> nn.Module:
     """A copy of ``like`` with the layers ``graph`` factorized replaced by ``nn.Sequential`` chains.
 
     With ``weights=False`` the new layers keep their initialisation (structure only).
+
+    Memory: the replaced layers are never copied (their chains stand in for them during the copy).
+    With ``take_arrays`` the new weights use the memory of the graph's factor arrays where dtype and
+    device allow (no copy): the graph must not be used afterwards, since its arrays then change with
+    the model's weights (``Decompose`` passes its own graph, which nothing else sees). Everything taken
+    from ``like`` is a copy: the returned model shares no tensor with it, so training the returned
+    model never changes ``like``.
     """
     if not isinstance(like, nn.Module):
         raise TypeError(f"like must be the torch.nn.Module the graph was lowered from, got {type(like).__name__}")
     factorized: dict[str, list[str]] = graph.meta.get("factorized", {})
-    model = copy.deepcopy(like)
+    chains: dict[str, nn.Sequential] = {}
     for original, part_names in factorized.items():
         try:
-            old = model.get_submodule(original)
+            old = like.get_submodule(original)
         except AttributeError as err:
             raise ValueError(f"the graph factorized {original!r}, which the model does not have") from err
-        reference = getattr(old, "weight", None)
-        if not isinstance(reference, torch.Tensor):
-            raise ValueError(f"{original!r} ({type(old).__name__}) has no weight tensor to take dtype/device from")
-        chain = nn.Sequential()
-        for part_name in part_names:
-            node = graph.node(part_name)
-            layer = build_layer(node, graph).to(device=reference.device, dtype=reference.dtype)
-            if weights:
-                _fill(layer, node, graph, reference)
-            chain.append(layer)
-        chain.train(old.training)
-        chain.requires_grad_(reference.requires_grad)
-        if not original:  # the model itself is the layer
-            return chain
-        parent_name, _, child = original.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, chain)
-    return model
+        chains[original] = _chain(original, old, part_names, graph, weights, take_arrays)
+    if "" in chains:  # the model itself is the layer
+        return chains[""]
+    # deepcopy's memo maps each replaced layer to its chain: the copy takes the chain in its place.
+    memo: dict[int, Any] = {id(like.get_submodule(original)): chain for original, chain in chains.items()}
+    return copy.deepcopy(like, memo)
 
 
 def load_layers(model: nn.Module, graph: Graph, names: list[str]) -> None:

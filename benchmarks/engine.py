@@ -1,6 +1,6 @@
 """Engine speed and memory against the reference tool, side by side in one process.
 
-Run:  python -m benchmarks.engine [--cases resnet50-ratio,resnet50-vbmf,minilm,llama,checkpoint]
+Run:  python -m benchmarks.engine [--cases resnet50-ratio,resnet50-vbmf,minilm,llama,checkpoint,nproc]
                                   [--repeat 1] [--threads N] [--no-reference] [--load N]
                                   [--linalg auto|numpy|torch]
 
@@ -18,13 +18,20 @@ before its clock starts):
   transformers ``LlamaForCausalLM`` checkpoint folder
   (vocabulary 1024, float32, ``save_pretrained(max_shard_size="200MB")``), decomposed by
   ``lowrank decompose MODEL_DIR -o OUT_DIR --ratio 0.5`` in a fresh process (ours only: the reference
-  has no such path). Its peak RSS (sampled every 2 ms) above the process's RSS before the call (after
+  has no such path). Its peak RSS above the process's RSS before the call (after
   importing the model class and scipy) is set against the bound "largest input shard + 3 x the
   largest layer's weight in float64".
+* ``nproc``: the same checkpoint folder decomposed by ``lowrank decompose --threads 1`` with ``--nproc 2``
+  against ``--nproc 1`` (whole commands, torchrun's start included): the throughput ratio, whether the
+  outputs are the same bytes, how evenly the layers' estimated cost was split, and the seconds of
+  the command when no layer is factorized (start-up, reading and writing: what more processes don't
+  shorten).
 
 Each row gives the seconds of the whole ``decompose_network`` call (ranks chosen beforehand, as a
-user calls it), the peak resident memory above the process's at the call's start (sampled every
-5 ms) as a multiple of the model's parameter bytes, whether both tools chose the same ranks, and the
+user calls it), the peak resident memory above the process's at the call's start (the kernel's
+high-water mark, reset at the start) as a multiple of the model's parameter bytes, and beside ours the
+bound it should stay under (the decomposed model's own bytes + 3 x the largest decomposed layer's
+weight in float64), whether both tools chose the same ranks, and the
 mean relative reconstruction error ``||W - W'|| / ||W||`` of the decomposed layers for each tool. With
 ``--repeat`` the runs are interleaved (ours, reference, ours, ...) and the best time is kept, so load
 from other jobs falls on both alike; read the ratio. BLAS and torch use ``--threads`` threads (default:
@@ -41,6 +48,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import math
 import os
 import sys
 import threading
@@ -58,7 +66,12 @@ if str(ROOT) not in sys.path:
 
 
 class PeakRSS:
-    """Samples this process's resident memory in a thread; ``peak`` is the largest value seen (bytes)."""
+    """This process's peak resident memory over a ``with`` block (bytes): ``start``, ``peak``, ``extra``.
+
+    On Linux the kernel's high-water mark is reset at the start (``/proc/self/clear_refs``) and read at
+    the end (``VmHWM``), so no peak is missed; a thread also samples the RSS every ``interval`` seconds
+    (the only measure where the high-water mark cannot be reset).
+    """
 
     def __init__(self, interval: float = 0.005) -> None:
         import psutil
@@ -67,6 +80,7 @@ class PeakRSS:
         self._interval = interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._high_water = False
         self.start = 0
         self.peak = 0
 
@@ -76,6 +90,11 @@ class PeakRSS:
             time.sleep(self._interval)
 
     def __enter__(self) -> PeakRSS:
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            self._high_water = high_water_mark() is not None
+        except OSError:
+            self._high_water = False
         self.start = self.peak = self._process.memory_info().rss
         self._thread.start()
         return self
@@ -84,10 +103,35 @@ class PeakRSS:
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, self._process.memory_info().rss)
+        if self._high_water:
+            self.peak = max(self.peak, high_water_mark() or 0)
 
     @property
     def extra(self) -> int:
         return self.peak - self.start
+
+
+def high_water_mark() -> int | None:
+    """This process's peak resident memory (``VmHWM``, bytes) as the kernel counts it; None off Linux."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def memory_bound(model: Any, decomposed: Any, config: dict[str, Any]) -> int:
+    """Bytes: the decomposed model's own tensors + 3 x the largest decomposed layer's weight in float64.
+
+    What an in-memory decomposition may hold above the loaded model: the new model, and the workspace of
+    the layers in flight (a weight's float64 blocks, Gram matrix and factors).
+    """
+    own = sum(tensor.numel() * tensor.element_size()
+              for tensor in [*decomposed.parameters(), *decomposed.buffers()])
+    largest = max(model.get_submodule(name).weight.numel() for name in config)
+    return own + 3 * largest * 8
 
 
 @dataclass
@@ -96,6 +140,7 @@ class Run:
     extra_bytes: int
     config: dict[str, Any]
     error: float
+    bound_bytes: int
 
 
 @dataclass
@@ -185,9 +230,10 @@ def _run(decompose: Any, model: Any, case: Case, mutates: bool) -> Run:
         result = decomposer.decompose_network()
         seconds = time.perf_counter() - start
     error = _mean_error(model.state_dict(), result.state_dict(), config)
+    bound = memory_bound(model, result, config)
     del result, decomposer, work
     gc.collect()
-    return Run(seconds, memory.extra, config, error)
+    return Run(seconds, memory.extra, config, error, bound)
 
 
 _STREAM_CHILD = """
@@ -239,25 +285,31 @@ class BusyLoad:
             process.join()
 
 
-def checkpoint_row(blocks: int = 2, hidden: int = 2048, mlp: int = 5504) -> str:
-    """Write the Llama-shaped checkpoint, stream it through a fresh process, report its peak RSS."""
-    import json
-    import subprocess
-    import tempfile
-
+def _llama_checkpoint(folder: Path, blocks: int, hidden: int, mlp: int) -> int:
+    """Write the Llama-shaped ``LlamaForCausalLM`` checkpoint folder (shards of 200 MB); its parameter bytes."""
     import torch
     import transformers
 
     config = transformers.LlamaConfig(vocab_size=1024, hidden_size=hidden, intermediate_size=mlp,
                                       num_hidden_layers=blocks, num_attention_heads=16, num_key_value_heads=16,
                                       tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    model.save_pretrained(folder, max_shard_size="200MB")
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    del model
+    gc.collect()
+    return model_bytes
+
+
+def checkpoint_row(blocks: int = 2, hidden: int = 2048, mlp: int = 5504) -> str:
+    """Write the Llama-shaped checkpoint, stream it through a fresh process, report its peak RSS."""
+    import json
+    import subprocess
+    import tempfile
+
     with tempfile.TemporaryDirectory(prefix="lowrank-bench-") as tmp:
-        torch.manual_seed(0)
-        model = transformers.LlamaForCausalLM(config)
-        model.save_pretrained(Path(tmp) / "src", max_shard_size="200MB")
-        model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        del model
-        gc.collect()
+        model_bytes = _llama_checkpoint(Path(tmp) / "src", blocks, hidden, mlp)
         (Path(tmp) / "out").mkdir()
         code = _STREAM_CHILD.format(root=str(ROOT), source=str(Path(tmp) / "src"), target=str(Path(tmp) / "out"))
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -273,9 +325,66 @@ def checkpoint_row(blocks: int = 2, hidden: int = 2048, mlp: int = 5504) -> str:
             f"{'within' if extra <= bound else 'ABOVE'}")
 
 
+def nproc_row(repeat: int = 1, blocks: int = 2, hidden: int = 2048, mlp: int = 5504) -> str:
+    """``lowrank decompose --threads 1`` on the Llama-shaped checkpoint with ``--nproc 2`` against ``--nproc 1``.
+
+    Each run is the whole command in a fresh process (torchrun's start included); runs alternate (1, 2,
+    1, 2, ...) and the best of ``repeat`` is kept for each. The outputs must be the same bytes. Also given:
+    the split's balance (the largest process's share of the estimated cost: 0.5 is a perfect split of two)
+    and the seconds of the command on a folder whose layers are all excluded (start-up, reading the
+    model class, copying the shards: what does not shrink with more processes).
+    """
+    import json
+    import resource
+    import subprocess
+    import tempfile
+
+    from backends.safetensors import layer_cost, split_by_cost
+    from frontends.safetensors import linear_layers, open_checkpoint
+
+    cpu = {1: math.inf, 2: math.inf}
+
+    def command(source: Path, target: Path, nproc: int, *policy: str) -> float:
+        argv = [sys.executable, "-m", "tools.cli", "decompose", str(source), "-o", str(target),
+                *(policy or ("--ratio", "0.5")), "--threads", "1", "--nproc", str(nproc)]
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        start = time.perf_counter()
+        subprocess.run(argv, capture_output=True, text=True, check=True, cwd=ROOT)
+        seconds = time.perf_counter() - start
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        if not policy:
+            used = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+            cpu[nproc] = min(cpu[nproc], used)
+        return seconds
+
+    with tempfile.TemporaryDirectory(prefix="lowrank-bench-") as tmp:
+        source = Path(tmp) / "src"
+        _llama_checkpoint(source, blocks, hidden, mlp)
+        checkpoint = open_checkpoint(source)
+        nodes = linear_layers(checkpoint)
+        costs = {name: layer_cost(checkpoint.tensors[node.params["weight"]].shape) for name, node in nodes.items()}
+        owner = split_by_cost(costs, 2)
+        largest = max(sum(cost for name, cost in costs.items() if owner[name] == rank) for rank in range(2))
+        best = {1: math.inf, 2: math.inf}
+        for attempt in range(repeat):
+            for nproc in (1, 2):
+                best[nproc] = min(best[nproc], command(source, Path(tmp) / f"out{nproc}-{attempt}", nproc))
+        one, two = Path(tmp) / "out1-0", Path(tmp) / "out2-0"
+        same = sorted(path.name for path in one.iterdir()) == sorted(path.name for path in two.iterdir()) and all(
+            (two / path.name).read_bytes() == path.read_bytes() for path in one.iterdir())
+        rules = Path(tmp) / "none.json"
+        rules.write_text(json.dumps({"^$": 1}))  # matches no layer: everything but the factorizations
+        fixed = command(source, Path(tmp) / "fixed", 1, "--dict", str(rules))
+    return (f"--threads 1 on the checkpoint folder ({len(nodes)} layers): --nproc 1 {best[1]:.1f} s, --nproc 2 "
+            f"{best[2]:.1f} s, throughput x{best[1] / best[2]:.2f} (CPU time of all processes: {cpu[1]:.1f} s and "
+            f"{cpu[2]:.1f} s); output {'identical' if same else 'DIFFERS'}; "
+            f"largest process's share of the estimated cost {largest / sum(costs.values()):.3f}; "
+            f"the command without factorizations (start-up, reading, writing) {fixed:.1f} s")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    choices = [*CASES, "checkpoint"]
+    choices = [*CASES, "checkpoint", "nproc"]
     parser.add_argument("--cases", default=",".join(choices), help=f"comma-separated, of {', '.join(choices)}")
     parser.add_argument("--repeat", type=int, default=1, help="interleaved runs per tool; the best is kept")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="BLAS/torch threads")
@@ -313,13 +422,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"lowrank-ir {lowrank_ir.__version__}; {os.cpu_count()} cores, {args.threads} threads; "
           f"{args.load} busy processes beside; linalg {args.linalg}; "
           f"load average {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
-    header = (f"{'case':<52} {'ours s':>8} {'ref s':>8} {'ref/ours':>8} {'ours mem':>9} {'ref mem':>8} "
+    header = (f"{'case':<52} {'ours s':>8} {'ref s':>8} {'ref/ours':>8} {'ours mem':>9} {'bound':>6} {'ref mem':>8} "
               f"{'ranks':>6} {'ours err':>9} {'ref err':>8}")
     print(header)
     with threadpool_limits(limits=args.threads, user_api="blas"), BusyLoad(args.load), linalg_backend(args.linalg):
         for name in names:
             if name == "checkpoint":
                 print(checkpoint_row(), flush=True)
+                continue
+            if name == "nproc":
+                print(nproc_row(args.repeat), flush=True)
                 continue
             case = CASES[name]
             model = case.build()
@@ -337,14 +449,17 @@ def main(argv: list[str] | None = None) -> int:
             if ref is not None:
                 same = "same" if _as_lists(ref.config) == _as_lists(ours.config) else "DIFFER"
                 line += (f"{ref.seconds:8.2f} {ref.seconds / ours.seconds:7.2f}x "
-                         f"{ours.extra_bytes / model_bytes:8.2f}x {ref.extra_bytes / model_bytes:7.2f}x "
+                         f"{ours.extra_bytes / model_bytes:8.2f}x {ours.bound_bytes / model_bytes:5.2f}x "
+                         f"{ref.extra_bytes / model_bytes:7.2f}x "
                          f"{same:>6} {ours.error:9.5f} {ref.error:8.5f}")
             else:
-                line += f"{'-':>8} {'-':>8} {ours.extra_bytes / model_bytes:8.2f}x {'-':>8} {'-':>6} {ours.error:9.5f}"
+                line += (f"{'-':>8} {'-':>8} {ours.extra_bytes / model_bytes:8.2f}x "
+                         f"{ours.bound_bytes / model_bytes:5.2f}x {'-':>8} {'-':>6} {ours.error:9.5f}")
             print(line, flush=True)
             del model
             gc.collect()
-    print(f"model size: parameter bytes; memory: peak RSS above the call's start, x model size. "
+    print(f"model size: parameter bytes; memory: peak RSS above the call's start, x model size; bound: the "
+          f"decomposed model's own bytes + 3 x its largest decomposed layer's weight in float64. "
           f"load average after: {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
     return 0
 

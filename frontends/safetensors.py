@@ -25,16 +25,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from frontends.torch import lock_reasons, lowering_for, read_only_array
+from frontends.torch import lock_reasons, lowering_for, read_only_array, transposed_weights
 from lowrank_ir._ir import Graph, Node, Op, verify
 
-__all__ = ["INDEX_FILE", "SINGLE_FILE", "Checkpoint", "TensorInfo", "is_checkpoint_dir", "layer_graph",
-           "linear_layers", "model_class", "open_checkpoint", "read_header", "skeleton"]
+__all__ = ["INDEX_FILE", "SINGLE_FILE", "STORED_TRANSPOSED", "Checkpoint", "TensorInfo", "is_checkpoint_dir",
+           "layer_graph", "linear_layers", "model_class", "open_checkpoint", "read_header", "skeleton"]
 
 logger = logging.getLogger(__name__)
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+
+#: Node attribute of a Linear layer whose checkpoint tensor is its weight transposed (``[in, out]``, as
+#: transformers' ``Conv1D`` stores it): :func:`layer_graph` gives the engine the ``[out, in]`` view.
+STORED_TRANSPOSED = "stored_transposed"
 
 
 def is_checkpoint_dir(path: str | Path) -> bool:
@@ -180,25 +184,35 @@ def _meta_model(config: dict[str, Any], folder: Path) -> nn.Module:
 def linear_layers(checkpoint: Checkpoint) -> dict[str, Node]:
     """The checkpoint's Linear layers as IR nodes (``locked`` where the torch frontend would keep them).
 
+    Linear layers are those the torch frontend lowers as ``Linear``: ``nn.Linear`` and transformers'
+    ``Conv1D`` (GPT-2), whose tensor holds the weight transposed (the node has :data:`STORED_TRANSPOSED`).
     Only layers whose weight the checkpoint stores are listed (a tied ``lm_head`` usually is not).
     """
     model = _meta_model(checkpoint.config, checkpoint.folder)
     locks = lock_reasons(model)
+    transposed = set(transposed_weights(model))
     nodes: dict[str, Node] = {}
     for name, module in model.named_modules():
         found = lowering_for(module)
-        if found is None or not isinstance(module, nn.Linear):
+        if found is None:
             continue
         node = found[1](name, module)
+        if node.op is not Op.LINEAR:
+            continue
         node.attrs["module_type"] = type(module).__qualname__
         if name in locks:
             node.attrs["locked"] = locks[name]
         info = checkpoint.tensors.get(node.params["weight"])
         if info is None:
             continue
-        if info.shape != (module.out_features, module.in_features):
+        stored = (node.attrs["out_features"], node.attrs["in_features"])
+        if info.name in transposed:
+            node.attrs[STORED_TRANSPOSED] = True
+            stored = stored[::-1]
+        if info.shape != stored:
             raise ValueError(f"checkpoint tensor {info.name!r} has shape {list(info.shape)}, but layer {name!r} "
-                             f"of {type(model).__name__} is Linear({module.in_features}, {module.out_features})")
+                             f"of {type(model).__name__} ({type(module).__name__}, in {node.attrs['in_features']}, "
+                             f"out {node.attrs['out_features']}) stores shape {list(stored)}")
         if "bias" in node.params and node.params["bias"] not in checkpoint.tensors:
             raise ValueError(f"layer {name!r} has a bias that the checkpoint does not store "
                              f"({node.params['bias']!r})")
@@ -213,13 +227,18 @@ def layer_graph(checkpoint: Checkpoint, node: Node) -> Graph:
     """A one-layer graph holding ``node`` with its weight and bias read from the checkpoint.
 
     Arrays are read-only numpy views of the tensors (bfloat16 and other dtypes numpy lacks: float32
-    copies); ``meta["tensors"]`` keeps the tensors themselves (param name -> tensor), so that what is
-    written back unchanged keeps its exact bits and dtype.
+    copies), a :data:`STORED_TRANSPOSED` weight as its ``[out, in]`` view (named in
+    ``meta["transposed_params"]``, as the torch frontend does); ``meta["tensors"]`` keeps the tensors
+    themselves (param name -> tensor), so that what is written back unchanged keeps its exact bits and dtype.
     """
     tensors = {param: checkpoint.read(param) for param in node.params.values()}
     params = {param: read_only_array(tensor) for param, tensor in tensors.items()}
-    graph = Graph([Node(node.op, node.name, dict(node.attrs), dict(node.params))], params,
-                  meta={"source": "safetensors", "tensors": tensors})
+    meta: dict[str, Any] = {"source": "safetensors", "tensors": tensors}
+    if node.attrs.get(STORED_TRANSPOSED):
+        weight = node.params["weight"]
+        params[weight] = params[weight].T
+        meta["transposed_params"] = [weight]
+    graph = Graph([Node(node.op, node.name, dict(node.attrs), dict(node.params))], params, meta=meta)
     verify(graph)
     return graph
 
@@ -229,6 +248,9 @@ def skeleton(nodes: dict[str, Node], checkpoint: Checkpoint) -> Graph:
     params: dict[str, np.ndarray] = {}
     for node in nodes.values():
         for param in node.params.values():
-            params[param] = np.broadcast_to(np.zeros((), np.float32), checkpoint.tensors[param].shape)
+            shape = checkpoint.tensors[param].shape
+            if node.attrs.get(STORED_TRANSPOSED) and param == node.params["weight"]:
+                shape = shape[::-1]
+            params[param] = np.broadcast_to(np.zeros((), np.float32), shape)
     return Graph([Node(Op.LINEAR, n.name, dict(n.attrs), dict(n.params)) for n in nodes.values()], params,
                  meta={"source": "safetensors"})

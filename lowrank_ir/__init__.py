@@ -8,7 +8,18 @@ by the frontends and backends when a model of theirs is handed in.
 from lowrank_ir._api import Decompose, count_parameters
 from lowrank_ir._backend import LINALG_BACKENDS, linalg_backend
 from lowrank_ir._cross import convert, load_converted, parity, save_converted
-from lowrank_ir._engine import LAYOUTS, LayerStats, Plan, PlanEntry, RewriteResult, plan, rewrite, with_layout
+from lowrank_ir._engine import (
+    CONV_FORMS,
+    LAYOUTS,
+    LayerStats,
+    Plan,
+    PlanEntry,
+    RewriteResult,
+    plan,
+    rewrite,
+    with_forms,
+    with_layout,
+)
 from lowrank_ir._files import SafeWriteUmask, atomic_write, write_json
 from lowrank_ir._ir import Graph, GraphError, Node, Op, Value, conv_pads, verify
 from lowrank_ir._logging import set_logger_level
@@ -21,6 +32,7 @@ from lowrank_ir.serde import load_graph, save_graph
 __version__ = "0.1.0"
 
 __all__ = [
+    "CONV_FORMS",
     "LAYOUTS",
     "LINALG_BACKENDS",
     "Decompose",
@@ -57,6 +69,7 @@ __all__ = [
     "save_graph",
     "set_logger_level",
     "verify",
+    "with_forms",
     "with_layout",
     "write_json",
 ]

@@ -21,8 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from lowrank_ir import _budget
+from lowrank_ir import _budget, _conv_forms
 from lowrank_ir._engine import (
+    SPATIAL_SVD,
     LayerStats,
     Plan,
     PlanEntry,
@@ -30,10 +31,12 @@ from lowrank_ir._engine import (
     _matrix_view,
     _why_not_decomposable,
     approximations,
+    form_rank_limit,
     plan,
     rewrite,
     validate_layout,
     warn_unknown_excludes,
+    with_forms,
     with_layout,
 )
 from lowrank_ir._files import check_file_target, read_json, write_json
@@ -46,6 +49,7 @@ from lowrank_ir._policy import (
     validate_divisor,
     validate_excludes,
 )
+from lowrank_ir._protocols import LatencyTimer
 from lowrank_ir._registry import backend_for, frontend_for, latency_for
 from lowrank_ir._report import SPECTRUM_LENGTH, Report, _positions, build_report, spectra
 
@@ -136,6 +140,8 @@ class Decompose:
         self._stats: tuple[int, int, dict[str, LayerStats]] | None = None
         self.sensitivities: dict[str, float] = {}
         self.latency: dict[str, Any] = {}
+        #: Layers the latency budget writes in another two-factor form: name -> (form, rank) (``with_forms``).
+        self.forms: dict[str, tuple[str, int]] = {}
 
     # ------------------------------------------------------------------------------------ choosing ranks
 
@@ -218,7 +224,9 @@ class Decompose:
         latency to reach at ``input_shapes`` (input name -> dims; every dynamic dim) with ``threads``
         intra-op threads. Each candidate layer's latency is measured whole and factorized on a grid of
         ranks (micro-graphs, ``backends.latency``); ranks are allocated to meet the target at the least
-        estimated error (layers whose factorized form is not faster stay whole); then the decomposed
+        estimated error (layers whose factorized form is not faster stay whole; a k x k conv may take
+        Tucker-2, channel SVD or spatial SVD, whichever buys the most error per millisecond, kept in
+        ``self.forms``: ``lowrank_ir._conv_forms``); then the decomposed
         structure is measured whole, interleaved with the original, and the budget moved by the measured
         excess or slack and re-allocated (``LATENCY_ATTEMPTS`` measurements at most); the allocation
         with the least estimated error within the target is kept. A target below the fastest reachable
@@ -287,6 +295,9 @@ class Decompose:
         measuring = latency_for(self.model)
         graph, candidates = self._budget_candidates(excludes, divisor, include, datasets, max_iter, "params",
                                                     estimate, probe_iter, lambda _: target)
+        measured = _check_estimate(estimate, datasets, probe_iter) == "measured"
+        fallback = float(np.median(list(self.sensitivities.values()))) if measured and self.sensitivities else 1.0
+        scales = {cand.name: self.sensitivities.get(cand.name, fallback) if measured else 1.0 for cand in candidates}
         timer = measuring.LatencyModel(self.model, graph, input_shapes, threads)
         timed: list[_budget.Candidate] = []
         untimed: dict[str, str] = {}
@@ -299,7 +310,8 @@ class Decompose:
                 untimed[cand.name] = reason
                 continue
             timed.append(_budget.Candidate(cand.name, cand.errors, timer.cost(node, cand.max_rank, divisor),
-                                           timer.layer_ms(node), cand.max_rank))
+                                           timer.layer_ms(node), cand.max_rank,
+                                           forms=_timed_forms(node, graph, timer, divisor, scales.get(cand.name, 1.0))))
         if not timed:
             raise ValueError(f"no candidate layer of this model can be timed: {untimed}")
         rest = max(timer.model_ms - sum(cand.original_cost for cand in timed), 0.0)
@@ -312,30 +324,30 @@ class Decompose:
                 f"{math.ceil(fastest / timer.model_ms * 100) / 100:.2f} or more")
         layers = {cand.name: cand.original_cost for cand in timed}
         budget = target * timer.model_ms - rest
-        met: tuple[float, dict[str, int | list[int]], float, float, int] | None = None  # least error within target
-        closest: tuple[float, dict[str, int | list[int]], float, float, int] | None = None  # else least latency
-        tried: list[dict[str, int | list[int]]] = []
+        met: tuple[float, dict[str, _budget.Choice], float, float, int] | None = None  # least error within target
+        closest: tuple[float, dict[str, _budget.Choice], float, float, int] | None = None  # else least latency
+        tried: list[tuple[dict[str, int | list[int]], dict[str, tuple[str, int]]]] = []
         for attempt in range(1, LATENCY_ATTEMPTS + 1):
             ranks = _budget.allocate(timed, budget, step, convex=True)
-            config = _config(graph, ranks)
-            if not config or config in tried:
+            config, forms = _config(graph, ranks), _forms(ranks)
+            if not config or (config, forms) in tried:
                 break
-            tried.append(config)
-            structure = rewrite(graph, with_layout(plan(graph, Policy.config(config)), measuring.LAYOUT),
-                                weights=False).graph
+            tried.append((config, forms))
+            structure = rewrite(graph, with_forms(with_layout(plan(graph, Policy.config(config)), measuring.LAYOUT),
+                                                  forms), weights=False).graph
             original_ms, decomposed_ms = timer.compare(backend_for(self.model).build(structure, self.model,
                                                                                      weights=False))
             ratio = decomposed_ms / original_ms
-            error = sum(float(cand.errors[ranks[cand.name]]) for cand in timed if ranks[cand.name])
+            error = sum(cand.chosen(ranks[cand.name])[1] for cand in timed)
             logger.info("latency budget %.3f, attempt %d: measured %.3f (%.2f ms of %.2f ms), estimated error %.4g",
                         target, attempt, ratio, decomposed_ms, original_ms, error)
             if ratio <= target:
                 if met is None or error < met[0]:
-                    met = (error, config, original_ms, decomposed_ms, attempt)
+                    met = (error, ranks, original_ms, decomposed_ms, attempt)
                 if target - ratio < LATENCY_SLACK:
                     break
             elif closest is None or ratio < closest[3] / closest[2]:
-                closest = (error, config, original_ms, decomposed_ms, attempt)
+                closest = (error, ranks, original_ms, decomposed_ms, attempt)
             budget += (target - ratio) * timer.model_ms  # tighten by the excess, or spend what is left
             if budget < fastest - rest:
                 break
@@ -343,12 +355,14 @@ class Decompose:
         if best is None:
             raise ValueError(f"no layer would be decomposed under latency={target}: every candidate is as fast "
                              f"kept whole")
-        _, config, original_ms, decomposed_ms, attempts = best
+        _, ranks, original_ms, decomposed_ms, attempts = best
+        config, forms = _config(graph, ranks), _forms(ranks)
         per_layer = {}
         for cand in timed:
-            rank = config.get(cand.name)
-            after = cand.cost(rank[0] if isinstance(rank, list) else rank) if rank else layers[cand.name]
-            per_layer[cand.name] = {"rank": rank, "before_ms": layers[cand.name], "after_ms": after}
+            choice = ranks[cand.name]
+            form, rank = choice if isinstance(choice, tuple) else (None, config.get(cand.name))
+            per_layer[cand.name] = {"rank": rank, "form": form, "before_ms": layers[cand.name],
+                                    "after_ms": cand.chosen(choice)[0]}
         self.latency = {"target": target, "met": met is not None, "threads": threads, "clock": timer.clock,
                         "input_shapes": timer.input_shapes, "original_ms": original_ms,
                         "decomposed_ms": decomposed_ms, "ratio": decomposed_ms / original_ms, "attempt": attempts,
@@ -356,7 +370,13 @@ class Decompose:
         if met is None:
             logger.warning("latency=%s was not met: the closest allocation measured %.3f", target,
                            decomposed_ms / original_ms)
-        return self._choose_exact(graph, config, candidates, f"budget latency={target}")
+        self._choose_exact(graph, config, candidates, f"budget latency={target}")
+        if forms:
+            assert self.plan is not None
+            self.forms = forms
+            self.plan = with_forms(self.plan, forms)
+            self.report = build_report(graph, self.plan)
+        return self
 
     def _measured(self, graph: Graph, candidates: list[_budget.Candidate], fraction: float, datasets: Any,
                   probe_iter: int) -> list[_budget.Candidate]:
@@ -418,6 +438,7 @@ class Decompose:
         if not config:
             raise ValueError(f"no layer of this {type(self.model).__name__} would be decomposed under {policy}: "
                              f"every candidate is cheaper kept whole")
+        self.forms = {}
         chosen = plan(graph, Policy.config(config))
         for cand in candidates:
             if cand.name not in config:
@@ -441,7 +462,7 @@ class Decompose:
         config = validate_config(config, f"config_file {str(self.config_file)!r}")
         graph = self._lower()
         self.plan = plan(graph, Policy.config(config))
-        self.decompose_config = config
+        self.decompose_config, self.forms = config, {}
         self.report = build_report(graph, self.plan)
         return self
 
@@ -461,7 +482,7 @@ class Decompose:
         if self.config_file is not None:
             write_json(self.config_file, config)
             logger.info("wrote decompose_config to %s", self.config_file)
-        self.plan, self.decompose_config = chosen, config
+        self.plan, self.decompose_config, self.forms = chosen, config, {}
         self.report = build_report(graph, chosen)
         logger.info("%d layers to decompose", len(config))
         return self
@@ -511,8 +532,8 @@ class Decompose:
             raise ValueError("sequential=True needs datasets: it refines each layer on calibration data")
         graph = self._lower()
         backend = backend_for(self.model)
-        chosen = with_layout(_keep_reasons(plan(graph, Policy.config(self.decompose_config)), self.plan),
-                             layout or backend.DEFAULT_LAYOUT)
+        chosen = with_forms(with_layout(_keep_reasons(plan(graph, Policy.config(self.decompose_config)), self.plan),
+                                        layout or backend.DEFAULT_LAYOUT), self.forms)
         stats = None
         names = [entry.name for entry in chosen.decomposed_entries()]
         if datasets is not None and do_decompose_weight:
@@ -524,7 +545,8 @@ class Decompose:
                                                      max_iter=max_iter, names=names, **self._data_options)
         result = rewrite(graph, chosen, stats=stats, weights=do_decompose_weight,
                          progress=progress or self._layers("rewrite"))
-        model = backend.build(result.graph, like=self.model, weights=do_decompose_weight)
+        # The rewritten graph is this call's alone: the new model may take its arrays over without a copy.
+        model = backend.build(result.graph, like=self.model, weights=do_decompose_weight, take_arrays=True)
         errors, flushed = result.errors, result.flushed
         if sequential and do_decompose_weight:
             errors, flushed = self._refine_sequentially(model, graph, chosen, datasets, max_iter, names,
@@ -647,9 +669,51 @@ def _budget_of(target: float, candidates: Sequence[_budget.Candidate]) -> tuple[
     return budget, budget / total
 
 
-def _config(graph: Graph, ranks: Mapping[str, int]) -> dict[str, int | list[int]]:
-    """A ``decompose_config`` from one rank per layer (a conv's Tucker-2 ranks equal); rank 0 leaves a layer out."""
-    return {name: ([rank, rank] if graph.node(name).op is Op.CONV else rank) for name, rank in ranks.items() if rank}
+def _config(graph: Graph, ranks: Mapping[str, _budget.Choice]) -> dict[str, int | list[int]]:
+    """A ``decompose_config`` from one choice per layer (a conv's Tucker-2 ranks equal); rank 0 leaves a layer out.
+
+    A layer given another form (``(form, rank)``, see :func:`_forms`) is in the config at the Tucker-2
+    ranks nearest its rank, a stand-in that ``with_forms`` replaces.
+    """
+    config: dict[str, int | list[int]] = {}
+    for name, choice in ranks.items():
+        rank = choice[1] if isinstance(choice, tuple) else choice
+        if not rank:
+            continue
+        node = graph.node(name)
+        if node.op is Op.CONV:
+            weight = graph.param(node, "weight")
+            assert weight is not None
+            config[name] = [min(rank, weight.shape[0]), min(rank, weight.shape[1])]
+        else:
+            config[name] = rank
+    return config
+
+
+def _timed_forms(node: Node, graph: Graph, timer: LatencyTimer, divisor: int, scale: float,
+                 ) -> dict[str, _budget.Form]:
+    """A k x k conv's other two-factor forms for the latency budget: exact weight-error curves, measured latency.
+
+    The error of channel and spatial SVD at rank r is the tail of the singular values of the form's
+    matrix (``lowrank_ir._conv_forms``), relative to ``||K||²`` like the Tucker-2 estimate, times the
+    layer's sensitivity ``scale`` (1 without data).
+    """
+    weight = graph.param(node, "weight")
+    assert weight is not None
+    forms = {}
+    for form in timer.forms(node):
+        matrix = _conv_forms.spatial_matrix(weight) if form == SPATIAL_SVD else _conv_forms.channel_matrix(weight)
+        limit = form_rank_limit(node.op, weight.shape, form)
+        if limit < divisor:
+            continue
+        errors = _budget.tail_errors(_budget.matrix_spectrum(matrix)) * scale
+        forms[form] = _budget.Form(errors, timer.cost(node, limit, divisor, form), limit)
+    return forms
+
+
+def _forms(ranks: Mapping[str, _budget.Choice]) -> dict[str, tuple[str, int]]:
+    """The layers an allocation gives another form: name -> (form, rank)."""
+    return {name: choice for name, choice in ranks.items() if isinstance(choice, tuple)}
 
 
 def _round_up(rank: int, divisor: int, limit: int) -> int:

@@ -43,8 +43,8 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-__all__ = ["Candidate", "allocate", "calibrate", "energy_rank", "first_elements", "lower_hull", "matrix_spectrum",
-           "probe_rank",
+__all__ = ["Candidate", "Choice", "Form", "allocate", "calibrate", "energy_rank", "first_elements", "lower_hull",
+           "matrix_spectrum", "probe_rank",
            "relative_output_errors", "sensitivities", "tail_errors"]
 
 
@@ -73,11 +73,25 @@ def energy_rank(errors: np.ndarray, keep: float) -> int:
     return max(1, int(reached[0]) if reached.size else len(errors) - 1)
 
 
+#: What the allocator gives a layer: a rank of its main form (0: kept whole), or ``(form, rank)`` of another.
+Choice = int | tuple[str, int]
+
+
+@dataclass(slots=True)
+class Form:
+    """Another form a layer may take instead of its main one: error curve, cost per rank, largest rank."""
+
+    errors: np.ndarray
+    cost: Callable[[int], float]
+    max_rank: int
+
+
 @dataclass(slots=True)
 class Candidate:
     """One layer for the allocator: its error curve, cost per rank, and its cost when kept whole.
 
     ``errors[r]`` is ``e(r)²`` for r = 0 .. max rank; ``cost(r)`` the parameters or FLOPs at rank r.
+    ``forms``: other forms the layer may take (name -> :class:`Form`), whose options are ``(form, rank)``.
     """
 
     name: str
@@ -86,20 +100,35 @@ class Candidate:
     original_cost: float
     max_rank: int
     ranks: list[int] = field(default_factory=list)
+    forms: dict[str, Form] = field(default_factory=dict)
 
-    def options(self, divisor: int) -> list[tuple[int, float, float]]:
-        """(rank, cost, error) for the ranks worth having, cheapest first; rank 0 means "kept whole"."""
-        options = []
-        for rank in range(divisor, self.max_rank + 1, divisor):
-            cost = self.cost(rank)
-            if cost >= self.original_cost:
-                break
-            options.append((rank, cost, float(self.errors[rank])))
+    def options(self, divisor: int) -> list[tuple[Choice, float, float]]:
+        """(choice, cost, error) for the ranks worth having; 0 means "kept whole", and comes last.
+
+        The main form's ranks come first, cheapest first, then each other form's.
+        """
+        options: list[tuple[Choice, float, float]] = []
+        curves: list[tuple[str | None, np.ndarray, Callable[[int], float], int]] = [
+            (None, self.errors, self.cost, self.max_rank),
+            *((name, form.errors, form.cost, form.max_rank) for name, form in self.forms.items())]
+        for name, errors, cost_of, max_rank in curves:
+            for rank in range(divisor, max_rank + 1, divisor):
+                cost = cost_of(rank)
+                if cost >= self.original_cost:
+                    break
+                options.append((rank if name is None else (name, rank), cost, float(errors[rank])))
         options.append((0, self.original_cost, 0.0))
         return options
 
+    def chosen(self, choice: Choice) -> tuple[float, float]:
+        """(cost, error) of ``choice``."""
+        if isinstance(choice, tuple):
+            form = self.forms[choice[0]]
+            return form.cost(choice[1]), float(form.errors[choice[1]])
+        return (self.cost(choice), float(self.errors[choice])) if choice else (self.original_cost, 0.0)
 
-def lower_hull(options: Sequence[tuple[int, float, float]]) -> list[tuple[int, float, float]]:
+
+def lower_hull(options: Sequence[tuple[Choice, float, float]]) -> list[tuple[Choice, float, float]]:
     """The (rank, cost, error) options on the lower convex hull of error over cost, cheapest first.
 
     A greedy that climbs one option at a time stops on a flat stretch of a layer's curve even when a
@@ -107,7 +136,7 @@ def lower_hull(options: Sequence[tuple[int, float, float]]) -> list[tuple[int, f
     per unit than the one before, so the greedy takes the steps worth taking. Options above the hull
     are never the best use of their cost.
     """
-    hull: list[tuple[int, float, float]] = []
+    hull: list[tuple[Choice, float, float]] = []
     for point in sorted(options, key=lambda option: (option[1], option[2])):
         while len(hull) >= 2:
             (_, x0, y0), (_, x1, y1) = hull[-2], hull[-1]
@@ -119,13 +148,16 @@ def lower_hull(options: Sequence[tuple[int, float, float]]) -> list[tuple[int, f
     return hull[:best + 1]
 
 
-def allocate(candidates: list[Candidate], budget: float, divisor: int, convex: bool = False) -> dict[str, int]:
+def allocate(candidates: list[Candidate], budget: float, divisor: int, convex: bool = False) -> dict[str, Choice]:
     """Ranks minimising ``Σ e²`` with total cost <= ``budget``; 0 means the layer is kept whole.
 
     ``convex``: each layer climbs the lower convex hull of its options (:func:`lower_hull`), for cost
-    curves that are not smooth (measured latencies). Raises ``ValueError`` when even the smallest ranks
-    exceed the budget (naming what the minimum is).
+    curves that are not smooth (measured latencies); candidates with other ``forms`` need it (their
+    options are one hull over every form). Raises ``ValueError`` when even the smallest ranks exceed
+    the budget (naming what the minimum is).
     """
+    if not convex and any(cand.forms for cand in candidates):
+        raise ValueError("candidates with other forms are allocated on their lower hull: pass convex=True")
     ladders = {cand.name: lower_hull(cand.options(divisor)) if convex else cand.options(divisor)
                for cand in candidates}
     position = dict.fromkeys(ladders, 0)
@@ -182,7 +214,10 @@ def calibrate(candidates: list[Candidate], scales: dict[str, float]) -> list[Can
     """
     fallback = float(np.median(list(scales.values()))) if scales else 1.0
     return [Candidate(cand.name, cand.errors * scales.get(cand.name, fallback), cand.cost, cand.original_cost,
-                      cand.max_rank) for cand in candidates]
+                      cand.max_rank,
+                      forms={name: Form(form.errors * scales.get(cand.name, fallback), form.cost, form.max_rank)
+                             for name, form in cand.forms.items()})
+            for cand in candidates]
 
 
 # ------------------------------------------------------------------------------------ measuring

@@ -8,8 +8,12 @@ number their parts the way ``nn.Sequential`` numbers children:
   ``emb.0``'s table keeps the source's attribute name (``emb.0.weight``; MindSpore ``emb.0.embedding_table``).
 * ``tucker2`` (Conv): ``conv`` -> ``conv.0`` (1x1, in -> r_in), ``conv.1`` (the k x k core, original
   stride/padding/dilation), ``conv.2`` (1x1, r_out -> out, the original bias).
-* ``svd`` of a 1x1 Conv (the ``compact`` layout): ``conv`` -> ``conv.0`` (1x1, in -> r, original
-  stride/padding/dilation), ``conv.1`` (1x1, r -> out, the original bias).
+* ``svd`` of a Conv (channel SVD; a 1x1 conv's is the ``compact`` layout): ``conv`` -> ``conv.0``
+  (the original kernel size, stride/padding/dilation, in -> r), ``conv.1`` (1x1, r -> out, the original bias).
+* ``spatial_svd`` of a 2-D k x k Conv: ``conv`` -> ``conv.0`` (kh x 1, in -> r, the rows' stride, padding and
+  dilation), ``conv.1`` (1 x kw, r -> out, the columns', the original bias).
+
+The math of the two conv forms and their costs: ``lowrank_ir._conv_forms``.
 
 Layouts (:func:`with_layout`): ``reference`` is the reference tool's, whose checkpoints must load: a 1x1
 conv becomes three convs, the middle one an r x r identity core. ``compact`` writes a 1x1 conv at
@@ -36,6 +40,8 @@ one thread per worker: oversubscribed OpenBLAS on a small machine is up to 100x 
 from __future__ import annotations
 
 import contextvars
+import ctypes
+import ctypes.util
 import difflib
 import functools
 import logging
@@ -48,13 +54,13 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from lowrank_ir import _linalg
+from lowrank_ir import _conv_forms, _linalg
 from lowrank_ir._evbmf import vbmf_ranks
 from lowrank_ir._ir import Graph, Node, Op, verify
 from lowrank_ir._policy import Policy, conv_ranks, matrix_rank, ratio_rank, smallest_ratio
 
-__all__ = ["LAYOUTS", "LayerStats", "Plan", "PlanEntry", "approximations", "plan", "rewrite", "stats_from_sums",
-           "validate_layout", "warn_unknown_excludes", "with_layout"]
+__all__ = ["CONV_FORMS", "LAYOUTS", "LayerStats", "Plan", "PlanEntry", "approximations", "form_rank_limit", "plan",
+           "rewrite", "stats_from_sums", "validate_layout", "warn_unknown_excludes", "with_forms", "with_layout"]
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +68,10 @@ _T = TypeVar("_T")
 
 SVD = "svd"
 TUCKER2 = "tucker2"
+SPATIAL_SVD = "spatial_svd"
+
+#: The forms a k x k conv may take (:func:`with_forms`); their rank is one int.
+CONV_FORMS = (SVD, SPATIAL_SVD)
 
 #: How factorized layers are laid out (see the module docstring): the reference tool's, or compact.
 LAYOUTS = ("reference", "compact")
@@ -337,7 +347,42 @@ def _check_config_fits(graph: Graph, config: Mapping[str, Any], result: Plan) ->
 def _rank_limits(entry: PlanEntry) -> tuple[int, ...]:
     if entry.form == TUCKER2:
         return (entry.shape[0], entry.shape[1])
-    return (min(entry.shape[0], entry.shape[1]),)
+    return (form_rank_limit(entry.op, entry.shape, entry.form or SVD),)
+
+
+def form_rank_limit(op: Op, shape: Sequence[int], form: str) -> int:
+    """The largest rank of ``form`` (``svd`` or ``spatial_svd``) for a layer of ``op`` with weight ``shape``."""
+    if op is Op.CONV and form == SPATIAL_SVD:
+        return min(shape[1] * shape[2], shape[0] * shape[3])
+    if op is Op.CONV:
+        return min(shape[0], shape[1] * math.prod(shape[2:]))
+    return min(shape[0], shape[1])
+
+
+def with_forms(the_plan: Plan, forms: Mapping[str, tuple[str, int]]) -> Plan:
+    """``the_plan`` with the conv layers of ``forms`` (name -> (form, rank)) in a two-factor form.
+
+    A form is one of :data:`CONV_FORMS`: ``svd`` (channel SVD), ``spatial_svd`` (2-D convs only). ``ValueError``
+    naming the layer for a layer the plan does not decompose, a layer that is not a conv, a form it cannot
+    take, or a rank outside ``1 .. its largest``.
+    """
+    entries = dict(the_plan.entries)
+    for name, (form, rank) in forms.items():
+        entry = entries.get(name)
+        if entry is None or not entry.decomposed:
+            raise ValueError(f"with_forms names {name!r}, which the plan does not decompose")
+        if entry.op is not Op.CONV or form not in CONV_FORMS:
+            raise ValueError(f"layer {name!r} ({entry.op.value}) cannot take form {form!r}: conv layers take "
+                             f"one of {', '.join(repr(one) for one in CONV_FORMS)}")
+        if form == SPATIAL_SVD and len(entry.shape) != 4:
+            raise ValueError(f"layer {name!r} (weight {list(entry.shape)}) cannot take {SPATIAL_SVD!r}: it "
+                             f"splits a 2-D kernel into rows and columns")
+        limit = form_rank_limit(entry.op, entry.shape, form)
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= limit:
+            raise ValueError(f"layer {name!r} (weight {list(entry.shape)}) takes {form!r} ranks 1 .. {limit}, "
+                             f"got {rank!r}")
+        entries[name] = PlanEntry(entry.name, entry.op, entry.shape, form, rank, entry.reason)
+    return Plan(entries)
 
 
 # ------------------------------------------------------------------------------------------ rewriting
@@ -483,6 +528,23 @@ def _factor_kernel(kernel: np.ndarray, ranks: tuple[int, int], stats: LayerStats
     return _Factors([first, core, last], _output_error(delta, full, moment), "output")
 
 
+def _kernel_stats(node: Node, weight: np.ndarray, stats: LayerStats | None) -> LayerStats | None:
+    """What a k x k conv's two-factor forms can use of ``stats``: the im2col patch moment, or nothing.
+
+    Channel SVD factors ``[out, in·T]`` and needs the moment of the ``(in, taps)`` patches; without it
+    (and always for spatial SVD) the factors minimise the weight error, which is logged.
+    """
+    taps = int(np.prod(weight.shape[2:]))
+    if stats is None or node.op is not Op.CONV or taps == 1:
+        return stats
+    patches = stats.patch_moment
+    if patches is not None and patches.shape == (weight.shape[1] * taps,) * 2:
+        mean = None if stats.mean is None else np.repeat(stats.mean, taps)  # a constant image, ordered (in, taps)
+        return LayerStats(patches, stats.count, mean)
+    logger.info("layer %r: its %d-tap two-factor form is fitted to the weight (no patch statistics)", node.name, taps)
+    return None
+
+
 def _compute(node: Node, entry: PlanEntry, graph: Graph, stats: LayerStats | None) -> _Factors:
     weight = graph.param(node, "weight")
     assert weight is not None
@@ -493,7 +555,13 @@ def _compute(node: Node, entry: PlanEntry, graph: Graph, stats: LayerStats | Non
             assert isinstance(entry.rank, tuple)
             return _factor_kernel(weight, entry.rank, stats, correct_bias)
         assert isinstance(entry.rank, int)
-        return _factor_matrix(_matrix_view(node, weight), entry.rank, stats, correct_bias)
+        if entry.form == SPATIAL_SVD:
+            if stats is not None:
+                logger.info("layer %r: spatial SVD is fitted to the weight (data-free)", node.name)
+            vertical, horizontal, error = _conv_forms.spatial_factors(weight, entry.rank)
+            return _Factors([vertical, horizontal], error)
+        return _factor_matrix(_matrix_view(node, weight), entry.rank, _kernel_stats(node, weight, stats),
+                              correct_bias)
     except Exception as err:
         raise ValueError(f"while decomposing layer {node.name!r} (weight {list(weight.shape)}, "
                          f"rank {entry.rank}): {err}") from err
@@ -518,7 +586,7 @@ def _parts_svd(node: Node, entry: PlanEntry, graph: Graph, arrays: list[np.ndarr
     weight = graph.param(node, "weight")
     assert weight is not None and isinstance(entry.rank, int)
     rank, name, dtype = entry.rank, node.name, weight.dtype
-    out, inp = _matrix_view(node, weight).shape
+    out, inp = _matrix_view(node, weight).shape  # a conv's inp counts in·taps
     if arrays is None:
         left, right = _placeholder((out, rank), dtype), _placeholder((rank, inp), dtype)
     else:
@@ -532,15 +600,16 @@ def _parts_svd(node: Node, entry: PlanEntry, graph: Graph, arrays: list[np.ndarr
                       {"weight": f"{name}.1.weight"})
         params[table], params[f"{name}.1.weight"] = left, _transposed(right)
     elif node.op is Op.CONV:
-        # The first 1x1 conv takes the original stride and padding: the second runs at the output resolution.
-        ones = (1,) * len(node.attrs["kernel_size"])
+        # The first conv keeps the kernel, stride and padding: the second (1x1) runs at the output resolution.
+        kernel = tuple(weight.shape[2:])
+        ones = (1,) * len(kernel)
         keep = {key: value for key, value in node.attrs.items()
-                if key not in ("in_channels", "out_channels", "kernel_size", "groups")}
-        first = Node(Op.CONV, f"{name}.0", {**keep, "in_channels": inp, "out_channels": rank, "kernel_size": ones,
+                if key not in ("in_channels", "out_channels", "groups")}
+        first = Node(Op.CONV, f"{name}.0", {**keep, "in_channels": weight.shape[1], "out_channels": rank,
                                             "groups": 1}, {"weight": f"{name}.0.weight"})
         second = Node(Op.CONV, f"{name}.1", {"in_channels": rank, "out_channels": out, **_pointwise_attrs(ones)},
                       {"weight": f"{name}.1.weight"})
-        params[f"{name}.0.weight"] = right.reshape(rank, inp, *ones)
+        params[f"{name}.0.weight"] = right.reshape(rank, weight.shape[1], *kernel)
         params[f"{name}.1.weight"] = left.reshape(out, rank, *ones)
     elif node.op is Op.MATMUL:
         # Both parts multiply from the weight's side; the second keeps the other attrs (Gemm alpha/beta).
@@ -567,6 +636,48 @@ def _parts_svd(node: Node, entry: PlanEntry, graph: Graph, arrays: list[np.ndarr
         second.params["bias"] = f"{name}.1.bias"
         params[f"{name}.1.bias"] = bias
     return [first, second], params
+
+
+def _split_padding(padding: Any, axis: int) -> Any:
+    """The padding of a 2-D conv restricted to ``axis`` (0: rows, 1: columns), the other axis unpadded.
+
+    "valid", "same" and "same_lower" act on each axis alone and carry over as they are.
+    """
+    if isinstance(padding, str):
+        return padding
+    pads = [int(pad) for pad in padding]
+    if len(pads) == 2:
+        return tuple(pad if index == axis else 0 for index, pad in enumerate(pads))
+    return tuple(pad if index % 2 == axis else 0 for index, pad in enumerate(pads))  # (top, left, bottom, right)
+
+
+def _parts_spatial(node: Node, entry: PlanEntry, graph: Graph, arrays: list[np.ndarray] | None,
+                   ) -> tuple[list[Node], dict[str, np.ndarray]]:
+    """A 2-D conv as a kh x 1 conv (the rows' stride/padding/dilation) then a 1 x kw conv (the columns')."""
+    weight = graph.param(node, "weight")
+    assert weight is not None and isinstance(entry.rank, int)
+    rank, name, dtype = entry.rank, node.name, weight.dtype
+    out, inp, height, width = weight.shape
+    shapes = [(rank, inp, height, 1), (out, rank, 1, width)]
+    kernels = [_placeholder(shape, dtype) for shape in shapes] if arrays is None else arrays
+    keep = {key: value for key, value in node.attrs.items()
+            if key not in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups")}
+    stride, dilation, padding = node.attrs["stride"], node.attrs["dilation"], node.attrs["padding"]
+    parts = []
+    for axis, (channels_in, channels_out, kernel) in enumerate(((inp, rank, (height, 1)), (rank, out, (1, width)))):
+        attrs = {**keep, "in_channels": channels_in, "out_channels": channels_out, "kernel_size": kernel,
+                 "stride": tuple(step if index == axis else 1 for index, step in enumerate(stride)),
+                 "padding": _split_padding(padding, axis),
+                 "dilation": tuple(step if index == axis else 1 for index, step in enumerate(dilation)),
+                 "groups": 1}
+        parts.append(Node(Op.CONV, f"{name}.{axis}", attrs, {"weight": f"{name}.{axis}.weight"}))
+    params = {f"{name}.{index}.weight": array.reshape(shape)
+              for index, (array, shape) in enumerate(zip(kernels, shapes, strict=True))}
+    bias = graph.param(node, "bias")
+    if bias is not None:
+        parts[1].params["bias"] = f"{name}.1.bias"
+        params[f"{name}.1.bias"] = bias
+    return parts, params
 
 
 def _pointwise_attrs(ones: tuple[int, ...]) -> dict[str, Any]:
@@ -619,12 +730,68 @@ def _cast_for_writing(params: dict[str, np.ndarray], parts: list[Node], node: No
     count = 0
     for part in parts:
         for role, name in part.params.items():
-            # C-contiguous: factors are often transposed views, and a framework given strided weights may
-            # take another kernel path than for the same weights loaded from a checkpoint (different rounding).
-            cast = np.ascontiguousarray(params[name], dtype=dtypes[role])
+            cast = params[name].astype(dtypes[role], order="C", copy=False)
             params[name], flushed = _linalg.flush_subnormals(cast)
             count += flushed
     return count
+
+
+def _parts(node: Node, entry: PlanEntry, graph: Graph, arrays: list[np.ndarray] | None,
+           ) -> tuple[list[Node], dict[str, np.ndarray]]:
+    builder = {TUCKER2: _parts_tucker2, SPATIAL_SVD: _parts_spatial}.get(entry.form or SVD, _parts_svd)
+    return builder(node, entry, graph, arrays)
+
+
+@dataclass(slots=True)
+class _Written:
+    """One factorized layer as it goes into the new graph: its parts, their arrays (in the layer's dtypes).
+
+    ``flushed`` and ``error`` are None for a structure-only rewrite.
+    """
+
+    parts: list[Node]
+    params: dict[str, np.ndarray]
+    flushed: int | None = None
+    error: tuple[float, str] | None = None
+
+
+def _written(node: Node, entry: PlanEntry, graph: Graph, stats: LayerStats | None) -> _Written:
+    """Factorize one layer and write its parts, cast to the layer's dtypes as soon as they are computed.
+
+    Only the written arrays outlive the call: the float64 factors and workspace are the worker's, so a
+    rewrite holds the factorized layers in their own dtype plus the workspace of the layers in flight.
+    """
+    factors = _compute(node, entry, graph, stats)
+    parts, params = _parts(node, entry, graph, factors.arrays)
+    factors.arrays = []
+    if factors.bias_shift is not None:
+        bias_name = parts[-1].params["bias"]
+        params[bias_name] = params[bias_name].astype(np.float64) + factors.bias_shift
+    flushed = _cast_for_writing(params, parts, node, graph)
+    error = None if factors.error is None else (factors.error, factors.error_kind)
+    del factors
+    _release_free_memory()
+    return _Written(parts, params, flushed, error)
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """The C library's ``malloc_trim`` (glibc), or None where it has none."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def _release_free_memory() -> None:
+    """Give the pages of freed workspace back to the system (glibc keeps them in its arenas otherwise).
+
+    A layer's float64 workspace is freed between the small arrays that outlive it (the written factors),
+    and glibc keeps such holes resident; without this, a rewrite's resident memory grows past what it holds.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def _approximation(node: Node, entry: PlanEntry, graph: Graph, stats: LayerStats | None) -> dict[str, np.ndarray]:
@@ -635,6 +802,8 @@ def _approximation(node: Node, entry: PlanEntry, graph: Graph, stats: LayerStats
     if entry.form == TUCKER2:
         first, core, last = factors.arrays
         approx = _linalg.reconstruct_tucker2(last, core, first).reshape(weight.shape)
+    elif entry.form == SPATIAL_SVD:
+        approx = _conv_forms.spatial_kernel(*factors.arrays)
     else:
         left, right = factors.arrays
         approx = left @ right
@@ -755,32 +924,27 @@ def rewrite(graph: Graph, the_plan: Plan, stats: Mapping[str, LayerStats] | None
     if missing:
         raise ValueError(f"the plan names layers the graph does not have: {missing}")
     stats = stats or {}
-    results: list[_Factors | None] = [None] * len(entries)
     if weights:
-        tasks = [functools.partial(_compute, graph.node(entry.name), entry, graph, stats.get(entry.name))
+        tasks = [functools.partial(_written, graph.node(entry.name), entry, graph, stats.get(entry.name))
                  for entry in entries]
         names = [entry.name for entry in entries]
-        results = list(_run_parallel(tasks, names, _workers(workers, len(tasks)), progress, threads,
-                                     [_cost(entry) for entry in entries]))
+        layers = list(_run_parallel(tasks, names, _workers(workers, len(tasks)), progress, threads,
+                                    [_cost(entry) for entry in entries]))
+    else:
+        layers = [_Written(*_parts(graph.node(entry.name), entry, graph, None)) for entry in entries]
     new = graph.copy()
     factorized: dict[str, list[str]] = dict(new.meta.get("factorized", {}))
     errors: dict[str, tuple[float, str]] = {}
     flushed: dict[str, int] = {}
-    for entry, result in zip(entries, results, strict=True):
+    for entry, layer in zip(entries, layers, strict=True):
         node = new.node(entry.name)
-        arrays = None if result is None else result.arrays
-        builder = _parts_tucker2 if entry.form == TUCKER2 else _parts_svd
-        parts, params = builder(node, entry, new, arrays)
-        if result is not None:
-            if result.bias_shift is not None:
-                bias_name = parts[-1].params["bias"]
-                params[bias_name] = params[bias_name].astype(np.float64) + result.bias_shift
-            flushed[entry.name] = _cast_for_writing(params, parts, node, new)
-        _wire(parts, node)
-        new.replace_node(node.name, parts, params, drop_params=node.params.values())
-        factorized[entry.name] = [part.name for part in parts]
-        if result is not None and result.error is not None:
-            errors[entry.name] = (result.error, result.error_kind)
+        _wire(layer.parts, node)
+        new.replace_node(node.name, layer.parts, layer.params, drop_params=node.params.values())
+        factorized[entry.name] = [part.name for part in layer.parts]
+        if layer.flushed is not None:
+            flushed[entry.name] = layer.flushed
+        if layer.error is not None:
+            errors[entry.name] = layer.error
     new.meta["factorized"] = factorized
     verify(new)
     total = sum(flushed.values())

@@ -83,8 +83,12 @@ class Backend(Protocol):
     #: How factorized layers are laid out unless the caller says (one of ``lowrank_ir.LAYOUTS``).
     DEFAULT_LAYOUT: str
 
-    def build(self, graph: Graph, like: Any, weights: bool = True) -> Any:
-        """A new model like ``like`` (the model ``graph`` was lowered from) with ``graph``'s factorized layers."""
+    def build(self, graph: Graph, like: Any, weights: bool = True, *, take_arrays: bool = False) -> Any:
+        """A new model like ``like`` (the model ``graph`` was lowered from) with ``graph``'s factorized layers.
+
+        ``take_arrays``: the new model may use the memory of ``graph``'s arrays instead of copies (a backend
+        that cannot keeps copying); ``graph`` must not be used afterwards.
+        """
 
     def load_layers(self, model: Any, graph: Graph, names: list[str]) -> None:
         """Copy the factors of the factorized layers ``names`` from ``graph`` into ``model`` (one ``build`` made)."""
@@ -144,11 +148,14 @@ class LatencyTimer(Protocol):
     def supports(self, node: Node) -> str:
         """Empty when the layer's latency can be measured; else why not."""
 
-    def layer_ms(self, node: Node, rank: int | None = None) -> float:
-        """The layer's latency (ms), whole or factorized at ``rank``."""
+    def layer_ms(self, node: Node, rank: int | None = None, form: str | None = None) -> float:
+        """The layer's latency (ms), whole or factorized at ``rank`` (in ``form``, else its main form)."""
 
-    def cost(self, node: Node, max_rank: int, divisor: int) -> Callable[[int], float]:
-        """``rank -> latency (ms)`` of the layer factorized."""
+    def forms(self, node: Node) -> list[str]:
+        """The two-factor forms the layer may take besides its main one (a k x k conv's)."""
+
+    def cost(self, node: Node, max_rank: int, divisor: int, form: str | None = None) -> Callable[[int], float]:
+        """``rank -> latency (ms)`` of the layer factorized (in ``form``, else its main form)."""
 
     def compare(self, decomposed: Any, runs: int = 20) -> tuple[float, float]:
         """Latencies (ms) of the model and of ``decomposed``, measured interleaved."""

@@ -27,8 +27,9 @@ from typing import Any
 
 import numpy as np
 
+from lowrank_ir import _conv_forms
 from lowrank_ir._budget import matrix_spectrum
-from lowrank_ir._engine import SVD, TUCKER2, LayerStats, Plan, PlanEntry, _matrix_view
+from lowrank_ir._engine import SPATIAL_SVD, SVD, TUCKER2, LayerStats, Plan, PlanEntry, _matrix_view
 from lowrank_ir._ir import Graph, Node, Op
 
 __all__ = ["SPECTRUM_LENGTH", "LayerReport", "Report", "build_report", "report_document", "spectra", "spectral_energy"]
@@ -72,9 +73,14 @@ def _layer_figures(entry: PlanEntry, node: Node, has_bias: bool) -> tuple[int, i
         out, inp, taps = shape[0], shape[1], math.prod(shape[2:])
         before_params = out * inp * taps + bias
         before_flops = 2 * out * inp * taps * out_pos
-        if entry.form == SVD and isinstance(entry.rank, int):  # a 1x1 conv in the compact layout
-            return (before_params, entry.rank * (inp + out) + bias, before_flops,
-                    2 * entry.rank * (inp + out) * out_pos)
+        if entry.form == SVD and isinstance(entry.rank, int):  # channel SVD; a 1x1 conv's compact layout
+            after = _conv_forms.channel_params(shape, entry.rank)
+            return before_params, after + bias, before_flops, 2 * after * out_pos
+        if entry.form == SPATIAL_SVD and isinstance(entry.rank, int):  # the first conv keeps the input's columns
+            columns = int(node.attrs.get("stride", (1, 1))[1])
+            rank, height, width = entry.rank, shape[2], shape[3]
+            return (before_params, _conv_forms.spatial_params(shape, rank) + bias, before_flops,
+                    2 * rank * (inp * height * columns + out * width) * out_pos)
         if entry.form != TUCKER2:
             return before_params, before_params, before_flops, before_flops
         assert isinstance(entry.rank, tuple)

@@ -104,3 +104,10 @@ def mixed(seed: int = 0) -> Mixed:
 def mixed_ids(seed: int = 0, batch: int = 2) -> torch.Tensor:
     """Token ids for :class:`Mixed`."""
     return torch.randint(0, 16, (batch, 10, 10), generator=torch.Generator().manual_seed(seed))
+
+
+def convnet(seed: int = 0) -> nn.Module:
+    """A small CNN (3x3, 3x3, 1x1 convs) on x [N, 16, H, W]: ``lowrank bench``'s PyTorch model."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(16, 96, 3, padding=1), nn.ReLU(), nn.Conv2d(96, 96, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(96, 32, 1)).eval()

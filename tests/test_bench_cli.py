@@ -129,3 +129,61 @@ def test_bench_refuses_a_file_that_is_not_onnx(conv_pair, tmp_path, capsys) -> N
     broken.write_bytes(b"\x00not protobuf")
     assert main(["bench", conv_pair[0], str(broken)]) == 2
     _one_line_error(capsys, str(broken))
+
+
+# ------------------------------------------------------------------------------------------ PyTorch models
+
+TORCH_MODEL = "tests.models:convnet"
+
+
+@pytest.fixture(scope="module")
+def torch_folder(tmp_path_factory):
+    """What ``lowrank decompose tests.models:convnet -o DIR --ratio 0.3`` writes."""
+    pytest.importorskip("torch")
+    folder = tmp_path_factory.mktemp("bench_torch") / "small"
+    assert main(["decompose", TORCH_MODEL, "-o", str(folder), "--ratio", "0.3", "--divisor", "8"]) == 0
+    return str(folder)
+
+
+def test_bench_times_pytorch_models_in_eager_mode(torch_folder, capsys) -> None:
+    capsys.readouterr()
+    code = main(["bench", TORCH_MODEL, torch_folder, "--input-shape", "x=2,16,20,20", "--runs", "4", "--warmup", "1",
+                 "--json", "-"])
+    assert code == 0, capsys.readouterr().err
+    content = json.loads(capsys.readouterr().out)
+    assert content["runtime"] == "torch" and content["clock"] == "cpu" and content["runs"] == 4
+    assert content["inputs"] == {"x": [2, 16, 20, 20]}
+    for key in ("original", "decomposed"):
+        assert len(content[key]["times_ms"]) == 4 and all(value > 0 for value in content[key]["times_ms"])
+    ratio = content["decomposed"]["median_ms"] / content["original"]["median_ms"]
+    assert content["latency_ratio"] == pytest.approx(ratio)
+
+
+def test_bench_rebuilds_the_decomposed_pytorch_model_that_decompose_wrote(torch_folder) -> None:
+    torch = pytest.importorskip("torch")
+    from tests.models import convnet
+    from tools.bench_cli import _torch_decomposed
+
+    rebuilt = _torch_decomposed(torch_folder, convnet())
+    assert isinstance(rebuilt[2], torch.nn.Sequential)  # the 3x3 conv is a Tucker-2 chain
+    x = torch.randn(1, 16, 12, 12, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        original, small = convnet()(x), rebuilt(x)
+    assert 0 < float((small - original).norm() / original.norm()) < 1.0  # the factors were loaded, not left at init
+
+
+@pytest.mark.parametrize(("arguments", "fragments"), [
+    ([], ["a PyTorch model needs its inputs: --input-shape"]),
+    (["--input-shape", "x=2,8,20,20"], ["cannot run on inputs {'x': [2, 8, 20, 20]}"]),
+    (["--input-shape", "x=2,16,20,20", "--per-layer"], ["--per-layer reads onnxruntime's profiler"]),
+])
+def test_bench_bad_input_for_pytorch_models_is_one_line_exit_2(torch_folder, arguments, fragments, capsys) -> None:
+    capsys.readouterr()
+    assert main(["bench", TORCH_MODEL, torch_folder, *arguments]) == 2
+    _one_line_error(capsys, *fragments)
+
+
+def test_bench_refuses_a_folder_decompose_did_not_write(tmp_path, capsys) -> None:
+    pytest.importorskip("torch")
+    assert main(["bench", TORCH_MODEL, str(tmp_path), "--input-shape", "x=1,16,8,8"]) == 2
+    _one_line_error(capsys, "is not what 'lowrank decompose module:factory -o DIR' writes", "decompose_config.json")

@@ -180,3 +180,14 @@ def test_latency_budget_with_data_weighs_layers_by_their_measured_effect() -> No
     assert measured.latency["ratio"] <= target or not measured.latency["met"]
     spectral = Decompose(model).from_budget(latency=target, divisor=16, datasets=feeds, estimate="spectral")
     assert spectral.sensitivities == {}
+
+
+def test_latency_cost_is_infinite_past_the_rank_that_saves_parameters() -> None:
+    from frontends.onnx import lower
+
+    model = om.conv(np.random.default_rng(3), channels=(32, 48), kernel=1, pads=[0, 0, 0, 0], spatial=16)
+    graph = lower(model)
+    timer = latency.LatencyModel(model, graph, {"x": [1, 32, 16, 16]}, runs=2)
+    cost = timer.cost(graph.node("conv"), 32, 16)  # r·(32 + 48) >= 32·48 from r = 20 on
+    assert 0 < cost(16) < float("inf")
+    assert cost(32) == float("inf")  # full rank: exact, but more parameters than the layer

@@ -113,6 +113,40 @@ def _same_files(folder: Path, other: Path) -> None:
             assert (other / name).read_bytes() == (folder / name).read_bytes(), name
 
 
+def _gpt2(seed: int) -> torch.nn.Module:
+    config = transformers.GPT2Config(vocab_size=96, n_positions=32, n_embd=64, n_layer=2, n_head=4,
+                                     tie_word_embeddings=False, bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(seed)
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+def test_gpt2_conv1d_layers_are_streamed_like_linear_layers(tmp_path: Path) -> None:
+    """GPT-2's Conv1D (weight stored [in, out]) streams into the nn.Linear chains of the in-memory decomposition."""
+    source = _save(_gpt2(seed=0), tmp_path / "src", "100KB")
+    target = tmp_path / "out"
+    assert main(["decompose", str(source), "-o", str(target), "--ratio", "0.5", "--divisor", "8"]) == 0
+    config = json.loads((target / "decompose_config.json").read_text())
+    for block in range(2):
+        for layer in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
+            assert f"transformer.h.{block}.{layer}" in config
+    state = _load_folder(target)
+    c_attn = "transformer.h.0.attn.c_attn"
+    rank = config[c_attn]
+    assert state[f"{c_attn}.0.weight"].shape == (rank, 64) and state[f"{c_attn}.1.weight"].shape == (192, rank)
+    original = transformers.GPT2LMHeadModel.from_pretrained(source).eval()
+    decomposer = Decompose(original).from_ratio(0.5, excludes=["transformer.wte", "transformer.wpe"], divisor=8)
+    in_memory = decomposer.decompose_network()
+    assert config == decomposer.decompose_config
+    rebuilt = Decompose(_gpt2(seed=1), config_file=target / "decompose_config.json").from_file() \
+        .decompose_network(do_decompose_weight=False)
+    rebuilt.load_state_dict(state, strict=True)
+    expected, got = _logits(in_memory), _logits(rebuilt)
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+    assert not torch.allclose(_logits(original), got, atol=1e-3)
+    report = json.loads((target / "report.json").read_text())
+    assert {row["name"] for row in report["layers"] if row["rank"]} == set(config)
+
+
 def test_same_input_gives_byte_identical_output(sharded: tuple[Path, Path], tmp_path: Path) -> None:
     source, target = sharded
     again = tmp_path / "again"

@@ -1,4 +1,9 @@
-"""``lowrank bench ORIGINAL.onnx DECOMPOSED.onnx``: latency of two ONNX models in onnxruntime, side by side.
+"""``lowrank bench ORIGINAL DECOMPOSED``: latency of a model and its decomposed version, side by side.
+
+ONNX files run in onnxruntime; PyTorch models (``module:factory``, the decomposed one as another
+``module:factory`` or the folder ``lowrank decompose`` wrote) run in eager mode under
+``torch.inference_mode`` with ``--threads`` intra-op threads, timed with the same interleaving
+(``backends.latency.interleaved_calls``); ``--per-layer`` is for ONNX files only.
 
 Both models run in one process on the same feeds, each in its own CPU session with ``--threads``
 intra-op threads (``backends.latency``: one inter-op thread, sequential execution). After
@@ -35,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from tools.common import UsageError, parse_input_shapes
+from tools.common import UsageError, is_onnx_path, load_factory, load_model, parse_input_shapes
 
 __all__ = ["BenchResult", "LayerTime", "Timing", "add_parser", "bench", "bench_command"]
 
@@ -84,11 +89,12 @@ class BenchResult:
     threads: int
     warmup: int
     inputs: dict[str, list[int]]
-    onnxruntime: str
+    version: str  # the runtime's version
     load_average: list[float]
     cpus: int
     clock: str = "wall"
     layers: list[LayerTime] = field(default_factory=list)
+    runtime: str = "onnxruntime"  # or "torch" (eager mode)
 
     @property
     def latency_ratio(self) -> float:
@@ -107,7 +113,7 @@ class BenchResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "runtime": "onnxruntime", "onnxruntime_version": self.onnxruntime, "threads": self.threads,
+            "runtime": self.runtime, "version": self.version, "threads": self.threads,
             "runs": len(self.original.times_ms), "warmup": self.warmup, "inputs": self.inputs,
             "load_average": self.load_average, "cpus": self.cpus, "clock": self.clock,
             "original": self.original.to_dict(), "decomposed": self.decomposed.to_dict(),
@@ -118,7 +124,7 @@ class BenchResult:
     def table(self) -> str:
         inputs = ", ".join(f"{name}[{','.join(str(dim) for dim in dims)}]" for name, dims in self.inputs.items())
         clock = "CPU time" if self.clock == "cpu" else "wall time"
-        lines = [f"onnxruntime {self.onnxruntime}, CPU, {self.threads} intra-op thread(s), "
+        lines = [f"{self.runtime} {self.version}, CPU, {self.threads} intra-op thread(s), "
                  f"{len(self.original.times_ms)} interleaved runs after {self.warmup} warm-up, {clock}; inputs "
                  f"{inputs}; load average {self.load_average[0]:.2f} on {self.cpus} CPUs",
                  f"{'model':<11}{'median ms':>11}{'min':>10}{'q25':>10}{'q75':>10}{'max':>10}  file"]
@@ -276,13 +282,10 @@ def bench(original: str | os.PathLike[str], decomposed: str | os.PathLike[str], 
     """
     import onnxruntime as ort
 
-    from backends.latency import interleaved_times, resolve_clock, timing_session
+    from backends.latency import interleaved_times, timing_session
     from frontends.onnx import load_model
 
-    for label, value, least in (("threads", threads, 1), ("runs", runs, 1), ("warmup", warmup, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise UsageError(f"--{label} must be an integer >= {least}, got {value!r}")
-    clock = resolve_clock(clock, threads)
+    clock = _check_counts(threads, runs, warmup, clock)
     paths = [os.fspath(original), os.fspath(decomposed)]
     for path in paths:
         if not path.lower().endswith(".onnx"):
@@ -304,15 +307,119 @@ def bench(original: str | os.PathLike[str], decomposed: str | os.PathLike[str], 
                        layers)
 
 
+def _check_counts(threads: int, runs: int, warmup: int, clock: str) -> str:
+    """``UsageError`` for a count that is not an int at least its least value; the clock resolved."""
+    from backends.latency import resolve_clock
+
+    for label, value, least in (("threads", threads, 1), ("runs", runs, 1), ("warmup", warmup, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise UsageError(f"--{label} must be an integer >= {least}, got {value!r}")
+    return resolve_clock(clock, threads)
+
+
+#: The state dict files ``lowrank decompose module:factory -o DIR`` may write in ``DIR``.
+_DECOMPOSED_WEIGHTS = ("state_dict.safetensors", "state_dict.pt")
+
+
+def _torch_decomposed(spec: str, source: Any) -> Any:
+    """The decomposed model ``spec`` names: a ``module:factory``, or a ``lowrank decompose`` output folder.
+
+    From a folder the decomposed structure is rebuilt from ``source`` (the original model) and the
+    folder's ``decompose_config.json``, and its state dict is loaded, strictly.
+    """
+    from backends.torch import load_weights
+    from lowrank_ir import Decompose
+
+    folder = Path(spec)
+    if not folder.is_dir():
+        return load_factory(spec)
+    config = folder / "decompose_config.json"
+    weights = next((folder / name for name in _DECOMPOSED_WEIGHTS if (folder / name).is_file()), None)
+    if not config.is_file() or weights is None:
+        raise UsageError(f"folder {spec!r} is not what 'lowrank decompose module:factory -o DIR' writes: it needs "
+                         f"decompose_config.json and one of {', '.join(_DECOMPOSED_WEIGHTS)}")
+    structure = Decompose(source, config_file=config).from_file().decompose_network(do_decompose_weight=False)
+    return load_weights(structure, weights).eval()
+
+
+def bench_torch(original: str, decomposed: str | os.PathLike[str], *, weights: str | None = None,
+                feeds: Mapping[str, np.ndarray] | None = None, input_shapes: Mapping[str, Sequence[int]] | None = None,
+                threads: int = 1, runs: int = DEFAULT_RUNS, warmup: int = DEFAULT_WARMUP,
+                clock: str = "auto") -> BenchResult:
+    """Time a PyTorch model against its decomposed version in eager mode, interleaved as :func:`bench` does.
+
+    ``original`` is ``module:factory`` (with ``weights``, a state dict file, loaded); ``decomposed`` another
+    ``module:factory`` or the folder ``lowrank decompose module:factory -o DIR`` wrote. Inputs: ``feeds``
+    (arrays passed positionally, in their order) or random normal ones (seed 0) of ``input_shapes`` (in
+    their order; the names only label them). ``threads``: torch intra-op threads, restored afterwards.
+    """
+    import torch
+
+    from backends.latency import interleaved_calls
+
+    clock = _check_counts(threads, runs, warmup, clock)
+    if os.fspath(decomposed).lower().endswith(".onnx"):
+        raise UsageError(f"{os.fspath(decomposed)!r} is an ONNX file and {original!r} a PyTorch model: bench "
+                         f"compares two versions of one model in one runtime (export both, or give the decomposed "
+                         f"PyTorch model)")
+    if feeds is not None and input_shapes:
+        raise UsageError("give either --feeds or --input-shape: the feeds fix the input shapes")
+    if not feeds and not input_shapes:
+        raise UsageError("a PyTorch model needs its inputs: --input-shape NAME=D1,D2,... (one per forward "
+                         "argument, in order) or --feeds FEEDS.npz")
+    source = load_model(original, weights).eval()
+    models = [source, _torch_decomposed(os.fspath(decomposed), source).eval()]
+    generator = torch.Generator().manual_seed(0)
+    arrays = dict(feeds) if feeds is not None else {
+        name: torch.randn(*[int(dim) for dim in dims], generator=generator).numpy()
+        for name, dims in (input_shapes or {}).items()}
+    inputs = [torch.from_numpy(np.ascontiguousarray(array)) for array in arrays.values()]
+    labels = [f"{original!r}", f"{os.fspath(decomposed)!r}"]
+    before = torch.get_num_threads()
+
+    def call(index: int) -> None:
+        try:
+            models[index](*inputs)
+        except Exception as err:  # a model raises whatever its layers raise on inputs that do not fit
+            shapes = {name: list(np.shape(array)) for name, array in arrays.items()}
+            raise ValueError(f"model {labels[index]} cannot run on inputs {shapes}: "
+                             f"{str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}"
+                             ) from err
+
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            times = interleaved_calls([lambda: call(0), lambda: call(1)], runs, warmup, clock)
+    finally:
+        torch.set_num_threads(before)
+    shapes = {name: [int(dim) for dim in np.shape(array)] for name, array in arrays.items()}
+    return BenchResult(Timing(original, times[0]), Timing(os.fspath(decomposed), times[1]), threads, warmup, shapes,
+                       torch.__version__, [round(value, 2) for value in os.getloadavg()], os.cpu_count() or 1, clock,
+                       runtime="torch")
+
+
 def bench_command(args: argparse.Namespace) -> int:
     """``lowrank bench``: print the table (and write ``--json``)."""
     from backends.onnx import load_feeds
     from lowrank_ir import write_json
 
     feeds = load_feeds(args.feeds) if args.feeds else None
-    result = bench(args.original, args.decomposed, feeds=feeds, input_shapes=parse_input_shapes(args.input_shape),
-                   threads=args.threads, runs=args.runs, warmup=args.warmup, per_layer=args.per_layer,
-                   clock=args.clock)
+    input_shapes = parse_input_shapes(args.input_shape)
+    if is_onnx_path(args.original):
+        if args.weights:
+            raise UsageError("--weights loads a state dict into a module:factory model; an ONNX file holds its own")
+        result = bench(args.original, args.decomposed, feeds=feeds, input_shapes=input_shapes, threads=args.threads,
+                       runs=args.runs, warmup=args.warmup, per_layer=args.per_layer, clock=args.clock)
+    else:
+        if ":" not in args.original or Path(args.original).exists():
+            raise UsageError(f"{args.original!r} is not an ONNX file (MODEL.onnx) nor a PyTorch model given as "
+                             f"module:factory; bench times one of those against its decomposed version")
+        if args.per_layer:
+            raise UsageError("--per-layer reads onnxruntime's profiler: ONNX models only (export the model with "
+                             "backends.onnx.export to see its layers)")
+        result = bench_torch(args.original, args.decomposed, weights=args.weights, feeds=feeds,
+                             input_shapes=input_shapes, threads=args.threads, runs=args.runs, warmup=args.warmup,
+                             clock=args.clock)
     if args.json == "-":
         print(json.dumps(result.to_dict(), indent=2))
         return 0
@@ -325,17 +432,24 @@ def bench_command(args: argparse.Namespace) -> int:
 def add_parser(commands: Any) -> None:
     """Register ``bench`` on the ``lowrank`` command line's subparsers."""
     parser = commands.add_parser(
-        "bench", help="time an ONNX model against its decomposed version in onnxruntime",
-        description="Run ORIGINAL.onnx and DECOMPOSED.onnx in onnxruntime on the same feeds with interleaved "
-                    "runs, and print each model's median latency, its spread, the latency ratio and the speedup.",
-        epilog="example: lowrank bench model.onnx small.onnx --input-shape x=8,3,48,320 --threads 1 --runs 30")
-    parser.add_argument("original", help="the original model (ORIGINAL.onnx)")
-    parser.add_argument("decomposed", help="the decomposed model (DECOMPOSED.onnx); it must take the same inputs")
+        "bench", help="time a model against its decomposed version (onnxruntime, or PyTorch eager mode)",
+        description="Run ORIGINAL and DECOMPOSED on the same feeds with interleaved runs (ONNX files in "
+                    "onnxruntime, PyTorch models in eager mode), and print each model's median latency, its "
+                    "spread, the latency ratio and the speedup.",
+        epilog="examples: lowrank bench model.onnx small.onnx --input-shape x=8,3,48,320 --threads 1 --runs 30; "
+               "lowrank bench tests.models:resnet50 out/ --input-shape x=1,3,224,224 (out/ from "
+               "'lowrank decompose tests.models:resnet50 -o out')")
+    parser.add_argument("original", help="the original model: ORIGINAL.onnx, or a PyTorch model as module:factory "
+                                         "(with --weights)")
+    parser.add_argument("decomposed", help="the decomposed model: DECOMPOSED.onnx (it must take the same inputs), "
+                                           "or for a PyTorch model another module:factory or the folder 'lowrank "
+                                           "decompose' wrote")
+    parser.add_argument("--weights", help="module:factory models: a state dict (.safetensors or .pt) for ORIGINAL")
     parser.add_argument("--input-shape", action="append", metavar="NAME=D1,D2,...",
                         help="fix a dynamic input's dims for the random feeds (e.g. x=1,3,224,224); repeat per input")
     parser.add_argument("--feeds", metavar="FEEDS.npz", help="the inputs, one array per input by name "
                                                               "(default: random feeds)")
-    parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (default 1)")
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1)")
     parser.add_argument("--runs", type=int, default=DEFAULT_RUNS,
                         help=f"timed runs of each model, interleaved (default {DEFAULT_RUNS})")
     parser.add_argument("--warmup", type=int, default=DEFAULT_WARMUP,

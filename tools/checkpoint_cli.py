@@ -4,11 +4,11 @@ The folder is streamed (``backends/safetensors.py``): one Linear layer in memory
 written as shards of the input's layout into a temporary folder that becomes ``OUT_DIR`` only when
 everything is written, with ``decompose_config.json`` and ``report.json`` beside the weights.
 
-Several processes share the work under torch.distributed (gloo: only barriers and one broadcast pass
-between them): started by ``torchrun --nproc_per_node N [--nnodes M ...] -m tools.cli decompose ...``,
-or by ``--nproc N``, which runs exactly that on this machine. Rank 0 creates the temporary folder and
-tells the others where it is (every node must see it: a shared file system), and makes it ``OUT_DIR``
-at the end.
+Several processes share the work under torch.distributed (gloo on the CPU, NCCL when CUDA is there:
+only barriers and one broadcast pass between them): started by ``torchrun --nproc_per_node N
+[--nnodes M ...] -m tools.cli decompose ...``, or by ``--nproc N``, which runs exactly that on this
+machine. Rank 0 creates the temporary folder and tells the others where it is (every node must see it:
+a shared file system), and makes it ``OUT_DIR`` at the end.
 """
 
 from __future__ import annotations
@@ -79,15 +79,20 @@ def _launch(args: argparse.Namespace) -> int:
 
 
 def _distributed(threads: int | None) -> Any:
-    """This process's :class:`Workers`: torch.distributed's rank and world (gloo) under torchrun, else one."""
+    """This process's :class:`Workers`: torch.distributed's rank and world under torchrun, else one.
+
+    The process group is NCCL when CUDA is there (each process on its ``LOCAL_RANK``'s device), else gloo.
+    """
     from backends.safetensors import Workers
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return Workers(threads=threads)
     import torch.distributed as dist
 
+    from tools._distributed import init_process_group, process_device
+
     if not dist.is_initialized():
-        dist.init_process_group("gloo")
+        init_process_group(process_device(int(os.environ.get("LOCAL_RANK", "0"))))
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     return Workers(dist.get_rank(), dist.get_world_size(), dist.barrier,
                    threads or max(1, (os.cpu_count() or 1) // local))
@@ -123,7 +128,6 @@ def _outputs(args: argparse.Namespace) -> tuple[Any, Path | None]:
 
 
 def decompose(args: argparse.Namespace) -> int:
-    from backends.safetensors import decompose_checkpoint
     from lowrank_ir._files import atomic_directory, write_json
     from lowrank_ir._report import report_document
     from tools.html_report import check_report_option, policy_of, write_report
@@ -131,11 +135,14 @@ def decompose(args: argparse.Namespace) -> int:
     _check(args)
     check_report_option(args.report)
     policy = policy_from_args(args)
+    if args.nproc is not None and args.nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        _outputs(args)  # bad outputs stop here, before torchrun starts; torch is not imported in this process
+        return _launch(args)
+    from backends.safetensors import decompose_checkpoint
+
     workers = _distributed(args.threads)
     if workers.rank == 0:
         outputs, report = _outputs(args)
-    if args.nproc is not None and args.nproc > 1 and workers.size == 1:
-        return _launch(args)
     source = Path(args.model).resolve()
     if workers.rank != 0:
         decompose_checkpoint(source, _shared_folder(None), policy, workers=workers)

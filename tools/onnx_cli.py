@@ -19,7 +19,6 @@ from tools.common import (
     chosen_policy,
     command_outputs,
     parse_input_shapes,
-    policy_from_args,
     progress_bars,
     show_report,
 )
@@ -45,15 +44,15 @@ def inspect(args: argparse.Namespace) -> int:
     """Print the per-layer table of an ONNX model under the policy: shape, rank, params, FLOPs, energy."""
     from backends.onnx import DEFAULT_LAYOUT
     from frontends.onnx import load_model, lower
-    from lowrank_ir import build_report, plan, with_layout
+    from lowrank_ir import build_report, plan, with_forms, with_layout
     from lowrank_ir._report import spectral_energy
 
     if args.weights:
         raise UsageError("--weights loads a PyTorch state dict; an ONNX model carries its own weights")
     model = load_model(args.model)
-    policy = policy_from_args(args, model)
+    policy, chooser = chosen_policy(args, model)
     graph = lower(model, input_shapes=parse_input_shapes(args.input_shape))
-    chosen = with_layout(plan(graph, policy), DEFAULT_LAYOUT)
+    chosen = with_forms(with_layout(plan(graph, policy), DEFAULT_LAYOUT), chooser.forms if chooser else {})
     show_report(build_report(graph, chosen, energy=spectral_energy(graph, chosen)), args,
                 header=_describe(model, args.model))
     return 0
@@ -72,7 +71,7 @@ def decompose(args: argparse.Namespace) -> int:
     """Decompose an ONNX file, validate it against the original in onnxruntime, save it."""
     from backends.onnx import DEFAULT_LAYOUT, build, convert_opset, save, validate
     from frontends.onnx import collect_stats, count_parameters, load_model, lower
-    from lowrank_ir import build_report, plan, rewrite, with_layout
+    from lowrank_ir import build_report, plan, rewrite, with_forms, with_layout
     from lowrank_ir._report import report_document, spectra, spectral_energy
     from tools.html_report import check_report_option, policy_of, write_report
 
@@ -99,7 +98,8 @@ def decompose(args: argparse.Namespace) -> int:
     if input_shapes is None and known is not None:
         input_shapes = {name: list(getattr(value, "shape", ())) for name, value in known.items()}
     graph = lower(model, input_shapes=input_shapes)
-    chosen = with_layout(plan(graph, policy), DEFAULT_LAYOUT)
+    # the latency budget may give k x k convs another form, which a decompose_config cannot say
+    chosen = with_forms(with_layout(plan(graph, policy), DEFAULT_LAYOUT), chooser.forms if chooser else {})
     if not chosen.decomposed_entries():
         kept = chosen.kept_entries()
         detail = "; ".join(f"{entry.name}: {entry.reason}" for entry in kept[:3])

@@ -66,6 +66,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset  # no
 
 from lowrank_ir import Decompose, SafeWriteUmask, atomic_write, count_parameters, set_logger_level  # noqa: E402
 from lowrank_ir import write_json as _write_json  # noqa: E402
+from tools._distributed import init_process_group, process_device  # noqa: E402
 from tools.digits import DataError, ImageData, load_data  # noqa: E402
 
 __all__ = ["BasicBlock", "SmallResNet", "UsageError", "build_parser", "main", "small_resnet", "state_checksum"]
@@ -193,10 +194,7 @@ def _processes_from_env(cpu: bool) -> Processes:
     rank = _env_int("RANK", 0)
     local_rank = _env_int("LOCAL_RANK", 0)
     local_world_size = _env_int("LOCAL_WORLD_SIZE", world_size)
-    device = torch.device("cpu")
-    if not cpu and torch.cuda.is_available():
-        device = torch.device("cuda", local_rank % torch.cuda.device_count())
-    return Processes(rank, world_size, local_rank, local_world_size, device)
+    return Processes(rank, world_size, local_rank, local_world_size, process_device(local_rank, cpu))
 
 
 def _cores() -> int:
@@ -211,11 +209,7 @@ def _start(procs: Processes, threads: int | None) -> str:
     torch.set_num_threads(threads or max(1, _cores() // procs.local_world_size))
     if not procs.distributed:
         return "none"
-    backend = "nccl" if procs.device.type == "cuda" else "gloo"
-    if procs.device.type == "cuda":
-        torch.cuda.set_device(procs.device)
-    dist.init_process_group(backend=backend)
-    return backend
+    return init_process_group(procs.device)
 
 
 def _broadcast(value: Any, procs: Processes) -> Any:
