@@ -1,7 +1,8 @@
 """Engine speed and memory against the reference tool, side by side in one process.
 
 Run:  python -m benchmarks.engine [--cases resnet50-ratio,resnet50-vbmf,minilm,llama,checkpoint,nproc]
-                                  [--repeat 1] [--threads N] [--no-reference]
+                                  [--repeat 1] [--threads N] [--no-reference] [--load N]
+                                  [--linalg auto|numpy|torch]
 
 Rows (both tools get the same model; the reference replaces layers in place, so it works on a copy made
 before its clock starts):
@@ -35,6 +36,11 @@ mean relative reconstruction error ``||W - W'|| / ||W||`` of the decomposed laye
 ``--repeat`` the runs are interleaved (ours, reference, ours, ...) and the best time is kept, so load
 from other jobs falls on both alike; read the ratio. BLAS and torch use ``--threads`` threads (default:
 all cores) in both tools; our engine splits them between layer workers.
+
+``--load N`` runs N busy processes (one pure-Python loop each) beside both tools for the whole run: a
+concurrent CPU load of known size, on top of whatever else the machine runs (the load average printed
+before and after includes both). ``--linalg torch`` runs our engine's Gram matrices and eigensolvers on
+torch (CUDA when available; see ``lowrank_ir.linalg_backend``).
 """
 
 from __future__ import annotations
@@ -250,6 +256,35 @@ print(json.dumps({{"baseline": memory.start, "peak": memory.peak, "seconds": sec
 """
 
 
+def _spin() -> None:
+    """Burn one core until killed (a unit of concurrent load)."""
+    while True:
+        pass
+
+
+class BusyLoad:
+    """``count`` processes each spinning one core while the block runs."""
+
+    def __init__(self, count: int) -> None:
+        self._count = count
+        self._processes: list[Any] = []
+
+    def __enter__(self) -> BusyLoad:
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")
+        self._processes = [context.Process(target=_spin, daemon=True) for _ in range(self._count)]
+        for process in self._processes:
+            process.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for process in self._processes:
+            process.terminate()
+        for process in self._processes:
+            process.join()
+
+
 def _llama_checkpoint(folder: Path, blocks: int, hidden: int, mlp: int) -> int:
     """Write the Llama-shaped ``LlamaForCausalLM`` checkpoint folder (shards of 200 MB); its parameter bytes."""
     import torch
@@ -354,6 +389,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=1, help="interleaved runs per tool; the best is kept")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="BLAS/torch threads")
     parser.add_argument("--no-reference", action="store_true", help="skip the reference tool")
+    parser.add_argument("--load", type=int, default=0, help="busy processes run beside the tools (default 0)")
+    parser.add_argument("--linalg", default="auto", help="our engine's linear algebra: auto, numpy or torch")
     args = parser.parse_args(argv)
     names = [name.strip() for name in args.cases.split(",") if name.strip()]
     unknown = [name for name in names if name not in choices]
@@ -376,12 +413,19 @@ def main(argv: list[str] | None = None) -> int:
             from msmodelslim.pytorch.low_rank_decompose import Decompose as reference
         except ImportError:
             print("(reference tool not installed: pip install msmodelslim==26.1.0)")
+    from lowrank_ir import LINALG_BACKENDS, linalg_backend
+
+    if args.linalg not in LINALG_BACKENDS:
+        parser.error(f"--linalg {args.linalg!r}: choose from {', '.join(LINALG_BACKENDS)}")
+    if args.load < 0:
+        parser.error(f"--load {args.load!r}: a number of busy processes, 0 or more")
     print(f"lowrank-ir {lowrank_ir.__version__}; {os.cpu_count()} cores, {args.threads} threads; "
+          f"{args.load} busy processes beside; linalg {args.linalg}; "
           f"load average {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
     header = (f"{'case':<52} {'ours s':>8} {'ref s':>8} {'ref/ours':>8} {'ours mem':>9} {'bound':>6} {'ref mem':>8} "
               f"{'ranks':>6} {'ours err':>9} {'ref err':>8}")
     print(header)
-    with threadpool_limits(limits=args.threads, user_api="blas"):
+    with threadpool_limits(limits=args.threads, user_api="blas"), BusyLoad(args.load), linalg_backend(args.linalg):
         for name in names:
             if name == "checkpoint":
                 print(checkpoint_row(), flush=True)

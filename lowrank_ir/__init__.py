@@ -6,6 +6,7 @@ by the frontends and backends when a model of theirs is handed in.
 """
 
 from lowrank_ir._api import Decompose, count_parameters
+from lowrank_ir._backend import LINALG_BACKENDS, linalg_backend
 from lowrank_ir._cross import convert, load_converted, parity, save_converted
 from lowrank_ir._engine import (
     CONV_FORMS,
@@ -33,6 +34,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CONV_FORMS",
     "LAYOUTS",
+    "LINALG_BACKENDS",
     "Decompose",
     "Graph",
     "GraphError",
@@ -57,6 +59,7 @@ __all__ = [
     "count_parameters",
     "framework_of",
     "load_converted",
+    "linalg_backend",
     "load_graph",
     "make_divisible",
     "parity",

@@ -39,6 +39,7 @@ one thread per worker: oversubscribed OpenBLAS on a small machine is up to 100x 
 
 from __future__ import annotations
 
+import contextvars
 import ctypes
 import ctypes.util
 import difflib
@@ -80,6 +81,8 @@ LAYOUTS = ("reference", "compact")
 #: HOSVD, and the reference tool's own criterion (1e-4 on the relative error) stops in the same place.
 HOOI_TOL = 1e-4
 HOOI_MAX_ITER = 50
+#: Sweeps a HOOI usually takes at that tolerance (for scheduling estimates only).
+HOOI_TYPICAL_SWEEPS = 6
 
 #: The sequential mode's compensating regression needs this many input rows per input feature; with
 #: fewer (e.g. squeeze-excitation layers on pooled features, one row per image) it overfits the
@@ -496,8 +499,7 @@ def _factor_kernel(kernel: np.ndarray, ranks: tuple[int, int], stats: LayerStats
     last, core, first = _linalg.tucker2(kernel64, ranks[0], ranks[1], moment=moment, max_iter=HOOI_MAX_ITER,
                                         tol=HOOI_TOL)
     if moment is None:
-        approx = _linalg.reconstruct_tucker2(last, core, first)
-        return _Factors([first, core, last], _linalg.relative_error(kernel64, approx))
+        return _Factors([first, core, last], _linalg.tucker2_relative_error(kernel64, core))
     assert stats is not None
     out, inp = kernel.shape[:2]
     taps = int(np.prod(kernel.shape[2:]))
@@ -717,7 +719,7 @@ def _parts_tucker2(node: Node, entry: PlanEntry, graph: Graph, arrays: list[np.n
 
 
 def _cast_for_writing(params: dict[str, np.ndarray], parts: list[Node], node: Node, graph: Graph) -> int:
-    """Cast the parts' float64 factors (and bias) to the layer's dtypes, subnormals flushed; returns the count.
+    """Cast the parts' factors (and bias) to the layer's dtypes, C-contiguous, subnormals flushed; returns the count.
 
     Every value the tool writes for a factorized layer passes through here once: weights take the
     original weight's dtype, the bias the original bias's. Subnormals of that dtype become zero
@@ -828,7 +830,7 @@ def approximations(graph: Graph, the_plan: Plan, stats: Mapping[str, LayerStats]
     tasks = [functools.partial(_approximation, graph.node(entry.name), entry, graph, stats.get(entry.name))
              for entry in entries]
     names = [entry.name for entry in entries]
-    results = _run_parallel(tasks, names, _workers(workers, len(tasks)))
+    results = _run_parallel(tasks, names, _workers(workers, len(tasks)), costs=[_cost(entry) for entry in entries])
     return dict(zip(names, results, strict=True))
 
 
@@ -854,15 +856,37 @@ def _workers(requested: int | None, jobs: int) -> int:
 Progress = Callable[[int, int, str], None]
 
 
+def _cost(entry: PlanEntry) -> float:
+    """Estimated multiply-adds of factorizing ``entry``, to schedule the dearest layers first.
+
+    SVD: the smaller side's Gram matrix and its eigensolver. Tucker-2: a few HOOI sweeps, each two
+    projections of the kernel and two Gram matrices with their eigensolvers.
+    """
+    out, inp = entry.shape[0], entry.shape[1]
+    if entry.form == TUCKER2 and isinstance(entry.rank, tuple):
+        taps = math.prod(entry.shape[2:])
+        rank_out, rank_in = entry.rank
+        sweep = (out * inp * taps * (rank_out + rank_in) + (out * out * rank_in + inp * inp * rank_out) * taps
+                 + out**3 + inp**3)
+        return float(HOOI_TYPICAL_SWEEPS * sweep)
+    small, large = sorted((out, math.prod(entry.shape[1:])))
+    return float(small * small * large + small**3)
+
+
 def _run_parallel(tasks: Sequence[Callable[[], _T]], names: Sequence[str], workers: int,
-                  progress: Progress | None = None, threads: int | None = None) -> list[_T]:
+                  progress: Progress | None = None, threads: int | None = None,
+                  costs: Sequence[float] | None = None) -> list[_T]:
     """Run the layer tasks on ``workers`` threads, BLAS limited to ``threads // workers`` threads each.
 
-    ``threads`` is the process's budget of threads (default: one per core).
+    ``threads`` is the process's budget of threads (default: one per core). With ``costs``, tasks
+    start dearest first (longest-processing-time order: the last layers to finish are then short ones,
+    not one large layer running alone while the other workers idle); results keep the tasks' order.
     """
     if not tasks:
         return []
     blas_threads = max(1, (threads or os.cpu_count() or 1) // workers)
+    # scipy brings its own BLAS; threadpool_limits only limits the libraries loaded when it is entered.
+    import scipy.linalg  # noqa: F401
     from threadpoolctl import threadpool_limits
 
     report = progress or (lambda done, total, name: None)
@@ -873,11 +897,15 @@ def _run_parallel(tasks: Sequence[Callable[[], _T]], names: Sequence[str], worke
                 results.append(task())
                 report(index + 1, len(tasks), names[index])
             return results
+        order = range(len(tasks)) if costs is None else sorted(range(len(tasks)), key=lambda index: -costs[index])
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lowrank") as pool:
-            futures = {pool.submit(task): index for index, task in enumerate(tasks)}
+            # Each task runs in a copy of the caller's context: context settings (the linalg backend, the
+            # size limit) hold in the workers too.
+            futures = {pool.submit(contextvars.copy_context().run, tasks[index]): index for index in order}
             for done, future in enumerate(as_completed(futures), start=1):
                 report(done, len(tasks), names[futures[future]])
-            return [future.result() for future in futures]
+            by_index = {index: future.result() for future, index in futures.items()}
+            return [by_index[index] for index in range(len(tasks))]
 
 
 def rewrite(graph: Graph, the_plan: Plan, stats: Mapping[str, LayerStats] | None = None,
@@ -900,7 +928,8 @@ def rewrite(graph: Graph, the_plan: Plan, stats: Mapping[str, LayerStats] | None
         tasks = [functools.partial(_written, graph.node(entry.name), entry, graph, stats.get(entry.name))
                  for entry in entries]
         names = [entry.name for entry in entries]
-        layers = list(_run_parallel(tasks, names, _workers(workers, len(tasks)), progress, threads))
+        layers = list(_run_parallel(tasks, names, _workers(workers, len(tasks)), progress, threads,
+                                    [_cost(entry) for entry in entries]))
     else:
         layers = [_Written(*_parts(graph.node(entry.name), entry, graph, None)) for entry in entries]
     new = graph.copy()

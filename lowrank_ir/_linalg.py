@@ -24,6 +24,9 @@ Formulas:
   they carry a relative energy below ``eps`` (1e-16), so the error reached stays the Eckart–Young
   optimum to far below 1e-6 (tested on ill-conditioned and exactly-low-rank weights). Because
   ``U_r U_rᵀ W`` is a projection, ``||W - W'||² = ||W||² - Σ_{i<=r} s_i²`` (:func:`svd_relative_error`).
+  A large float32 weight searches its subspace in float32 first (``Q``, ``r`` plus a few directions)
+  and takes the float64 Rayleigh–Ritz optimum within ``span(Q)`` (:func:`_float32_search`), the same
+  optimum where float32 resolves the spectrum down to the cut, and float64 throughout where it does not.
 
 - Deterministic signs (``svd_flip``): in every component, the entry of largest absolute value of
   the left vector is made positive and the right vector is flipped with it, so ``U S Vᵀ`` is
@@ -46,8 +49,10 @@ Formulas:
 
   computed by HOOI (higher-order orthogonal iteration) started from the HOSVD: each mode's
   factor is the leading left singular subspace of the kernel projected on the other mode's factor,
-  alternated until the fit ``||core||_F / ||K||_F`` stops changing. ``last`` has orthonormal
-  columns and ``first`` orthonormal rows, so ``core = lastᵀ ×_out K ×_in first``.
+  alternated until the fit ``||core||_F / ||K||_F`` stops changing (the sweeps in float32, then in
+  float64 from there until the fit stops changing again). ``last`` has orthonormal columns and
+  ``first`` orthonormal rows, so ``core = lastᵀ ×_out K ×_in first`` and
+  ``||K - K'||² = ||K||² - ||core||²`` (:func:`tucker2_relative_error`).
 
 - Data-aware Tucker-2: the in mode is whitened, ``K' = K ×_in C^{1/2}`` (every ``K[:, :, taps]``
   multiplied by ``C^{1/2}`` on the right), HOOI gives ``last, core, first'`` in whitened space, and
@@ -76,9 +81,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
+
+from lowrank_ir._backend import as_numpy, device, to_device
 
 __all__ = [
     "flush_subnormals",
@@ -91,6 +99,7 @@ __all__ = [
     "svd_flip",
     "svd_relative_error",
     "tucker2",
+    "tucker2_relative_error",
     "whitened_svd_factors",
 ]
 
@@ -108,6 +117,18 @@ NEGATIVE_EIGENVALUE_TOLERANCE = 1e-3
 ASYMMETRY_TOLERANCE = 1e-5
 
 _TINY = float(np.finfo(np.float64).tiny)
+
+#: Tucker-2 searches its subspaces in float32 unless the HOSVD leaves less than this fraction of the
+#: kernel's energy out: float32 Gram matrices resolve about 1e-7 of it, and near that the fit criterion
+#: cannot tell a float32 subspace from the float64 one.
+FLOAT32_RESIDUAL = 1e-4
+
+#: A float32 weight whose smaller side has at least this many rows or columns has its truncated SVD's
+#: subspace searched in float32 (:func:`_float32_search`), with this many extra directions (at least,
+#: or an eighth of the rank), when its float32 eigenvalues stay above this fraction of the largest.
+FLOAT32_SEARCH_SIDE = 256
+FLOAT32_OVERSAMPLING = 16
+FLOAT32_SEARCH_FLOOR = 1e-3
 
 #: Rows or columns of a float32 weight converted to float64 at a time (:func:`svd_factors`).
 FLOAT64_BLOCK = 512
@@ -227,24 +248,32 @@ def leading_eigh(symmetric: Array, rank: int) -> tuple[Array, Array]:
 
     Only the wanted pairs are computed (scipy's ``eigh(subset_by_index=..., driver="evr")``) where
     that is cheaper than the full ``np.linalg.eigh``: for a small fraction of the pairs, or for most
-    of a large matrix (see ``PARTIAL_EIGH_*``). No input checks: callers pass a finite symmetric
-    float64 matrix they built and ``1 <= rank <= n``.
+    of a large matrix (see ``PARTIAL_EIGH_*``). A float32 matrix is solved in float32 (scipy's ``evd``
+    driver for all pairs: numpy's float32 ``eigh`` is no faster than its float64 one); a torch tensor (the
+    torch backend, :mod:`lowrank_ir._backend`) by ``torch.linalg.eigh`` on its device. No input checks:
+    callers pass a finite symmetric float64 or float32 matrix they built and ``1 <= rank <= n``.
 
     Returns:
-        ``(values [rank], vectors [n, rank])``, the vectors as contiguous columns (matmul on
-        negative strides bypasses BLAS).
+        ``(values [rank], vectors [n, rank])`` in the matrix's dtype and kind (numpy or torch), the vectors
+        as contiguous columns (matmul on negative strides bypasses BLAS).
     """
     size = symmetric.shape[0]
+    if not isinstance(symmetric, np.ndarray):  # a torch tensor (the torch backend): no partial solver there
+        import torch
+
+        values, vectors = torch.linalg.eigh(symmetric)
+        return values[size - rank:].flip(0), vectors[:, size - rank:].flip(1).contiguous()
     partial = rank <= PARTIAL_EIGH_FRACTION * size or (
         size >= PARTIAL_EIGH_LARGE_SIDE and rank <= PARTIAL_EIGH_LARGE_FRACTION * size)
-    if partial and rank < size:
+    if (partial and rank < size) or symmetric.dtype == np.float32:
         from scipy.linalg import eigh
 
-        values, vectors = eigh(symmetric, subset_by_index=(size - rank, size - 1), driver="evr",
+        subset = (size - rank, size - 1) if partial else None
+        values, vectors = eigh(symmetric, subset_by_index=subset, driver="evr" if partial else "evd",
                                check_finite=False)
     else:
         values, vectors = np.linalg.eigh(symmetric)
-        values, vectors = values[size - rank:], vectors[:, size - rank:]
+    values, vectors = values[values.size - rank:], vectors[:, values.size - rank:]
     return np.ascontiguousarray(values[::-1]), np.ascontiguousarray(vectors[:, ::-1])
 
 
@@ -282,26 +311,74 @@ def svd_factors(weight: ArrayLike, rank: int) -> tuple[Array, Array]:
     out_dim, in_dim = matrix.shape
     rank = _check_rank(rank, "rank", min(out_dim, in_dim), f"min(out={out_dim}, in={in_dim})")
     # float64 arithmetic throughout; a float32 weight is converted a block at a time (no float64 copy).
-    if out_dim <= in_dim:
-        gram = np.zeros((out_dim, out_dim))
-        for _, block in _float64_blocks(matrix, 1):
-            gram += block @ block.T
-        _, basis = leading_eigh(gram, rank)  # U_r
-        basis *= _column_signs(basis)
-        projected = np.empty((rank, in_dim))
-        for part, block in _float64_blocks(matrix, 1):
-            projected[:, part] = basis.T @ block
-        return _balanced_split(basis, projected)
-    gram = np.zeros((in_dim, in_dim))
-    for _, block in _float64_blocks(matrix, 0):
-        gram += block.T @ block
-    _, right_basis = leading_eigh(gram, rank)  # V_r
-    scaled = np.empty((out_dim, rank))  # U_r S_r
-    for part, block in _float64_blocks(matrix, 0):
-        scaled[part] = block @ right_basis
-    signs = _column_signs(scaled)
-    left, right = _balanced_split(right_basis * signs, (scaled * signs).T)
+    where = device()
+    axis = 1 if out_dim <= in_dim else 0  # the Gram matrix of the smaller side
+    found = _float32_search(matrix, rank, axis) if where is None else None
+    if found is None:
+        basis = as_numpy(leading_eigh(_gram(matrix, axis, where), rank)[1])  # U_r (wide) or V_r (tall)
+        product = _projection(matrix, basis, axis, where)  # U_rᵀ W = S_r V_rᵀ (wide) or W V_r = U_r S_r (tall)
+    else:
+        basis, product = found
+    if axis == 1:
+        signs = _column_signs(basis)
+        return _balanced_split(basis * signs, product * signs[:, None])
+    signs = _column_signs(product)
+    left, right = _balanced_split(basis * signs, (product * signs).T)
     return right.T, left.T
+
+
+def _float32_search(matrix: np.ndarray, rank: int, axis: int) -> tuple[Array, Array] | None:
+    """The smaller side's leading subspace searched in float32, refined to the float64 optimum within it.
+
+    For a float32 weight whose smaller side is at least ``FLOAT32_SEARCH_SIDE``: the float32 Gram matrix
+    (no copy of the weight, half the arithmetic) gives ``k = rank + oversampling`` leading eigenvectors
+    ``Q``; in float64, ``Q`` is orthonormalised, ``B = Qᵀ W`` (``W Q`` when tall) is the weight projected
+    on it, and the Rayleigh-Ritz step (the leading eigenvectors ``Z`` of ``B Bᵀ``) returns ``(Q Z_r, Z_rᵀ B)``:
+    the best rank-``r`` approximation whose left (right when tall) subspace lies in ``span(Q)``. Float32
+    perturbs ``Q`` by about ``1e-7 · s_1²`` in the Gram's units, so the ``k``-th eigenvalue must stand
+    above ``FLOAT32_SEARCH_FLOOR · s_1²`` for ``span(Q)`` to hold the top ``r`` directions to far below
+    1e-6 of error; otherwise (an ill-conditioned or exactly low-rank weight) this returns None and the
+    caller works in float64.
+    """
+    side = matrix.shape[1 - axis]
+    if matrix.dtype != np.float32 or side < FLOAT32_SEARCH_SIDE:
+        return None
+    count = min(side, rank + max(FLOAT32_OVERSAMPLING, rank // 8))
+    values, vectors = leading_eigh(matrix @ matrix.T if axis == 1 else matrix.T @ matrix, count)
+    if not values[-1] > FLOAT32_SEARCH_FLOOR * values[0]:
+        return None
+    basis = np.linalg.qr(vectors.astype(np.float64))[0]
+    product = _projection(matrix, basis, axis, None)  # [k, in] (wide) or [out, k] (tall)
+    small = product @ product.T if axis == 1 else product.T @ product
+    rotation = leading_eigh(0.5 * (small + small.T), rank)[1]
+    return basis @ rotation, (rotation.T @ product if axis == 1 else product @ rotation)
+
+
+def _gram(matrix: np.ndarray, axis: int, where: Any) -> Any:
+    """``W Wᵀ`` (``axis`` 1, summed over columns) or ``Wᵀ W`` (``axis`` 0) in float64, on ``where``'s device."""
+    if where is not None:
+        weight = to_device(matrix, np.float64, where)
+        return weight @ weight.T if axis == 1 else weight.T @ weight
+    side = matrix.shape[1 - axis]
+    gram = np.zeros((side, side))
+    for _, block in _float64_blocks(matrix, axis):
+        gram += block @ block.T if axis == 1 else block.T @ block
+    return gram
+
+
+def _projection(matrix: np.ndarray, basis: Array, axis: int, where: Any) -> Array:
+    """``basisᵀ W`` (``axis`` 1, ``basis [out, r]``) or ``W basis`` (``axis`` 0, ``basis [in, r]``), float64."""
+    if where is not None:
+        weight, on = to_device(matrix, np.float64, where), to_device(basis, np.float64, where)
+        return as_numpy(on.T @ weight if axis == 1 else weight @ on)
+    rank = basis.shape[1]
+    result = np.empty((rank, matrix.shape[1]) if axis == 1 else (matrix.shape[0], rank))
+    for part, block in _float64_blocks(matrix, axis):
+        if axis == 1:
+            result[:, part] = basis.T @ block
+        else:
+            result[part] = block @ basis
+    return result
 
 
 def svd_relative_error(weight: ArrayLike, left: ArrayLike, right: ArrayLike) -> float:
@@ -321,6 +398,18 @@ def svd_relative_error(weight: ArrayLike, left: ArrayLike, right: ArrayLike) -> 
     """
     total = sum(float(np.sum(block * block)) for _, block in _float64_blocks(np.asarray(weight), 0))
     kept = float(np.sum(np.sum(np.square(left), axis=0) * np.sum(np.square(right), axis=1)))
+    return math.sqrt(max(total - kept, 0.0) / total) if total > 0 else 0.0
+
+
+def tucker2_relative_error(kernel: ArrayLike, core: ArrayLike) -> float:
+    """``||K - K'||_F / ||K||_F`` for data-free :func:`tucker2` factors, from the core alone.
+
+    ``K' = last core first`` with orthonormal ``last`` columns and ``first`` rows is the orthogonal
+    projection of ``K`` on their subspaces, so ``||K - K'||² = ||K||² - ||core||²`` (no reconstruction).
+    """
+    kernel_arr, core_arr = np.asarray(kernel), np.asarray(core, dtype=np.float64)
+    total = float(np.vdot(kernel_arr, kernel_arr))
+    kept = float(np.vdot(core_arr, core_arr))
     return math.sqrt(max(total - kept, 0.0) / total) if total > 0 else 0.0
 
 
@@ -492,21 +581,47 @@ def compensating_factors(weight: ArrayLike, cross: ArrayLike, moment: ArrayLike,
 # Tucker-2
 
 
-def _leading_left_subspace(matrix: Array, rank: int) -> tuple[Array, float]:
-    """Leading left singular subspace of ``matrix`` ``[n, m]``.
+def _out_gram(by_tap: np.ndarray, first: np.ndarray) -> np.ndarray:
+    """``M Mᵀ`` for ``M = (K ×_in first)_(0)`` ``[out, T·r_in]``; ``by_tap`` is the kernel as ``[out, T, in]``."""
+    out_dim, taps, in_dim = by_tap.shape
+    projected = (by_tap.reshape(out_dim * taps, in_dim) @ first.T).reshape(out_dim, -1)
+    return projected @ projected.T
 
-    Returns ``(vectors [n, rank], energy)``: the ``rank`` leading left singular vectors as columns
-    and the sum of their squared singular values, ``||vectorsᵀ matrix||_F²``. Wide matrices use
-    the eigenvectors of the Gram matrix ``M Mᵀ`` (``n x n``: about ten times faster than the SVD of
-    a wide unfolding, and accurate for the leading subspace); tall ones use the SVD, completed to a
-    full basis when ``rank`` exceeds the number of columns.
+
+def _in_gram(by_tap: np.ndarray, last: np.ndarray) -> np.ndarray:
+    """``N Nᵀ`` for ``N = (K ×_out lastᵀ)_(1)`` ``[in, r_out·T]``; ``by_tap`` is the kernel as ``[out, T, in]``."""
+    out_dim, taps, in_dim = by_tap.shape
+    projected = (last.T @ by_tap.reshape(out_dim, taps * in_dim)).reshape(-1, in_dim)
+    return projected.T @ projected
+
+
+def _hosvd(by_tap: np.ndarray, rank_out: int, rank_in: int, norm_sq: float) -> tuple[np.ndarray, np.ndarray, float]:
+    """HOSVD of the ``[out, T, in]`` kernel in its dtype: each factor from its own unfolding's Gram; and the fit."""
+    out_dim, taps, in_dim = by_tap.shape
+    by_out = by_tap.reshape(out_dim, taps * in_dim)
+    by_in = by_tap.reshape(out_dim * taps, in_dim)
+    _, last = leading_eigh(by_out @ by_out.T, rank_out)
+    first = leading_eigh(by_in.T @ by_in, rank_in)[1].T
+    kept = float(((first @ _in_gram(by_tap, last)) * first).sum())
+    return last, first, math.sqrt(max(kept, 0.0) / norm_sq)
+
+
+def _hooi_sweeps(by_tap: np.ndarray, last: np.ndarray, first: np.ndarray, fit: float, norm_sq: float,
+                 max_iter: int, tol: float) -> tuple[np.ndarray, np.ndarray, float]:
+    """HOOI sweeps from ``(last, first)`` in ``by_tap``'s dtype until the fit changes by at most ``tol``.
+
+    Each update is the best factor of its mode given the other one, so the fit never drops;
+    ``||core||²`` is the energy the in-mode update keeps (the sum of its eigenvalues).
     """
-    rows, cols = matrix.shape
-    if cols >= rows:
-        values, leading = leading_eigh(matrix @ matrix.T, rank)
-        return leading, float(np.sum(np.clip(values, 0.0, None)))
-    u, singular, _ = np.linalg.svd(matrix, full_matrices=rank > cols)
-    return np.ascontiguousarray(u[:, :rank]), float(np.sum(singular[:rank] ** 2))
+    rank_out, rank_in = last.shape[1], first.shape[0]
+    for _ in range(max_iter):
+        _, last = leading_eigh(_out_gram(by_tap, first), rank_out)
+        values, vectors = leading_eigh(_in_gram(by_tap, last), rank_in)
+        first = vectors.T
+        previous, fit = fit, math.sqrt(float(values.clip(min=0.0).sum()) / norm_sq)
+        if abs(fit - previous) <= tol * max(previous, _TINY):
+            break
+    return last, first, fit
 
 
 def _hooi(
@@ -514,48 +629,35 @@ def _hooi(
 ) -> tuple[Array, Array, Array]:
     """HOOI on a 3-D ``[out, in, T]`` kernel; returns ``(last, core, first)`` with fixed signs.
 
-    Works on the two unfoldings ``K_(0)`` ``[out, in·T]`` and ``K_(1)`` ``[in, out·T]`` so that every
-    projection is one large matrix product.
+    The kernel is held as ``[out, T, in]``, so that both modes' projections are single matrix products
+    on contiguous views, and each mode's factor comes from the Gram matrix of its side (``out x out``,
+    ``in x in``). The sweeps run in float32 first (half the memory traffic of float64, and its
+    eigensolver is about twice as fast), then in float64 from where they stopped until the fit changes
+    by at most ``tol`` again (one sweep, usually): the factors are a float64 HOOI iterate, with a fit at
+    least that of a float64 run from the start (float32 alone cannot resolve the tail of an
+    ill-conditioned kernel), and the core is the float64 projection of the kernel on them.
     """
     out_dim, in_dim, taps = kernel.shape
-    unfold_out = kernel.reshape(out_dim, in_dim * taps)
-    unfold_in = np.ascontiguousarray(kernel.transpose(1, 0, 2)).reshape(in_dim, out_dim * taps)
-    norm_sq = max(float(np.sum(kernel**2)), _TINY)
-
-    def project_out(last: Array) -> Array:
-        """``(K ×_out lastᵀ)_(1)``: ``[in, r_out·T]``."""
-        projected = (last.T @ unfold_out).reshape(rank_out, in_dim, taps)
-        return np.ascontiguousarray(projected.transpose(1, 0, 2)).reshape(in_dim, rank_out * taps)
-
-    def project_in(first: Array) -> Array:
-        """``(K ×_in first)_(0)``: ``[out, r_in·T]``."""
-        projected = (first @ unfold_in).reshape(rank_in, out_dim, taps)
-        return np.ascontiguousarray(projected.transpose(1, 0, 2)).reshape(out_dim, rank_in * taps)
-
-    # HOSVD start: each factor from the unfolding of the kernel itself.
-    last, _ = _leading_left_subspace(unfold_out, rank_out)
-    first = _leading_left_subspace(unfold_in, rank_in)[0].T
-    core_in = project_out(last)
-    previous_fit = math.sqrt(float(np.sum((first @ core_in) ** 2)) / norm_sq)
-    for _ in range(max_iter):
-        # Each update is the best factor of its mode given the other one, so the fit never drops;
-        # ||core||² is the energy kept by the last update.
-        last, _ = _leading_left_subspace(project_in(first), rank_out)
-        core_in = project_out(last)
-        vectors, energy = _leading_left_subspace(core_in, rank_in)
-        first = vectors.T
-        fit = math.sqrt(energy / norm_sq)
-        converged = abs(fit - previous_fit) <= tol * max(previous_fit, _TINY)
-        previous_fit = fit
-        if converged:
-            break
-    last_signs = _column_signs(last)
-    first_signs = _column_signs(first.T)
-    last = last * last_signs
-    first = first * first_signs[:, None]
-    # core[a, b, t] = Σ_i first[b, i] (K ×_out lastᵀ)[a, i, t]; core_in predates the sign flip of last.
-    core = (first @ core_in).reshape(rank_in, rank_out, taps).transpose(1, 0, 2)
-    return last, core * last_signs[:, None, None], first
+    exact = np.ascontiguousarray(kernel.transpose(0, 2, 1))
+    norm_sq = max(float(np.vdot(exact, exact)), _TINY)
+    where = device()
+    precise = to_device(exact, np.float64, where)
+    search = to_device(exact, np.float32, where) if max_iter > 0 else precise
+    last, first, fit = _hosvd(search, rank_out, rank_in, norm_sq)
+    if search is not precise and 1.0 - fit * fit < FLOAT32_RESIDUAL:
+        # Nearly exact at these ranks: the fit no longer sees the tail float32 got wrong. Float64 throughout.
+        search = precise
+        last, first, fit = _hosvd(search, rank_out, rank_in, norm_sq)
+    last, first, fit = _hooi_sweeps(search, last, first, fit, norm_sq, max_iter, tol)
+    if search is not precise:
+        last, first, _ = _hooi_sweeps(precise, to_device(as_numpy(last), np.float64, where),
+                                      to_device(as_numpy(first), np.float64, where), fit, norm_sq, max_iter, tol)
+    last, first = as_numpy(last), as_numpy(first)
+    last = last * _column_signs(last)
+    first = first * _column_signs(first.T)[:, None]
+    # core[a, b, t] = Σ_{o, i} last[o, a] K[o, i, t] first[b, i]
+    core = ((last.T @ exact.reshape(out_dim, taps * in_dim)).reshape(rank_out * taps, in_dim) @ first.T)
+    return last, core.reshape(rank_out, taps, rank_in).transpose(0, 2, 1), first
 
 
 def tucker2(
@@ -570,7 +672,8 @@ def tucker2(
 
     ``K[o, i, ...] ≈ Σ last[o, a] core[a, b, ...] first[b, i]``, computed by HOOI started from the
     HOSVD. Iteration stops when the fit ``||core|| / ||K||`` changes by less than ``tol`` (relative)
-    or after ``max_iter`` sweeps (``max_iter=0`` returns the HOSVD). Signs are deterministic: the
+    or after ``max_iter`` sweeps, first in float32, then in float64 from there (``max_iter=0`` returns
+    the float64 HOSVD). Signs are deterministic: the
     largest-magnitude entry of each column of ``last`` and of each row of ``first`` is positive, and
     the core carries the matching signs, so the reconstruction does not depend on them.
 

@@ -116,6 +116,30 @@ def test_rewrite_is_deterministic_and_parallel_agrees(rng: np.random.Generator) 
         np.testing.assert_allclose(serial.params[name], parallel.params[name], rtol=1e-10, atol=1e-12)
 
 
+def test_parallel_layers_start_dearest_first_and_keep_their_order() -> None:
+    # Two workers: the dearest task starts first (a large layer must not be left to run alone at the end).
+    import threading
+
+    from lowrank_ir._engine import PlanEntry, _cost, _run_parallel
+
+    started: list[int] = []
+    lock = threading.Lock()
+
+    def task(index: int) -> int:
+        with lock:
+            started.append(index)
+        return index * 10
+
+    costs = [1.0, 5.0, 3.0, 8.0, 2.0]
+    results = _run_parallel([lambda index=index: task(index) for index in range(5)], [str(i) for i in range(5)],
+                            workers=2, costs=costs)
+    assert results == [0, 10, 20, 30, 40]
+    assert 3 in started[:2]  # the dearest is taken first (by one of the two workers)
+    assert sorted(started) == [0, 1, 2, 3, 4]
+    assert _cost(PlanEntry("a", Op.CONV, (512, 512, 3, 3), "tucker2", (320, 320))) > _cost(
+        PlanEntry("b", Op.LINEAR, (1000, 2048), "svd", 320))
+
+
 def test_data_aware_uses_stats_and_reports_output_error(rng: np.random.Generator) -> None:
     graph = dataflow_graph(rng)
     mixing = rng.standard_normal((32, 32)) * np.logspace(0, -3, 32)

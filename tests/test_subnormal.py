@@ -214,7 +214,11 @@ def test_onnx_decompose_writes_no_subnormals_and_reports_the_count(tmp_path) -> 
 
 @pytest.mark.slow
 def test_ppocr_rec_factors_hold_no_subnormals(tmp_path, capsys) -> None:
-    """Trained PP-OCR rec: its dead channels gave ~1,800 subnormal factor values at ratio 0.5."""
+    """Trained PP-OCR rec: its dead channels give ~750 subnormal factor values at ratio 0.5.
+
+    (About 1,800 while Tucker-2 searched in float64 only: how many of a dead channel's ~1e-40 entries come
+    out nonzero depends on rounding, whereas none may be written.)
+    """
     from tools.cli import main
 
     source = om.ppocr_model("rec")
@@ -229,5 +233,5 @@ def test_ppocr_rec_factors_hold_no_subnormals(tmp_path, capsys) -> None:
     tiny = float(np.finfo(np.float32).tiny)
     assert len(factors) >= 2 * len(layers)
     assert sum(_subnormal_count(array, tiny) for array in factors.values()) == 0
-    assert content["totals"]["flushed"] > 1000
+    assert content["totals"]["flushed"] > 500
     assert "subnormal values flushed to zero" in capsys.readouterr().out
