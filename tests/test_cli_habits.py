@@ -146,8 +146,9 @@ def test_tools_has_no_import_cycle_and_no_private_names_across_modules() -> None
     for path in (Path(__file__).resolve().parents[1] / "tools").glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "tools":
-                private += [f"{path.name}: {node.module}.{alias.name}" for alias in node.names
-                            if alias.name.startswith("_")]
+                module = node.module or ""
+                private += [f"{path.name}: {module}.{alias.name}" for alias in node.names
+                            if alias.name.startswith("_") or any(part.startswith("_") for part in module.split("."))]
     assert not private, private
 
 

@@ -89,7 +89,7 @@ def _distributed(threads: int | None) -> Any:
         return Workers(threads=threads)
     import torch.distributed as dist
 
-    from tools._distributed import init_process_group, process_device
+    from tools.distributed import init_process_group, process_device
 
     if not dist.is_initialized():
         init_process_group(process_device(int(os.environ.get("LOCAL_RANK", "0"))))
