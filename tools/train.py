@@ -66,8 +66,8 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset  # no
 
 from lowrank_ir import Decompose, SafeWriteUmask, atomic_write, count_parameters, set_logger_level  # noqa: E402
 from lowrank_ir import write_json as _write_json  # noqa: E402
-from tools.distributed import init_process_group, process_device  # noqa: E402
 from tools.digits import DataError, ImageData, load_data  # noqa: E402
+from tools.distributed import init_process_group, process_device  # noqa: E402
 
 __all__ = ["BasicBlock", "SmallResNet", "UsageError", "build_parser", "main", "small_resnet", "state_checksum"]
 
