@@ -908,6 +908,23 @@ def _run_parallel(tasks: Sequence[Callable[[], _T]], names: Sequence[str], worke
             return [by_index[index] for index in range(len(tasks))]
 
 
+def _warn_thin_statistics(names: Sequence[str], stats: Mapping[str, LayerStats]) -> None:
+    """One warning when data-aware layers saw fewer calibration rows than they have input features.
+
+    Their factors are fitted to a subspace those few rows span, and the output error measured on the
+    same rows is optimistic (exactly 0 once the rank reaches the number of rows): it says little about
+    other inputs.
+    """
+    thin = [(name, stats[name].count, stats[name].moment.shape[0]) for name in names
+            if name in stats and stats[name].count < stats[name].moment.shape[0]]
+    if thin:
+        name, rows, features = thin[0]
+        logger.warning("%d of %d data-aware layers saw fewer calibration rows than input features (%r: %d rows "
+                       "for %d features); their output errors are measured on those rows and are optimistic: "
+                       "calibrate with more data", len(thin), sum(name in stats for name in names), name, rows,
+                       features)
+
+
 def rewrite(graph: Graph, the_plan: Plan, stats: Mapping[str, LayerStats] | None = None,
             weights: bool = True, workers: int | None = None,
             progress: Progress | None = None, threads: int | None = None) -> RewriteResult:
@@ -925,6 +942,7 @@ def rewrite(graph: Graph, the_plan: Plan, stats: Mapping[str, LayerStats] | None
         raise ValueError(f"the plan names layers the graph does not have: {missing}")
     stats = stats or {}
     if weights:
+        _warn_thin_statistics([entry.name for entry in entries], stats)
         tasks = [functools.partial(_written, graph.node(entry.name), entry, graph, stats.get(entry.name))
                  for entry in entries]
         names = [entry.name for entry in entries]

@@ -159,6 +159,23 @@ def test_data_aware_uses_stats_and_reports_output_error(rng: np.random.Generator
     assert output_error(aware) < 0.5 * output_error(free)
 
 
+def test_too_few_calibration_rows_are_warned_about(rng: np.random.Generator, caplog) -> None:
+    """Fewer rows than input features: the factors fit those rows, and the error measured on them is optimistic."""
+    graph = dataflow_graph(rng)
+    chosen = plan(graph, Policy.config({"fc": 12}))
+    few = rng.standard_normal((10, 32))
+    with caplog.at_level("WARNING", logger="lowrank_ir._engine"):
+        result = rewrite(graph, chosen, stats={"fc": LayerStats(few.T @ few / len(few), len(few))})
+    assert result.errors["fc"][0] < 1e-6  # rank 12 >= 10 rows: exact on them, whatever the weight
+    assert "1 of 1 data-aware layers saw fewer calibration rows than input features ('fc': 10 rows for 32 " \
+           "features)" in caplog.text
+    caplog.clear()
+    many = rng.standard_normal((400, 32))
+    with caplog.at_level("WARNING", logger="lowrank_ir._engine"):
+        rewrite(graph, chosen, stats={"fc": LayerStats(many.T @ many / len(many), len(many))})
+    assert "calibration rows" not in caplog.text
+
+
 def conv_node(groups: int = 1, **extra) -> Node:
     attrs = {"in_channels": 8, "out_channels": 8, "kernel_size": (3, 3), "stride": (1, 1), "padding": (1, 1),
              "dilation": (1, 1), "groups": groups, "padding_mode": "zeros", **extra}
