@@ -69,18 +69,22 @@ def framework_of(model: Any) -> str:
                     f"from module {type(model).__module__!r}")
 
 
-def _load(module_name: str, role: str, framework: str) -> object:
+def _load(module_name: str, role: str, framework: str, protocol: type) -> Any:
+    """Import the ``role`` module ``module_name`` of ``framework`` and check that it meets ``protocol``.
+
+    ``ImportError`` naming the extra to install when it cannot be imported; ``TypeError`` listing the
+    members it lacks when it is not a ``protocol``.
+    """
     try:
-        return importlib.import_module(module_name)
+        module = importlib.import_module(module_name)
     except ModuleNotFoundError as err:
         raise ImportError(f"the {framework} {role} ({module_name}) could not be imported: {err}. "
                           f"Install lowrank-ir with the '{framework}' extra.") from err
-
-
-def _not_a(module: object, protocol: type, role: str, framework: str) -> TypeError:
-    missing = [name for name in _members(protocol) if not hasattr(module, name)]
-    return TypeError(f"the {framework} {role} {getattr(module, '__name__', module)!r} is not a "
-                     f"{protocol.__name__}: it lacks {', '.join(missing)}")
+    if not isinstance(module, protocol):
+        missing = [name for name in _members(protocol) if not hasattr(module, name)]
+        raise TypeError(f"the {framework} {role} {module_name!r} is not a {protocol.__name__}: it lacks "
+                        f"{', '.join(missing)}")
+    return module
 
 
 def _members(protocol: type) -> list[str]:
@@ -96,17 +100,13 @@ def _members(protocol: type) -> list[str]:
 
 def frontend_for(model: Any) -> Frontend:
     name = framework_of(model)
-    module = _load(FRAMEWORKS[name].frontend, "frontend", name)
-    if not isinstance(module, Frontend):
-        raise _not_a(module, Frontend, "frontend", name)
+    module: Frontend = _load(FRAMEWORKS[name].frontend, "frontend", name, Frontend)
     return module
 
 
 def backend_for(model: Any) -> Backend:
     name = framework_of(model)
-    module = _load(FRAMEWORKS[name].backend, "backend", name)
-    if not isinstance(module, Backend):
-        raise _not_a(module, Backend, "backend", name)
+    module: Backend = _load(FRAMEWORKS[name].backend, "backend", name, Backend)
     return module
 
 
@@ -119,9 +119,7 @@ def native_backend(framework: str) -> NativeBackend:
     if framework not in NATIVE_FRAMEWORKS:
         raise ValueError(f"{framework!r} is not a framework of trainable models; choose one of "
                          f"{', '.join(NATIVE_FRAMEWORKS)}")
-    module = _load(FRAMEWORKS[framework].backend, "backend", framework)
-    if not isinstance(module, NativeBackend):
-        raise _not_a(module, NativeBackend, "backend", framework)
+    module: NativeBackend = _load(FRAMEWORKS[framework].backend, "backend", framework, NativeBackend)
     return module
 
 
@@ -134,9 +132,7 @@ def latency_for(model: Any) -> LatencyMeasurement:
         raise ValueError(f"latency is measured in onnxruntime, on {', '.join(measured)} models; this is a "
                          f"{framework.model_class}: export it first (backends.onnx.export(model, inputs)) and "
                          f"decompose the ONNX model")
-    module = _load(framework.latency, "latency measurement", name)
-    if not isinstance(module, LatencyMeasurement):
-        raise _not_a(module, LatencyMeasurement, "latency measurement", name)
+    module: LatencyMeasurement = _load(framework.latency, "latency measurement", name, LatencyMeasurement)
     return module
 
 
@@ -148,9 +144,7 @@ def adapter(library: str) -> ModelFilesAdapter:
     """The adapter module for ``library`` (a key of :data:`ADAPTERS`), imported now."""
     if library not in ADAPTERS:
         raise ValueError(f"no adapter for {library!r}; adapters exist for: {', '.join(sorted(ADAPTERS))}")
-    module = _load(ADAPTERS[library], "adapter", library)
-    if not isinstance(module, ModelFilesAdapter):
-        raise _not_a(module, ModelFilesAdapter, "adapter", library)
+    module: ModelFilesAdapter = _load(ADAPTERS[library], "adapter", library, ModelFilesAdapter)
     return module
 
 
