@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tools.common import UsageError, command_outputs, policy_from_args, progress_bars
+from tools.common import UsageError, chosen_policy, command_outputs, policy_of, progress_bars
 
 __all__ = ["decompose", "folder_only", "is_checkpoint_path"]
 
@@ -130,11 +130,11 @@ def _outputs(args: argparse.Namespace) -> tuple[Any, Path | None]:
 def decompose(args: argparse.Namespace) -> int:
     from lowrank_ir._files import atomic_directory, write_json
     from lowrank_ir._report import report_document
-    from tools.html_report import check_report_option, policy_of, write_report
+    from tools.html_report import check_report_option, write_report
 
     _check(args)
     check_report_option(args.report)
-    policy = policy_from_args(args)
+    policy = chosen_policy(args)[0]
     if args.nproc is not None and args.nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         _outputs(args)  # bad outputs stop here, before torchrun starts; torch is not imported in this process
         return _launch(args)

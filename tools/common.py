@@ -18,7 +18,7 @@ from typing import Any, TextIO
 
 __all__ = ["EXIT_BAD_INPUT", "INPUT_OPTIONS", "ProgressBars", "UsageError", "add_limit_arg", "budget_target",
            "byte_size", "choose_ranks", "chosen_policy", "command_outputs", "excludes_of", "global_policy",
-           "is_onnx_path", "load_factory", "load_model", "parse_input_shapes", "policy_from_args", "progress_bars",
+           "is_onnx_path", "load_factory", "load_model", "parse_input_shapes", "policy_of", "progress_bars",
            "rank_policy", "read_rules", "show_report"]
 
 EXIT_BAD_INPUT = 2
@@ -153,6 +153,21 @@ def excludes_of(args: argparse.Namespace) -> list[str] | None:
     return [name for name in (getattr(args, "excludes", None) or "").split(",") if name] or None
 
 
+def policy_of(args: argparse.Namespace) -> dict[str, Any]:
+    """How the command line chose ranks, for ``report.json``'s ``policy``."""
+    for kind in ("energy", "budget_params", "budget_flops", "budget_latency", "fixed", "dict"):
+        value = getattr(args, kind, None)
+        if value is not None:
+            break
+    else:
+        kind, value = ("vbmf", True) if getattr(args, "vbmf", False) else ("ratio", getattr(args, "ratio", None))
+    policy = {"kind": kind, "value": value, "divisor": getattr(args, "divisor", None), "excludes": excludes_of(args)}
+    for option in ("calib", "calib_text", "max_length", "batch_size", "count_padding"):
+        if getattr(args, option, None) not in (None, False):
+            policy[option] = getattr(args, option)
+    return policy
+
+
 def global_policy(decomposer: Any, args: argparse.Namespace, datasets: Any = None) -> Any:
     """``--energy`` / ``--budget-*`` applied to ``decomposer`` (a ``Decompose``), or None if none is given."""
     excludes = excludes_of(args)
@@ -205,11 +220,6 @@ def chosen_policy(args: argparse.Namespace, model: Any = None, calib: dict[str, 
         if chosen is not None:
             return Policy.config(chosen.decompose_config), chooser
     return rank_policy(args), None
-
-
-def policy_from_args(args: argparse.Namespace, model: Any = None, calib: dict[str, Any] | None = None) -> Any:
-    """The rank policy the options ask for (:func:`chosen_policy` without the ``Decompose``)."""
-    return chosen_policy(args, model, calib)[0]
 
 
 # ------------------------------------------------------------------------------------------ showing results

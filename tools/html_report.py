@@ -25,29 +25,14 @@ import math
 from pathlib import Path
 from typing import Any
 
-from tools.common import UsageError, command_outputs, excludes_of
+from tools.common import UsageError, command_outputs, policy_of
 
-__all__ = ["add_parser", "check_report_option", "decomposer_document", "is_html", "policy_of", "render_html",
+__all__ = ["add_parser", "check_report_option", "decomposer_document", "is_html", "render_html",
            "report_command", "write_report"]
 
 #: Spectra drawn per image (a grid of small plots), so that a large model gives several images, not a huge one.
 SPECTRA_PER_IMAGE = 24
 COLUMNS = 6
-
-
-def policy_of(args: argparse.Namespace) -> dict[str, Any]:
-    """How the command line chose ranks, for ``report.json``'s ``policy``."""
-    for kind in ("energy", "budget_params", "budget_flops", "budget_latency", "fixed", "dict"):
-        value = getattr(args, kind, None)
-        if value is not None:
-            break
-    else:
-        kind, value = ("vbmf", True) if getattr(args, "vbmf", False) else ("ratio", getattr(args, "ratio", None))
-    policy = {"kind": kind, "value": value, "divisor": getattr(args, "divisor", None), "excludes": excludes_of(args)}
-    for option in ("calib", "calib_text", "max_length", "batch_size", "count_padding"):
-        if getattr(args, option, None) not in (None, False):
-            policy[option] = getattr(args, option)
-    return policy
 
 
 def decomposer_document(decomposer: Any, args: argparse.Namespace, **fields: Any) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from tools.common import (
     chosen_policy,
     command_outputs,
     parse_input_shapes,
+    policy_of,
     progress_bars,
     show_report,
 )
@@ -73,7 +74,7 @@ def decompose(args: argparse.Namespace) -> int:
     from frontends.onnx import collect_stats, count_parameters, load_model, lower
     from lowrank_ir import build_report, plan, rewrite, with_forms, with_layout
     from lowrank_ir._report import report_document, spectra, spectral_energy
-    from tools.html_report import check_report_option, policy_of, write_report
+    from tools.html_report import check_report_option, write_report
 
     if args.weights:
         raise UsageError("--weights loads a PyTorch state dict; an ONNX model carries its own weights")
