@@ -19,7 +19,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,12 +36,12 @@ from frontends.safetensors import (
     read_header,
     skeleton,
 )
-from lowrank_ir._engine import Plan, PlanEntry, plan, rewrite
+from lowrank_ir._engine import Plan, PlanEntry, factorization_cost, plan, rewrite
 from lowrank_ir._ir import Op
 from lowrank_ir._policy import Policy
 from lowrank_ir._report import Report, build_report
 
-__all__ = ["DTYPE_NAMES", "PARTS_DIR", "Decomposed", "ShardWriter", "Workers", "decompose_checkpoint", "layer_cost",
+__all__ = ["DTYPE_NAMES", "PARTS_DIR", "Decomposed", "ShardWriter", "Workers", "decompose_checkpoint",
            "split_by_cost"]
 
 logger = logging.getLogger(__name__)
@@ -130,15 +130,9 @@ class Workers:
     threads: int | None = None  # BLAS threads of this process (default: one per core)
 
 
-def layer_cost(shape: tuple[int, ...]) -> int:
-    """Estimated cost of factorizing an ``[out, in]`` weight: its Gram matrix plus the eigensolver."""
-    small, large = min(shape[:2]), max(shape[:2])
-    return small * small * large + small**3
-
-
-def split_by_cost(costs: dict[str, int], size: int) -> dict[str, int]:
+def split_by_cost(costs: Mapping[str, float], size: int) -> dict[str, int]:
     """Items -> process rank, largest first onto the least loaded process (ties: lowest rank, then name)."""
-    loads = [0] * size
+    loads = [0.0] * size
     owner: dict[str, int] = {}
     for name in sorted(costs, key=lambda item: (-costs[item], item)):
         rank = min(range(size), key=lambda index: (loads[index], index))
@@ -157,10 +151,11 @@ def decompose_checkpoint(source: str | os.PathLike[str], target: str | os.PathLi
     budget needs every layer at once.
 
     Several processes (``workers``, all given the same arguments and ``target``) share the work: layers
-    are split by :func:`layer_cost`, each process writes its layers' factors beside the output, then (after
-    a barrier) the shards, split by size, are assembled from them, and after a second barrier rank 0 writes
-    the index and copies the other files. The files are the same bytes as one process writes (given the
-    same BLAS threads per process, the factorizations are the same). Every rank returns the result.
+    are split by their estimated cost (``factorization_cost``), each process writes its layers' factors
+    beside the output, then (after a barrier) the shards, split by size, are assembled from them, and
+    after a second barrier rank 0 writes the index and copies the other files. The files are the same
+    bytes as one process writes (given the same BLAS threads per process, the factorizations are the
+    same). Every rank returns the result.
 
     Raises:
         ValueError: On a policy that needs the whole model, or a checkpoint that does not fit its config.
@@ -175,7 +170,7 @@ def decompose_checkpoint(source: str | os.PathLike[str], target: str | os.PathLi
     out = Path(target)
     parts = out / PARTS_DIR
     parts.mkdir(exist_ok=True)
-    layer_owner = split_by_cost({name: layer_cost(checkpoint.tensors[node.params["weight"]].shape)
+    layer_owner = split_by_cost({name: factorization_cost(checkpoint.tensors[node.params["weight"]].shape)
                                  for name, node in nodes.items()}, workers.size)
     mine = [node for name, node in nodes.items() if layer_owner[name] == workers.rank]
     for done, node in enumerate(mine, start=1):

@@ -351,8 +351,9 @@ def nproc_row(repeat: int = 1, blocks: int = 2, hidden: int = 2048, mlp: int = 5
     import subprocess
     import tempfile
 
-    from backends.safetensors import layer_cost, split_by_cost
+    from backends.safetensors import split_by_cost
     from frontends.safetensors import linear_layers, open_checkpoint
+    from lowrank_ir._engine import factorization_cost
 
     cpu = {1: math.inf, 2: math.inf}
 
@@ -374,7 +375,8 @@ def nproc_row(repeat: int = 1, blocks: int = 2, hidden: int = 2048, mlp: int = 5
         _llama_checkpoint(source, blocks, hidden, mlp)
         checkpoint = open_checkpoint(source)
         nodes = linear_layers(checkpoint)
-        costs = {name: layer_cost(checkpoint.tensors[node.params["weight"]].shape) for name, node in nodes.items()}
+        costs = {name: factorization_cost(checkpoint.tensors[node.params["weight"]].shape)
+                 for name, node in nodes.items()}
         owner = split_by_cost(costs, 2)
         largest = max(sum(cost for name, cost in costs.items() if owner[name] == rank) for rank in range(2))
         best = {1: math.inf, 2: math.inf}

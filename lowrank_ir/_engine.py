@@ -856,21 +856,26 @@ def _workers(requested: int | None, jobs: int) -> int:
 Progress = Callable[[int, int, str], None]
 
 
-def _cost(entry: PlanEntry) -> float:
-    """Estimated multiply-adds of factorizing ``entry``, to schedule the dearest layers first.
+def factorization_cost(shape: Sequence[int], form: str | None = SVD, rank: Any = None) -> float:
+    """Estimated multiply-adds of factorizing a weight of ``shape``: to schedule or split the dearest first.
 
-    SVD: the smaller side's Gram matrix and its eigensolver. Tucker-2: a few HOOI sweeps, each two
-    projections of the kernel and two Gram matrices with their eigensolvers.
+    SVD (the default): the smaller side's Gram matrix and its eigensolver. Tucker-2 at ``rank``
+    ``(out, in)``: a few HOOI sweeps, each two projections of the kernel and two Gram matrices with
+    their eigensolvers.
     """
-    out, inp = entry.shape[0], entry.shape[1]
-    if entry.form == TUCKER2 and isinstance(entry.rank, tuple):
-        taps = math.prod(entry.shape[2:])
-        rank_out, rank_in = entry.rank
+    out, inp = shape[0], shape[1]
+    if form == TUCKER2 and isinstance(rank, tuple):
+        taps = math.prod(shape[2:])
+        rank_out, rank_in = rank
         sweep = (out * inp * taps * (rank_out + rank_in) + (out * out * rank_in + inp * inp * rank_out) * taps
                  + out**3 + inp**3)
         return float(HOOI_TYPICAL_SWEEPS * sweep)
-    small, large = sorted((out, math.prod(entry.shape[1:])))
+    small, large = sorted((out, math.prod(shape[1:])))
     return float(small * small * large + small**3)
+
+
+def _cost(entry: PlanEntry) -> float:
+    return factorization_cost(entry.shape, entry.form, entry.rank)
 
 
 def _run_parallel(tasks: Sequence[Callable[[], _T]], names: Sequence[str], workers: int,
