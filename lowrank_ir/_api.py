@@ -734,6 +734,15 @@ def _candidate(node: Node, graph: Graph, stats: LayerStats | None, kind: str) ->
     moment = None if stats is None else stats.moment
     if node.op is Op.CONV:
         out, inp, taps = weight.shape[0], weight.shape[1], int(np.prod(weight.shape[2:]))
+
+        def cost(h: int) -> float:
+            return scale * (inp * h * in_pos + (h * h * taps + h * out) * out_pos)
+
+        if taps == 1:
+            # Tucker-2 at ranks (h, h) of a 1x1 kernel is its matrix's rank-h factorization (the engine's
+            # ``_factor_pointwise``): one spectral tail, whitened by the input-channel moment when there is one.
+            errors = _budget.tail_errors(_budget.matrix_spectrum(weight.reshape(out, inp), moment))
+            return _budget.Candidate(node.name, errors, cost, scale * out * inp * out_pos, min(out, inp))
         kernel = np.asarray(weight, dtype=np.float64)
         out_mode = _budget.matrix_spectrum(kernel.reshape(out, -1))
         in_unfolding = kernel.transpose(1, 0, *range(2, kernel.ndim)).reshape(inp, -1)
@@ -748,9 +757,7 @@ def _candidate(node: Node, graph: Graph, stats: LayerStats | None, kind: str) ->
         total = float(np.sum(out_mode))
         errors = np.minimum(_budget.tail_errors(out_mode, total)[:min(out, inp) + 1]
                             + _budget.tail_errors(in_mode, total)[:min(out, inp) + 1], 1.0)
-        return _budget.Candidate(node.name, errors,
-                                 lambda h: scale * (inp * h * in_pos + (h * h * taps + h * out) * out_pos),
-                                 scale * out * inp * taps * out_pos, min(out, inp))
+        return _budget.Candidate(node.name, errors, cost, scale * out * inp * taps * out_pos, min(out, inp))
     matrix = _matrix_view(node, weight)
     out, inp = matrix.shape
     usable = moment if node.op in (Op.LINEAR, Op.MATMUL) else None

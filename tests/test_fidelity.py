@@ -195,6 +195,22 @@ def test_energy_keeps_the_fraction(keep: float) -> None:
 
 
 @pytest.mark.parametrize("keep", [0.9, 0.99])
+def test_energy_of_a_pointwise_conv_is_its_matrix_energy(keep: float) -> None:
+    """A 1x1 conv at Tucker-2 ranks (r, r) is its matrix at rank r: the smallest r keeping ``keep``, not more."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(48, 64, 1)
+    with torch.no_grad():
+        conv.weight.copy_((torch.randn(64, 12) @ torch.randn(12, 48) + 0.05 * torch.randn(64, 48))[..., None, None])
+    model = nn.Sequential(conv).eval()
+    [layer] = [layer for layer in Decompose(model).from_energy(keep).report if layer.form]
+    singular = torch.linalg.svdvals(conv.weight.detach().double().reshape(64, 48))
+    energy = torch.cumsum(singular**2, 0) / (singular**2).sum()
+    rank = layer.rank if isinstance(layer.rank, int) else layer.rank[0]
+    assert energy[rank - 1] >= keep - 1e-9
+    assert rank == 1 or energy[rank - 2] < keep
+
+
+@pytest.mark.parametrize("keep", [0.9, 0.99])
 def test_data_aware_energy_keeps_the_output_energy(keep: float) -> None:
     """With data, each layer keeps ``keep`` of the energy of its output ``X Wᵀ`` on the calibration inputs."""
     model = low_rank_mlp()
