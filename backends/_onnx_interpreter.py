@@ -34,7 +34,7 @@ import numpy as np
 from backends import _dataflow
 from backends._dataflow import Step
 from lowrank_ir import Graph, Op, Value, conv_pads, verify
-from lowrank_ir._ir import onnx_padding
+from lowrank_ir._ir import onnx_padding, padding_halves
 
 __all__ = ["COMMON_FUNCTIONS", "DEFAULT_OPSET", "LAYERS", "ONNX_DTYPES", "OPS", "InputError", "NodeError",
            "Primitives", "Program", "Step", "bind_inputs", "onnx_op", "program"]
@@ -506,9 +506,9 @@ def _transposed_pads(padding: Any, sizes: Sequence[int], kernel: Sequence[int], 
     for i in range(len(kernel)):
         full = strides[i] * (sizes[i] - 1) + output_padding[i] + (kernel[i] - 1) * dilations[i] + 1
         total = full - int(output_shape[i])
-        small, large = total // 2, total - total // 2
-        begins.append(small if upper else large)
-        ends.append(large if upper else small)
+        begin, end = padding_halves(total, odd_at_end=upper)
+        begins.append(begin)
+        ends.append(end)
     return begins, ends
 
 

@@ -71,7 +71,7 @@ from typing import Any
 import numpy as np
 
 __all__ = ["AUTO_PAD", "DEFAULT_DOMAINS", "RESERVED_ATTRS", "Graph", "GraphError", "Node", "Op", "Value",
-           "conv_pads", "onnx_padding", "source_attrs", "verify"]
+           "conv_pads", "onnx_padding", "padding_halves", "source_attrs", "verify"]
 
 
 def conv_pads(padding: Any, sizes: Sequence[int], kernel: Sequence[int], stride: Sequence[int],
@@ -93,9 +93,9 @@ def conv_pads(padding: Any, sizes: Sequence[int], kernel: Sequence[int], stride:
         for size, k, s, d in zip(sizes, kernel, stride, dilation, strict=True):
             out = -(-int(size) // int(s))
             total = max((out - 1) * int(s) + (int(k) - 1) * int(d) + 1 - int(size), 0)
-            small, large = total // 2, total - total // 2
-            begins.append(large if padding == "same_lower" else small)
-            ends.append(small if padding == "same_lower" else large)
+            begin, end = padding_halves(total, odd_at_end=padding == "same")
+            begins.append(begin)
+            ends.append(end)
         return begins, ends
     pads = [int(p) for p in padding]
     if len(pads) == ndim:
@@ -103,6 +103,16 @@ def conv_pads(padding: Any, sizes: Sequence[int], kernel: Sequence[int], stride:
     if len(pads) == 2 * ndim:
         return pads[:ndim], pads[ndim:]
     raise ValueError(f"padding {tuple(pads)!r} has neither {ndim} (per axis) nor {2 * ndim} (begin..., end...) entries")
+
+
+def padding_halves(total: int, odd_at_end: bool) -> tuple[int, int]:
+    """``total`` padding of one axis split into ``(begin, end)`` halves; an odd extra goes to the end if ``odd_at_end``.
+
+    The rule of ``"same"`` (``SAME_UPPER``: extra at the end) and ``"same_lower"`` (at the beginning), for
+    convolutions and transposed convolutions alike.
+    """
+    small, large = total // 2, total - total // 2
+    return (small, large) if odd_at_end else (large, small)
 
 
 #: ONNX ``auto_pad`` -> the ``Conv`` ``padding`` form it means (``NOTSET`` means the explicit ``pads``).
