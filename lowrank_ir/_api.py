@@ -42,10 +42,12 @@ from lowrank_ir._engine import (
 from lowrank_ir._files import check_file_target, read_json, write_json
 from lowrank_ir._ir import Graph, Node, Op
 from lowrank_ir._policy import (
+    FORMS_KEY,
     Policy,
     Rules,
+    config_document,
     plain_number,
-    validate_config,
+    split_config_document,
     validate_divisor,
     validate_excludes,
 )
@@ -105,7 +107,9 @@ class Decompose:
     Args:
         model: the trained model. It is read, never changed.
         config_file: a ``.json`` path. Every ``from_*`` call writes the chosen ``decompose_config``
-            there (atomically, not group/other-writable); ``from_file`` reads it back.
+            there (atomically, not group/other-writable), with a ``"__forms__"`` section for the layers
+            a latency budget wrote in another two-factor form (:meth:`config_document`); ``from_file``
+            reads it back, forms included. The reference tool reads the file too (as Tucker-2 layers).
         mask_padding: with calibration data whose elements are dicts holding an ``attention_mask``
             (a tokenizer's padded batches), leave the padding positions out of the statistics of
             token-aligned layer inputs and of the measured output errors (the default); False keeps
@@ -370,13 +374,7 @@ class Decompose:
         if met is None:
             logger.warning("latency=%s was not met: the closest allocation measured %.3f", target,
                            decomposed_ms / original_ms)
-        self._choose_exact(graph, config, candidates, f"budget latency={target}")
-        if forms:
-            assert self.plan is not None
-            self.forms = forms
-            self.plan = with_forms(self.plan, forms)
-            self.report = build_report(graph, self.plan)
-        return self
+        return self._choose_exact(graph, config, candidates, f"budget latency={target}", forms)
 
     def _measured(self, graph: Graph, candidates: list[_budget.Candidate], fraction: float, datasets: Any,
                   probe_iter: int) -> list[_budget.Candidate]:
@@ -434,37 +432,59 @@ class Decompose:
         return dict(stats)
 
     def _choose_exact(self, graph: Graph, config: dict[str, int | list[int]],
-                      candidates: list[_budget.Candidate], policy: str) -> Decompose:
+                      candidates: list[_budget.Candidate], policy: str,
+                      forms: Mapping[str, tuple[str, int]] | None = None) -> Decompose:
+        """Choose ``config`` (and ``forms``: layers in another two-factor form); write both to ``config_file``."""
         if not config:
             raise ValueError(f"no layer of this {type(self.model).__name__} would be decomposed under {policy}: "
                              f"every candidate is cheaper kept whole")
-        self.forms = {}
-        chosen = plan(graph, Policy.config(config))
+        forms = dict(forms or {})
+        chosen = with_forms(plan(graph, Policy.config(config)), forms)
         for cand in candidates:
             if cand.name not in config:
                 entry = chosen.entries[cand.name]
                 chosen.entries[cand.name] = PlanEntry(entry.name, entry.op, entry.shape,
                                                       reason=f"kept whole by the {policy} policy")
         if self.config_file is not None:
-            write_json(self.config_file, config)
-        self.plan, self.decompose_config = chosen, config
+            write_json(self.config_file, config_document(config, forms))
+        self.plan, self.decompose_config, self.forms = chosen, config, forms
         self.report = build_report(graph, chosen)
         return self
 
     def from_file(self) -> Decompose:
-        """Restore the ``decompose_config`` saved in ``config_file`` by an earlier ``from_*`` call."""
+        """Restore the ``decompose_config`` and forms saved in ``config_file`` by an earlier ``from_*`` call.
+
+        The file is the reference tool's ``{layer: rank or [out, in]}`` (either tool's files load), with,
+        after a latency budget that wrote some k x k convs in channel or spatial SVD, a
+        ``"__forms__": {layer: [form, rank]}`` section (``lowrank_ir._policy.FORMS_KEY``) that restores
+        them into ``self.forms``, so the model rebuilt is the one the budget measured.
+        """
         if self.config_file is None:
             raise ValueError("from_file needs Decompose(model, config_file='....json') naming a saved config")
         if not self.config_file.is_file():
             raise ValueError(f"config_file {str(self.config_file)!r} does not exist; call another from_* "
                              f"method with this config_file first to save one")
-        config = read_json(self.config_file, f"config_file {str(self.config_file)!r}")
-        config = validate_config(config, f"config_file {str(self.config_file)!r}")
+        source = f"config_file {str(self.config_file)!r}"
+        config, forms = split_config_document(read_json(self.config_file, source), source)
         graph = self._lower()
-        self.plan = plan(graph, Policy.config(config))
-        self.decompose_config, self.forms = config, {}
+        chosen = plan(graph, Policy.config(config))
+        try:
+            chosen = with_forms(chosen, forms)
+        except ValueError as err:
+            raise ValueError(f"{source}[{FORMS_KEY!r}]: {err}") from err
+        self.plan, self.decompose_config, self.forms = chosen, config, forms
         self.report = build_report(graph, self.plan)
         return self
+
+    def config_document(self) -> dict[str, Any]:
+        """What ``config_file`` holds for the current choice: ``decompose_config`` plus the layers' forms, if any.
+
+        The JSON object to save where a config file is written by hand (a tool's output folder);
+        ``from_file`` reads it back. ``ValueError`` before any ``from_*`` call.
+        """
+        if self.decompose_config is None:
+            raise ValueError("no decompose_config yet: call a from_* method first")
+        return config_document(self.decompose_config, self.forms)
 
     def _lower(self) -> Graph:
         return self._frontend.lower(self.model)
@@ -480,7 +500,7 @@ class Decompose:
                 f"no layer of this {type(self.model).__name__} would be decomposed under {policy.kind!r} "
                 f"({len(kept)} candidate layers{': ' + detail if detail else ''})")
         if self.config_file is not None:
-            write_json(self.config_file, config)
+            write_json(self.config_file, config_document(config))
             logger.info("wrote decompose_config to %s", self.config_file)
         self.plan, self.decompose_config, self.forms = chosen, config, {}
         self.report = build_report(graph, chosen)
