@@ -192,6 +192,6 @@ def spatial_refit_horizontal(kernel: np.ndarray, vertical: np.ndarray, patch_mom
     gram = gram.transpose(0, 2, 1).reshape(rank * width, rank * width)  # T P Tᵀ, (s, j) x (s', j')
     gram = 0.5 * (gram + gram.T)
     target = array.reshape(out, taps) @ applied.T  # K P Tᵀ
-    ridge = damping * max(float(np.trace(gram)) / (rank * width), np.finfo(np.float64).tiny)
+    ridge = damping * max(float(np.trace(gram)) / (rank * width), float(np.finfo(np.float64).tiny))
     solved = np.linalg.solve(gram + ridge * np.eye(rank * width), target.T).T  # [out, (s, j)]
     return solved.reshape(out, rank, 1, width)
