@@ -137,3 +137,27 @@ def test_a_bad_forms_section_is_refused_naming_it(forms, message, write_config, 
 def test_rules_with_a_forms_section_are_refused_pointing_to_from_file() -> None:
     with pytest.raises(ValueError, match=r"rules hold '__forms__'.*from_file\(\)"):
         Decompose(_torch_model()).from_dict(config_document(CONFIG, FORMS))
+
+
+def test_a_hugging_face_folder_keeps_the_forms_of_its_convs(tmp_path, write_config) -> None:
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from lowrank_ir.hf import load_decomposed, save_decomposed
+
+    torch.manual_seed(0)
+    config = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic")
+    model = transformers.ResNetModel(config).eval()
+    block = "encoder.stages.1.layers.0"  # 3x3 convs 8 -> 16 and 16 -> 16, a 1x1 shortcut 8 -> 16
+    spatial, channel = f"{block}.layer.1.convolution", f"{block}.layer.0.convolution"
+    forms = {spatial: (SPATIAL_SVD, 8), channel: (SVD, 6)}
+    document = config_document({spatial: [8, 8], channel: [6, 6], f"{block}.shortcut.convolution": [4, 4]}, forms)
+    small = Decompose(model, config_file=write_config(document)).from_file().decompose_network()
+    folder = save_decomposed(small, tmp_path / "resnet")
+    assert json.loads((folder / "decompose_config.json").read_text()) == document
+    loaded = load_decomposed(folder)
+    assert [tuple(part.kernel_size) for part in loaded.get_submodule(spatial)] == [(3, 1), (1, 3)]
+    assert [tuple(part.kernel_size) for part in loaded.get_submodule(channel)] == [(3, 3), (1, 1)]
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        np.testing.assert_array_equal(loaded(pixel_values=images).last_hidden_state.numpy(),
+                                      small(pixel_values=images).last_hidden_state.numpy())
