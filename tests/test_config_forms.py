@@ -161,3 +161,24 @@ def test_a_hugging_face_folder_keeps_the_forms_of_its_convs(tmp_path, write_conf
     with torch.no_grad():
         np.testing.assert_array_equal(loaded(pixel_values=images).last_hidden_state.numpy(),
                                       small(pixel_values=images).last_hidden_state.numpy())
+
+
+def test_a_decompose_folder_with_forms_is_rebuilt_in_them_by_the_command_line(tmp_path, write_config) -> None:
+    """``lowrank bench`` rebuilds a ``lowrank decompose module:factory -o DIR`` folder from its config file."""
+    torch = pytest.importorskip("torch")
+    from backends.torch import save_weights
+    from tests.models import convnet
+    from tools.bench_cli import _torch_decomposed
+
+    document = config_document({"2": [24, 24], "4": [16, 16]}, {"2": (SPATIAL_SVD, 24)})
+    decomposer = Decompose(convnet(), config_file=write_config(document)).from_file()
+    small = decomposer.decompose_network()
+    folder = tmp_path / "small"
+    folder.mkdir()
+    save_weights(small, folder / "state_dict.safetensors")
+    write_json(folder / "decompose_config.json", decomposer.config_document())
+    rebuilt = _torch_decomposed(str(folder), convnet())
+    assert [tuple(part.kernel_size) for part in rebuilt[2]] == [(3, 1), (1, 3)]
+    x = torch.randn(1, 16, 12, 12, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        np.testing.assert_array_equal(rebuilt(x).numpy(), small(x).numpy())
