@@ -32,6 +32,7 @@ from lowrank_ir._engine import (
     _why_not_decomposable,
     approximations,
     form_rank_limit,
+    form_whitening,
     plan,
     rewrite,
     validate_layout,
@@ -302,6 +303,7 @@ class Decompose:
         measured = _check_estimate(estimate, datasets, probe_iter) == "measured"
         fallback = float(np.median(list(self.sensitivities.values()))) if measured and self.sensitivities else 1.0
         scales = {cand.name: self.sensitivities.get(cand.name, fallback) if measured else 1.0 for cand in candidates}
+        stats = self._stats[2] if datasets is not None and self._stats is not None else {}
         timer = measuring.LatencyModel(self.model, graph, input_shapes, threads)
         timed: list[_budget.Candidate] = []
         untimed: dict[str, str] = {}
@@ -315,7 +317,8 @@ class Decompose:
                 continue
             timed.append(_budget.Candidate(cand.name, cand.errors, timer.cost(node, cand.max_rank, divisor),
                                            timer.layer_ms(node), cand.max_rank,
-                                           forms=_timed_forms(node, graph, timer, divisor, scales.get(cand.name, 1.0))))
+                                           forms=_timed_forms(node, graph, timer, divisor, scales.get(cand.name, 1.0),
+                                                              stats.get(cand.name))))
         if not timed:
             raise ValueError(f"no candidate layer of this model can be timed: {untimed}")
         rest = max(timer.model_ms - sum(cand.original_cost for cand in timed), 0.0)
@@ -711,23 +714,25 @@ def _config(graph: Graph, ranks: Mapping[str, _budget.Choice]) -> dict[str, int 
 
 
 def _timed_forms(node: Node, graph: Graph, timer: LatencyTimer, divisor: int, scale: float,
-                 ) -> dict[str, _budget.Form]:
-    """A k x k conv's other two-factor forms for the latency budget: exact weight-error curves, measured latency.
+                 stats: LayerStats | None = None) -> dict[str, _budget.Form]:
+    """A k x k conv's other two-factor forms for the latency budget: exact error curves, measured latency.
 
     The error of channel and spatial SVD at rank r is the tail of the singular values of the form's
-    matrix (``lowrank_ir._conv_forms``), relative to ``||K||²`` like the Tucker-2 estimate, times the
-    layer's sensitivity ``scale`` (1 without data).
+    matrix (``lowrank_ir._conv_forms``; whitened as the engine fits the form when ``stats`` are given:
+    ``form_whitening``), relative to its whole spectrum like the Tucker-2 estimate, times the layer's
+    sensitivity ``scale`` (1 without data).
     """
     weight = graph.param(node, "weight")
     assert weight is not None
     forms = {}
     for form in timer.forms(node):
-        matrix = _conv_forms.spatial_matrix(weight) if form == SPATIAL_SVD else _conv_forms.channel_matrix(weight)
+        matrix = _conv_forms.spatial_matrix(weight).T if form == SPATIAL_SVD else _conv_forms.channel_matrix(weight)
         limit = form_rank_limit(node.op, weight.shape, form)
         if limit < divisor:
             continue
-        errors = _budget.tail_errors(_budget.matrix_spectrum(matrix)) * scale
-        forms[form] = _budget.Form(errors, timer.cost(node, limit, divisor, form), limit)
+        spectrum = _budget.matrix_spectrum(matrix, form_whitening(form, stats, weight.shape))
+        forms[form] = _budget.Form(_budget.tail_errors(spectrum) * scale, timer.cost(node, limit, divisor, form),
+                                   limit)
     return forms
 
 

@@ -59,8 +59,9 @@ from lowrank_ir._evbmf import vbmf_ranks
 from lowrank_ir._ir import Graph, Node, Op, verify
 from lowrank_ir._policy import Policy, conv_ranks, matrix_rank, ratio_rank, smallest_ratio
 
-__all__ = ["CONV_FORMS", "LAYOUTS", "LayerStats", "Plan", "PlanEntry", "approximations", "form_rank_limit", "plan",
-           "rewrite", "stats_from_sums", "validate_layout", "warn_unknown_excludes", "with_forms", "with_layout"]
+__all__ = ["CONV_FORMS", "LAYOUTS", "LayerStats", "Plan", "PlanEntry", "approximations", "form_rank_limit",
+           "form_whitening", "plan", "rewrite", "spatial_moment", "stats_from_sums", "validate_layout",
+           "warn_unknown_excludes", "with_forms", "with_layout"]
 
 logger = logging.getLogger(__name__)
 
@@ -547,6 +548,31 @@ def _kernel_output_error(kernel: np.ndarray, approx: np.ndarray, stats: LayerSta
     return _output_error(delta, full, _centered(stats), stats.moment), shift
 
 
+def spatial_moment(stats: LayerStats, shape: Sequence[int]) -> np.ndarray:
+    """The moment whitening a spatial SVD's input side: of the vertical conv's input columns ``(c, i)``.
+
+    From the im2col patch moment when ``stats`` has one that fits ``shape``, else from the input-channel
+    moment at every row (``lowrank_ir._conv_forms``).
+    """
+    patches = _usable_patches(stats, shape)
+    if patches is not None:
+        return _conv_forms.spatial_column_moment(patches, shape)
+    return _conv_forms.spatial_row_moment(stats.moment, int(shape[2]))
+
+
+def form_whitening(form: str, stats: LayerStats | None, shape: Sequence[int]) -> np.ndarray | None:
+    """The moment a k x k conv's two-factor ``form`` is fitted under with ``stats`` (None: the weight error).
+
+    Spatial SVD: :func:`spatial_moment` on the input side of ``spatial_matrix(K)ᵀ``; channel SVD: the
+    im2col patch moment on the ``[out, in·T]`` matrix's input side, when there is one.
+    """
+    if stats is None:
+        return None
+    if form == SPATIAL_SVD:
+        return spatial_moment(stats, shape)
+    return _usable_patches(stats, shape)
+
+
 def _factor_spatial(kernel: np.ndarray, rank: int, stats: LayerStats | None, correct_bias: bool) -> _Factors:
     """Spatial SVD at ``rank``; data-aware when ``stats`` is given (``lowrank_ir._conv_forms``).
 
@@ -560,11 +586,7 @@ def _factor_spatial(kernel: np.ndarray, rank: int, stats: LayerStats | None, cor
         return _Factors([vertical, horizontal], error)
     kernel64 = kernel.astype(np.float64)
     patches = _usable_patches(stats, kernel.shape)
-    if patches is not None:
-        columns = _conv_forms.spatial_column_moment(patches, kernel.shape)
-    else:
-        columns = _conv_forms.spatial_row_moment(stats.moment, kernel.shape[2])
-    vertical, horizontal = _conv_forms.whitened_spatial_factors(kernel64, rank, columns)
+    vertical, horizontal = _conv_forms.whitened_spatial_factors(kernel64, rank, spatial_moment(stats, kernel.shape))
     error, shift = _kernel_output_error(kernel64, _conv_forms.spatial_kernel(vertical, horizontal), stats, patches,
                                         correct_bias)
     if patches is not None:

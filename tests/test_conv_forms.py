@@ -459,3 +459,34 @@ def test_data_aware_spatial_svd_on_ppocr_det_beats_the_data_free_fit_on_other_im
           f"{free_error:.4f}, data-aware {aware_error:.4f}")
     assert all(aware.report[name].form == SPATIAL_SVD for name in heads)
     assert aware_error < 0.9 * free_error
+
+
+@pytest.mark.parametrize(("form", "patch_statistics"), [(SPATIAL_SVD, False), (SPATIAL_SVD, True), (SVD, True)])
+def test_the_budgets_error_curve_of_a_form_is_the_error_of_its_data_aware_fit(form, patch_statistics) -> None:
+    """The latency budget's estimate (whitened tail, ``form_whitening``) is what the engine's fit reaches.
+
+    Exactly where the fit is a whitened SVD measured under the same moment. With patch statistics the
+    spatial fit is measured exactly (the estimate leaves out the columns' correlations across ``j``) and
+    its horizontal factor refit: on these correlated patches it lands at or below the estimate.
+    """
+    from frontends.onnx import lower
+    from lowrank_ir import LayerStats
+    from lowrank_ir._budget import matrix_spectrum, tail_errors
+    from lowrank_ir._engine import form_whitening
+
+    graph = lower(_onnx_model())
+    kernel = graph.params["conv.weight"]
+    patches = _patches(6, kernel.shape)
+    moment = patches.T @ patches / len(patches)
+    channel = spatial_column_moment(moment, kernel.shape)[::3, ::3]
+    stats = LayerStats(channel, len(patches), patch_moment=moment if patch_statistics else None)
+    matrix = spatial_matrix(kernel).T if form == SPATIAL_SVD else channel_matrix(kernel)
+    curve = tail_errors(matrix_spectrum(matrix, form_whitening(form, stats, kernel.shape)))
+    for rank in (2, 5, 9):
+        chosen = with_forms(plan(graph, Policy.fixed(4, divisor=1)), {"conv": (form, rank)})
+        error, kind = rewrite(graph, chosen, stats={"conv": stats}).errors["conv"]
+        assert kind == "output"
+        if form == SPATIAL_SVD and patch_statistics:
+            assert error <= np.sqrt(curve[rank]) + 1e-9
+        else:
+            assert error == pytest.approx(np.sqrt(curve[rank]), rel=1e-6)
