@@ -490,3 +490,27 @@ def test_the_budgets_error_curve_of_a_form_is_the_error_of_its_data_aware_fit(fo
             assert error <= np.sqrt(curve[rank]) + 1e-9
         else:
             assert error == pytest.approx(np.sqrt(curve[rank]), rel=1e-6)
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_the_spectrum_reported_for_a_form_is_the_one_its_rank_cuts(form) -> None:
+    from frontends.onnx import lower
+    from lowrank_ir import LayerStats
+    from lowrank_ir._budget import matrix_spectrum, tail_errors
+    from lowrank_ir._report import spectra, spectral_energy
+
+    graph = lower(_onnx_model())
+    kernel = graph.params["conv.weight"]
+    patches = _patches(7, kernel.shape)
+    moment = patches.T @ patches / len(patches)
+    stats = {"conv": LayerStats(spatial_column_moment(moment, kernel.shape)[::3, ::3], len(patches),
+                                patch_moment=moment)}
+    chosen = with_forms(plan(graph, Policy.fixed(4, divisor=1)), {"conv": (form, 5)})
+    matrix = spatial_matrix(kernel) if form == SPATIAL_SVD else channel_matrix(kernel)
+    free, aware = spectra(graph, chosen)["conv"], spectra(graph, chosen, stats)["conv"]
+    assert free["count"] == aware["count"] == (24 if form == SPATIAL_SVD else 12) and aware["whitened"]
+    assert free["kept_energy"] == pytest.approx(1 - tail_errors(matrix_spectrum(matrix))[5])
+    assert spectral_energy(graph, chosen)["conv"] == pytest.approx(free["kept_energy"])
+    whitened = rewrite(graph, chosen, stats=stats).errors["conv"][0]
+    if form == SVD:  # the channel SVD's fit is that whitened truncation
+        assert aware["kept_energy"] == pytest.approx(1 - whitened**2)
