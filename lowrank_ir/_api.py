@@ -145,7 +145,8 @@ class Decompose:
         self._stats: tuple[int, int, dict[str, LayerStats]] | None = None
         self.sensitivities: dict[str, float] = {}
         self.latency: dict[str, Any] = {}
-        #: Layers the latency budget writes in another two-factor form: name -> (form, rank) (``with_forms``).
+        #: Layers in another two-factor form: name -> (form, rank) (``with_forms``), chosen by the latency budget
+        #: or restored by ``from_file``.
         self.forms: dict[str, tuple[str, int]] = {}
 
     # ------------------------------------------------------------------------------------ choosing ranks
