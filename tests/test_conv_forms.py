@@ -462,8 +462,8 @@ def test_data_aware_spatial_svd_on_ppocr_det_beats_the_data_free_fit_on_other_im
 
 
 @pytest.mark.parametrize(("form", "patch_statistics"), [(SPATIAL_SVD, False), (SPATIAL_SVD, True), (SVD, True)])
-def test_the_budgets_error_curve_of_a_form_is_the_error_of_its_data_aware_fit(form, patch_statistics) -> None:
-    """The latency budget's estimate (whitened tail, ``form_whitening``) is what the engine's fit reaches.
+def test_the_whitened_tail_of_a_form_is_the_error_of_its_data_aware_fit(form, patch_statistics) -> None:
+    """The whitened tail (``form_whitening``, as the report's spectra cut it) is what the engine's fit reaches.
 
     Exactly where the fit is a whitened SVD measured under the same moment. With patch statistics the
     spatial fit is measured exactly (the estimate leaves out the columns' correlations across ``j``) and
