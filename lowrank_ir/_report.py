@@ -27,9 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from lowrank_ir import _conv_forms
 from lowrank_ir._budget import matrix_spectrum
-from lowrank_ir._engine import SPATIAL_SVD, SVD, TUCKER2, LayerStats, Plan, PlanEntry, _matrix_view
+from lowrank_ir._engine import SPATIAL_SVD, SVD, TUCKER2, LayerStats, Plan, PlanEntry, _matrix_view, factor_count
 from lowrank_ir._ir import Graph, Node, Op
 
 __all__ = ["SPECTRUM_LENGTH", "LayerReport", "Report", "build_report", "report_document", "spectra", "spectral_energy"]
@@ -74,18 +73,18 @@ def _layer_figures(entry: PlanEntry, node: Node, has_bias: bool) -> tuple[int, i
         before_params = out * inp * taps + bias
         before_flops = 2 * out * inp * taps * out_pos
         if entry.form == SVD and isinstance(entry.rank, int):  # channel SVD; a 1x1 conv's compact layout
-            after = _conv_forms.channel_params(shape, entry.rank)
+            after = factor_count(shape, entry.form, entry.rank)
             return before_params, after + bias, before_flops, 2 * after * out_pos
         if entry.form == SPATIAL_SVD and isinstance(entry.rank, int):  # the first conv keeps the input's columns
             columns = int(node.attrs.get("stride", (1, 1))[1])
             rank, height, width = entry.rank, shape[2], shape[3]
-            return (before_params, _conv_forms.spatial_params(shape, rank) + bias, before_flops,
+            return (before_params, factor_count(shape, entry.form, rank) + bias, before_flops,
                     2 * rank * (inp * height * columns + out * width) * out_pos)
         if entry.form != TUCKER2:
             return before_params, before_params, before_flops, before_flops
         assert isinstance(entry.rank, tuple)
         r_out, r_in = entry.rank
-        after_params = inp * r_in + r_in * r_out * taps + r_out * out + bias
+        after_params = factor_count(shape, entry.form, entry.rank) + bias
         after_flops = 2 * (inp * r_in * in_pos + r_in * r_out * taps * out_pos + r_out * out * out_pos)
         return before_params, after_params, before_flops, after_flops
     rows, cols = shape[0], shape[1]
@@ -95,7 +94,7 @@ def _layer_figures(entry: PlanEntry, node: Node, has_bias: bool) -> tuple[int, i
         return before_params, before_params, before_flops, before_flops
     assert isinstance(entry.rank, int)
     rank = entry.rank
-    after_params = rank * (rows + cols) + bias
+    after_params = factor_count(shape, entry.form, rank) + bias
     # An Embedding becomes a lookup into [rows, rank] then a Linear rank -> cols.
     after_flops = (2 * rank * cols * out_pos if node.op is Op.EMBEDDING
                    else 2 * rank * (rows + cols) * out_pos)
