@@ -212,9 +212,7 @@ def _matrix_view(node: Node, weight: np.ndarray) -> np.ndarray:
 
 
 def _plan_entry(node: Node, graph: Graph, policy: Policy) -> PlanEntry | None:
-    weight = graph.param(node, "weight")
-    assert weight is not None  # verify() guarantees it for layers
-    shape = tuple(int(dim) for dim in weight.shape)
+    shape = tuple(int(dim) for dim in _weight_shaped(node, graph).shape)  # verify() guarantees a weight
     spec = policy.spec_for(node.name)
     if spec is None:
         reason = ("in excludes" if node.name in policy.excludes
@@ -223,6 +221,8 @@ def _plan_entry(node: Node, graph: Graph, policy: Policy) -> PlanEntry | None:
     reason = _why_not_decomposable(node, graph)
     if reason:
         return PlanEntry(node.name, node.op, shape, reason=reason)
+    weight = graph.param(node, "weight")  # read only for a layer the policy decomposes
+    assert weight is not None
     _check_finite(node, weight)
     exact = policy.kind == "config"
     if node.op is Op.CONV:
@@ -259,6 +259,7 @@ def plan(graph: Graph, policy: Policy) -> Plan:
             result.entries[node.name] = entry
     if policy.kind == "config":
         _check_config_fits(graph, policy.value, result)
+    _release_free_memory()  # the pages of the weights read (lazy ones are read here as new arrays)
     return result
 
 
@@ -287,8 +288,7 @@ def _check_ratios(graph: Graph, policy: Policy) -> None:
         spec = policy.spec_for(node.name)
         if not isinstance(spec, float) or _why_not_decomposable(node, graph):
             continue
-        weight = graph.param(node, "weight")
-        assert weight is not None
+        weight = _weight_shaped(node, graph)
         shape = tuple(int(dim) for dim in (weight.shape if node.op is Op.CONV else _matrix_view(node, weight).shape))
         ranks.setdefault(spec, []).append((ratio_rank(shape, spec), shape))
     for ratio, found in ranks.items():
@@ -391,6 +391,12 @@ def with_forms(the_plan: Plan, forms: Mapping[str, tuple[str, int]]) -> Plan:
 def _placeholder(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     """A zero array of ``shape`` that takes no memory (structure-only rewrites)."""
     return np.broadcast_to(np.zeros((), dtype=dtype), shape)
+
+
+def _weight_shaped(node: Node, graph: Graph) -> np.ndarray:
+    """A placeholder of the layer's weight shape and dtype: to lay out its parts without reading the weight."""
+    name = node.params["weight"]
+    return _placeholder(graph.params.shape(name), graph.params.dtype(name))
 
 
 def _transposed(array: np.ndarray) -> np.ndarray:
@@ -584,8 +590,8 @@ def _attribute(node: Node, role: str) -> str:
 
 def _parts_svd(node: Node, entry: PlanEntry, graph: Graph, arrays: list[np.ndarray] | None,
                ) -> tuple[list[Node], dict[str, np.ndarray]]:
-    weight = graph.param(node, "weight")
-    assert weight is not None and isinstance(entry.rank, int)
+    weight = _weight_shaped(node, graph)
+    assert isinstance(entry.rank, int)
     rank, name, dtype = entry.rank, node.name, weight.dtype
     out, inp = _matrix_view(node, weight).shape  # a conv's inp counts in·taps
     if arrays is None:
@@ -655,8 +661,8 @@ def _split_padding(padding: Any, axis: int) -> Any:
 def _parts_spatial(node: Node, entry: PlanEntry, graph: Graph, arrays: list[np.ndarray] | None,
                    ) -> tuple[list[Node], dict[str, np.ndarray]]:
     """A 2-D conv as a kh x 1 conv (the rows' stride/padding/dilation) then a 1 x kw conv (the columns')."""
-    weight = graph.param(node, "weight")
-    assert weight is not None and isinstance(entry.rank, int)
+    weight = _weight_shaped(node, graph)
+    assert isinstance(entry.rank, int)
     rank, name, dtype = entry.rank, node.name, weight.dtype
     out, inp, height, width = weight.shape
     shapes = [(rank, inp, height, 1), (out, rank, 1, width)]
@@ -689,8 +695,8 @@ def _pointwise_attrs(ones: tuple[int, ...]) -> dict[str, Any]:
 
 def _parts_tucker2(node: Node, entry: PlanEntry, graph: Graph, arrays: list[np.ndarray] | None,
                    ) -> tuple[list[Node], dict[str, np.ndarray]]:
-    weight = graph.param(node, "weight")
-    assert weight is not None and isinstance(entry.rank, tuple)
+    weight = _weight_shaped(node, graph)
+    assert isinstance(entry.rank, tuple)
     (rank_out, rank_in), name, dtype = entry.rank, node.name, weight.dtype
     out, inp, kernel = weight.shape[0], weight.shape[1], tuple(weight.shape[2:])
     ones = (1,) * len(kernel)
@@ -723,11 +729,13 @@ def _cast_for_writing(params: dict[str, np.ndarray], parts: list[Node], node: No
     """Cast the parts' factors (and bias) to the layer's dtypes, C-contiguous, subnormals flushed; returns the count.
 
     Every value the tool writes for a factorized layer passes through here once: weights take the
-    original weight's dtype, the bias the original bias's. Subnormals of that dtype become zero
+    original weight's dtype as its source holds it (``Params.source_dtype``: bfloat16 for a lazy bfloat16
+    weight), the bias the original bias's. Subnormals of that dtype become zero
     (``_linalg.flush_subnormals``): near-dead channels of trained weights leave them in the factors,
     and CPU kernels that meet them can run tens of times slower.
     """
-    dtypes = {role: array.dtype for role in ("weight", "bias") if (array := graph.param(node, role)) is not None}
+    dtypes = {role: graph.params.source_dtype(name) for role, name in node.params.items()
+              if role in ("weight", "bias")}
     count = 0
     for part in parts:
         for role, name in part.params.items():
@@ -989,10 +997,15 @@ def memory_budget(entries: Sequence[PlanEntry], graph: Graph, stats: Mapping[str
     """
     outputs = []
     for entry in entries:
-        weight = graph.param(graph.node(entry.name), "weight")
-        itemsize = 4 if weight is None else weight.dtype.itemsize
+        itemsize = graph.params.source_dtype(graph.node(entry.name).params["weight"]).itemsize
         outputs.append(float(itemsize * factor_count(entry.shape, entry.form, entry.rank)))
-    workspaces = [factorization_workspace(entry.shape, entry.form, entry.name in stats) for entry in entries]
+    workspaces = []
+    for entry in entries:
+        workspace = factorization_workspace(entry.shape, entry.form, entry.name in stats)
+        weight = graph.node(entry.name).params["weight"]
+        if graph.params.is_lazy(weight):  # the weight as the layer reads it
+            workspace += graph.params.dtype(weight).itemsize * math.prod(entry.shape)
+        workspaces.append(workspace)
     largest = max((math.prod(entry.shape) for entry in entries), default=0)
     return MemoryBudget(workspaces, outputs, WORKSPACE_WEIGHTS * 8.0 * largest)
 

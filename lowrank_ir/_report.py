@@ -22,6 +22,7 @@ its first values, with the planned rank and the energy it keeps, ``Î£_{i<r} s_iÂ
 from __future__ import annotations
 
 import math
+from collections.abc import Hashable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -164,14 +165,13 @@ def build_report(graph: Graph, plan: Plan, errors: dict[str, tuple[float, str]] 
     energy = energy or {}
     flushed = flushed or {}
     layers = []
-    owners: dict[tuple[int, tuple[int, ...], tuple[int, ...]], str] = {}
+    owners: dict[Hashable, str] = {}
     for entry in plan.entries.values():
         node = graph.node(entry.name)
         weight_name = node.params.get("weight", "")
-        weight = graph.params.get(weight_name)
-        if isinstance(weight, np.ndarray) and weight.size and 0 not in weight.strides:
+        key = graph.params.storage_key(weight_name) if weight_name in graph.params else None
+        if key is not None:
             # One array under several names (PyTorch's tied weights are views of one tensor): its first name.
-            key = (weight.__array_interface__["data"][0], weight.shape, weight.strides)
             weight_name = owners.setdefault(key, weight_name)
         figures = _layer_figures(entry, node, "bias" in node.params)
         error = errors.get(entry.name)
