@@ -3,7 +3,8 @@
 A decomposed model is saved as one folder (:func:`save_decomposed`)::
 
     OUT/config.json             the model's config; its ``model_type`` is the marker below
-    OUT/decompose_config.json   the ranks ({layer: rank}), as ``Decompose(..., config_file=...)`` writes them
+    OUT/decompose_config.json   the ranks ({layer: rank}, and the forms of convs in two parts), as
+                                ``Decompose(..., config_file=...)`` writes them
     OUT/decomposed.safetensors  the weights of the decomposed model (its state dict; tied weights once)
     OUT/generation_config.json  when the model generates text
     OUT/tokenizer files         when a tokenizer is given (``AutoTokenizer.from_pretrained(OUT)`` reads them)
@@ -43,7 +44,9 @@ from torch import nn
 from frontends.safetensors import model_class
 from frontends.torch import lowering_for
 from lowrank_ir._api import Decompose
+from lowrank_ir._engine import SPATIAL_SVD, SVD
 from lowrank_ir._files import atomic_directory, read_json
+from lowrank_ir._policy import config_document
 from lowrank_ir._protocols import ModelFilesAdapter
 
 __all__ = ["CONFIG_FILE", "DECOMPOSE_CONFIG_FILE", "MARKER", "WEIGHTS_FILE", "decompose_config_of",
@@ -73,18 +76,22 @@ def _check_model(model: Any) -> transformers.PreTrainedModel:
     return model
 
 
-def decompose_config_of(model: transformers.PreTrainedModel) -> dict[str, int | list[int]]:
-    """The ``decompose_config`` of a decomposed model: each layer its architecture has that is a chain here.
+def decompose_config_of(model: transformers.PreTrainedModel,
+                        ) -> tuple[dict[str, int | list[int]], dict[str, tuple[str, int]]]:
+    """``(decompose_config, forms)`` of a decomposed model: each layer its architecture has that is a chain here.
 
     The architecture is instantiated from ``model.config`` on the ``meta`` device (no memory, no init)
     and compared module by module: where it has a layer (``Linear``, ``Conv``, ``Embedding``, ``Conv1D``)
     and ``model`` an ``nn.Sequential``, the chain's middle part gives the rank (two parts: its input
-    width; a Tucker-2 conv's three parts: the core's ``[out, in]`` channels).
+    width; a Tucker-2 conv's three parts: the core's ``[out, in]`` channels). A conv in two parts is in
+    a two-factor form (``forms``: channel SVD, or spatial SVD when the first part is ``kh x 1``), with a
+    Tucker-2 stand-in in the config, as ``lowrank_ir._policy.config_document`` writes them.
     """
     with torch.device("meta"):
         original = type(model)(copy.deepcopy(model.config))
     modules = dict(model.named_modules())
     config: dict[str, int | list[int]] = {}
+    forms: dict[str, tuple[str, int]] = {}
     for name, layer in original.named_modules():
         chain = modules.get(name)
         if not isinstance(chain, nn.Sequential) or lowering_for(layer) is None:
@@ -95,8 +102,18 @@ def decompose_config_of(model: transformers.PreTrainedModel) -> dict[str, int | 
                              f"has a {type(layer).__name__}; a decomposed layer is a chain of 2 or 3 weighted parts")
         core = weights[1]
         assert isinstance(core, torch.Tensor)
-        config[name] = [int(core.shape[0]), int(core.shape[1])] if len(chain) == 3 else int(core.shape[1])
-    return config
+        if len(chain) == 3:
+            config[name] = [int(core.shape[0]), int(core.shape[1])]
+        elif isinstance(layer, nn.modules.conv._ConvNd):
+            rank, kernel = int(core.shape[1]), tuple(layer.kernel_size)
+            first = chain[0]
+            spatial = (len(kernel) == 2 and kernel[1] > 1 and isinstance(first, nn.modules.conv._ConvNd)
+                       and tuple(first.kernel_size) == (kernel[0], 1))
+            forms[name] = (SPATIAL_SVD if spatial else SVD, rank)
+            config[name] = [min(rank, layer.out_channels), min(rank, layer.in_channels)]
+        else:
+            config[name] = int(core.shape[1])
+    return config, forms
 
 
 def is_decomposed_folder(folder: Path) -> bool:
@@ -124,7 +141,7 @@ def write_decomposed(model: Any, folder: Path, tokenizer: Any = None) -> dict[st
     For callers that write more files beside them and move the folder into place themselves.
     """
     model = _check_model(model)
-    ranks = decompose_config_of(model)
+    ranks, forms = decompose_config_of(model)
     if not ranks:
         raise ValueError(f"no layer of this {type(model).__name__} is decomposed (no nn.Sequential chain where "
                          f"its architecture has a layer); save it with model.save_pretrained(...)")
@@ -135,7 +152,7 @@ def write_decomposed(model: Any, folder: Path, tokenizer: Any = None) -> dict[st
     config["model_type"] = MARKER
     config["architectures"] = [type(model).__name__]
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    (folder / DECOMPOSE_CONFIG_FILE).write_text(json.dumps(ranks, indent=2) + "\n")
+    (folder / DECOMPOSE_CONFIG_FILE).write_text(json.dumps(config_document(ranks, forms), indent=2) + "\n")
     save_model(model, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
     generation = getattr(model, "generation_config", None)
     if generation is not None and model.can_generate():

@@ -32,6 +32,7 @@ from lowrank_ir._engine import (
     _why_not_decomposable,
     approximations,
     form_rank_limit,
+    form_whitening,
     plan,
     rewrite,
     validate_layout,
@@ -42,10 +43,12 @@ from lowrank_ir._engine import (
 from lowrank_ir._files import check_file_target, read_json, write_json
 from lowrank_ir._ir import Graph, Node, Op
 from lowrank_ir._policy import (
+    FORMS_KEY,
     Policy,
     Rules,
+    config_document,
     plain_number,
-    validate_config,
+    split_config_document,
     validate_divisor,
     validate_excludes,
 )
@@ -105,7 +108,9 @@ class Decompose:
     Args:
         model: the trained model. It is read, never changed.
         config_file: a ``.json`` path. Every ``from_*`` call writes the chosen ``decompose_config``
-            there (atomically, not group/other-writable); ``from_file`` reads it back.
+            there (atomically, not group/other-writable), with a ``"__forms__"`` section for the layers
+            a latency budget wrote in another two-factor form (:meth:`config_document`); ``from_file``
+            reads it back, forms included. The reference tool reads the file too (as Tucker-2 layers).
         mask_padding: with calibration data whose elements are dicts holding an ``attention_mask``
             (a tokenizer's padded batches), leave the padding positions out of the statistics of
             token-aligned layer inputs and of the measured output errors (the default); False keeps
@@ -140,7 +145,8 @@ class Decompose:
         self._stats: tuple[int, int, dict[str, LayerStats]] | None = None
         self.sensitivities: dict[str, float] = {}
         self.latency: dict[str, Any] = {}
-        #: Layers the latency budget writes in another two-factor form: name -> (form, rank) (``with_forms``).
+        #: Layers in another two-factor form: name -> (form, rank) (``with_forms``), chosen by the latency budget
+        #: or restored by ``from_file``.
         self.forms: dict[str, tuple[str, int]] = {}
 
     # ------------------------------------------------------------------------------------ choosing ranks
@@ -298,6 +304,7 @@ class Decompose:
         measured = _check_estimate(estimate, datasets, probe_iter) == "measured"
         fallback = float(np.median(list(self.sensitivities.values()))) if measured and self.sensitivities else 1.0
         scales = {cand.name: self.sensitivities.get(cand.name, fallback) if measured else 1.0 for cand in candidates}
+        stats = self._stats[2] if datasets is not None and self._stats is not None else {}
         timer = measuring.LatencyModel(self.model, graph, input_shapes, threads)
         timed: list[_budget.Candidate] = []
         untimed: dict[str, str] = {}
@@ -311,7 +318,8 @@ class Decompose:
                 continue
             timed.append(_budget.Candidate(cand.name, cand.errors, timer.cost(node, cand.max_rank, divisor),
                                            timer.layer_ms(node), cand.max_rank,
-                                           forms=_timed_forms(node, graph, timer, divisor, scales.get(cand.name, 1.0))))
+                                           forms=_timed_forms(node, graph, timer, divisor, scales.get(cand.name, 1.0),
+                                                              stats.get(cand.name))))
         if not timed:
             raise ValueError(f"no candidate layer of this model can be timed: {untimed}")
         rest = max(timer.model_ms - sum(cand.original_cost for cand in timed), 0.0)
@@ -370,13 +378,7 @@ class Decompose:
         if met is None:
             logger.warning("latency=%s was not met: the closest allocation measured %.3f", target,
                            decomposed_ms / original_ms)
-        self._choose_exact(graph, config, candidates, f"budget latency={target}")
-        if forms:
-            assert self.plan is not None
-            self.forms = forms
-            self.plan = with_forms(self.plan, forms)
-            self.report = build_report(graph, self.plan)
-        return self
+        return self._choose_exact(graph, config, candidates, f"budget latency={target}", forms)
 
     def _measured(self, graph: Graph, candidates: list[_budget.Candidate], fraction: float, datasets: Any,
                   probe_iter: int) -> list[_budget.Candidate]:
@@ -434,37 +436,59 @@ class Decompose:
         return dict(stats)
 
     def _choose_exact(self, graph: Graph, config: dict[str, int | list[int]],
-                      candidates: list[_budget.Candidate], policy: str) -> Decompose:
+                      candidates: list[_budget.Candidate], policy: str,
+                      forms: Mapping[str, tuple[str, int]] | None = None) -> Decompose:
+        """Choose ``config`` (and ``forms``: layers in another two-factor form); write both to ``config_file``."""
         if not config:
             raise ValueError(f"no layer of this {type(self.model).__name__} would be decomposed under {policy}: "
                              f"every candidate is cheaper kept whole")
-        self.forms = {}
-        chosen = plan(graph, Policy.config(config))
+        forms = dict(forms or {})
+        chosen = with_forms(plan(graph, Policy.config(config)), forms)
         for cand in candidates:
             if cand.name not in config:
                 entry = chosen.entries[cand.name]
                 chosen.entries[cand.name] = PlanEntry(entry.name, entry.op, entry.shape,
                                                       reason=f"kept whole by the {policy} policy")
         if self.config_file is not None:
-            write_json(self.config_file, config)
-        self.plan, self.decompose_config = chosen, config
+            write_json(self.config_file, config_document(config, forms))
+        self.plan, self.decompose_config, self.forms = chosen, config, forms
         self.report = build_report(graph, chosen)
         return self
 
     def from_file(self) -> Decompose:
-        """Restore the ``decompose_config`` saved in ``config_file`` by an earlier ``from_*`` call."""
+        """Restore the ``decompose_config`` and forms saved in ``config_file`` by an earlier ``from_*`` call.
+
+        The file is the reference tool's ``{layer: rank or [out, in]}`` (either tool's files load), with,
+        after a latency budget that wrote some k x k convs in channel or spatial SVD, a
+        ``"__forms__": {layer: [form, rank]}`` section (``lowrank_ir._policy.FORMS_KEY``) that restores
+        them into ``self.forms``, so the model rebuilt is the one the budget measured.
+        """
         if self.config_file is None:
             raise ValueError("from_file needs Decompose(model, config_file='....json') naming a saved config")
         if not self.config_file.is_file():
             raise ValueError(f"config_file {str(self.config_file)!r} does not exist; call another from_* "
                              f"method with this config_file first to save one")
-        config = read_json(self.config_file, f"config_file {str(self.config_file)!r}")
-        config = validate_config(config, f"config_file {str(self.config_file)!r}")
+        source = f"config_file {str(self.config_file)!r}"
+        config, forms = split_config_document(read_json(self.config_file, source), source)
         graph = self._lower()
-        self.plan = plan(graph, Policy.config(config))
-        self.decompose_config, self.forms = config, {}
+        chosen = plan(graph, Policy.config(config))
+        try:
+            chosen = with_forms(chosen, forms)
+        except ValueError as err:
+            raise ValueError(f"{source}[{FORMS_KEY!r}]: {err}") from err
+        self.plan, self.decompose_config, self.forms = chosen, config, forms
         self.report = build_report(graph, self.plan)
         return self
+
+    def config_document(self) -> dict[str, Any]:
+        """What ``config_file`` holds for the current choice: ``decompose_config`` plus the layers' forms, if any.
+
+        The JSON object to save where a config file is written by hand (a tool's output folder);
+        ``from_file`` reads it back. ``ValueError`` before any ``from_*`` call.
+        """
+        if self.decompose_config is None:
+            raise ValueError("no decompose_config yet: call a from_* method first")
+        return config_document(self.decompose_config, self.forms)
 
     def _lower(self) -> Graph:
         return self._frontend.lower(self.model)
@@ -480,7 +504,7 @@ class Decompose:
                 f"no layer of this {type(self.model).__name__} would be decomposed under {policy.kind!r} "
                 f"({len(kept)} candidate layers{': ' + detail if detail else ''})")
         if self.config_file is not None:
-            write_json(self.config_file, config)
+            write_json(self.config_file, config_document(config))
             logger.info("wrote decompose_config to %s", self.config_file)
         self.plan, self.decompose_config, self.forms = chosen, config, {}
         self.report = build_report(graph, chosen)
@@ -691,23 +715,25 @@ def _config(graph: Graph, ranks: Mapping[str, _budget.Choice]) -> dict[str, int 
 
 
 def _timed_forms(node: Node, graph: Graph, timer: LatencyTimer, divisor: int, scale: float,
-                 ) -> dict[str, _budget.Form]:
-    """A k x k conv's other two-factor forms for the latency budget: exact weight-error curves, measured latency.
+                 stats: LayerStats | None = None) -> dict[str, _budget.Form]:
+    """A k x k conv's other two-factor forms for the latency budget: exact error curves, measured latency.
 
     The error of channel and spatial SVD at rank r is the tail of the singular values of the form's
-    matrix (``lowrank_ir._conv_forms``), relative to ``||K||²`` like the Tucker-2 estimate, times the
-    layer's sensitivity ``scale`` (1 without data).
+    matrix (``lowrank_ir._conv_forms``; whitened as the engine fits the form when ``stats`` are given:
+    ``form_whitening``), relative to its whole spectrum like the Tucker-2 estimate, times the layer's
+    sensitivity ``scale`` (1 without data).
     """
     weight = graph.param(node, "weight")
     assert weight is not None
     forms = {}
     for form in timer.forms(node):
-        matrix = _conv_forms.spatial_matrix(weight) if form == SPATIAL_SVD else _conv_forms.channel_matrix(weight)
+        matrix = _conv_forms.spatial_matrix(weight).T if form == SPATIAL_SVD else _conv_forms.channel_matrix(weight)
         limit = form_rank_limit(node.op, weight.shape, form)
         if limit < divisor:
             continue
-        errors = _budget.tail_errors(_budget.matrix_spectrum(matrix)) * scale
-        forms[form] = _budget.Form(errors, timer.cost(node, limit, divisor, form), limit)
+        spectrum = _budget.matrix_spectrum(matrix, form_whitening(form, stats, weight.shape))
+        forms[form] = _budget.Form(_budget.tail_errors(spectrum) * scale, timer.cost(node, limit, divisor, form),
+                                   limit)
     return forms
 
 

@@ -60,8 +60,9 @@ from lowrank_ir._evbmf import vbmf_ranks
 from lowrank_ir._ir import Graph, Node, Op, verify
 from lowrank_ir._policy import Policy, conv_ranks, matrix_rank, ratio_rank, smallest_ratio
 
-__all__ = ["CONV_FORMS", "LAYOUTS", "LayerStats", "Plan", "PlanEntry", "approximations", "form_rank_limit", "plan",
-           "rewrite", "stats_from_sums", "validate_layout", "warn_unknown_excludes", "with_forms", "with_layout"]
+__all__ = ["CONV_FORMS", "LAYOUTS", "LayerStats", "Plan", "PlanEntry", "approximations", "form_rank_limit",
+           "form_whitening", "plan", "rewrite", "spatial_moment", "stats_from_sums", "validate_layout",
+           "warn_unknown_excludes", "with_forms", "with_layout"]
 
 logger = logging.getLogger(__name__)
 
@@ -508,47 +509,117 @@ def _factor_kernel(kernel: np.ndarray, ranks: tuple[int, int], stats: LayerStats
     moment = stats.moment
     last, core, first = _linalg.tucker2(kernel64, ranks[0], ranks[1], moment=moment, max_iter=HOOI_MAX_ITER,
                                         tol=HOOI_TOL)
-    out, inp = kernel.shape[:2]
-    taps = int(np.prod(kernel.shape[2:]))
-    patches = stats.patch_moment
-    if patches is not None and taps > 1 and patches.shape == (inp * taps, inp * taps):
+    patches = _usable_patches(stats, kernel.shape)
+    if patches is not None:
         # Keep the channel-whitened in-factor, refit (last, core) under the exact im2col output error.
         last, core = _linalg.refit_tucker2(kernel64, first, ranks[0], patches)
-        approx = _linalg.reconstruct_tucker2(last, core, first)
-        delta = (kernel64 - approx).reshape(out, -1)
-        full = kernel64.reshape(out, -1)
-        if correct_bias and stats.mean is not None:
-            shift = (kernel64 - approx).reshape(out, inp, -1).sum(axis=2) @ stats.mean
-            patch_mean = np.repeat(stats.mean, taps)  # a constant image μ, ordered (in, taps)
-            centered = patches - np.outer(patch_mean, patch_mean)
-            return _Factors([first, core, last], _output_error(delta, full, centered, patches), "output", shift)
-        return _Factors([first, core, last], _output_error(delta, full, patches), "output")
     approx = _linalg.reconstruct_tucker2(last, core, first)
-    # Channel-moment estimate: each tap's [out, in] slice seen through the input-channel moment.
-    delta = (kernel64 - approx).transpose(0, *range(2, kernel.ndim), 1).reshape(-1, inp)
-    full = kernel64.transpose(0, *range(2, kernel.ndim), 1).reshape(-1, inp)
+    error, shift = _kernel_output_error(kernel64, approx, stats, patches, correct_bias)
+    return _Factors([first, core, last], error, "output", shift)
+
+
+def _usable_patches(stats: LayerStats, shape: Sequence[int]) -> np.ndarray | None:
+    """The im2col patch moment of ``stats`` if it fits a k x k kernel of ``shape`` (``[in·T, in·T]``), else None."""
+    taps = math.prod(shape[2:])
+    patches = stats.patch_moment
+    if patches is not None and taps > 1 and patches.shape == (shape[1] * taps,) * 2:
+        return patches
+    return None
+
+
+def _kernel_output_error(kernel: np.ndarray, approx: np.ndarray, stats: LayerStats, patches: np.ndarray | None,
+                         correct_bias: bool) -> tuple[float, np.ndarray | None]:
+    """(relative output error, bias shift or None) of a conv kernel ``[out, in, *k]`` replaced by ``approx``.
+
+    Exact under the im2col patch moment ``patches`` when given; else the channel-moment estimate, each
+    tap's ``[out, in]`` slice seen through the input-channel moment. With ``correct_bias`` and the input
+    mean μ known, the error on a constant input image μ, ``Σ_taps (K - K')_t μ``, is the bias shift and
+    the error left is measured on the centred input.
+    """
+    out, inp = kernel.shape[:2]
+    taps = math.prod(kernel.shape[2:])
+    shift = None
     if correct_bias and stats.mean is not None:
-        # A constant input image μ meets every tap: the output error on it is Σ_taps (K - K')_t μ.
-        shift = (kernel64 - approx).reshape(out, inp, -1).sum(axis=2) @ stats.mean
-        return _Factors([first, core, last], _output_error(delta, full, _centered(stats), moment), "output",
-                        shift)
-    return _Factors([first, core, last], _output_error(delta, full, moment), "output")
+        shift = (kernel - approx).reshape(out, inp, -1).sum(axis=2) @ stats.mean
+    if patches is not None:
+        delta, full = (kernel - approx).reshape(out, -1), kernel.reshape(out, -1)
+        if shift is None:
+            return _output_error(delta, full, patches), None
+        assert stats.mean is not None
+        patch_mean = np.repeat(stats.mean, taps)  # a constant image μ, ordered (in, taps)
+        return _output_error(delta, full, patches - np.outer(patch_mean, patch_mean), patches), shift
+    delta = (kernel - approx).transpose(0, *range(2, kernel.ndim), 1).reshape(-1, inp)
+    full = kernel.transpose(0, *range(2, kernel.ndim), 1).reshape(-1, inp)
+    if shift is None:
+        return _output_error(delta, full, stats.moment), None
+    return _output_error(delta, full, _centered(stats), stats.moment), shift
+
+
+def spatial_moment(stats: LayerStats, shape: Sequence[int]) -> np.ndarray:
+    """The moment whitening a spatial SVD's input side: of the vertical conv's input columns ``(c, i)``.
+
+    From the im2col patch moment when ``stats`` has one that fits ``shape``, else from the input-channel
+    moment at every row (``lowrank_ir._conv_forms``).
+    """
+    patches = _usable_patches(stats, shape)
+    if patches is not None:
+        return _conv_forms.spatial_column_moment(patches, shape)
+    return _conv_forms.spatial_row_moment(stats.moment, int(shape[2]))
+
+
+def form_whitening(form: str, stats: LayerStats | None, shape: Sequence[int]) -> np.ndarray | None:
+    """The moment a k x k conv's two-factor ``form`` is fitted under with ``stats`` (None: the weight error).
+
+    Spatial SVD: :func:`spatial_moment` on the input side of ``spatial_matrix(K)ᵀ``; channel SVD: the
+    im2col patch moment on the ``[out, in·T]`` matrix's input side, when there is one.
+    """
+    if stats is None:
+        return None
+    if form == SPATIAL_SVD:
+        return spatial_moment(stats, shape)
+    return _usable_patches(stats, shape)
+
+
+def _factor_spatial(kernel: np.ndarray, rank: int, stats: LayerStats | None, correct_bias: bool) -> _Factors:
+    """Spatial SVD at ``rank``; data-aware when ``stats`` is given (``lowrank_ir._conv_forms``).
+
+    Data-free: the truncated SVD of the kernel's spatial matrix (the weight error). With statistics: the
+    vertical conv's input side is whitened by the moment of its input columns (from the im2col patch
+    moment, else the channel moment at every row), then, with the patch moment, the horizontal factor
+    is refit to the exact output error; the error is the output error, the mean's error goes to the bias.
+    """
+    if stats is None:
+        vertical, horizontal, error = _conv_forms.spatial_factors(kernel, rank)
+        return _Factors([vertical, horizontal], error)
+    kernel64 = kernel.astype(np.float64)
+    patches = _usable_patches(stats, kernel.shape)
+    vertical, horizontal = _conv_forms.whitened_spatial_factors(kernel64, rank, spatial_moment(stats, kernel.shape))
+    error, shift = _kernel_output_error(kernel64, _conv_forms.spatial_kernel(vertical, horizontal), stats, patches,
+                                        correct_bias)
+    if patches is not None:
+        # The refit is the exact optimum for this vertical factor up to its ridge: kept where it is better.
+        refit = _conv_forms.spatial_refit_horizontal(kernel64, vertical, patches)
+        refit_error, refit_shift = _kernel_output_error(kernel64, _conv_forms.spatial_kernel(vertical, refit), stats,
+                                                        patches, correct_bias)
+        if refit_error < error:
+            horizontal, error, shift = refit, refit_error, refit_shift
+    return _Factors([vertical, horizontal], error, "output", shift)
 
 
 def _kernel_stats(node: Node, weight: np.ndarray, stats: LayerStats | None) -> LayerStats | None:
-    """What a k x k conv's two-factor forms can use of ``stats``: the im2col patch moment, or nothing.
+    """What a k x k conv's channel SVD can use of ``stats``: the im2col patch moment, or nothing.
 
     Channel SVD factors ``[out, in·T]`` and needs the moment of the ``(in, taps)`` patches; without it
-    (and always for spatial SVD) the factors minimise the weight error, which is logged.
+    the factors minimise the weight error, which is logged.
     """
     taps = int(np.prod(weight.shape[2:]))
     if stats is None or node.op is not Op.CONV or taps == 1:
         return stats
-    patches = stats.patch_moment
-    if patches is not None and patches.shape == (weight.shape[1] * taps,) * 2:
+    patches = _usable_patches(stats, weight.shape)
+    if patches is not None:
         mean = None if stats.mean is None else np.repeat(stats.mean, taps)  # a constant image, ordered (in, taps)
         return LayerStats(patches, stats.count, mean)
-    logger.info("layer %r: its %d-tap two-factor form is fitted to the weight (no patch statistics)", node.name, taps)
+    logger.info("layer %r: its %d-tap channel SVD is fitted to the weight (no patch statistics)", node.name, taps)
     return None
 
 
@@ -563,10 +634,7 @@ def _compute(node: Node, entry: PlanEntry, graph: Graph, stats: LayerStats | Non
             return _factor_kernel(weight, entry.rank, stats, correct_bias)
         assert isinstance(entry.rank, int)
         if entry.form == SPATIAL_SVD:
-            if stats is not None:
-                logger.info("layer %r: spatial SVD is fitted to the weight (data-free)", node.name)
-            vertical, horizontal, error = _conv_forms.spatial_factors(weight, entry.rank)
-            return _Factors([vertical, horizontal], error)
+            return _factor_spatial(weight, entry.rank, stats, correct_bias)
         return _factor_matrix(_matrix_view(node, weight), entry.rank, _kernel_stats(node, weight, stats),
                               correct_bias)
     except Exception as err:

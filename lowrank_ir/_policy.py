@@ -26,6 +26,17 @@ layer's name gives its value (``excludes``, exact names, are checked before any 
 int rank, a float ratio in (0, 1), ``"vbmf"`` (any case), or an ``(out rank, in rank)`` pair: a conv's
 Tucker-2 ranks, each rounded to the divisor on its own; on a matrix layer (Linear, Embedding, MatMul) a
 pair means its larger rank, ``max(out, in)``, rounded.
+
+A saved config file is the reference tool's ``decompose_config`` (``{layer: rank or [out, in]}``), plus,
+when some k x k convs are written in another form than Tucker-2 (channel or spatial SVD, which a
+latency budget may choose), one more top-level key :data:`FORMS_KEY` holding them::
+
+    {"stem": [32, 16], "head.conv": [48, 48], "__forms__": {"head.conv": ["spatial_svd", 48]}}
+
+Each layer of the section keeps a Tucker-2 entry as a stand-in (its ranks nearest the form's rank), so
+the reference tool, which looks up layer names in the file and never reads this key, rebuilds the file
+as Tucker-2 layers; ``from_file`` here restores the forms (:func:`config_document`,
+:func:`split_config_document`).
 """
 
 from __future__ import annotations
@@ -39,15 +50,18 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "FORMS_KEY",
     "Policy",
     "RankSpec",
     "Rules",
+    "config_document",
     "conv_ranks",
     "make_divisible",
     "matrix_rank",
     "plain_number",
     "ratio_rank",
     "smallest_ratio",
+    "split_config_document",
     "validate_config",
     "validate_dict",
     "validate_divisor",
@@ -57,6 +71,10 @@ __all__ = [
 ]
 
 VBMF = "vbmf"
+
+#: The key of a saved config's optional section of layers written in another form: ``{name: [form, rank]}``.
+#: Not a layer name any framework gives (nor a regular expression a rule would use).
+FORMS_KEY = "__forms__"
 
 #: What a user may ask for one layer: a rank, a parameter ratio in (0, 1), "vbmf", or an
 #: ``(out rank, in rank)`` pair (a list is accepted for a pair, as JSON gives it).
@@ -176,6 +194,10 @@ def validate_dict(rules: object) -> tuple[tuple[re.Pattern[str], RankSpec], ...]
                          f"got {rules!r}")
     compiled: dict[re.Pattern[str], RankSpec] = {}
     for key, spec in rules.items():
+        if key == FORMS_KEY:
+            raise ValueError(f"from_dict rules hold {FORMS_KEY!r}, the section of a saved config file that records "
+                             f"layers in two-factor forms; rules cannot restore forms: read that file with "
+                             f"Decompose(model, config_file=...).from_file(), or drop the section to get Tucker-2")
         pattern = _compile_key(key)
         compiled[pattern] = _validate_spec(spec, f"from_dict[{key!r}]")
     return tuple(compiled.items())
@@ -196,6 +218,52 @@ def validate_config(config: object, source: str = "decompose_config") -> dict[st
         else:
             raise ValueError(f"{source}[{name!r}] must be an int rank > 0 or [out rank, in rank], got {rank!r}")
     return checked
+
+
+def config_document(config: Mapping[str, int | Sequence[int]],
+                    forms: Mapping[str, tuple[str, int]] | None = None) -> dict[str, Any]:
+    """What a config file holds: ``config`` (the reference's format), and :data:`FORMS_KEY` if there are ``forms``.
+
+    ``forms``: layer name -> ``(form, rank)``, as ``Decompose.forms`` holds them; each layer must have
+    a stand-in entry in ``config`` (``ValueError`` naming the layers that have none).
+    """
+    document: dict[str, Any] = {name: list(rank) if isinstance(rank, (list, tuple)) else rank
+                                for name, rank in config.items()}
+    if forms:
+        missing = [name for name in forms if name not in config]
+        if missing:
+            raise ValueError(f"forms name layers the config does not decompose: {missing}; a layer in another "
+                             f"form keeps a Tucker-2 entry in the config")
+        document[FORMS_KEY] = {name: [form, int(rank)] for name, (form, rank) in forms.items()}
+    return document
+
+
+def split_config_document(document: object, source: str = "decompose_config",
+                          ) -> tuple[dict[str, int | list[int]], dict[str, tuple[str, int]]]:
+    """``(decompose_config, forms)`` of a config file's JSON (:func:`config_document`'s inverse), checked.
+
+    The reference's files (no :data:`FORMS_KEY`) give no forms. ``ValueError`` starting with ``source``
+    for a malformed section: not an object of ``{layer: [form name, rank]}``, or naming a layer without
+    an entry in the config. Whether a layer can take its form at that rank is ``with_forms``'s check.
+    """
+    if not isinstance(document, Mapping):
+        return validate_config(document, source), {}
+    section = document.get(FORMS_KEY, {})
+    config = validate_config({name: rank for name, rank in document.items() if name != FORMS_KEY}, source)
+    where = f"{source}[{FORMS_KEY!r}]"
+    if not isinstance(section, Mapping):
+        raise ValueError(f"{where} must be a JSON object {{layer name: [form, rank]}}, got {section!r}")
+    forms: dict[str, tuple[str, int]] = {}
+    for name, value in section.items():
+        if (not isinstance(value, (list, tuple)) or len(value) != 2 or not isinstance(value[0], str)
+                or not _is_int(value[1])):
+            raise ValueError(f"{where}[{name!r}] must be [form name, int rank], e.g. ['spatial_svd', 48], "
+                             f"got {value!r}")
+        if name not in config:
+            raise ValueError(f"{where} names {name!r}, which has no entry in {source}: a layer in another form "
+                             f"keeps its Tucker-2 entry there (what the reference tool reads)")
+        forms[name] = (value[0], int(value[1]))
+    return config, forms
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,8 +15,9 @@ after, and no FLOPs (the IR does not know their shapes).
 
 :func:`spectra` gives each decomposed layer's normalised singular-value spectrum ``s_i / s_0`` (of the
 weight matrix ``[out, in]``; of ``W C^{1/2}`` when the layer's calibration statistics are given, the
-spectrum data-aware decomposition truncates; of the out-mode unfolding for Tucker-2), truncated to
-its first values, with the planned rank and the energy it keeps, ``Σ_{i<r} s_i² / Σ s_i²``.
+spectrum data-aware decomposition truncates; of the out-mode unfolding for Tucker-2; of the form's
+matrix for a k x k conv in channel or spatial SVD, whitened as its fit is), truncated to its first
+values, with the planned rank and the energy it keeps, ``Σ_{i<r} s_i² / Σ s_i²``.
 """
 
 from __future__ import annotations
@@ -28,8 +29,20 @@ from typing import Any
 
 import numpy as np
 
+from lowrank_ir import _conv_forms
 from lowrank_ir._budget import matrix_spectrum
-from lowrank_ir._engine import SPATIAL_SVD, SVD, TUCKER2, LayerStats, Plan, PlanEntry, _matrix_view, factor_count
+from lowrank_ir._engine import (
+    CONV_FORMS,
+    SPATIAL_SVD,
+    SVD,
+    TUCKER2,
+    LayerStats,
+    Plan,
+    PlanEntry,
+    _matrix_view,
+    factor_count,
+    form_whitening,
+)
 from lowrank_ir._ir import Graph, Node, Op
 
 __all__ = ["SPECTRUM_LENGTH", "LayerReport", "Report", "build_report", "report_document", "spectra", "spectral_energy"]
@@ -121,8 +134,23 @@ def spectral_energy(graph: Graph, plan: Plan) -> dict[str, float]:
             in_mode = np.moveaxis(weight, 1, 0).reshape(weight.shape[1], -1)
             energy[entry.name] = min(_kept_energy(out_mode, rank_out), _kept_energy(in_mode, rank_in))
         elif isinstance(entry.rank, int):
-            energy[entry.name] = _kept_energy(weight.reshape(weight.shape[0], -1), entry.rank)
+            energy[entry.name] = _kept_energy(_form_matrix(entry, weight), entry.rank)
     return energy
+
+
+def _form_matrix(entry: PlanEntry, weight: np.ndarray) -> np.ndarray:
+    """The matrix a conv's two-factor form truncates (``lowrank_ir._conv_forms``); ``[out, in·T]`` for channel SVD.
+
+    Spatial SVD's is ``spatial_matrix(K)ᵀ``, its input side (the rows ``(c, i)``) last, as data-aware
+    whitening sees it; every other single-rank entry's is the weight as ``[out, rest]``.
+    """
+    if entry.form == SPATIAL_SVD:
+        return _conv_forms.spatial_matrix(weight).T
+    return weight.reshape(weight.shape[0], -1)
+
+
+def _two_factor_kxk(entry: PlanEntry) -> bool:
+    return entry.op is Op.CONV and entry.form in CONV_FORMS and math.prod(entry.shape[2:]) > 1
 
 
 def spectra(graph: Graph, plan: Plan, stats: dict[str, LayerStats] | None = None,
@@ -140,8 +168,13 @@ def spectra(graph: Graph, plan: Plan, stats: dict[str, LayerStats] | None = None
         if weight is None or not np.isfinite(weight).all():
             continue
         rank = entry.rank[0] if isinstance(entry.rank, tuple) else entry.rank
-        moment = stats[entry.name].moment if entry.name in stats else None
-        matrix = _matrix_view(node, np.asarray(weight))
+        layer_stats = stats.get(entry.name)
+        if _two_factor_kxk(entry):  # a k x k conv in channel or spatial SVD: its form's matrix and whitening
+            matrix = _form_matrix(entry, np.asarray(weight))
+            moment = form_whitening(entry.form or SVD, layer_stats, entry.shape)
+        else:
+            matrix = _matrix_view(node, np.asarray(weight))
+            moment = None if layer_stats is None else layer_stats.moment
         whitened = moment is not None and moment.shape[0] == matrix.shape[1]
         squared = matrix_spectrum(matrix, moment if whitened else None)
         values = np.sqrt(squared)

@@ -19,10 +19,14 @@ from lowrank_ir._conv_forms import (
     channel_kernel,
     channel_matrix,
     channel_params,
+    spatial_column_moment,
     spatial_factors,
     spatial_kernel,
     spatial_matrix,
     spatial_params,
+    spatial_refit_horizontal,
+    spatial_row_moment,
+    whitened_spatial_factors,
 )
 from lowrank_ir._engine import SPATIAL_SVD, SVD, approximations
 from tests import onnx_models as om
@@ -335,3 +339,178 @@ def test_decompose_command_writes_the_form_the_latency_budget_chose(tmp_path, ca
     assert main(["decompose", str(source), "-o", str(target), "--budget-latency", "0.75", "--divisor", "16"]) == 0, \
         capsys.readouterr().err
     assert [_kernel_shape(node) for node in onnx.load(str(target)).graph.node] == [[3, 1], [1, 3]]
+
+
+# ------------------------------------------------------------------------------------------ data-aware spatial SVD
+
+def _patches(seed: int, shape: tuple[int, ...], rows: int = 4000) -> np.ndarray:
+    """``rows`` correlated im2col patches for a kernel of ``shape``, ordered ``(in, kh, kw)`` like the frontends'."""
+    rng = np.random.default_rng(seed)
+    size = int(np.prod(shape[1:]))
+    mixing = rng.standard_normal((size, size)) * np.logspace(0, -2, size)
+    return rng.standard_normal((rows, size)) @ mixing.T
+
+
+def _exact_output_error(kernel: np.ndarray, approx: np.ndarray, moment: np.ndarray) -> float:
+    """The conv's relative output error ``sqrt(tr(D P Dᵀ) / tr(K P Kᵀ))``, ``D = K - K'`` as ``[out, in·kh·kw]``."""
+    full, delta = kernel.reshape(len(kernel), -1), (kernel - approx).reshape(len(kernel), -1)
+    return float(np.sqrt(np.sum((delta @ moment) * delta) / np.sum((full @ moment) * full)))
+
+
+def test_column_moment_is_the_moment_of_the_vertical_convs_input_columns() -> None:
+    shape = (12, 8, 3, 5)
+    patches = _patches(0, shape, rows=200)
+    columns = patches.reshape(200, 8, 3, 5).transpose(0, 3, 1, 2).reshape(200 * 5, 8 * 3)  # one row per (patch, j)
+    np.testing.assert_allclose(spatial_column_moment(patches.T @ patches / 200, shape),
+                               columns.T @ columns / (200 * 5), rtol=1e-12, atol=1e-12)
+    channel = np.cov(np.random.default_rng(1).standard_normal((8, 50)))
+    np.testing.assert_array_equal(spatial_row_moment(channel, 3).reshape(8, 3, 8, 3),
+                                  np.einsum("ab,ij->aibj", channel, np.eye(3)))
+
+
+def test_whitening_by_the_identity_is_the_data_free_fit() -> None:
+    kernel = _kernel(2)
+    vertical, horizontal, _ = spatial_factors(kernel, 6)
+    whitened = whitened_spatial_factors(kernel, 6, np.eye(8 * 3))
+    np.testing.assert_allclose(spatial_kernel(*whitened), spatial_kernel(vertical, horizontal), atol=1e-12)
+
+
+def test_horizontal_refit_is_the_least_squares_optimum_for_the_vertical_factor() -> None:
+    shape = (12, 8, 3, 5)
+    kernel = _kernel(3, shape)
+    patches = _patches(4, shape, rows=500)
+    moment = patches.T @ patches / 500
+    vertical, start = whitened_spatial_factors(kernel, 4, spatial_column_moment(moment, shape))
+    refit = spatial_refit_horizontal(kernel, vertical, moment, damping=0.0)
+    # brute force: regress the layer's outputs K p on the vertical conv's outputs z = (V applied per column j)
+    outputs = patches @ kernel.reshape(12, -1).T
+    tapped = np.einsum("sci,ncij->nsj", vertical[..., 0], patches.reshape(500, 8, 3, 5)).reshape(500, -1)
+    solution = np.linalg.lstsq(tapped, outputs, rcond=None)[0].T.reshape(12, 4, 1, 5)
+    np.testing.assert_allclose(refit, solution, rtol=1e-6, atol=1e-9)
+    assert _exact_output_error(kernel, spatial_kernel(vertical, refit), moment) < \
+        _exact_output_error(kernel, spatial_kernel(vertical, start), moment)
+
+
+@pytest.mark.parametrize("rank", [2, 6, 12])
+def test_data_aware_spatial_svd_lowers_the_output_error_and_reports_it(rank) -> None:
+    from frontends.onnx import lower
+    from lowrank_ir import LayerStats
+
+    graph = lower(_onnx_model())  # conv [12, 8, 3, 3], with a bias
+    kernel = graph.params["conv.weight"].astype(np.float64)
+    patches = _patches(5, kernel.shape)
+    moment = patches.T @ patches / len(patches)
+    channel = spatial_column_moment(moment, kernel.shape)[::3, ::3]  # the input-channel moment (row offset 0)
+    chosen = with_forms(plan(graph, Policy.fixed(4, divisor=1)), {"conv": (SPATIAL_SVD, rank)})
+    free = rewrite(graph, chosen)
+    exact = rewrite(graph, chosen, stats={"conv": LayerStats(channel, len(patches), patch_moment=moment)})
+    by_channel = rewrite(graph, chosen, stats={"conv": LayerStats(channel, len(patches))})
+
+    def kernel_of(result) -> np.ndarray:
+        return spatial_kernel(*(result.graph.params[f"conv.{index}.weight"].astype(np.float64) for index in (0, 1)))
+
+    assert free.errors["conv"][1] == "weight" and exact.errors["conv"][1] == by_channel.errors["conv"][1] == "output"
+    assert exact.errors["conv"][0] == pytest.approx(_exact_output_error(kernel, kernel_of(exact), moment), rel=1e-4)
+    assert _exact_output_error(kernel, kernel_of(exact), moment) < 0.9 * _exact_output_error(kernel, kernel_of(free),
+                                                                                            moment)
+    # without patch statistics: the channel-moment estimate (every tap through the channel moment) is what drops
+    rows = np.kron(np.eye(9), channel)  # that estimate as a moment over (taps, in), ordered like the transpose below
+
+    def estimate(approx: np.ndarray) -> float:
+        by_tap = (kernel - approx).transpose(0, 2, 3, 1).reshape(12, -1)
+        full = kernel.transpose(0, 2, 3, 1).reshape(12, -1)
+        return float(np.sqrt(np.sum((by_tap @ rows) * by_tap) / np.sum((full @ rows) * full)))
+
+    assert by_channel.errors["conv"][0] == pytest.approx(estimate(kernel_of(by_channel)), rel=1e-4)
+    assert estimate(kernel_of(by_channel)) < estimate(kernel_of(free))
+
+
+def test_data_free_spatial_svd_is_the_truncated_svd_of_the_weight() -> None:
+    from frontends.onnx import lower
+
+    graph = lower(_onnx_model())
+    result = rewrite(graph, with_forms(plan(graph, Policy.fixed(4, divisor=1)), {"conv": (SPATIAL_SVD, 5)}))
+    vertical, horizontal, error = spatial_factors(graph.params["conv.weight"], 5)
+    np.testing.assert_array_equal(result.graph.params["conv.0.weight"], vertical.astype(np.float32))
+    np.testing.assert_array_equal(result.graph.params["conv.1.weight"], horizontal.astype(np.float32))
+    assert result.errors["conv"] == (error, "weight")
+
+
+def test_data_aware_spatial_svd_on_ppocr_det_beats_the_data_free_fit_on_other_images(tmp_path) -> None:
+    """PP-OCR det's five 3x3 head convs (96 -> 24) in spatial SVD at rank 16, fitted on 4 text images."""
+    from frontends import onnx as onnx_frontend
+    from lowrank_ir import Decompose, write_json
+    from lowrank_ir._policy import config_document
+
+    model = onnx_frontend.load_model(om.ppocr_file("det"))
+    heads = [f"p2o.Conv.{index}" for index in (49, 52, 55, 58, 61)]
+    path = tmp_path / "decompose_config.json"
+    write_json(path, config_document({name: [16, 16] for name in heads}, {name: (SPATIAL_SVD, 16) for name in heads}))
+    free, aware = (Decompose(model, config_file=path).from_file() for _ in range(2))
+    held_out = om.ppocr_feeds("det", seed=0, batch=2)
+    reference = om.run(model, held_out)[0]
+
+    def output_error(decomposed: object) -> float:
+        return float(np.linalg.norm(om.run(decomposed, held_out)[0] - reference) / np.linalg.norm(reference))
+
+    free_error = output_error(free.decompose_network())
+    aware_error = output_error(aware.decompose_network(datasets=[om.ppocr_feeds("det", seed=1, batch=4)]))
+    print(f"\nPP-OCR det, 5 head convs in spatial SVD at rank 16: output error on 2 other images, data-free "
+          f"{free_error:.4f}, data-aware {aware_error:.4f}")
+    assert all(aware.report[name].form == SPATIAL_SVD for name in heads)
+    assert aware_error < 0.9 * free_error
+
+
+@pytest.mark.parametrize(("form", "patch_statistics"), [(SPATIAL_SVD, False), (SPATIAL_SVD, True), (SVD, True)])
+def test_the_budgets_error_curve_of_a_form_is_the_error_of_its_data_aware_fit(form, patch_statistics) -> None:
+    """The latency budget's estimate (whitened tail, ``form_whitening``) is what the engine's fit reaches.
+
+    Exactly where the fit is a whitened SVD measured under the same moment. With patch statistics the
+    spatial fit is measured exactly (the estimate leaves out the columns' correlations across ``j``) and
+    its horizontal factor refit: on these correlated patches it lands at or below the estimate.
+    """
+    from frontends.onnx import lower
+    from lowrank_ir import LayerStats
+    from lowrank_ir._budget import matrix_spectrum, tail_errors
+    from lowrank_ir._engine import form_whitening
+
+    graph = lower(_onnx_model())
+    kernel = graph.params["conv.weight"]
+    patches = _patches(6, kernel.shape)
+    moment = patches.T @ patches / len(patches)
+    channel = spatial_column_moment(moment, kernel.shape)[::3, ::3]
+    stats = LayerStats(channel, len(patches), patch_moment=moment if patch_statistics else None)
+    matrix = spatial_matrix(kernel).T if form == SPATIAL_SVD else channel_matrix(kernel)
+    curve = tail_errors(matrix_spectrum(matrix, form_whitening(form, stats, kernel.shape)))
+    for rank in (2, 5, 9):
+        chosen = with_forms(plan(graph, Policy.fixed(4, divisor=1)), {"conv": (form, rank)})
+        error, kind = rewrite(graph, chosen, stats={"conv": stats}).errors["conv"]
+        assert kind == "output"
+        if form == SPATIAL_SVD and patch_statistics:
+            assert error <= np.sqrt(curve[rank]) + 1e-9
+        else:
+            assert error == pytest.approx(np.sqrt(curve[rank]), rel=1e-6)
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_the_spectrum_reported_for_a_form_is_the_one_its_rank_cuts(form) -> None:
+    from frontends.onnx import lower
+    from lowrank_ir import LayerStats
+    from lowrank_ir._budget import matrix_spectrum, tail_errors
+    from lowrank_ir._report import spectra, spectral_energy
+
+    graph = lower(_onnx_model())
+    kernel = graph.params["conv.weight"]
+    patches = _patches(7, kernel.shape)
+    moment = patches.T @ patches / len(patches)
+    stats = {"conv": LayerStats(spatial_column_moment(moment, kernel.shape)[::3, ::3], len(patches),
+                                patch_moment=moment)}
+    chosen = with_forms(plan(graph, Policy.fixed(4, divisor=1)), {"conv": (form, 5)})
+    matrix = spatial_matrix(kernel) if form == SPATIAL_SVD else channel_matrix(kernel)
+    free, aware = spectra(graph, chosen)["conv"], spectra(graph, chosen, stats)["conv"]
+    assert free["count"] == aware["count"] == (24 if form == SPATIAL_SVD else 12) and aware["whitened"]
+    assert free["kept_energy"] == pytest.approx(1 - tail_errors(matrix_spectrum(matrix))[5])
+    assert spectral_energy(graph, chosen)["conv"] == pytest.approx(free["kept_energy"])
+    whitened = rewrite(graph, chosen, stats=stats).errors["conv"][0]
+    if form == SVD:  # the channel SVD's fit is that whitened truncation
+        assert aware["kept_energy"] == pytest.approx(1 - whitened**2)

@@ -144,7 +144,7 @@ def _cmd_decompose(args: argparse.Namespace) -> int:
     with outputs.writing() as stage:
         with SafeWriteUmask():
             save_weights(decomposed, stage.path(folder / weights))
-        write_json(stage.path(folder / "decompose_config.json"), decomposer.decompose_config)
+        write_json(stage.path(folder / "decompose_config.json"), decomposer.config_document())
         document = decomposer_document(decomposer, args, data_aware=False)
         write_json(stage.path(folder / "report.json"), document)
         if report is not None:

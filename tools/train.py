@@ -66,6 +66,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset  # no
 
 from lowrank_ir import Decompose, SafeWriteUmask, atomic_write, count_parameters, set_logger_level  # noqa: E402
 from lowrank_ir import write_json as _write_json  # noqa: E402
+from lowrank_ir._policy import split_config_document  # noqa: E402
 from tools.digits import DataError, ImageData, load_data  # noqa: E402
 from tools.distributed import init_process_group, process_device  # noqa: E402
 
@@ -456,7 +457,7 @@ def _decompose_once(decomposer: Decompose, folder: Path) -> Start:
     config = decomposer.decompose_config
     assert config is not None
     decomposed = decomposer.decompose_network()
-    _write_json(folder / "decompose_config.json", config)
+    _write_json(folder / "decompose_config.json", decomposer.config_document())  # with any layer's form
     _save_state(decomposed, folder / "decomposed_init.pt")
     return Start(str(folder / "decompose_config.json"), str(folder / "decomposed_init.pt"), len(config))
 
@@ -601,7 +602,7 @@ def run(args: argparse.Namespace, procs: Processes) -> dict[str, Any]:
             model = _structure(original, Path(start.config))
             model.load_state_dict(_read_state(start.state))
             config = json.loads(Path(start.config).read_text())
-            metrics.update(decompose_config=config, layers_decomposed=len(config))
+            metrics.update(decompose_config=config, layers_decomposed=len(split_config_document(config)[0]))
         metrics["decomposed"] = start.config is not None
         metrics["parameters"] = count_parameters(model)
         metrics["checksums_loaded"] = _gather(state_checksum(model), procs)

@@ -58,6 +58,7 @@ from mindspore.common.initializer import HeNormal  # noqa: E402
 
 from lowrank_ir import Decompose, SafeWriteUmask, count_parameters, set_logger_level  # noqa: E402
 from lowrank_ir import write_json as _write_json  # noqa: E402
+from lowrank_ir._policy import split_config_document  # noqa: E402
 from tools.digits import DataError, ImageData, load_data  # noqa: E402
 
 __all__ = ["BasicBlock", "SmallResNet", "UsageError", "build_parser", "cell_checksum", "main", "small_resnet"]
@@ -372,7 +373,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             assert decomposer.decompose_config is not None
             decomposed = decomposer.decompose_network()
             config_path = folder / "decompose_config.json"
-            _write_json(config_path, decomposer.decompose_config)
+            _write_json(config_path, decomposer.config_document())  # with any layer's form
             save_ckpt(decomposed, folder / "decomposed_init.ckpt")
             # the multi-card recipe: structure only, then the checkpoint saved above
             cell = load_into(_structure(original, config_path), read_ckpt(folder / "decomposed_init.ckpt"))
@@ -380,8 +381,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 raise RuntimeError("the reloaded decomposed checkpoint differs from the decomposed Cell")
         if config_path is not None:
             config = json.loads(config_path.read_text())
-            metrics.update(decompose_config=config, layers_decomposed=len(config))
-            print(f"decomposed: {len(config)} layers, {params_original:,} -> {count_parameters(cell):,} parameters "
+            layers = len(split_config_document(config)[0])
+            metrics.update(decompose_config=config, layers_decomposed=layers)
+            print(f"decomposed: {layers} layers, {params_original:,} -> {count_parameters(cell):,} parameters "
                   f"({count_parameters(cell) / params_original:.1%})", flush=True)
             accuracy, loss = evaluate(cell, data)
             metrics.update(accuracy_decomposed=accuracy, loss_decomposed=loss)
