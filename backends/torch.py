@@ -118,8 +118,15 @@ def build_layer(node: Node, graph: Graph) -> nn.Module:
         raise ValueError(f"while building {node.name!r} ({node.op.value}): {err}") from err
 
 
+def tensor_of(array: np.ndarray) -> torch.Tensor:
+    """``array`` as a CPU tensor sharing its memory; a numpy bfloat16 array (``ml_dtypes``) as a bfloat16 tensor."""
+    if array.dtype.name == "bfloat16":
+        return torch.from_numpy(array.view(np.uint16)).view(torch.bfloat16)
+    return torch.from_numpy(array)
+
+
 def _tensor(array: np.ndarray, like: torch.Tensor) -> torch.Tensor:
-    return torch.from_numpy(np.array(array, copy=True)).to(dtype=like.dtype, device=like.device)
+    return tensor_of(np.array(array, copy=True)).to(dtype=like.dtype, device=like.device)
 
 
 def _fill(module: nn.Module, node: Node, graph: Graph, like: torch.Tensor) -> None:
@@ -140,9 +147,10 @@ def _taken(array: np.ndarray, like: torch.Tensor) -> torch.Tensor:
     graph's arrays that share a user's model's memory are read-only views (``frontends/torch.py``):
     they are always copied.
     """
-    if not (array.flags.writeable and array.flags.c_contiguous and array.dtype.kind == "f"):
+    if not (array.flags.writeable and array.flags.c_contiguous and (array.dtype.kind == "f" or
+                                                                    array.dtype.name == "bfloat16")):
         return _tensor(array, like)
-    tensor = torch.from_numpy(array)
+    tensor = tensor_of(array)
     if tensor.dtype != like.dtype or tensor.device != like.device:
         return tensor.to(dtype=like.dtype, device=like.device)
     return tensor
@@ -243,7 +251,7 @@ def state_dict(graph: Graph) -> dict[str, torch.Tensor]:
     """
     computed = set(graph.meta.get("computed_params", ()))
     transposed = set(graph.meta.get("transposed_params", ()))
-    return {name: torch.from_numpy(np.array(array.T if name in transposed else array, copy=True))
+    return {name: tensor_of(np.array(array.T if name in transposed else array, copy=True))
             for name, array in graph.params.items() if name not in computed}
 
 

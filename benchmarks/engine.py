@@ -31,7 +31,9 @@ Each row gives the seconds of the whole ``decompose_network`` call (ranks chosen
 user calls it), the peak resident memory above the process's at the call's start (the kernel's
 high-water mark, reset at the start) as a multiple of the model's parameter bytes, and beside ours the
 bound it should stay under (the decomposed model's own bytes + 3 x the largest decomposed layer's
-weight in float64), whether both tools chose the same ranks, and the
+weight in float64; the model's weights are read before, and before each call the same tool decomposes
+a small model of the model's largest layers, so that what a process sets up once -- code, BLAS buffers,
+threads -- is not counted as the call's), whether both tools chose the same ranks, and the
 mean relative reconstruction error ``||W - W'|| / ||W||`` of the decomposed layers for each tool. With
 ``--repeat`` the runs are interleaved (ours, reference, ours, ...) and the best time is kept, so load
 from other jobs falls on both alike; read the ratio. BLAS and torch use ``--threads`` threads (default:
@@ -220,11 +222,46 @@ def _as_lists(config: dict[str, Any]) -> dict[str, Any]:
     return {name: list(rank) if isinstance(rank, (list, tuple)) else rank for name, rank in config.items()}
 
 
+def _read_weights(model: Any) -> None:
+    """Read every weight of ``model`` once, so that the loaded model is in memory before a call is measured.
+
+    transformers maps safetensors files: a weight nobody has read is not resident yet, and the first read
+    (by either tool) would count the model's own pages in the call's peak.
+    """
+    import torch
+
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            tensor.sum()
+
+
+def _largest_layers(model: Any, config: dict[str, Any]) -> Any:
+    """A small model of copies of ``model``'s largest decomposed layer of each weight rank: to warm up on."""
+    from torch import nn
+
+    largest: dict[int, Any] = {}
+    for name in config:
+        layer = model.get_submodule(name)
+        rank = layer.weight.dim()
+        if rank not in largest or layer.weight.numel() > largest[rank].weight.numel():
+            largest[rank] = layer
+    return nn.ModuleList(copy.deepcopy(layer) for layer in largest.values())
+
+
+def _warm_up(decompose: Any, model: Any, config: dict[str, Any]) -> None:
+    """Decompose the model's largest layers once, so that what a process sets up once is not the measured call's.
+
+    Code loaded, BLAS buffers of those sizes and thread pools are the process's.
+    """
+    decompose(_largest_layers(model, config)).from_ratio(0.5).decompose_network()
+    gc.collect()
+
+
 def _run(decompose: Any, model: Any, case: Case, mutates: bool) -> Run:
     work = copy.deepcopy(model) if mutates else model
     decomposer = case.choose(decompose(work))
     config = dict(decomposer.decompose_config)
-    gc.collect()
+    _warm_up(decompose, model, config)
     with PeakRSS() as memory:
         start = time.perf_counter()
         result = decomposer.decompose_network()
@@ -449,6 +486,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             case = CASES[name]
             model = case.build()
+            _read_weights(model)
             model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
             ours: Run | None = None
             ref: Run | None = None

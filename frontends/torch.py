@@ -29,14 +29,14 @@ from torch import nn
 from torch.nn import functional
 
 from frontends._im2col import collects_patches
-from lowrank_ir import Graph, LayerStats, Node, Op, conv_pads, verify
+from lowrank_ir import Graph, LayerStats, LazyArray, Node, Op, conv_pads, verify
 from lowrank_ir._budget import first_elements, relative_output_errors
 from lowrank_ir._calibration import MomentSums
 from lowrank_ir._protocols import Frontend
 
 __all__ = ["LOWERINGS", "LOWERINGS_BY_PATH", "MASKS_PADDING", "TRANSPOSED_WEIGHTS", "collect_cross_stats",
-           "collect_stats", "count_parameters", "drop_padding", "execution_groups", "lock_reasons", "lower",
-           "lowering_for", "output_errors", "read_only_array", "register_lowering", "token_mask",
+           "collect_stats", "count_parameters", "drop_padding", "execution_groups", "lazy_array", "lock_reasons",
+           "lower", "lowering_for", "output_errors", "read_only_array", "register_lowering", "token_mask",
            "transposed_weights"]
 
 logger = logging.getLogger(__name__)
@@ -167,6 +167,21 @@ def read_only_array(tensor: torch.Tensor) -> np.ndarray:
     return view
 
 
+def lazy_array(tensor: torch.Tensor) -> LazyArray:
+    """A bfloat16 tensor, read as float32 each time it is used (never copied whole); its factors are bfloat16."""
+    import ml_dtypes
+
+    tensor = tensor.detach()
+    origin = (tensor.device.type, tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()))
+    return LazyArray(tuple(tensor.shape), np.float32, lambda: tensor.float().cpu().numpy(),
+                     ml_dtypes.bfloat16, origin if tensor.numel() else None)
+
+
+def _transposed_lazy(lazy: LazyArray) -> LazyArray:
+    origin = None if lazy.origin is None else ("transposed", lazy.origin)
+    return LazyArray(lazy.shape[::-1], lazy.dtype, lambda: lazy.load().T, lazy.source_dtype, origin)
+
+
 def lock_reasons(model: nn.Module) -> dict[str, str]:
     """Layers the backend must not replace, with the reason (reported to the user)."""
     reasons: dict[str, str] = {}
@@ -225,7 +240,10 @@ def lower(model: nn.Module) -> Graph:
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
     state = model.state_dict()
-    params = {name: read_only_array(tensor) for name, tensor in state.items() if isinstance(tensor, torch.Tensor)}
+    # A bfloat16 model stays as it is: each weight is read as float32 when its layer is decomposed.
+    params: dict[str, np.ndarray | LazyArray] = {
+        name: lazy_array(tensor) if tensor.dtype == torch.bfloat16 else read_only_array(tensor)
+        for name, tensor in state.items() if isinstance(tensor, torch.Tensor)}
     dtypes = {name: str(tensor.dtype).replace("torch.", "") for name, tensor in state.items()
               if isinstance(tensor, torch.Tensor)}
     locks = lock_reasons(model)
@@ -259,10 +277,15 @@ def lower(model: nn.Module) -> Graph:
             raise ValueError(f"while lowering {name!r} ({type(module).__name__}): {err}") from err
     transposed = [key for key in transposed_weights(model) if key in params]
     for key in transposed:
-        params[key] = params[key].T
+        value = params[key]
+        params[key] = _transposed_lazy(value) if isinstance(value, LazyArray) else value.T
     if transposed:
         graph.meta["transposed_params"] = transposed
-    graph.params.update(params)
+    for name, value in params.items():
+        if isinstance(value, LazyArray):
+            graph.params.set_lazy(name, value)
+        else:
+            graph.params[name] = value
     if computed:
         graph.params.update(computed)
         graph.meta["computed_params"] = sorted(computed)

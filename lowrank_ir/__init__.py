@@ -21,7 +21,7 @@ from lowrank_ir._engine import (
     with_layout,
 )
 from lowrank_ir._files import SafeWriteUmask, atomic_write, write_json
-from lowrank_ir._ir import Graph, GraphError, Node, Op, Value, conv_pads, verify
+from lowrank_ir._ir import Graph, GraphError, LazyArray, Node, Op, Value, conv_pads, verify
 from lowrank_ir._logging import set_logger_level
 from lowrank_ir._parity_report import ParityReport, ParityRow
 from lowrank_ir._policy import Policy, make_divisible
@@ -38,6 +38,7 @@ __all__ = [
     "Decompose",
     "Graph",
     "GraphError",
+    "LazyArray",
     "LayerReport",
     "LayerStats",
     "Node",

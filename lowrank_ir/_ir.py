@@ -64,13 +64,14 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-__all__ = ["AUTO_PAD", "DEFAULT_DOMAINS", "RESERVED_ATTRS", "Graph", "GraphError", "Node", "Op", "Value",
+__all__ = ["AUTO_PAD", "DEFAULT_DOMAINS", "RESERVED_ATTRS", "Graph", "GraphError", "LazyArray", "Node", "Op", "Params",
+           "Value",
            "conv_pads", "onnx_padding", "padding_halves", "source_attrs", "verify"]
 
 
@@ -239,6 +240,94 @@ class Node:
         return self.op in LAYER_OPS
 
 
+class LazyArray:
+    """A parameter read when it is used: ``load()`` returns it as a new numpy array each time.
+
+    For arrays a framework holds in a dtype numpy computes poorly in (bfloat16): the graph keeps the
+    framework's tensor, and each use reads the one parameter in ``dtype`` (float32), so a model is never
+    copied whole. ``source_dtype`` is the dtype the source holds it in (default ``dtype``): what a
+    rewrite writes the layer's factors in (for bfloat16, ``ml_dtypes.bfloat16``). ``origin``, when given,
+    names the source's memory (two lazy arrays with the same origin are one tensor under two names).
+    """
+
+    __slots__ = ("shape", "dtype", "source_dtype", "origin", "_load")
+
+    def __init__(self, shape: Sequence[int], dtype: np.dtype | type, load: Callable[[], np.ndarray],
+                 source_dtype: np.dtype | type | None = None, origin: Hashable | None = None) -> None:
+        self.shape = tuple(int(dim) for dim in shape)
+        self.dtype = np.dtype(dtype)
+        self.source_dtype = self.dtype if source_dtype is None else np.dtype(source_dtype)
+        self.origin = origin
+        self._load = load
+
+    def __repr__(self) -> str:
+        return f"LazyArray(shape={self.shape}, dtype={self.dtype})"
+
+    def load(self) -> np.ndarray:
+        """The array, read now (read-only)."""
+        array = self._load()
+        if array.shape != self.shape or array.dtype != self.dtype:
+            raise GraphError(f"a lazy parameter of shape {self.shape} and dtype {self.dtype} read as "
+                             f"{array.shape} {array.dtype}")
+        array.flags.writeable = False
+        return array
+
+
+class Params(dict[str, np.ndarray]):
+    """A graph's arrays by name; a :class:`LazyArray` among them is read each time it is looked up.
+
+    Every read (``params[name]``, ``get``, ``values``, ``items``) gives numpy arrays, so code that reads a
+    graph need not know which of its arrays are lazy; :meth:`set_lazy` adds one, :meth:`is_lazy` tells.
+    Copies (``dict(params)``, ``Graph.copy``) keep lazy arrays lazy.
+    """
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        value: Any = super().__getitem__(name)
+        return value.load() if isinstance(value, LazyArray) else value
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self[name] if name in self else default
+
+    def values(self) -> Iterator[np.ndarray]:  # type: ignore[override]
+        return (self[name] for name in self)
+
+    def items(self) -> Iterator[tuple[str, np.ndarray]]:  # type: ignore[override]
+        return ((name, self[name]) for name in self)
+
+    def set_lazy(self, name: str, lazy: LazyArray) -> None:
+        """Add ``lazy`` under ``name``: read when it is looked up."""
+        super().__setitem__(name, lazy)  # type: ignore[assignment]
+
+    def is_lazy(self, name: str) -> bool:
+        return isinstance(super().__getitem__(name), LazyArray)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The array's shape, without reading a lazy one."""
+        return tuple(super().__getitem__(name).shape)
+
+    def dtype(self, name: str) -> np.dtype:
+        """The array's dtype, without reading a lazy one."""
+        return np.dtype(super().__getitem__(name).dtype)
+
+    def storage_key(self, name: str) -> Hashable | None:
+        """Equal for names holding one array (tied weights), without reading a lazy one; None if unknown.
+
+        A numpy array's: its memory address, shape and strides (None when empty or broadcast); a lazy
+        array's: its ``origin``.
+        """
+        value = super().__getitem__(name)
+        if isinstance(value, LazyArray):
+            return value.origin
+        if not value.size or 0 in value.strides:
+            return None
+        return (value.__array_interface__["data"][0], value.shape, value.strides)
+
+    def source_dtype(self, name: str) -> np.dtype:
+        """The dtype the source holds the array in: a lazy array's ``source_dtype``, else its dtype."""
+        value = super().__getitem__(name)
+        return value.source_dtype if isinstance(value, LazyArray) else np.dtype(value.dtype)
+
+
 class Graph:
     """Nodes in topological order, their arrays, graph inputs/outputs and metadata.
 
@@ -258,7 +347,7 @@ class Graph:
     ) -> None:
         self._nodes: list[Node] = []
         self._index: dict[str, Node] = {}
-        self.params: dict[str, np.ndarray] = dict(params or {})
+        self.params = Params(params or {})
         self.inputs: list[Value] = list(inputs)
         self.outputs: list[Value] = list(outputs)
         self.meta: dict[str, Any] = dict(meta or {})
@@ -339,7 +428,7 @@ class Graph:
         """A graph with copied nodes and containers; the arrays themselves are shared (treat them as immutable)."""
         nodes = [Node(node.op, node.name, dict(node.attrs), dict(node.params), list(node.inputs),
                       list(node.outputs)) for node in self._nodes]
-        return Graph(nodes, dict(self.params),
+        return Graph(nodes, Params(self.params),
                      [Value(v.name, v.dtype, v.shape) for v in self.inputs],
                      [Value(v.name, v.dtype, v.shape) for v in self.outputs], dict(self.meta))
 
@@ -390,16 +479,16 @@ def _layer_problems(node: Node, graph: Graph) -> list[str]:
     if node.op is Op.MATMUL and node.attrs.get("weight_side", "right") not in ("right", "left"):
         problems.append(f"{where}: weight_side={node.attrs['weight_side']!r} must be 'right' or 'left'")
         return problems
-    weight = graph.params.get(node.params["weight"])
+    weight = node.params["weight"]
     expected = _expected_weight_shape(node)
-    if weight is not None and expected is not None and tuple(weight.shape) != expected:
-        problems.append(f"{where}: weight {node.params['weight']!r} has shape {tuple(weight.shape)}, "
+    if weight in graph.params and expected is not None and graph.params.shape(weight) != expected:
+        problems.append(f"{where}: weight {weight!r} has shape {graph.params.shape(weight)}, "
                         f"its attributes imply {expected}")
     bias_name = node.params.get("bias")
     if bias_name is not None and bias_name in graph.params and expected is not None:
         out = node.attrs.get("out_features", node.attrs.get("out_channels"))
-        if tuple(graph.params[bias_name].shape) != (out,):
-            problems.append(f"{where}: bias {bias_name!r} has shape {tuple(graph.params[bias_name].shape)}, "
+        if graph.params.shape(bias_name) != (out,):
+            problems.append(f"{where}: bias {bias_name!r} has shape {graph.params.shape(bias_name)}, "
                             f"expected ({out},)")
     return problems
 
@@ -428,8 +517,8 @@ def verify(graph: Graph) -> Graph:
         if missing_params:
             problems.append(f"{where}: refers to params not in the graph: {missing_params}")
         for name in node.params.values():
-            array = graph.params.get(name)
-            if array is not None and not isinstance(array, np.ndarray):
+            array = dict.get(graph.params, name)  # as stored: a lazy array is not read here
+            if array is not None and not isinstance(array, (np.ndarray, LazyArray)):
                 problems.append(f"{where}: param {name!r} is a {type(array).__name__}, not a numpy array")
         if node.is_layer:
             problems.extend(_layer_problems(node, graph))

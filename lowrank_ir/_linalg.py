@@ -385,6 +385,12 @@ def _projection(matrix: np.ndarray, basis: Array, axis: int, where: Any) -> Arra
     return result
 
 
+def _squared_norm(array: np.ndarray) -> float:
+    """``||array||_F²`` summed in float64 (a float32 array a block of rows at a time, without a float64 copy)."""
+    matrix = array.reshape(array.shape[0], -1) if array.ndim else array.reshape(1, 1)
+    return sum(float(np.vdot(block, block)) for _, block in _float64_blocks(matrix, 0))
+
+
 def svd_relative_error(weight: ArrayLike, left: ArrayLike, right: ArrayLike) -> float:
     """``||W - left @ right||_F / ||W||_F`` for factors from :func:`svd_factors`, without their product.
 
@@ -400,7 +406,7 @@ def svd_relative_error(weight: ArrayLike, left: ArrayLike, right: ArrayLike) -> 
     Returns:
         The relative Frobenius error.
     """
-    total = sum(float(np.sum(block * block)) for _, block in _float64_blocks(np.asarray(weight), 0))
+    total = _squared_norm(np.asarray(weight))
     kept = float(np.sum(np.sum(np.square(left), axis=0) * np.sum(np.square(right), axis=1)))
     return math.sqrt(max(total - kept, 0.0) / total) if total > 0 else 0.0
 
@@ -411,9 +417,7 @@ def tucker2_relative_error(kernel: ArrayLike, core: ArrayLike) -> float:
     ``K' = last core first`` with orthonormal ``last`` columns and ``first`` rows is the orthogonal
     projection of ``K`` on their subspaces, so ``||K - K'||² = ||K||² - ||core||²`` (no reconstruction).
     """
-    kernel_arr, core_arr = np.asarray(kernel), np.asarray(core, dtype=np.float64)
-    total = float(np.vdot(kernel_arr, kernel_arr))
-    kept = float(np.vdot(core_arr, core_arr))
+    total, kept = _squared_norm(np.asarray(kernel)), _squared_norm(np.asarray(core, dtype=np.float64))
     return math.sqrt(max(total - kept, 0.0) / total) if total > 0 else 0.0
 
 
@@ -642,8 +646,9 @@ def _hooi(
     ill-conditioned kernel), and the core is the float64 projection of the kernel on them.
     """
     out_dim, in_dim, taps = kernel.shape
+    # A float32 kernel stays float32 here (the float32 search reads it as it is) beside one float64 copy.
     exact = np.ascontiguousarray(kernel.transpose(0, 2, 1))
-    norm_sq = max(float(np.vdot(exact, exact)), _TINY)
+    norm_sq = max(_squared_norm(exact), _TINY)
     where = device()
     precise = to_device(exact, np.float64, where)
     search = to_device(exact, np.float32, where) if max_iter > 0 else precise
@@ -656,6 +661,7 @@ def _hooi(
     if search is not precise:
         last, first, _ = _hooi_sweeps(precise, to_device(as_numpy(last), np.float64, where),
                                       to_device(as_numpy(first), np.float64, where), fit, norm_sq, max_iter, tol)
+    del precise, search  # the core below needs only ``exact``
     last, first = as_numpy(last), as_numpy(first)
     last = last * _column_signs(last)
     first = first * _column_signs(first.T)[:, None]
@@ -716,7 +722,8 @@ def tucker2(
             f"kernel must be [out, in, *k] with 1 to 3 spatial dimensions, got shape {raw.shape!r}"
             + (" (use svd_factors for a 2-D weight)" if raw.ndim == 2 else "")
         )
-    array = _as_float64(raw, "kernel")
+    # Data-free, a float32 kernel is not copied to float64 whole: _hooi holds one float64 copy of its own.
+    array = _as_float64(raw, "kernel", keep_float32=moment is None)
     out_dim, in_dim = array.shape[:2]
     spatial = array.shape[2:]
     shape = array.shape

@@ -23,6 +23,7 @@ values, with the planned rank and the energy it keeps, ``Σ_{i<r} s_i² / Σ s_i
 from __future__ import annotations
 
 import math
+from collections.abc import Hashable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -39,6 +40,7 @@ from lowrank_ir._engine import (
     Plan,
     PlanEntry,
     _matrix_view,
+    factor_count,
     form_whitening,
 )
 from lowrank_ir._ir import Graph, Node, Op
@@ -85,18 +87,18 @@ def _layer_figures(entry: PlanEntry, node: Node, has_bias: bool) -> tuple[int, i
         before_params = out * inp * taps + bias
         before_flops = 2 * out * inp * taps * out_pos
         if entry.form == SVD and isinstance(entry.rank, int):  # channel SVD; a 1x1 conv's compact layout
-            after = _conv_forms.channel_params(shape, entry.rank)
+            after = factor_count(shape, entry.form, entry.rank)
             return before_params, after + bias, before_flops, 2 * after * out_pos
         if entry.form == SPATIAL_SVD and isinstance(entry.rank, int):  # the first conv keeps the input's columns
             columns = int(node.attrs.get("stride", (1, 1))[1])
             rank, height, width = entry.rank, shape[2], shape[3]
-            return (before_params, _conv_forms.spatial_params(shape, rank) + bias, before_flops,
+            return (before_params, factor_count(shape, entry.form, rank) + bias, before_flops,
                     2 * rank * (inp * height * columns + out * width) * out_pos)
         if entry.form != TUCKER2:
             return before_params, before_params, before_flops, before_flops
         assert isinstance(entry.rank, tuple)
         r_out, r_in = entry.rank
-        after_params = inp * r_in + r_in * r_out * taps + r_out * out + bias
+        after_params = factor_count(shape, entry.form, entry.rank) + bias
         after_flops = 2 * (inp * r_in * in_pos + r_in * r_out * taps * out_pos + r_out * out * out_pos)
         return before_params, after_params, before_flops, after_flops
     rows, cols = shape[0], shape[1]
@@ -106,7 +108,7 @@ def _layer_figures(entry: PlanEntry, node: Node, has_bias: bool) -> tuple[int, i
         return before_params, before_params, before_flops, before_flops
     assert isinstance(entry.rank, int)
     rank = entry.rank
-    after_params = rank * (rows + cols) + bias
+    after_params = factor_count(shape, entry.form, rank) + bias
     # An Embedding becomes a lookup into [rows, rank] then a Linear rank -> cols.
     after_flops = (2 * rank * cols * out_pos if node.op is Op.EMBEDDING
                    else 2 * rank * (rows + cols) * out_pos)
@@ -196,14 +198,13 @@ def build_report(graph: Graph, plan: Plan, errors: dict[str, tuple[float, str]] 
     energy = energy or {}
     flushed = flushed or {}
     layers = []
-    owners: dict[tuple[int, tuple[int, ...], tuple[int, ...]], str] = {}
+    owners: dict[Hashable, str] = {}
     for entry in plan.entries.values():
         node = graph.node(entry.name)
         weight_name = node.params.get("weight", "")
-        weight = graph.params.get(weight_name)
-        if isinstance(weight, np.ndarray) and weight.size and 0 not in weight.strides:
+        key = graph.params.storage_key(weight_name) if weight_name in graph.params else None
+        if key is not None:
             # One array under several names (PyTorch's tied weights are views of one tensor): its first name.
-            key = (weight.__array_interface__["data"][0], weight.shape, weight.strides)
             weight_name = owners.setdefault(key, weight_name)
         figures = _layer_figures(entry, node, "bias" in node.params)
         error = errors.get(entry.name)

@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from lowrank_ir import Graph, GraphError, Node, Op, Value, conv_pads, load_graph, save_graph, verify
+from lowrank_ir import Graph, GraphError, LazyArray, Node, Op, Value, conv_pads, load_graph, save_graph, verify
 from lowrank_ir._ir import onnx_padding
 
 
@@ -204,3 +204,31 @@ def test_load_errors_name_the_problem(tmp_path) -> None:
     (tmp_path / "graph.json").write_text(json.dumps({"format": "something else"}))
     with pytest.raises(ValueError, match="not a lowrank-ir graph file"):
         load_graph(tmp_path)
+
+
+def test_lazy_params_are_read_on_each_lookup_and_stay_lazy_in_copies() -> None:
+    reads: list[int] = []
+    source = np.arange(12, dtype=np.float32).reshape(4, 3)
+
+    def load() -> np.ndarray:
+        reads.append(1)
+        return source.copy()
+
+    graph = Graph([Node(Op.LINEAR, "fc", {"in_features": 3, "out_features": 4}, {"weight": "fc.weight"})])
+    graph.params.set_lazy("fc.weight", LazyArray((4, 3), np.float32, load, np.float16, origin="fc"))
+    verify(graph)  # shapes are checked without reading
+    assert reads == [] and graph.params.shape("fc.weight") == (4, 3)
+    assert graph.params.dtype("fc.weight") == np.float32 and graph.params.source_dtype("fc.weight") == np.float16
+    assert graph.params.storage_key("fc.weight") == "fc"
+    first, second = graph.params["fc.weight"], graph.param(graph.node("fc"), "weight")
+    assert reads == [1, 1] and first is not second and not first.flags.writeable
+    np.testing.assert_array_equal(first, source)
+    assert [name for name, _ in graph.params.items()] == ["fc.weight"] and len(reads) == 3
+    copied = graph.copy()
+    assert copied.params.is_lazy("fc.weight") and len(reads) == 3
+
+
+def test_a_lazy_param_read_in_another_shape_is_refused() -> None:
+    lazy = LazyArray((4, 3), np.float32, lambda: np.zeros((3, 4), dtype=np.float32))
+    with pytest.raises(GraphError, match=r"shape \(4, 3\) and dtype float32 read as \(3, 4\) float32"):
+        lazy.load()
