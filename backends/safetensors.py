@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -230,19 +231,24 @@ def decompose_share(job: CheckpointJob, workers: Workers, progress: Progress | N
     """
     layer_owner = split_by_cost(job.layer_costs(), workers.size)
     mine = [node for name, node in job.nodes.items() if layer_owner[name] == workers.rank]
-    logger.debug("process %d of %d: %d of %d layers", workers.rank, workers.size, len(mine), len(job.nodes))
+    start = time.perf_counter()
     for done, node in enumerate(mine, start=1):
         _decompose_layer(job.checkpoint, node, job.policy, job.parts, workers.threads)
         if progress is not None:
             progress(done, len(mine), node.name)
+    factorized = time.perf_counter()
     workers.barrier()
+    waited = time.perf_counter()
     checkpoint = job.checkpoint
     shard_owner = split_by_cost({shard: (checkpoint.folder / shard).stat().st_size for shard in checkpoint.shards},
                                 workers.size)
     owners = {param: node for node in job.nodes.values() for param in node.params.values()}
-    for shard in checkpoint.shards:
-        if shard_owner[shard] == workers.rank:
-            _assemble_shard(checkpoint, shard, owners, job.parts, job.target)
+    shards = [shard for shard in checkpoint.shards if shard_owner[shard] == workers.rank]
+    for shard in shards:
+        _assemble_shard(checkpoint, shard, owners, job.parts, job.target)
+    logger.info("process %d of %d: %d of %d layers in %.2f s, then %.2f s waiting for the others, %d shard(s) "
+                "written in %.2f s", workers.rank, workers.size, len(mine), len(job.nodes), factorized - start,
+                waited - factorized, len(shards), time.perf_counter() - waited)
 
 
 def collect_checkpoint(job: CheckpointJob) -> Decomposed:
