@@ -255,10 +255,7 @@ def collect_checkpoint(job: CheckpointJob) -> Decomposed:
     """What the processes did, read back once every shard is written: ranks, report, the output's layout."""
     checkpoint = job.checkpoint
     entries, errors = _read_entries(job.nodes, job.parts)
-    weight_map: dict[str, str] = {}
-    for shard in checkpoint.shards:
-        for info in stored_tensors(job.target / shard):
-            weight_map[info.name] = shard
+    weight_map = {info.name: info.shard for info in _written(job)}
     chosen = Plan(entries)
     report = build_report(skeleton(job.nodes, checkpoint), chosen, errors)
     logger.info("decomposed %d of %d Linear layers of %s", len(chosen.decomposed_entries()), len(job.nodes),
@@ -266,11 +263,16 @@ def collect_checkpoint(job: CheckpointJob) -> Decomposed:
     return Decomposed(chosen.decompose_config(), report, weight_map, checkpoint.largest_shard_bytes)
 
 
+def _written(job: CheckpointJob) -> list[TensorInfo]:
+    """The output shards' tensors, shard by shard, from their headers."""
+    return [info for shard in job.checkpoint.shards for info in stored_tensors(job.target / shard)]
+
+
 def finish_checkpoint(job: CheckpointJob) -> None:
     """Write the index (for a sharded input), copy the folder's other files and remove the parts folder."""
     checkpoint = job.checkpoint
     if checkpoint.sharded:
-        layout = [info for shard in checkpoint.shards for info in stored_tensors(job.target / shard)]
+        layout = _written(job)
         index = {"metadata": {"total_size": sum(info.end - info.start for info in layout)},
                  "weight_map": dict(sorted((info.name, info.shard) for info in layout))}
         (job.target / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
