@@ -72,20 +72,25 @@ def _forked(args: argparse.Namespace, policy: Any, folder: Path, progress: Any) 
 
     job = prepare_checkpoint(Path(args.model).resolve(), folder, policy)
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.nproc)
+    failures = mp.get_context("fork").SimpleQueue()  # the first failure is the cause; the others follow from it
     with tempfile.TemporaryDirectory(prefix="lowrank-store-") as meeting:
         try:
-            mp.start_processes(_share, args=(job, args.nproc, threads, f"file://{meeting}/store", progress),
+            mp.start_processes(_share, args=(job, args.nproc, threads, f"file://{meeting}/store", progress, failures),
                                nprocs=args.nproc, start_method="fork")
         except ProcessException as err:
-            last = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
-            raise RuntimeError(f"process {err.error_index} of {args.nproc} failed: {last}") from err
+            first = failures.get() if not failures.empty() else f"process {err.error_index} of {args.nproc}: {err}"
+            raise RuntimeError(f"{first.strip().splitlines()[0]} (the command stopped)") from err
     result = collect_checkpoint(job)
     finish_checkpoint(job)
     return result
 
 
-def _share(index: int, job: Any, size: int, threads: int, store: str, progress: Any) -> None:
-    """One forked process: join the group through ``store`` as rank ``index`` of ``size`` and do its share."""
+def _share(index: int, job: Any, size: int, threads: int, store: str, progress: Any, failures: Any) -> None:
+    """One forked process: join the group through ``store`` as rank ``index`` of ``size`` and do its share.
+
+    An error is put on ``failures`` (one line) before the process ends, so the first one there is the cause
+    (a process waiting for this one fails only after it).
+    """
     import torch
     import torch.distributed as dist
 
@@ -96,6 +101,9 @@ def _share(index: int, job: Any, size: int, threads: int, store: str, progress: 
     init_process_group(process_device(index), init_method=store, rank=index, world_size=size)
     try:
         decompose_share(job, Workers(index, size, dist.barrier, threads), progress if index == 0 else None)
+    except BaseException as err:
+        failures.put(f"process {index} of {size} failed: {type(err).__name__}: {err}")
+        raise
     finally:
         dist.destroy_process_group()
 
