@@ -44,8 +44,8 @@ from lowrank_ir._policy import Policy
 from lowrank_ir._report import Report, build_report
 
 __all__ = ["DTYPE_NAMES", "PARTS_DIR", "CheckpointJob", "Decomposed", "FileTensor", "Workers", "collect_checkpoint",
-           "decompose_checkpoint", "decompose_share", "finish_checkpoint", "prepare_checkpoint", "split_by_cost",
-           "write_safetensors"]
+           "decompose_checkpoint", "decompose_share", "finish_checkpoint", "prepare_checkpoint", "run_checkpoint",
+           "split_by_cost", "write_safetensors"]
 
 logger = logging.getLogger(__name__)
 
@@ -294,16 +294,20 @@ def decompose_checkpoint(source: str | os.PathLike[str], target: str | os.PathLi
     beside the output, then (after a barrier) the shards, split by size, are assembled from them, and
     after a second barrier rank 0 writes the index and copies the other files. The files are the same
     bytes as one process writes (given the same BLAS threads per process, the factorizations are the
-    same). Every rank returns the result. The steps are :func:`prepare_checkpoint`,
-    :func:`decompose_share`, :func:`collect_checkpoint` and :func:`finish_checkpoint`, for processes
-    started after the first (``tools/checkpoint_cli.py`` forks them).
+    same). Every rank returns the result. The steps are :func:`prepare_checkpoint` (reading the folder)
+    and :func:`run_checkpoint`, which is :func:`decompose_share`, :func:`collect_checkpoint` and
+    :func:`finish_checkpoint`, for processes started after the folder is read (``tools/checkpoint_cli.py``
+    forks them).
 
     Raises:
         ValueError: On a policy that needs the whole model, or a checkpoint that does not fit its config.
         FileNotFoundError: When the folder or one of its files is missing.
     """
-    workers = workers or Workers()
-    job = prepare_checkpoint(source, target, policy)
+    return run_checkpoint(prepare_checkpoint(source, target, policy), workers or Workers(), progress)
+
+
+def run_checkpoint(job: CheckpointJob, workers: Workers, progress: Progress | None = None) -> Decomposed:
+    """:func:`decompose_checkpoint` once the folder is read: this process's share, then the result (rank 0 finishes)."""
     decompose_share(job, workers, progress)
     workers.barrier()
     result = collect_checkpoint(job)

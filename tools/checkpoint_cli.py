@@ -68,9 +68,9 @@ def _forked(args: argparse.Namespace, policy: Any, folder: Path, progress: Any) 
     import torch.multiprocessing as mp
     from torch.multiprocessing.spawn import ProcessException
 
-    from backends.safetensors import collect_checkpoint, finish_checkpoint, prepare_checkpoint
+    from backends.safetensors import collect_checkpoint, finish_checkpoint
 
-    job = prepare_checkpoint(Path(args.model).resolve(), folder, policy)
+    job = _prepared(args, folder, policy)
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.nproc)
     failures = mp.get_context("fork").SimpleQueue()  # the first failure is the cause; the others follow from it
     with tempfile.TemporaryDirectory(prefix="lowrank-store-") as meeting:
@@ -83,6 +83,23 @@ def _forked(args: argparse.Namespace, policy: Any, folder: Path, progress: Any) 
     result = collect_checkpoint(job)
     finish_checkpoint(job)
     return result
+
+
+def _prepared(args: argparse.Namespace, folder: Path, policy: Any) -> Any:
+    """The folder read and its layers found (torch and the model class imported), then the heap frozen.
+
+    ``gc.freeze`` moves every object alive (mostly the imported modules') out of the collector's sight: the
+    collections during the work and the interpreter's last one at exit skip them (a second of CPU with torch
+    and transformers loaded), and forked processes do not copy the pages the collector would touch
+    (CPython's advice before a fork).
+    """
+    import gc
+
+    from backends.safetensors import prepare_checkpoint
+
+    job = prepare_checkpoint(Path(args.model).resolve(), folder, policy)
+    gc.freeze()
+    return job
 
 
 def _share(index: int, job: Any, size: int, threads: int, store: str, progress: Any, failures: Any) -> None:
@@ -168,9 +185,9 @@ def decompose(args: argparse.Namespace) -> int:
     forked = args.nproc is not None and args.nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) <= 1
     workers = None if forked else _distributed(args.threads)  # torch is imported after the checks when forking
     if workers is not None and workers.rank != 0:
-        from backends.safetensors import decompose_checkpoint
+        from backends.safetensors import run_checkpoint
 
-        decompose_checkpoint(Path(args.model).resolve(), _shared_folder(None), policy, workers=workers)
+        run_checkpoint(_prepared(args, _shared_folder(None), policy), workers)
         return 0
     outputs, report = _outputs(args)
     with outputs.writing() as stage, atomic_directory(Path(args.output).resolve()) as folder:
@@ -178,12 +195,11 @@ def decompose(args: argparse.Namespace) -> int:
         if workers is None:
             result = _forked(args, policy, folder, progress)
         else:
-            from backends.safetensors import decompose_checkpoint
+            from backends.safetensors import run_checkpoint
 
             if workers.size > 1:
                 _shared_folder(folder)
-            result = decompose_checkpoint(Path(args.model).resolve(), folder, policy, progress=progress,
-                                          workers=workers)
+            result = run_checkpoint(_prepared(args, folder, policy), workers, progress)
         document = report_document(result.report, policy=policy_of(args), model=args.model, data_aware=False,
                                    decompose_config=result.decompose_config)
         write_json(folder / "decompose_config.json", result.decompose_config)
