@@ -22,10 +22,10 @@ before its clock starts):
   importing the model class and scipy) is set against the bound "largest input shard + 3 x the
   largest layer's weight in float64".
 * ``nproc``: the same checkpoint folder decomposed by ``lowrank decompose --threads 1`` with ``--nproc 2``
-  against ``--nproc 1`` (whole commands, torchrun's start included): the throughput ratio, whether the
-  outputs are the same bytes, how evenly the layers' estimated cost was split, and the seconds of
-  the command when no layer is factorized (start-up, reading and writing: what more processes don't
-  shorten).
+  against ``--nproc 1`` (whole commands, the workers' start included): the throughput ratio, wall and
+  CPU seconds, whether the outputs are the same bytes, how evenly the layers' estimated cost was split
+  and how long a process waited for the other, and the seconds of the command when no layer is
+  factorized (start-up, reading and writing: what more processes don't shorten), for both.
 
 Each row gives the seconds of the whole ``decompose_network`` call (ranks chosen beforehand, as a
 user calls it), the peak resident memory above the process's at the call's start (the kernel's
@@ -377,60 +377,69 @@ def _same_output(one: Path, two: Path) -> bool:
 def nproc_row(repeat: int = 1, blocks: int = 2, hidden: int = 2048, mlp: int = 5504) -> str:
     """``lowrank decompose --threads 1`` on the Llama-shaped checkpoint with ``--nproc 2`` against ``--nproc 1``.
 
-    Each run is the whole command in a fresh process (torchrun's start included); runs alternate (1, 2,
-    1, 2, ...) and the best of ``repeat`` is kept for each. The outputs must be the same bytes. Also given:
-    the split's balance (the largest process's share of the estimated cost: 0.5 is a perfect split of two)
-    and the seconds of the command on a folder whose layers are all excluded (start-up, reading the
-    model class, copying the shards: what does not shrink with more processes).
+    Each run is the whole command in a fresh process (the workers' start included); runs alternate (1, 2,
+    1, 2, ...) and the best of ``repeat`` is kept for each, its wall and CPU seconds (of all its processes,
+    which load from other jobs inflates less). The outputs must be the same bytes. Also given: the split's
+    balance (the largest process's share of the estimated cost: 0.5 is a perfect split of two; and the
+    longest a process waited for the other at the barrier, from the command's ``-v`` log), and the same
+    command on the folder with every layer excluded (start-up, reading the model class, copying the
+    shards: what more processes do not shorten), which split the seconds into a fixed part and the
+    factorizations.
     """
     import json
+    import re
     import resource
     import subprocess
     import tempfile
 
-    from backends.safetensors import split_by_cost
+    from backends.safetensors import CheckpointJob, split_by_cost
     from frontends.safetensors import linear_layers, open_checkpoint
-    from lowrank_ir._engine import factorization_cost
+    from lowrank_ir import Policy
 
-    cpu = {1: math.inf, 2: math.inf}
+    waits: list[float] = []
 
-    def command(source: Path, target: Path, nproc: int, *policy: str) -> float:
-        argv = [sys.executable, "-m", "tools.cli", "decompose", str(source), "-o", str(target),
+    def command(source: Path, target: Path, nproc: int, *policy: str) -> tuple[float, float]:
+        argv = [sys.executable, "-m", "tools.cli", "decompose", str(source), "-o", str(target), "-v",
                 *(policy or ("--ratio", "0.5")), "--threads", "1", "--nproc", str(nproc)]
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         start = time.perf_counter()
-        subprocess.run(argv, capture_output=True, text=True, check=True, cwd=ROOT)
+        done = subprocess.run(argv, capture_output=True, text=True, check=True, cwd=ROOT)
         seconds = time.perf_counter() - start
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
-        if not policy:
-            used = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
-            cpu[nproc] = min(cpu[nproc], used)
-        return seconds
+        if nproc > 1 and not policy:
+            waits.extend(float(wait) for wait in re.findall(r"then ([0-9.]+) s waiting", done.stderr))
+        return seconds, after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
 
     with tempfile.TemporaryDirectory(prefix="lowrank-bench-") as tmp:
         source = Path(tmp) / "src"
         _llama_checkpoint(source, blocks, hidden, mlp)
         checkpoint = open_checkpoint(source)
-        nodes = linear_layers(checkpoint)
-        costs = {name: factorization_cost(checkpoint.tensors[node.params["weight"]].shape)
-                 for name, node in nodes.items()}
+        job = CheckpointJob(checkpoint, linear_layers(checkpoint), Policy.ratio(0.5), Path(tmp))
+        costs = job.layer_costs()
         owner = split_by_cost(costs, 2)
         largest = max(sum(cost for name, cost in costs.items() if owner[name] == rank) for rank in range(2))
-        best = {1: math.inf, 2: math.inf}
+        rules = Path(tmp) / "none.json"
+        rules.write_text(json.dumps({"^$": 1}))  # matches no layer: everything but the factorizations
+        whole = {1: (math.inf, math.inf), 2: (math.inf, math.inf)}
+        fixed = {1: (math.inf, math.inf), 2: (math.inf, math.inf)}
         for attempt in range(repeat):
             for nproc in (1, 2):
-                best[nproc] = min(best[nproc], command(source, Path(tmp) / f"out{nproc}-{attempt}", nproc))
+                run = command(source, Path(tmp) / f"out{nproc}-{attempt}", nproc)
+                whole[nproc] = min(whole[nproc], run)
+                run = command(source, Path(tmp) / f"fixed{nproc}-{attempt}", nproc, "--dict", str(rules))
+                fixed[nproc] = min(fixed[nproc], run)
         one, two = Path(tmp) / "out1-0", Path(tmp) / "out2-0"
         same = sorted(path.name for path in one.iterdir()) == sorted(path.name for path in two.iterdir()) and all(
             _same_output(path, two / path.name) for path in one.iterdir())
-        rules = Path(tmp) / "none.json"
-        rules.write_text(json.dumps({"^$": 1}))  # matches no layer: everything but the factorizations
-        fixed = command(source, Path(tmp) / "fixed", 1, "--dict", str(rules))
-    return (f"--threads 1 on the checkpoint folder ({len(nodes)} layers): --nproc 1 {best[1]:.1f} s, --nproc 2 "
-            f"{best[2]:.1f} s, throughput x{best[1] / best[2]:.2f} (CPU time of all processes: {cpu[1]:.1f} s and "
-            f"{cpu[2]:.1f} s); output {'identical' if same else 'DIFFERS'}; "
-            f"largest process's share of the estimated cost {largest / sum(costs.values()):.3f}; "
-            f"the command without factorizations (start-up, reading, writing) {fixed:.1f} s")
+    work = {nproc: (whole[nproc][0] - fixed[nproc][0], whole[nproc][1] - fixed[nproc][1]) for nproc in (1, 2)}
+    return (f"--threads 1 on the checkpoint folder ({len(costs)} layers): --nproc 1 {whole[1][0]:.1f} s, --nproc 2 "
+            f"{whole[2][0]:.1f} s, throughput x{whole[1][0] / whole[2][0]:.2f} (CPU time of all processes: "
+            f"{whole[1][1]:.1f} s and {whole[2][1]:.1f} s); output {'identical' if same else 'DIFFERS'}; "
+            f"largest process's share of the estimated cost {largest / sum(costs.values()):.3f}, longest wait "
+            f"at the barrier {max(waits, default=math.nan):.2f} s; without factorizations (start-up, reading, "
+            f"writing) {fixed[1][0]:.1f} s and {fixed[2][0]:.1f} s (CPU {fixed[1][1]:.1f} s and {fixed[2][1]:.1f} s); "
+            f"the factorizations alone (the difference) {work[1][0]:.1f} s and {work[2][0]:.1f} s, "
+            f"x{work[1][0] / work[2][0]:.2f} (CPU {work[1][1]:.1f} s and {work[2][1]:.1f} s)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,7 +29,8 @@ from frontends.torch import lock_reasons, lowering_for, read_only_array, transpo
 from lowrank_ir._ir import Graph, Node, Op, verify
 
 __all__ = ["INDEX_FILE", "SINGLE_FILE", "STORED_TRANSPOSED", "Checkpoint", "TensorInfo", "is_checkpoint_dir",
-           "layer_graph", "linear_layers", "model_class", "open_checkpoint", "read_header", "skeleton"]
+           "layer_graph", "linear_layers", "model_class", "open_checkpoint", "read_header", "skeleton",
+           "stored_tensors"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +56,8 @@ class TensorInfo:
     shard: str
     dtype: str  # safetensors spelling: F32, BF16, ...
     shape: tuple[int, ...]
+    start: int = 0  # where its bytes are in the shard file: from ``start`` to ``end`` (offsets in the file)
+    end: int = 0
 
 
 @dataclass(slots=True)
@@ -86,6 +89,19 @@ class Checkpoint:
 
 def read_header(path: Path) -> dict[str, Any]:
     """The JSON header of a safetensors file (8-byte little-endian length, then the JSON)."""
+    return _header_and_data_start(path)[0]
+
+
+def stored_tensors(path: Path) -> list[TensorInfo]:
+    """The tensors of safetensors file ``path`` in the order of its header, with their bytes' place in the file."""
+    header, data_start = _header_and_data_start(path)
+    return [TensorInfo(name, path.name, str(entry["dtype"]), tuple(int(dim) for dim in entry["shape"]),
+                       data_start + int(entry["data_offsets"][0]), data_start + int(entry["data_offsets"][1]))
+            for name, entry in header.items() if name != "__metadata__"]
+
+
+def _header_and_data_start(path: Path) -> tuple[dict[str, Any], int]:
+    """A safetensors file's JSON header and the offset in the file where the tensors' bytes begin."""
     with open(path, "rb") as stream:
         prefix = stream.read(8)
         if len(prefix) != 8:
@@ -101,7 +117,7 @@ def read_header(path: Path) -> dict[str, Any]:
             raise ValueError(f"{str(path)!r} is not a safetensors file: its header is not JSON ({err})") from err
     if not isinstance(header, dict):
         raise ValueError(f"{str(path)!r} is not a safetensors file: its header is not a JSON object")
-    return header
+    return header, 8 + length
 
 
 def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
@@ -140,13 +156,10 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         shard_path = folder / shard
         if Path(shard).name != shard or not shard_path.is_file():
             raise FileNotFoundError(f"shard {shard!r} listed in {INDEX_FILE} is not a file in {str(folder)!r}")
-        for name, entry in read_header(shard_path).items():
-            if name == "__metadata__":
-                continue
-            if weight_map is not None and weight_map.get(name) != shard:
+        for info in stored_tensors(shard_path):
+            if weight_map is not None and weight_map.get(info.name) != shard:
                 continue  # the index decides where a tensor lives
-            checkpoint.tensors[name] = TensorInfo(name, shard, str(entry["dtype"]),
-                                                  tuple(int(dim) for dim in entry["shape"]))
+            checkpoint.tensors[info.name] = info
     if weight_map is not None:
         missing = sorted(set(weight_map) - set(checkpoint.tensors))
         if missing:

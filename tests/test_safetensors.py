@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +15,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
-from backends.safetensors import ShardWriter, split_by_cost  # noqa: E402
-from frontends.safetensors import INDEX_FILE, open_checkpoint  # noqa: E402
+from backends.safetensors import FileTensor, split_by_cost, write_safetensors  # noqa: E402
+from frontends.safetensors import INDEX_FILE, TensorInfo, open_checkpoint, stored_tensors  # noqa: E402
 from lowrank_ir import Decompose  # noqa: E402
 from tools.cli import main  # noqa: E402
 
@@ -183,25 +186,36 @@ def _rules(folder: Path) -> Path:
     return path
 
 
-def test_shard_writer_output_loads_with_safetensors(tmp_path: Path) -> None:
+def test_written_file_loads_with_safetensors_from_memory_and_from_file_ranges(tmp_path: Path) -> None:
     tensors = {"a": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.ones(3, dtype=torch.bfloat16),
                "c": torch.tensor(7, dtype=torch.int64), "d": torch.zeros(0, 4)}
-    writer = ShardWriter(tmp_path / "x.safetensors")
-    for name, tensor in tensors.items():
-        writer.add(name, tensor)
-    writer.close()
+    write_safetensors(tmp_path / "x.safetensors", list(tensors.items()))
     loaded = safetensors_torch.load_file(tmp_path / "x.safetensors")
-    assert loaded.keys() == tensors.keys()
+    assert list(loaded) == list(tensors)
     for name, tensor in tensors.items():
         assert loaded[name].dtype == tensor.dtype and torch.equal(loaded[name], tensor)
-    assert [path.name for path in tmp_path.iterdir()] == ["x.safetensors"]
+    # The same tensors as byte ranges of that file, in another order, beside one from memory.
+    stored = {info.name: FileTensor(tmp_path / "x.safetensors", info)
+              for info in stored_tensors(tmp_path / "x.safetensors")}
+    mixed = [("b", stored["b"]), ("e", torch.full((2,), 5, dtype=torch.int8)), ("a", stored["a"]), ("d", stored["d"])]
+    write_safetensors(tmp_path / "y.safetensors", mixed)
+    again = safetensors_torch.load_file(tmp_path / "y.safetensors")
+    assert list(again) == ["b", "e", "a", "d"]
+    assert torch.equal(again["a"], tensors["a"]) and torch.equal(again["b"], tensors["b"])
+    # Copied back in the order they were written: the same bytes, header included.
+    write_safetensors(tmp_path / "z.safetensors", [(name, stored[name]) for name in tensors])
+    assert (tmp_path / "z.safetensors").read_bytes() == (tmp_path / "x.safetensors").read_bytes()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["x.safetensors", "y.safetensors", "z.safetensors"]
     with pytest.raises(ValueError, match="'a' is written twice"):
-        again = ShardWriter(tmp_path / "y.safetensors")
-        again.add("a", tensors["a"])
-        try:
-            again.add("a", tensors["a"])
-        finally:
-            again.abort()
+        write_safetensors(tmp_path / "w.safetensors", [("a", tensors["a"]), ("a", stored["a"])])
+    with pytest.raises(ValueError, match="'q' has dtype torch.complex64, which safetensors cannot store"):
+        write_safetensors(tmp_path / "w.safetensors", [("q", torch.zeros(2, dtype=torch.complex64))])
+    beyond = stored["a"].info.start + 10 ** 6  # a header that lists bytes the file does not have
+    truncated = FileTensor(tmp_path / "x.safetensors", TensorInfo("a", "x.safetensors", "F32", (2, 3), beyond,
+                                                                  beyond + 24))
+    with pytest.raises(ValueError, match="before the tensor data it lists"):
+        write_safetensors(tmp_path / "w.safetensors", [("a", truncated)])
+    assert not (tmp_path / "w.safetensors").exists()  # nothing half-written is left
 
 
 def test_bad_folders_are_one_line_and_exit_2(tmp_path: Path, sharded: tuple[Path, Path], capsys) -> None:
@@ -261,8 +275,45 @@ def test_two_processes_write_the_same_bytes_as_one(sharded: tuple[Path, Path], t
     assert main(["decompose", str(source), "-o", str(one), *common]) == 0
     capfd.readouterr()
     assert main(["decompose", str(source), "-o", str(two), "--nproc", "2", *common]) == 0
-    assert "(2 processes)" in capfd.readouterr().out  # rank 0 of a 2-process torchrun wrote the folder
+    assert "(2 processes)" in capfd.readouterr().out  # forked from this (test) process, after it used torch
     _same_files(one, two)
+
+
+def test_torchrun_processes_write_the_same_bytes_as_one(sharded: tuple[Path, Path], tmp_path: Path) -> None:
+    """The multi-node path: processes torchrun starts meet by its rendezvous and write what one process writes."""
+    source, _ = sharded
+    one, two = tmp_path / "one", tmp_path / "two"
+    common = ["--ratio", "0.5", "--divisor", "16", "--threads", "1"]
+    assert main(["decompose", str(source), "-o", str(one), *common]) == 0
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),
+           "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "tools.cli", "decompose", str(source), "-o", str(two), *common],
+                          capture_output=True, text=True, env=env, cwd=root, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "(2 processes)" in done.stdout  # rank 0 wrote the folder
+    _same_files(one, two)
+
+
+def test_a_failing_process_stops_the_command_and_leaves_no_folder(sharded: tuple[Path, Path], tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import backends.safetensors
+
+    source, _ = sharded
+    real = backends.safetensors._decompose_layer
+
+    def fails_on_one_layer(checkpoint, node, *rest):  # the forked processes inherit it
+        if node.name == "model.layers.1.mlp.down_proj":
+            raise RuntimeError(f"no factors for {node.name}")
+        return real(checkpoint, node, *rest)
+
+    monkeypatch.setattr(backends.safetensors, "_decompose_layer", fails_on_one_layer)
+    out = tmp_path / "out"
+    cause = r"process [01] of 2 failed: RuntimeError: no factors for model\.layers\.1\.mlp\.down_proj"
+    with pytest.raises(RuntimeError, match=cause):  # the cause, not the other process's lost connection
+        main(["decompose", str(source), "-o", str(out), "--nproc", "2", "--threads", "1"])
+    assert not out.exists() and not [path for path in tmp_path.iterdir() if path.name != "out"]
 
 
 def test_layers_are_split_by_cost_largest_first() -> None:

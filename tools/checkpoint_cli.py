@@ -5,18 +5,20 @@ written as shards of the input's layout into a temporary folder that becomes ``O
 everything is written, with ``decompose_config.json`` and ``report.json`` beside the weights.
 
 Several processes share the work under torch.distributed (gloo on the CPU, NCCL when CUDA is there:
-only barriers and one broadcast pass between them): started by ``torchrun --nproc_per_node N
-[--nnodes M ...] -m tools.cli decompose ...``, or by ``--nproc N``, which runs exactly that on this
-machine. Rank 0 creates the temporary folder and tells the others where it is (every node must see it:
-a shared file system), and makes it ``OUT_DIR`` at the end.
+only barriers and one broadcast pass between them). ``--nproc N`` reads the folder and finds its layers
+(importing torch and the transformers model class: most of the command's fixed cost) in this process,
+then forks N workers with ``torch.multiprocessing`` (so none of them imports anything again), which meet
+through a file store in a temporary folder, each take their share, and exit; this process then writes
+the index, the config and the report. ``torchrun --nproc_per_node N [--nnodes M ...] -m tools.cli
+decompose ...`` runs the same shares in processes it starts, on one or several machines: there rank 0
+creates the temporary folder and tells the others where it is (every node must see it: a shared file
+system), and makes it ``OUT_DIR`` at the end.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -55,27 +57,72 @@ def _check(args: argparse.Namespace) -> None:
         raise UsageError(f"output folder {args.output!r} must be outside the checkpoint folder {args.model!r}")
 
 
-def _launch(args: argparse.Namespace) -> int:
-    """Run this command again under ``torchrun --standalone --nproc_per_node N``; its exit code."""
-    argv = ["decompose", args.model, "-o", args.output, "--divisor", str(args.divisor)]
-    if args.fixed is not None:
-        argv += ["--fixed", str(args.fixed)]
-    elif args.dict is not None:
-        argv += ["--dict", args.dict]
-    elif args.vbmf:
-        argv += ["--vbmf"]
-    else:
-        argv += ["--ratio", repr(args.ratio)]
-    for option in ("excludes", "threads", "report"):
-        if getattr(args, option) is not None:
-            argv += [f"--{option}", str(getattr(args, option))]
-    if args.force:
-        argv += ["--force"]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-               str(args.nproc), "-m", "tools.cli", *argv]
-    root = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-    return subprocess.run(command, env=env, check=False).returncode
+def _forked(args: argparse.Namespace, policy: Any, folder: Path, progress: Any) -> Any:
+    """Decompose the folder into ``folder`` with ``--nproc`` processes forked from this one; the result.
+
+    The folder is read and its layers found here, once, before the fork; the processes meet through a
+    file store and each run its share (``decompose_share``); this process then collects and finishes.
+    """
+    import tempfile
+
+    import torch.multiprocessing as mp
+    from torch.multiprocessing.spawn import ProcessException
+
+    from backends.safetensors import collect_checkpoint, finish_checkpoint
+
+    job = _prepared(args, folder, policy)
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.nproc)
+    failures = mp.get_context("fork").SimpleQueue()  # the first failure is the cause; the others follow from it
+    with tempfile.TemporaryDirectory(prefix="lowrank-store-") as meeting:
+        try:
+            mp.start_processes(_share, args=(job, args.nproc, threads, f"file://{meeting}/store", progress, failures),
+                               nprocs=args.nproc, start_method="fork")
+        except ProcessException as err:
+            first = failures.get() if not failures.empty() else f"process {err.error_index} of {args.nproc}: {err}"
+            raise RuntimeError(f"{first.strip().splitlines()[0]} (the command stopped)") from err
+    result = collect_checkpoint(job)
+    finish_checkpoint(job)
+    return result
+
+
+def _prepared(args: argparse.Namespace, folder: Path, policy: Any) -> Any:
+    """The folder read and its layers found (torch and the model class imported), then the heap frozen.
+
+    ``gc.freeze`` moves every object alive (mostly the imported modules') out of the collector's sight: the
+    collections during the work and the interpreter's last one at exit skip them (a second of CPU with torch
+    and transformers loaded), and forked processes do not copy the pages the collector would touch
+    (CPython's advice before a fork).
+    """
+    import gc
+
+    from backends.safetensors import prepare_checkpoint
+
+    job = prepare_checkpoint(Path(args.model).resolve(), folder, policy)
+    gc.freeze()
+    return job
+
+
+def _share(index: int, job: Any, size: int, threads: int, store: str, progress: Any, failures: Any) -> None:
+    """One forked process: join the group through ``store`` as rank ``index`` of ``size`` and do its share.
+
+    An error is put on ``failures`` (one line) before the process ends, so the first one there is the cause
+    (a process waiting for this one fails only after it).
+    """
+    import torch
+    import torch.distributed as dist
+
+    from backends.safetensors import Workers, decompose_share
+    from tools.distributed import init_process_group, process_device
+
+    torch.set_num_threads(1)  # the parent's OpenMP pool does not survive a fork; the engine's BLAS threads are set
+    init_process_group(process_device(index), init_method=store, rank=index, world_size=size)
+    try:
+        decompose_share(job, Workers(index, size, dist.barrier, threads), progress if index == 0 else None)
+    except BaseException as err:
+        failures.put(f"process {index} of {size} failed: {type(err).__name__}: {err}")
+        raise
+    finally:
+        dist.destroy_process_group()
 
 
 def _distributed(threads: int | None) -> Any:
@@ -135,30 +182,32 @@ def decompose(args: argparse.Namespace) -> int:
     _check(args)
     check_report_option(args.report)
     policy = chosen_policy(args)[0]
-    if args.nproc is not None and args.nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        _outputs(args)  # bad outputs stop here, before torchrun starts; torch is not imported in this process
-        return _launch(args)
-    from backends.safetensors import decompose_checkpoint
+    forked = args.nproc is not None and args.nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) <= 1
+    workers = None if forked else _distributed(args.threads)  # torch is imported after the checks when forking
+    if workers is not None and workers.rank != 0:
+        from backends.safetensors import run_checkpoint
 
-    workers = _distributed(args.threads)
-    if workers.rank == 0:
-        outputs, report = _outputs(args)
-    source = Path(args.model).resolve()
-    if workers.rank != 0:
-        decompose_checkpoint(source, _shared_folder(None), policy, workers=workers)
+        run_checkpoint(_prepared(args, _shared_folder(None), policy), workers)
         return 0
+    outputs, report = _outputs(args)
     with outputs.writing() as stage, atomic_directory(Path(args.output).resolve()) as folder:
-        if workers.size > 1:
-            _shared_folder(folder)
-        result = decompose_checkpoint(source, folder, policy, progress=progress_bars(args).layers("rewrite"),
-                                      workers=workers)
+        progress = progress_bars(args).layers("rewrite")
+        if workers is None:
+            result = _forked(args, policy, folder, progress)
+        else:
+            from backends.safetensors import run_checkpoint
+
+            if workers.size > 1:
+                _shared_folder(folder)
+            result = run_checkpoint(_prepared(args, folder, policy), workers, progress)
         document = report_document(result.report, policy=policy_of(args), model=args.model, data_aware=False,
                                    decompose_config=result.decompose_config)
         write_json(folder / "decompose_config.json", result.decompose_config)
         write_json(folder / "report.json", document)
         if report is not None:  # moved into place with the folder, or not at all
             write_report(document, stage.path(report), args.report)
+    processes = args.nproc if workers is None else workers.size
     print(result.report.table(only_decomposed=True))
     print(f"saved {len(set(result.weight_map.values()))} shard(s), decompose_config.json and report.json "
-          f"in {args.output}" + (f" ({workers.size} processes)" if workers.size > 1 else ""))
+          f"in {args.output}" + (f" ({processes} processes)" if processes > 1 else ""))
     return 0

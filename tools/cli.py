@@ -246,8 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 "state_dict.pt (torch.save)")
     _add_policy_args(decompose)
     decompose.add_argument("--nproc", type=int, metavar="N",
-                           help="checkpoint folders: share the layers among N processes (torchrun, gloo); "
-                                "several machines: run torchrun --nnodes ... -m tools.cli decompose ... on each")
+                           help="checkpoint folders: share the layers among N processes forked once the folder is "
+                                "read (torch.distributed, gloo); several machines: run torchrun --nnodes ... -m "
+                                "tools.cli decompose ... on each")
     decompose.add_argument("--threads", type=int, metavar="N",
                            help="checkpoint folders: BLAS threads per process (default: cores / processes)")
     decompose.add_argument("--calib", metavar="FEEDS.npz",

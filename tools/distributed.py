@@ -19,10 +19,15 @@ def process_device(local_rank: int, cpu: bool = False) -> torch.device:
     return torch.device("cpu")
 
 
-def init_process_group(device: torch.device) -> str:
-    """Join the ``torchrun`` process group: NCCL for a CUDA ``device`` (made current), else gloo; the backend's name."""
+def init_process_group(device: torch.device, init_method: str | None = None, rank: int = -1,
+                       world_size: int = -1) -> str:
+    """Join the process group: NCCL for a CUDA ``device`` (made current), else gloo; the backend's name.
+
+    By default ``torchrun``'s (its environment variables); else ``rank`` of ``world_size`` meeting at
+    ``init_method`` (e.g. ``file:///tmp/x/store``).
+    """
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend=backend)
+    dist.init_process_group(backend=backend, init_method=init_method, rank=rank, world_size=world_size)
     return backend
