@@ -51,7 +51,9 @@ Formulas:
   factor is the leading left singular subspace of the kernel projected on the other mode's factor,
   alternated until a sweep changes the relative error ``e = ||K - K'||_F / ||K||_F`` by at most ``tol·e``
   or ``e²`` by no more than its rounding (the sweeps in float32, then in float64 from there until the
-  error settles again). ``last`` has orthonormal columns and
+  error settles again). A float32 sweep may replace a mode's eigenproblem by one Rayleigh–Ritz step from
+  its current factor ``U`` over ``[U, M Mᵀ U]`` (``M`` the kernel projected on the other mode): the best
+  factor within a span that holds ``U``, so the error still never rises. ``last`` has orthonormal columns and
   ``first`` orthonormal rows, so ``core = lastᵀ ×_out K ×_in first`` and
   ``||K - K'||² = ||K||² - ||core||²`` (:func:`tucker2_relative_error`).
 
@@ -152,6 +154,14 @@ PARTIAL_EIGH_LARGE_FRACTION = 0.6
 #: machine epsilon: the sum of the eigenvalues against ``||K||²`` is off by up to about 4 eps (measured on
 #: ResNet-50's 512 x 512 x 3 x 3 kernels and exactly-low-rank ones, float32 and float64).
 FIT_ROUNDING_ULPS = 32
+
+#: HOOI's float32 sweeps update a mode's factor by one Rayleigh–Ritz step from the current one (over it and
+#: its image under the Gram matrix) instead of the Gram matrix's leading eigenvectors where the rank is at
+#: most this fraction of the mode's side: the step then costs a few products by the ``[side, rank]`` factor
+#: and a ``2·rank`` eigenproblem, against the ``side x side`` Gram matrix and its eigensolver, and gains as
+#: much per sweep (ResNet-50's 512 x 512 x 3 x 3 kernels at ranks (64, 64): the same error after the
+#: same number of sweeps, in 0.33 s of CPU against 0.53 s).
+WARM_STEP_FRACTION = 0.25
 
 
 # --------------------------------------------------------------------------------------------
@@ -591,18 +601,45 @@ def compensating_factors(weight: ArrayLike, cross: ArrayLike, moment: ArrayLike,
 # Tucker-2
 
 
-def _out_gram(by_tap: np.ndarray, first: np.ndarray) -> np.ndarray:
-    """``M Mᵀ`` for ``M = (K ×_in first)_(0)`` ``[out, T·r_in]``; ``by_tap`` is the kernel as ``[out, T, in]``."""
+def _out_rows(by_tap: np.ndarray, first: np.ndarray) -> np.ndarray:
+    """``M = (K ×_in first)_(0)`` ``[out, T·r_in]`` of the ``[out, T, in]`` kernel ``by_tap``."""
     out_dim, taps, in_dim = by_tap.shape
-    projected = (by_tap.reshape(out_dim * taps, in_dim) @ first.T).reshape(out_dim, -1)
-    return projected @ projected.T
+    return (by_tap.reshape(out_dim * taps, in_dim) @ first.T).reshape(out_dim, -1)
 
 
-def _in_gram(by_tap: np.ndarray, last: np.ndarray) -> np.ndarray:
-    """``N Nᵀ`` for ``N = (K ×_out lastᵀ)_(1)`` ``[in, r_out·T]``; ``by_tap`` is the kernel as ``[out, T, in]``."""
+def _in_rows(by_tap: np.ndarray, last: np.ndarray) -> np.ndarray:
+    """``N = (K ×_out lastᵀ)_(1)`` ``[in, r_out·T]`` (a transposed view) of the ``[out, T, in]`` kernel ``by_tap``."""
     out_dim, taps, in_dim = by_tap.shape
-    projected = (last.T @ by_tap.reshape(out_dim, taps * in_dim)).reshape(-1, in_dim)
-    return projected.T @ projected
+    return (last.T @ by_tap.reshape(out_dim, taps * in_dim)).reshape(-1, in_dim).T
+
+
+def _orthonormal_span(left: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """Orthonormal columns spanning ``[left, right]`` (numpy arrays or torch tensors)."""
+    if isinstance(left, np.ndarray):
+        return np.linalg.qr(np.hstack([left, right]))[0]
+    import torch
+
+    return torch.linalg.qr(torch.cat([left, right], dim=1))[0]
+
+
+def _leading_subspace(rows: np.ndarray, rank: int, start: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """The ``rank`` leading left singular directions of ``rows`` ``[n, c]`` and their energies ``s_i²``.
+
+    Without ``start``: exactly, the leading eigenpairs of the Gram matrix ``rows rowsᵀ``. From an
+    orthonormal ``start`` ``[n, rank]``: one Rayleigh–Ritz step, the best ``rank`` directions within
+    ``V = orth[start, rows rowsᵀ start]`` (the leading eigenvectors of ``(Vᵀ rows)(Vᵀ rows)ᵀ``, mapped back
+    by ``V``), without forming the ``n x n`` Gram matrix or solving its eigenproblem. ``span(V)`` holds
+    ``start``, so the energy kept, ``||basisᵀ rows||²`` (the sum of the returned values), is never less
+    than ``start``'s.
+    """
+    if start is None:
+        values, basis = leading_eigh(rows @ rows.T, rank)
+        return values, basis
+    span = _orthonormal_span(start, rows @ (rows.T @ start))
+    projected = span.T @ rows
+    small = projected @ projected.T
+    values, rotation = leading_eigh(0.5 * (small + small.T), rank)
+    return values, span @ rotation
 
 
 def _tucker2_error(kept: float, norm_sq: float) -> float:
@@ -617,8 +654,8 @@ def _hosvd(by_tap: np.ndarray, rank_out: int, rank_in: int, norm_sq: float) -> t
     by_in = by_tap.reshape(out_dim * taps, in_dim)
     _, last = leading_eigh(by_out @ by_out.T, rank_out)
     first = leading_eigh(by_in.T @ by_in, rank_in)[1].T
-    kept = float(((first @ _in_gram(by_tap, last)) * first).sum())
-    return last, first, _tucker2_error(kept, norm_sq)
+    core = first @ _in_rows(by_tap, last)  # [r_in, r_out·T]
+    return last, first, _tucker2_error(float((core * core).sum()), norm_sq)
 
 
 def _settled(previous: float, error: float, tol: float, rounding: float) -> bool:
@@ -635,18 +672,22 @@ def _settled(previous: float, error: float, tol: float, rounding: float) -> bool
 
 
 def _hooi_sweeps(by_tap: np.ndarray, last: np.ndarray, first: np.ndarray, error: float, norm_sq: float,
-                 max_iter: int, tol: float) -> tuple[np.ndarray, np.ndarray, float]:
+                 max_iter: int, tol: float, warm: bool) -> tuple[np.ndarray, np.ndarray, float]:
     """HOOI sweeps from ``(last, first)`` in ``by_tap``'s dtype until the relative error settles (:func:`_settled`).
 
-    Each update is the best factor of its mode given the other one, so the error never rises;
-    ``||core||²`` is the energy the in-mode update keeps (the sum of its eigenvalues), and the error
-    ``sqrt(1 - ||core||² / ||K||²)``. Returns the factors and that error.
+    Each update is the best factor of its mode given the other one (or, ``warm``, a Rayleigh–Ritz step
+    towards it from the current factor where the rank is at most ``WARM_STEP_FRACTION`` of the mode's
+    side: :func:`_leading_subspace`), so the error never rises; ``||core||²`` is the energy the in-mode
+    update keeps (the sum of its values), and the error ``sqrt(1 - ||core||² / ||K||²)``. Returns the
+    factors and that error.
     """
-    rank_out, rank_in = last.shape[1], first.shape[0]
+    (out_dim, _, in_dim), rank_out, rank_in = by_tap.shape, last.shape[1], first.shape[0]
+    warm_out = warm and rank_out <= WARM_STEP_FRACTION * out_dim
+    warm_in = warm and rank_in <= WARM_STEP_FRACTION * in_dim
     rounding = FIT_ROUNDING_ULPS * float(np.finfo(np.float32 if by_tap.itemsize == 4 else np.float64).eps)
     for _ in range(max_iter):
-        _, last = leading_eigh(_out_gram(by_tap, first), rank_out)
-        values, vectors = leading_eigh(_in_gram(by_tap, last), rank_in)
+        _, last = _leading_subspace(_out_rows(by_tap, first), rank_out, last if warm_out else None)
+        values, vectors = _leading_subspace(_in_rows(by_tap, last), rank_in, first.T if warm_in else None)
         first = vectors.T
         previous, error = error, _tucker2_error(float(values.clip(min=0.0).sum()), norm_sq)
         if _settled(previous, error, tol, rounding):
@@ -678,10 +719,11 @@ def _hooi(
         # Nearly exact at these ranks: float32 cannot see the tail it gets wrong. Float64 throughout.
         search = precise
         last, first, error = _hosvd(search, rank_out, rank_in, norm_sq)
-    last, first, error = _hooi_sweeps(search, last, first, error, norm_sq, max_iter, tol)
+    last, first, error = _hooi_sweeps(search, last, first, error, norm_sq, max_iter, tol, search is not precise)
     if search is not precise:
         last, first, _ = _hooi_sweeps(precise, to_device(as_numpy(last), np.float64, where),
-                                      to_device(as_numpy(first), np.float64, where), error, norm_sq, max_iter, tol)
+                                      to_device(as_numpy(first), np.float64, where), error, norm_sq, max_iter, tol,
+                                      False)
     last, first = as_numpy(last), as_numpy(first)
     last = last * _column_signs(last)
     first = first * _column_signs(first.T)[:, None]
