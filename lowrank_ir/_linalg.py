@@ -672,22 +672,23 @@ def _settled(previous: float, error: float, tol: float, rounding: float) -> bool
 
 
 def _hooi_sweeps(by_tap: np.ndarray, last: np.ndarray, first: np.ndarray, error: float, norm_sq: float,
-                 max_iter: int, tol: float, warm: bool) -> tuple[np.ndarray, np.ndarray, float]:
+                 max_iter: int, tol: float, exact_sweeps: int) -> tuple[np.ndarray, np.ndarray, float]:
     """HOOI sweeps from ``(last, first)`` in ``by_tap``'s dtype until the relative error settles (:func:`_settled`).
 
-    Each update is the best factor of its mode given the other one (or, ``warm``, a Rayleigh–Ritz step
-    towards it from the current factor where the rank is at most ``WARM_STEP_FRACTION`` of the mode's
-    side: :func:`_leading_subspace`), so the error never rises; ``||core||²`` is the energy the in-mode
-    update keeps (the sum of its values), and the error ``sqrt(1 - ||core||² / ||K||²)``. Returns the
-    factors and that error.
+    Each update is the best factor of its mode given the other one, or, after the first ``exact_sweeps``
+    sweeps and where the rank is at most ``WARM_STEP_FRACTION`` of the mode's side, a Rayleigh–Ritz step
+    towards it from the current factor (:func:`_leading_subspace`); either way the error never rises.
+    ``||core||²`` is the energy the in-mode update keeps (the sum of its values), and the error
+    ``sqrt(1 - ||core||² / ||K||²)``. Returns the factors and that error.
     """
     (out_dim, _, in_dim), rank_out, rank_in = by_tap.shape, last.shape[1], first.shape[0]
-    warm_out = warm and rank_out <= WARM_STEP_FRACTION * out_dim
-    warm_in = warm and rank_in <= WARM_STEP_FRACTION * in_dim
+    warm_out = rank_out <= WARM_STEP_FRACTION * out_dim
+    warm_in = rank_in <= WARM_STEP_FRACTION * in_dim
     rounding = FIT_ROUNDING_ULPS * float(np.finfo(np.float32 if by_tap.itemsize == 4 else np.float64).eps)
-    for _ in range(max_iter):
-        _, last = _leading_subspace(_out_rows(by_tap, first), rank_out, last if warm_out else None)
-        values, vectors = _leading_subspace(_in_rows(by_tap, last), rank_in, first.T if warm_in else None)
+    for sweep in range(max_iter):
+        warm = sweep >= exact_sweeps
+        _, last = _leading_subspace(_out_rows(by_tap, first), rank_out, last if warm and warm_out else None)
+        values, vectors = _leading_subspace(_in_rows(by_tap, last), rank_in, first.T if warm and warm_in else None)
         first = vectors.T
         previous, error = error, _tucker2_error(float(values.clip(min=0.0).sum()), norm_sq)
         if _settled(previous, error, tol, rounding):
@@ -719,11 +720,14 @@ def _hooi(
         # Nearly exact at these ranks: float32 cannot see the tail it gets wrong. Float64 throughout.
         search = precise
         last, first, error = _hosvd(search, rank_out, rank_in, norm_sq)
-    last, first, error = _hooi_sweeps(search, last, first, error, norm_sq, max_iter, tol, search is not precise)
+    # From the HOSVD, a first exact sweep: it takes the iteration where exact HOOI goes (HOOI has several
+    # fixed points; Rayleigh–Ritz steps straight from the HOSVD may settle in a worse one). Float64 throughout
+    # (a nearly exact kernel): exact sweeps only.
+    last, first, error = _hooi_sweeps(search, last, first, error, norm_sq, max_iter, tol,
+                                      1 if search is not precise else max_iter)
     if search is not precise:
         last, first, _ = _hooi_sweeps(precise, to_device(as_numpy(last), np.float64, where),
-                                      to_device(as_numpy(first), np.float64, where), error, norm_sq, max_iter, tol,
-                                      False)
+                                      to_device(as_numpy(first), np.float64, where), error, norm_sq, max_iter, tol, 0)
     last, first = as_numpy(last), as_numpy(first)
     last = last * _column_signs(last)
     first = first * _column_signs(first.T)[:, None]
