@@ -427,7 +427,7 @@ def test_tucker2_exactly_low_rank_kernel_stops_after_one_sweep(ranks: tuple[int,
 
 def test_tucker2_nearly_exact_kernel_stops_in_few_sweeps(monkeypatch: pytest.MonkeyPatch) -> None:
     # Tails 1e-6 and 1e-12 below the top, cut deep in the tail: the error is tiny but above rounding, and the
-    # sweeps stop once they change it by at most tol of itself or its square by rounding.
+    # sweeps stop once they lower it by at most tol or its square by rounding.
     rng = np.random.default_rng(22)
     for smallest in (1e-6, 1e-12):
         kernel = _mode_spectra_kernel(rng, (48, 32, 3, 3), smallest)
