@@ -51,8 +51,8 @@ Formulas:
   factor is the leading left singular subspace of the kernel projected on the other mode's factor,
   alternated until a sweep lowers the relative error ``e = ||K - K'||_F / ||K||_F`` by at most ``tol``
   or ``e²`` by no more than its rounding (the sweeps in float32, then in float64 from there until the
-  error settles again). A float32 sweep may replace a mode's eigenproblem by one Rayleigh–Ritz step from
-  its current factor ``U`` over ``[U, M Mᵀ U]`` (``M`` the kernel projected on the other mode): the best
+  error settles again). A sweep after the first may replace a mode's eigenproblem by one Rayleigh–Ritz
+  step from its current factor ``U`` over ``[U, M Mᵀ U]`` (``M`` the kernel projected on the other mode): the best
   factor within a span that holds ``U``, so the error still never rises. ``last`` has orthonormal columns and
   ``first`` orthonormal rows, so ``core = lastᵀ ×_out K ×_in first`` and
   ``||K - K'||² = ||K||² - ||core||²`` (:func:`tucker2_relative_error`).
@@ -155,12 +155,12 @@ PARTIAL_EIGH_LARGE_FRACTION = 0.6
 #: ResNet-50's 512 x 512 x 3 x 3 kernels and exactly-low-rank ones, float32 and float64).
 FIT_ROUNDING_ULPS = 32
 
-#: HOOI's float32 sweeps update a mode's factor by one Rayleigh–Ritz step from the current one (over it and
-#: its image under the Gram matrix) instead of the Gram matrix's leading eigenvectors where the rank is at
-#: most this fraction of the mode's side: the step then costs a few products by the ``[side, rank]`` factor
-#: and a ``2·rank`` eigenproblem, against the ``side x side`` Gram matrix and its eigensolver, and gains as
-#: much per sweep (ResNet-50's 512 x 512 x 3 x 3 kernels at ranks (64, 64): the same error after the
-#: same number of sweeps, in 0.33 s of CPU against 0.53 s).
+#: HOOI's sweeps after the first update a mode's factor by one Rayleigh–Ritz step from the current one (over
+#: it and its image under the Gram matrix) instead of the Gram matrix's leading eigenvectors where the rank
+#: is at most this fraction of the mode's side: the step then costs a few products by the ``[side, rank]``
+#: factor and a ``2·rank`` eigenproblem, against the ``side x side`` Gram matrix and its eigensolver
+#: (ResNet-50's 512 x 512 x 3 x 3 kernels at ranks (64, 64), one thread: 0.36 s of CPU against 0.5 s for
+#: the same sweeps exact, to a slightly higher error per sweep).
 WARM_STEP_FRACTION = 0.25
 #: A Rayleigh–Ritz step gains a little less per sweep than the exact update, so sweeps that take one stop
 #: when the error falls by at most this fraction of ``tol``: they then end at least as low as exact sweeps
@@ -710,10 +710,10 @@ def _hooi(
 
     The kernel is held as ``[out, T, in]``, so that both modes' projections are single matrix products
     on contiguous views, and each mode's factor comes from the Gram matrix of its side (``out x out``,
-    ``in x in``). The sweeps run in float32 first (half the memory traffic of float64, and its
-    eigensolver is about twice as fast), then in float64 from where they stopped until the error settles
-    again (:func:`_settled`; one sweep, usually): the factors are a float64 HOOI iterate, with an error at
-    most that of a float64 run from the start (float32 alone cannot resolve the tail of an
+    ``in x in``), or, after the first sweep, from a Rayleigh–Ritz step (:func:`_hooi_sweeps`). The sweeps
+    run in float32 first (half the memory traffic of float64, and its eigensolver is about twice as fast),
+    then in float64 from where they stopped until the error settles again (:func:`_settled`; one sweep,
+    usually): the factors are a float64 iterate (float32 alone cannot resolve the tail of an
     ill-conditioned kernel), and the core is the float64 projection of the kernel on them.
     """
     out_dim, in_dim, taps = kernel.shape
