@@ -398,6 +398,90 @@ def test_tucker2_reaches_float64_hooi_to_1e_6(kind: str, ranks: tuple[int, int])
     assert tucker2_relative_error(kernel, core) == pytest.approx(error, rel=1e-6, abs=1e-7)
 
 
+def _counting_updates(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Records every HOOI factor update (True: a Rayleigh–Ritz step from the current factor, False: exact)."""
+    calls: list[bool] = []
+    original = linalg_module._leading_subspace
+
+    def counted(rows: np.ndarray, rank: int, start: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        calls.append(start is not None)
+        return original(rows, rank, start)
+
+    monkeypatch.setattr(linalg_module, "_leading_subspace", counted)
+    return calls
+
+
+@pytest.mark.parametrize("ranks", [(6, 5), (9, 8)])
+def test_tucker2_exactly_low_rank_kernel_stops_after_one_sweep(ranks: tuple[int, int],
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    # A kernel of Tucker ranks (6, 5): its error at these ranks or above is float64 rounding, which no sweep
+    # can lower, so HOOI stops after its first sweep (two factor updates) instead of running to max_iter.
+    rng = np.random.default_rng(21)
+    core = rng.standard_normal((6, 5, 3, 3))
+    kernel = reconstruct_tucker2(_orthonormal(rng, 40, 6), core, _orthonormal(rng, 32, 5).T)
+    calls = _counting_updates(monkeypatch)
+    last, core, first = tucker2(kernel, *ranks, max_iter=100, tol=1e-12)
+    assert calls == [False, False]
+    assert relative_error(kernel, reconstruct_tucker2(last, core, first)) < 1e-12
+
+
+def test_tucker2_nearly_exact_kernel_stops_in_few_sweeps(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Tails 1e-6 and 1e-12 below the top, cut deep in the tail: the error is tiny but above rounding, and the
+    # sweeps stop once they lower it by at most tol or its square by rounding.
+    rng = np.random.default_rng(22)
+    for smallest in (1e-6, 1e-12):
+        kernel = _mode_spectra_kernel(rng, (48, 32, 3, 3), smallest)
+        calls = _counting_updates(monkeypatch)
+        tucker2(kernel, 40, 28, max_iter=100, tol=1e-4)
+        assert 2 <= len(calls) <= 8, (smallest, len(calls))
+
+
+@pytest.mark.parametrize(("kind", "ranks"), [("flat", (16, 16)), ("flat", (8, 24)), ("structured", (12, 8))])
+def test_tucker2_stopping_rule_error_near_a_converged_run(kind: str, ranks: tuple[int, int]) -> None:
+    # Flat spectra (random weights) are HOOI's slowest case: each sweep gains little and for long. At tol 1e-4
+    # the error stops within 1e-3 of itself above a run to convergence, and never below it; the structured
+    # kernel (trained-like) converges fast and stops within 1e-5.
+    rng = np.random.default_rng(23)
+    shape = (64, 48, 3, 3)
+    kernel = rng.standard_normal(shape) if kind == "flat" else _structured_kernel(rng, shape)
+    stopped = tucker2_relative_error(kernel, tucker2(kernel, *ranks, max_iter=100, tol=1e-4)[1])
+    converged = tucker2_relative_error(kernel, tucker2(kernel, *ranks, max_iter=2000, tol=1e-12)[1])
+    hosvd = tucker2_relative_error(kernel, tucker2(kernel, *ranks, max_iter=0)[1])
+    assert converged - 1e-12 <= stopped <= converged * (1 + (1e-3 if kind == "flat" else 1e-5))
+    assert stopped < hosvd - 1e-4 * (hosvd - converged)  # the sweeps did run
+
+
+def test_leading_subspace_step_never_loses_energy_and_keeps_an_invariant_subspace() -> None:
+    rng = np.random.default_rng(24)
+    rows = _decaying_matrix(rng, 60, 90, tau=6.0)
+    rank = 12
+    start = _orthonormal(rng, 60, rank)
+    values, basis = linalg_module._leading_subspace(rows, rank, start)
+    np.testing.assert_allclose(basis.T @ basis, np.eye(rank), atol=1e-12)
+    # the values are the energies the new basis keeps, and they are at least the start's
+    assert float(values.sum()) == pytest.approx(float(np.sum((basis.T @ rows) ** 2)), rel=1e-12)
+    assert float(values.sum()) >= float(np.sum((start.T @ rows) ** 2))
+    # repeated steps converge to the exact leading subspace, which a step then keeps
+    exact_values, exact = linalg_module._leading_subspace(rows, rank, None)
+    for _ in range(100):
+        values, basis = linalg_module._leading_subspace(rows, rank, basis)
+    np.testing.assert_allclose(values, exact_values, rtol=1e-10)
+    np.testing.assert_allclose(np.abs(basis.T @ exact), np.eye(rank), atol=1e-6)
+
+
+def test_tucker2_float32_subspace_steps_reach_the_exact_sweeps_optimum(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Ranks at most a quarter of each side: the float32 sweeps take Rayleigh–Ritz steps, and a run to
+    # convergence ends at float64 HOOI's error all the same (the first sweep is exact: on this kernel, steps
+    # straight from the HOSVD settled in another fixed point, 7.5e-4 higher).
+    rng = np.random.default_rng(25)
+    kernel = _structured_kernel(rng, (64, 48, 3, 3)) + 0.05 * rng.standard_normal((64, 48, 3, 3))
+    calls = _counting_updates(monkeypatch)
+    last, core, first = tucker2(kernel, 16, 12, max_iter=500, tol=1e-10)
+    assert any(calls) and not all(calls)  # warm steps in float32, exact updates in the float64 finish
+    expected = _float64_hooi_error(kernel, 16, 12, tol=1e-12)
+    assert relative_error(kernel, reconstruct_tucker2(last, core, first)) <= expected * (1 + 1e-6)
+
+
 @pytest.mark.parametrize("shape", [(16, 12, 3, 3), (12, 16, 3), (10, 6, 1, 1)])
 def test_tucker2_factors_orthonormal_and_signs_deterministic(shape: tuple[int, ...]) -> None:
     rng = np.random.default_rng(12)
