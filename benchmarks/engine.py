@@ -21,7 +21,8 @@ before its clock starts):
   has no such path). Its peak RSS above the process's RSS before the call (after
   importing the model class and scipy) is set against the bound "largest input shard + 3 x the
   largest layer's weight in float64".
-* ``nproc``: the same checkpoint folder decomposed by ``lowrank decompose --threads 1`` with ``--nproc 2``
+* ``nproc``: the ``llama`` row's stack (4 blocks, 0.75 GiB of layers: the issue's Llama-shaped model) as such a
+  checkpoint folder, decomposed by ``lowrank decompose --threads 1`` with ``--nproc 2``
   against ``--nproc 1`` (whole commands, the workers' start included): the throughput ratio, wall and
   CPU seconds, whether the outputs are the same bytes, how evenly the layers' estimated cost was split
   and how long a process waited for the other, and the seconds of the command when no layer is
@@ -374,7 +375,7 @@ def _same_output(one: Path, two: Path) -> bool:
     return first == second
 
 
-def nproc_row(repeat: int = 1, blocks: int = 2, hidden: int = 2048, mlp: int = 5504) -> str:
+def nproc_row(repeat: int = 1, blocks: int = 4, hidden: int = 2048, mlp: int = 5504) -> str:
     """``lowrank decompose --threads 1`` on the Llama-shaped checkpoint with ``--nproc 2`` against ``--nproc 1``.
 
     Each run is the whole command in a fresh process (the workers' start included); runs alternate (1, 2,
