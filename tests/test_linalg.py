@@ -213,6 +213,20 @@ def test_float32_search_reaches_the_float64_optimum(shape: tuple[int, int], spec
     assert linalg_module._float32_search(low, 75, 1 if shape[0] <= shape[1] else 0) is None
 
 
+@pytest.mark.parametrize("skew", [1e-5, 0.3])
+def test_orthonormalized_spans_the_same_columns(skew: float) -> None:
+    # Nearly orthonormal columns (float32 eigenvectors) take Cholesky QR, skewed ones Householder QR;
+    # both give float64-orthonormal columns spanning the same space.
+    rng = np.random.default_rng(33)
+    base = _orthonormal(rng, 300, 40)
+    columns = (base + skew * rng.standard_normal((300, 40)) / np.sqrt(300)).astype(np.float32)
+    basis = linalg_module._orthonormalized(columns)
+    assert basis.dtype == np.float64 and basis.shape == (300, 40)
+    np.testing.assert_allclose(basis.T @ basis, np.eye(40), atol=1e-13)
+    within = basis @ (basis.T @ columns.astype(np.float64))
+    np.testing.assert_allclose(within, columns, atol=1e-12)
+
+
 @pytest.mark.parametrize(("size", "rank"), [(200, 10), (200, 150), (200, 100), (200, 199)])
 def test_leading_eigh_is_the_top_of_a_full_eigh(size: int, rank: int, large_side_64: None) -> None:
     rng = np.random.default_rng(31)
