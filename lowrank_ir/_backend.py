@@ -6,7 +6,11 @@ is available, else on the CPU (the same arithmetic, which is how it is tested he
 (validation, signs, the factors returned) stays numpy, and results come back as float64 numpy arrays.
 
 ``auto`` (the default) picks ``torch`` on CUDA when torch is already imported and sees a GPU, else
-``numpy``: the core never imports torch by itself. The choice is a context variable, set with
+``numpy``: the core never imports torch by itself. On the CPU numpy stays faster for every shape measured,
+although torch's wheels carry MKL: torch has no partial eigensolver, and MKL's full ``ssyevd`` costs what
+scipy's does (1 thread, CPU seconds: a 2048 x 2048 float32 Gram, all pairs 0.85 s in either, the top
+576 by scipy's ``evr`` 0.55 s; a 384 x 384 one 21 ms against scipy's 17 ms; the float32 Gram of a
+2048 x 2048 weight 0.17 s in torch against numpy's 0.10 s). The choice is a context variable, set with
 :func:`linalg_backend`; the engine's worker threads run in the caller's context, so they see it.
 """
 
