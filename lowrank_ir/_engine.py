@@ -870,7 +870,7 @@ _M_MMAP_THRESHOLD = -3
 #: when freed. glibc's default threshold rises to 32 MiB after the first large array is freed, so a
 #: layer's float64 workspace then lands in the heap, and the heaps of the worker threads keep their pages
 #: between the arrays that outlive the layer: on ResNet-50, 0.3x the model's size above what is held.
-FACTORIZING_MMAP_THRESHOLD = 1 << 20
+FACTORIZING_MMAP_THRESHOLD = 8 << 20
 
 #: Set when the factorizations are done: glibc's ceiling for its own rising threshold on 64-bit systems,
 #: which a process that has freed one large array runs with anyway (setting a threshold stops it rising).
@@ -1011,9 +1011,14 @@ def factor_count(shape: Sequence[int], form: str | None, rank: Any) -> int:
 
 
 #: Float64 copies of a layer's weight its factorization holds at its peak, written factors included
-#: (tracemalloc, data-free at ratio 0.5: 2.6 for ResNet-50's 3x3 Tucker-2 kernels, 1.4 to 1.9 for matrices
-#: from 384 x 1536 to 5504 x 2048 and 1x1 convs).
+#: (tracemalloc, data-free: 1.95 for 3x3 Tucker-2 kernels of 128 to 512 channels at ranks of half their
+#: sides, which with the allocator's own overhead peaked above the bound at any estimate below 3 on
+#: ResNet-50 at ratio 0.5; 1.4 to 1.9 for matrices from 384 x 1536 to 5504 x 2048 and 1x1 convs).
 TUCKER2_WORKSPACE = 3.0
+#: A Tucker-2 whose ranks are at most a quarter of their sides (its sweeps after the first take Rayleigh-Ritz
+#: steps): 1.6 to 1.84 measured (256 and 512 channels at ranks (64, 64)), so two such layers fit beside
+#: each other within the bound (ResNet-50's three 512-channel 3x3 kernels under ``from_vbmf``).
+TUCKER2_LOW_RANK_WORKSPACE = 2.0
 MATRIX_WORKSPACE = 2.0
 
 #: The workspace the memory bound allows beside the decomposed model: this many float64 copies of the
@@ -1021,15 +1026,21 @@ MATRIX_WORKSPACE = 2.0
 WORKSPACE_WEIGHTS = 3
 
 
-def factorization_workspace(shape: Sequence[int], form: str | None, data_aware: bool = False) -> float:
+def factorization_workspace(shape: Sequence[int], form: str | None, data_aware: bool = False,
+                            rank: Any = None) -> float:
     """Estimated peak bytes of factorizing a weight of ``shape`` in ``form``: to keep layers in flight in memory.
 
-    Multiples of the weight in float64 (:data:`TUCKER2_WORKSPACE`, :data:`MATRIX_WORKSPACE`); data-aware,
+    Multiples of the weight in float64 (:data:`TUCKER2_WORKSPACE`, or :data:`TUCKER2_LOW_RANK_WORKSPACE` at
+    Tucker-2 ranks ``rank`` of at most a quarter of their sides; :data:`MATRIX_WORKSPACE`); data-aware,
     plus four ``in x in`` float64 matrices (the moment, its square root and pseudo-inverse, a product).
     """
     weight64 = 8.0 * math.prod(shape)
     taps = math.prod(shape[2:])
-    estimate = (TUCKER2_WORKSPACE if form == TUCKER2 and taps > 1 else MATRIX_WORKSPACE) * weight64
+    copies = MATRIX_WORKSPACE
+    if form == TUCKER2 and taps > 1:
+        low_rank = isinstance(rank, tuple) and 4 * rank[0] <= shape[0] and 4 * rank[1] <= shape[1]
+        copies = TUCKER2_LOW_RANK_WORKSPACE if low_rank else TUCKER2_WORKSPACE
+    estimate = copies * weight64
     if data_aware:
         features = shape[1] * (taps if form != TUCKER2 else 1)
         estimate += 4 * 8.0 * features * features
@@ -1072,7 +1083,7 @@ def memory_budget(entries: Sequence[PlanEntry], graph: Graph, stats: Mapping[str
         outputs.append(float(itemsize * factor_count(entry.shape, entry.form, entry.rank)))
     workspaces = []
     for entry in entries:
-        workspace = factorization_workspace(entry.shape, entry.form, entry.name in stats)
+        workspace = factorization_workspace(entry.shape, entry.form, entry.name in stats, entry.rank)
         weight = graph.node(entry.name).params["weight"]
         if graph.params.is_lazy(weight):  # the weight as the layer reads it
             workspace += graph.params.dtype(weight).itemsize * math.prod(entry.shape)

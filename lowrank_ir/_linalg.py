@@ -750,22 +750,28 @@ def _hooi(
     exact = np.ascontiguousarray(kernel.transpose(0, 2, 1))
     norm_sq = max(_squared_norm(exact), _TINY)
     where = device()
-    precise = to_device(exact, np.float64, where)
-    search = to_device(exact, np.float32, where) if max_iter > 0 else precise
-    last, first, error = _hosvd(search, rank_out, rank_in, norm_sq)
-    if search is not precise and error * error < FLOAT32_RESIDUAL:
-        # Nearly exact at these ranks: float32 cannot see the tail it gets wrong. Float64 throughout.
-        search = precise
+    # The float32 sweeps hold the float32 kernel only; the float64 copy is made for the finish, once they are
+    # done (so a layer's peak is about 1.5 float64 copies of its weight, not 2).
+    search = to_device(exact, np.float32, where) if max_iter > 0 else None
+    if search is not None:
         last, first, error = _hosvd(search, rank_out, rank_in, norm_sq)
-    # From the HOSVD, a first exact sweep: it takes the iteration where exact HOOI goes (HOOI has several
-    # fixed points; Rayleigh–Ritz steps straight from the HOSVD may settle in a worse one). Float64 throughout
-    # (a nearly exact kernel): exact sweeps only.
-    last, first, error = _hooi_sweeps(search, last, first, error, norm_sq, max_iter, tol,
-                                      1 if search is not precise else max_iter)
-    if search is not precise:
+        if error * error < FLOAT32_RESIDUAL:
+            # Nearly exact at these ranks: float32 cannot see the tail it gets wrong. Float64 throughout.
+            search = None
+    if search is None:
+        precise = to_device(exact, np.float64, where)
+        last, first, error = _hosvd(precise, rank_out, rank_in, norm_sq)
+        last, first, error = _hooi_sweeps(precise, last, first, error, norm_sq, max_iter, tol, max_iter)
+    else:
+        # From the HOSVD, a first exact sweep: it takes the iteration where exact HOOI goes (HOOI has several
+        # fixed points; Rayleigh–Ritz steps straight from the HOSVD may settle in a worse one).
+        last, first, error = _hooi_sweeps(search, last, first, error, norm_sq, max_iter, tol, 1)
+        precise = to_device(exact, np.float64, where)
+        del search, exact  # the float64 copy serves the finish and the core
         last, first, _ = _hooi_sweeps(precise, to_device(as_numpy(last), np.float64, where),
                                       to_device(as_numpy(first), np.float64, where), error, norm_sq, max_iter, tol, 0)
-    del precise, search  # the core below needs only ``exact``
+    exact = as_numpy(precise)
+    del precise
     last, first = as_numpy(last), as_numpy(first)
     last = last * _column_signs(last)
     first = first * _column_signs(first.T)[:, None]
