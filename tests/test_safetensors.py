@@ -316,6 +316,26 @@ def test_a_failing_process_stops_the_command_and_leaves_no_folder(sharded: tuple
     assert not out.exists() and not [path for path in tmp_path.iterdir() if path.name != "out"]
 
 
+def test_a_process_that_cannot_write_stops_the_command_with_one_line(sharded: tuple[Path, Path], tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    import backends.safetensors
+
+    source, _ = sharded
+    real = backends.safetensors._decompose_layer
+
+    def disk_full(checkpoint, node, *rest):  # the forked processes inherit it
+        if node.name == "model.layers.1.mlp.down_proj":
+            raise OSError(28, "No space left on device")
+        return real(checkpoint, node, *rest)
+
+    monkeypatch.setattr(backends.safetensors, "_decompose_layer", disk_full)
+    out = tmp_path / "out"
+    assert main(["decompose", str(source), "-o", str(out), "--nproc", "2", "--threads", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "No space left on device" in err[0] and "process" in err[0], err
+    assert not out.exists()
+
+
 def test_layers_are_split_by_cost_largest_first() -> None:
     owner = split_by_cost({"a": 10, "b": 7, "c": 5, "d": 3, "e": 3}, 2)
     assert owner == {"a": 0, "b": 1, "c": 1, "d": 0, "e": 1}  # loads 13 and 15
