@@ -1015,9 +1015,10 @@ def factor_count(shape: Sequence[int], form: str | None, rank: Any) -> int:
 #: sides, which with the allocator's own overhead peaked above the bound at any estimate below 3 on
 #: ResNet-50 at ratio 0.5; 1.4 to 1.9 for matrices from 384 x 1536 to 5504 x 2048 and 1x1 convs).
 TUCKER2_WORKSPACE = 3.0
-#: A Tucker-2 whose ranks are at most a quarter of their sides (its sweeps after the first take Rayleigh-Ritz
-#: steps): 1.6 to 1.84 measured (256 and 512 channels at ranks (64, 64)), so two such layers fit beside
-#: each other within the bound (ResNet-50's three 512-channel 3x3 kernels under ``from_vbmf``).
+#: A Tucker-2 whose modes both take Rayleigh-Ritz steps after the first sweep (``_linalg.takes_subspace_steps``:
+#: ranks at most a quarter of their sides): 1.6 to 1.84 measured (256 and 512 channels at ranks (64, 64)),
+#: so two such layers fit beside each other within the bound (ResNet-50's three 512-channel 3x3 kernels
+#: under ``from_vbmf``).
 TUCKER2_LOW_RANK_WORKSPACE = 2.0
 MATRIX_WORKSPACE = 2.0
 
@@ -1031,14 +1032,14 @@ def factorization_workspace(shape: Sequence[int], form: str | None, data_aware: 
     """Estimated peak bytes of factorizing a weight of ``shape`` in ``form``: to keep layers in flight in memory.
 
     Multiples of the weight in float64 (:data:`TUCKER2_WORKSPACE`, or :data:`TUCKER2_LOW_RANK_WORKSPACE` at
-    Tucker-2 ranks ``rank`` of at most a quarter of their sides; :data:`MATRIX_WORKSPACE`); data-aware,
+    Tucker-2 ranks ``rank`` whose modes take subspace steps; :data:`MATRIX_WORKSPACE`); data-aware,
     plus four ``in x in`` float64 matrices (the moment, its square root and pseudo-inverse, a product).
     """
     weight64 = 8.0 * math.prod(shape)
     taps = math.prod(shape[2:])
     copies = MATRIX_WORKSPACE
     if form == TUCKER2 and taps > 1:
-        low_rank = isinstance(rank, tuple) and 4 * rank[0] <= shape[0] and 4 * rank[1] <= shape[1]
+        low_rank = isinstance(rank, tuple) and all(map(_linalg.takes_subspace_steps, rank, shape[:2]))
         copies = TUCKER2_LOW_RANK_WORKSPACE if low_rank else TUCKER2_WORKSPACE
     estimate = copies * weight64
     if data_aware:

@@ -705,6 +705,11 @@ def _settled(previous: float, error: float, tol: float, rounding: float) -> bool
     return gain <= max(tol * (previous + error), rounding)
 
 
+def takes_subspace_steps(rank: int, side: int) -> bool:
+    """Whether HOOI updates a mode of ``side`` at ``rank`` by Rayleigh–Ritz steps after its first sweep."""
+    return rank <= WARM_STEP_FRACTION * side
+
+
 def _hooi_sweeps(by_tap: np.ndarray, last: np.ndarray, first: np.ndarray, error: float, norm_sq: float,
                  max_iter: int, tol: float, exact_sweeps: int) -> tuple[np.ndarray, np.ndarray, float]:
     """HOOI sweeps from ``(last, first)`` in ``by_tap``'s dtype until the relative error settles (:func:`_settled`).
@@ -717,8 +722,7 @@ def _hooi_sweeps(by_tap: np.ndarray, last: np.ndarray, first: np.ndarray, error:
     ``sqrt(1 - ||core||² / ||K||²)``. Returns the factors and that error.
     """
     (out_dim, _, in_dim), rank_out, rank_in = by_tap.shape, last.shape[1], first.shape[0]
-    warm_out = rank_out <= WARM_STEP_FRACTION * out_dim
-    warm_in = rank_in <= WARM_STEP_FRACTION * in_dim
+    warm_out, warm_in = takes_subspace_steps(rank_out, out_dim), takes_subspace_steps(rank_in, in_dim)
     rounding = FIT_ROUNDING_ULPS * float(np.finfo(np.float32 if by_tap.itemsize == 4 else np.float64).eps)
     for sweep in range(max_iter):
         warm = sweep >= exact_sweeps

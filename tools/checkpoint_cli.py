@@ -80,7 +80,7 @@ def _forked(args: argparse.Namespace, policy: Any, folder: Path, progress: Any) 
         except ProcessException as err:
             kind, first = (failures.get() if not failures.empty()
                            else ("RuntimeError", f"process {err.error_index} of {args.nproc}: {err}"))
-            raise _RAISED[kind](f"{first.strip().splitlines()[0]} (the command stopped)") from err
+            raise _RAISED.get(kind, RuntimeError)(f"{first.strip().splitlines()[0]} (the command stopped)") from err
     result = collect_checkpoint(job)
     finish_checkpoint(job)
     return result
@@ -89,7 +89,7 @@ def _forked(args: argparse.Namespace, policy: Any, folder: Path, progress: Any) 
 #: A process's error is raised again in the command as its kind where that is bad input or the system's
 #: (a clear one-line error, exit 2), else as RuntimeError (a traceback: a bug).
 _RAISED: dict[str, type[Exception]] = {"ValueError": ValueError, "TypeError": TypeError, "OSError": OSError,
-                                       "MemoryError": MemoryError, "RuntimeError": RuntimeError}
+                                       "MemoryError": MemoryError}
 
 
 def _prepared(args: argparse.Namespace, folder: Path, policy: Any) -> Any:
@@ -126,8 +126,7 @@ def _share(index: int, job: Any, size: int, threads: int, store: str, progress: 
     try:
         decompose_share(job, Workers(index, size, dist.barrier, threads), progress if index == 0 else None)
     except BaseException as err:
-        kind = next((name for name, kind in _RAISED.items() if kind is not RuntimeError and isinstance(err, kind)),
-                    "RuntimeError")
+        kind = next((name for name, kind in _RAISED.items() if isinstance(err, kind)), "RuntimeError")
         failures.put((kind, f"process {index} of {size} failed: {type(err).__name__}: {err}"))
         raise
     finally:
