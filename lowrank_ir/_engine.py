@@ -1002,24 +1002,15 @@ def factor_count(shape: Sequence[int], form: str | None, rank: Any) -> int:
     channel SVD) at r: ``r·(out + in·taps)``; spatial SVD: ``_conv_forms.spatial_params``.
     """
     if form == TUCKER2 and isinstance(rank, tuple):
-        out, inp, taps = shape[0], shape[1], math.prod(shape[2:])
-        rank_out, rank_in = rank
-        return inp * rank_in + rank_in * rank_out * taps + rank_out * out
+        return _linalg.tucker2_size(shape, rank)
     if form == SPATIAL_SVD:
         return _conv_forms.spatial_params(shape, rank)
     return _conv_forms.channel_params(shape, rank)
 
 
-#: Float64 copies of a layer's weight its factorization holds at its peak, written factors included
-#: (tracemalloc, data-free: 1.95 for 3x3 Tucker-2 kernels of 128 to 512 channels at ranks of half their
-#: sides, which with the allocator's own overhead peaked above the bound at any estimate below 3 on
-#: ResNet-50 at ratio 0.5; 1.4 to 1.9 for matrices from 384 x 1536 to 5504 x 2048 and 1x1 convs).
-TUCKER2_WORKSPACE = 3.0
-#: A Tucker-2 whose modes both take Rayleigh-Ritz steps after the first sweep (``_linalg.takes_subspace_steps``:
-#: ranks at most a quarter of their sides): 1.6 to 1.84 measured (256 and 512 channels at ranks (64, 64)),
-#: so two such layers fit beside each other within the bound (ResNet-50's three 512-channel 3x3 kernels
-#: under ``from_vbmf``).
-TUCKER2_LOW_RANK_WORKSPACE = 2.0
+#: Float64 copies of a matrix's weight its factorization holds at its peak, written factors included
+#: (tracemalloc: 1.4 to 1.9 for matrices from 384 x 1536 to 5504 x 2048 and 1x1 convs; 2.1 for 1x1 kernels at
+#: unequal Tucker-2 ranks).
 MATRIX_WORKSPACE = 2.0
 
 #: The workspace the memory bound allows beside the decomposed model: this many float64 copies of the
@@ -1028,20 +1019,22 @@ WORKSPACE_WEIGHTS = 3
 
 
 def factorization_workspace(shape: Sequence[int], form: str | None, data_aware: bool = False,
-                            rank: Any = None) -> float:
-    """Estimated peak bytes of factorizing a weight of ``shape`` in ``form``: to keep layers in flight in memory.
+                            rank: Any = None, itemsize: int = 4) -> float:
+    """Estimated peak bytes of factorizing a weight of ``shape`` (``itemsize`` bytes an entry) in ``form``.
 
-    Multiples of the weight in float64 (:data:`TUCKER2_WORKSPACE`, or :data:`TUCKER2_LOW_RANK_WORKSPACE` at
-    Tucker-2 ranks ``rank`` whose modes take subspace steps; :data:`MATRIX_WORKSPACE`); data-aware,
-    plus four ``in x in`` float64 matrices (the moment, its square root and pseudo-inverse, a product).
+    To keep layers in flight within the memory bound. A k x k Tucker-2 at ranks ``rank``: what HOOI holds
+    (:func:`_linalg.tucker2_workspace`), data-aware on a float64 kernel beside its float64 and whitened copies;
+    otherwise :data:`MATRIX_WORKSPACE` copies of the weight in float64. Data-aware, plus four ``in x in``
+    float64 matrices (the moment, its square root and pseudo-inverse, a product).
     """
     weight64 = 8.0 * math.prod(shape)
     taps = math.prod(shape[2:])
-    copies = MATRIX_WORKSPACE
-    if form == TUCKER2 and taps > 1:
-        low_rank = isinstance(rank, tuple) and all(map(_linalg.takes_subspace_steps, rank, shape[:2]))
-        copies = TUCKER2_LOW_RANK_WORKSPACE if low_rank else TUCKER2_WORKSPACE
-    estimate = copies * weight64
+    if form == TUCKER2 and taps > 1 and isinstance(rank, tuple):
+        estimate = _linalg.tucker2_workspace(shape, rank, 8 if data_aware else itemsize)
+        if data_aware:
+            estimate += 2 * weight64
+    else:
+        estimate = MATRIX_WORKSPACE * weight64
     if data_aware:
         features = shape[1] * (taps if form != TUCKER2 else 1)
         estimate += 4 * 8.0 * features * features
@@ -1084,8 +1077,9 @@ def memory_budget(entries: Sequence[PlanEntry], graph: Graph, stats: Mapping[str
         outputs.append(float(itemsize * factor_count(entry.shape, entry.form, entry.rank)))
     workspaces = []
     for entry in entries:
-        workspace = factorization_workspace(entry.shape, entry.form, entry.name in stats, entry.rank)
         weight = graph.node(entry.name).params["weight"]
+        workspace = factorization_workspace(entry.shape, entry.form, entry.name in stats, entry.rank,
+                                            graph.params.dtype(weight).itemsize)
         if graph.params.is_lazy(weight):  # the weight as the layer reads it
             workspace += graph.params.dtype(weight).itemsize * math.prod(entry.shape)
         workspaces.append(workspace)

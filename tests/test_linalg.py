@@ -479,15 +479,15 @@ def test_leading_subspace_step_never_loses_energy_and_keeps_an_invariant_subspac
     rows = _decaying_matrix(rng, 60, 90, tau=6.0)
     rank = 12
     start = _orthonormal(rng, 60, rank)
-    values, basis = linalg_module._leading_subspace(rows, rank, start)
+    values, basis = linalg_module._leading_subspace([rows], rank, start)
     np.testing.assert_allclose(basis.T @ basis, np.eye(rank), atol=1e-12)
     # the values are the energies the new basis keeps, and they are at least the start's
     assert float(values.sum()) == pytest.approx(float(np.sum((basis.T @ rows) ** 2)), rel=1e-12)
     assert float(values.sum()) >= float(np.sum((start.T @ rows) ** 2))
     # repeated steps converge to the exact leading subspace, which a step then keeps
-    exact_values, exact = linalg_module._leading_subspace(rows, rank, None)
+    exact_values, exact = linalg_module._leading_subspace([rows], rank, None)
     for _ in range(100):
-        values, basis = linalg_module._leading_subspace(rows, rank, basis)
+        values, basis = linalg_module._leading_subspace([rows], rank, basis)
     np.testing.assert_allclose(values, exact_values, rtol=1e-10)
     np.testing.assert_allclose(np.abs(basis.T @ exact), np.eye(rank), atol=1e-6)
 
@@ -661,3 +661,41 @@ def test_compensating_factors_undo_a_known_input_perturbation() -> None:
     moment = x_tilde.T @ x_tilde / len(x)
     left, right = compensating_factors(low_rank, cross, moment, 3, damping=1e-12)
     np.testing.assert_allclose(left @ right, target, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(("shape", "ranks"), [((40, 30, 1, 1), (12, 20)), ((30, 40, 1, 1), (20, 12)),
+                                              ((30, 40, 1), (25, 25)), ((40, 24, 1, 1), (30, 10))])
+def test_tucker2_of_a_pointwise_kernel_is_its_truncated_svd_without_sweeps(shape, ranks, monkeypatch) -> None:
+    # A matrix's Tucker-2 optimum at ranks (a, b) is its truncated SVD at min(a, b) (Eckart–Young): reached at once,
+    # with no HOOI sweep, and orthonormal factors of the asked ranks (also above the matrix's rank, (30, 10) on 24).
+    rng = np.random.default_rng(26)
+    kernel = _decaying_matrix(rng, shape[0], shape[1], tau=5.0).reshape(shape)
+    calls = _counting_updates(monkeypatch)
+    last, core, first = tucker2(kernel.astype(np.float32), *ranks)
+    assert calls == []
+    assert last.shape == (shape[0], ranks[0]) and first.shape == (ranks[1], shape[1])
+    np.testing.assert_allclose(last.T @ last, np.eye(ranks[0]), atol=1e-6)
+    np.testing.assert_allclose(first @ first.T, np.eye(ranks[1]), atol=1e-6)
+    matrix = kernel.reshape(shape[:2]).astype(np.float32).astype(np.float64)
+    singular = np.linalg.svd(matrix, compute_uv=False)
+    optimum = float(np.sqrt((singular[min(ranks):] ** 2).sum() / (singular**2).sum()))
+    error = relative_error(matrix, reconstruct_tucker2(last, core, first).reshape(shape[:2]))
+    assert error == pytest.approx(optimum, rel=1e-9, abs=1e-12)
+
+
+@pytest.mark.parametrize(("shape", "ranks"), [((96, 96, 3, 3), (60, 60)), ((96, 64, 3, 3), (16, 48)),
+                                              ((48, 80, 5, 5), (36, 12))])
+def test_tucker2_peak_memory_stays_within_its_workspace_estimate(shape, ranks) -> None:
+    # The engine lets layers run side by side when their estimated workspaces fit the memory bound: the
+    # estimate must hold what HOOI allocates (tracemalloc, float32 kernels, high ranks and subspace steps).
+    import tracemalloc
+
+    kernel = np.random.default_rng(27).standard_normal(shape).astype(np.float32)
+    tucker2(kernel, *ranks, max_iter=1)  # the process's one-time allocations (imports, caches) are not HOOI's
+    tracemalloc.start()
+    try:
+        tucker2(kernel, *ranks, max_iter=50, tol=1e-4)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak <= linalg_module.tucker2_workspace(shape, ranks, kernel.itemsize), (peak, shape, ranks)
