@@ -89,6 +89,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from lowrank_ir import _lapack
 from lowrank_ir._backend import as_numpy, device, to_device
 
 __all__ = [
@@ -297,10 +298,12 @@ def leading_eigh(symmetric: Array, rank: int) -> tuple[Array, Array]:
         size >= PARTIAL_EIGH_LARGE_SIDE and rank <= PARTIAL_EIGH_LARGE_FRACTION * size)
     if (partial and rank < size) or symmetric.dtype == np.float32:
         subset = (size - rank, size - 1) if partial else None
-        from scipy.linalg import eigh
+        solved = _lapack.eigh(symmetric, subset)  # scipy's drivers without holding the GIL
+        if solved is None:
+            from scipy.linalg import eigh
 
-        values, vectors = eigh(symmetric, subset_by_index=subset, driver="evr" if partial else "evd",
-                               check_finite=False)
+            solved = eigh(symmetric, subset_by_index=subset, driver="evr" if partial else "evd", check_finite=False)
+        values, vectors = solved
     else:
         values, vectors = np.linalg.eigh(symmetric)
     values, vectors = values[values.size - rank:], vectors[:, values.size - rank:]
