@@ -976,13 +976,13 @@ Progress = Callable[[int, int, str], None]
 def factorization_cost(shape: Sequence[int], form: str | None = SVD, rank: Any = None) -> float:
     """Estimated multiply-adds of factorizing a weight of ``shape``: to schedule or split the dearest first.
 
-    SVD (the default): the smaller side's Gram matrix and its eigensolver. Tucker-2 at ``rank``
-    ``(out, in)``: a few HOOI sweeps, each two projections of the kernel and two Gram matrices with
-    their eigensolvers.
+    SVD (the default): the smaller side's Gram matrix and its eigensolver; so is a 1x1 kernel's Tucker-2
+    (its truncated SVD, no sweeps). A k x k Tucker-2 at ``rank`` ``(out, in)``: a few HOOI sweeps, each two
+    projections of the kernel and two Gram matrices with their eigensolvers.
     """
     out, inp = shape[0], shape[1]
-    if form == TUCKER2 and isinstance(rank, tuple):
-        taps = math.prod(shape[2:])
+    taps = math.prod(shape[2:])
+    if form == TUCKER2 and isinstance(rank, tuple) and taps > 1:
         rank_out, rank_in = rank
         sweep = (out * inp * taps * (rank_out + rank_in) + (out * out * rank_in + inp * inp * rank_out) * taps
                  + out**3 + inp**3)

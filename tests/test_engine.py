@@ -230,3 +230,13 @@ def test_progress_reports_every_layer_once(rng: np.random.Generator, workers: in
     assert [done for done, _, _ in calls] == [1, 2, 3]
     assert {total for _, total, _ in calls} == {3}
     assert sorted(name for _, _, name in calls) == ["emb", "fc", "mm"]
+
+
+def test_a_pointwise_tucker2_is_scheduled_at_the_cost_of_its_svd() -> None:
+    # The engine starts the dearest layers first: a 1x1 kernel's Tucker-2 is its truncated SVD (no HOOI sweeps),
+    # so it costs what the SVD of its matrix costs, below a 3x3 kernel of fewer weights that takes HOOI.
+    from lowrank_ir._engine import TUCKER2, factorization_cost
+
+    pointwise = factorization_cost((2048, 1024, 1, 1), TUCKER2, (320, 320))
+    assert pointwise == factorization_cost((2048, 1024))
+    assert pointwise < factorization_cost((512, 512, 3, 3), TUCKER2, (320, 320))
