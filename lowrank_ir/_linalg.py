@@ -134,12 +134,11 @@ FLOAT32_RESIDUAL = 1e-4
 #: them. Measured on the Llama-shaped stack's uniform-init weights (the flattest spectra, 1 BLAS thread):
 #: 16, 32 or an eighth of the rank (64, 96) all end 2e-13 above the full SVD's error, and 96 instead of
 #: 24 extra directions cost 0.2 s more on a 5504 x 2048 weight at rank 768 (2.1 s against 1.9 s).
-#: Below this side the search does not pay where the engine runs it, on one worker thread per core:
-#: scipy's float32 eigensolver scales worse across threads than numpy's float64 ``eigh`` (two threads,
-#: all-MiniLM-L6-v2's 384-row matrices: 0.45 s against 0.36 s; 1024 x 1024: 0.63-0.77 s against 0.53 s;
-#: 2048-row matrices: 2.7 s against 3.9 s; measured again on a machine at load 3, the whole MiniLM rewrite on
-#: two workers, best of 8: 0.78 s of CPU either way, 1.24 s elapsed searched in float32, 1.27 s in float64).
-FLOAT32_SEARCH_SIDE = 1536
+#: From all-MiniLM-L6-v2's 384-row matrices up it pays on the engine's worker threads, since its float32
+#: eigensolver runs without the GIL (:mod:`lowrank_ir._lapack`; scipy's wrapper had made it scale worse across
+#: threads than numpy's float64 ``eigh``): the MiniLM rewrite on two workers 0.48-0.50 s against 0.43-0.47 s
+#: searched in float64 and in float32 (three runs each, 0.83 s against 0.74 s of the layers' CPU).
+FLOAT32_SEARCH_SIDE = 384
 FLOAT32_OVERSAMPLING = 16
 FLOAT32_SEARCH_FLOOR = 1e-3
 
