@@ -94,3 +94,12 @@ def test_leading_eigh_takes_the_lapacke_solvers_for_float32_and_partial_problems
     leading_eigh(matrix, 5)  # float64, a few pairs: the partial solver
     leading_eigh(matrix, 60)  # float64, most pairs: numpy's eigh (it releases the GIL itself)
     assert calls == [None, (95, 99)]
+
+
+def test_leading_eigh_falls_back_to_scipy_without_lapacke(monkeypatch) -> None:
+    matrix = _symmetric(80, np.float32)
+    expected = leading_eigh(matrix, 10)
+    monkeypatch.setattr(_lapack, "eigh", lambda matrix, subset=None: None)  # as where no OpenBLAS has LAPACKE
+    values, vectors = leading_eigh(matrix, 10)
+    np.testing.assert_array_equal(values, expected[0])
+    np.testing.assert_array_equal(vectors, expected[1])
