@@ -61,6 +61,16 @@ def sharded(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return source, target
 
 
+def test_the_command_in_process_leaves_nothing_frozen(sharded: tuple[Path, Path], tmp_path: Path) -> None:
+    # The checkpoint command freezes the objects alive before its work (gc.freeze); run from another program's
+    # process (here the test's), it hands them back to the collector when it ends.
+    import gc
+
+    assert gc.get_freeze_count() == 0
+    assert main(["decompose", str(sharded[0]), "-o", str(tmp_path / "out"), "--ratio", "0.5", "--divisor", "16"]) == 0
+    assert gc.get_freeze_count() == 0
+
+
 def test_output_folder_keeps_the_layout_with_reference_names(sharded: tuple[Path, Path]) -> None:
     source, target = sharded
     shards = sorted(path.name for path in source.glob("*.safetensors"))

@@ -355,11 +355,21 @@ def _set_verbosity(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command ``argv`` (default: this process's arguments); the exit status.
+
+    Called with ``argv`` (in another program's process, or a test's), it leaves the collector as it found it:
+    a checkpoint command freezes the objects alive before its work (``gc.freeze``, so that neither the
+    collections during the work nor the forked processes touch them), and that is undone at the end. As the
+    process's own command (no ``argv``) the freeze stays, so the interpreter's exit skips them too.
+    """
+    import gc
+
     from lowrank_ir._limits import size_limit
 
     parser = build_parser()
     args = parser.parse_args(argv)
     _set_verbosity(args)
+    frozen = gc.get_freeze_count()
     try:
         with size_limit(getattr(args, "max_bytes", None)):
             return int(args.run(args))
@@ -370,6 +380,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"lowrank {args.command}: error: out of memory ({err or 'MemoryError'}); use smaller inputs or "
               f"a machine with more memory".splitlines()[0], file=sys.stderr)
         return EXIT_BAD_INPUT
+    finally:
+        if argv is not None and frozen == 0 and gc.get_freeze_count():
+            gc.unfreeze()  # what the command froze goes back to the collector of the caller's process
 
 
 if __name__ == "__main__":
