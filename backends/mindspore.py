@@ -205,10 +205,11 @@ def build(graph: Graph, like: nn.Cell, weights: bool = True, *, take_arrays: boo
     if not isinstance(like, nn.Cell):
         raise TypeError(f"like must be the mindspore.nn.Cell the graph was lowered from, got {type(like).__name__}")
     factorized: dict[str, list[str]] = graph.meta.get("factorized", {})
-    model = copy_model(like)
+    model = copy_model(like, leave_out=factorized)  # the replaced layers' weights are not copied
     cells = dict(model.cells_and_names())
+    originals = dict(like.cells_and_names())
     for original, part_names in factorized.items():
-        old = cells.get(original)
+        old = originals.get(original)
         if old is None:
             raise ValueError(f"the graph factorized {original!r}, which the model does not have")
         reference = getattr(old, "embedding_table" if isinstance(old, nn.Embedding) else "weight", None)

@@ -173,10 +173,22 @@ def read_only_array(param: ms.Tensor) -> np.ndarray:
     return array
 
 
-def copy_model(like: nn.Cell) -> nn.Cell:
-    """``copy.deepcopy(like)`` with each cell's ``to_float`` type, which MindSpore's deepcopy drops."""
-    model = copy.deepcopy(like)
-    for (_, original), (_, copied) in zip(like.cells_and_names(), model.cells_and_names(), strict=True):
+def copy_model(like: nn.Cell, leave_out: Iterable[str] = ()) -> nn.Cell:
+    """``copy.deepcopy(like)`` with each cell's ``to_float`` type, which MindSpore's deepcopy drops.
+
+    The cells at the paths ``leave_out`` (the layers a backend replaces) are not copied: an empty ``nn.Cell``
+    holds each place, so their weights are never copied only to be dropped. A cell also held at a path not
+    left out is copied as usual.
+    """
+    leave_out = set(leave_out)
+    kept = {id(cell) for path, cell in _walk(like) if path not in leave_out}
+    placeholders = {id(cell): nn.Cell() for path, cell in _walk(like) if path in leave_out and id(cell) not in kept}
+    model = copy.deepcopy(like, dict(placeholders))  # deepcopy's memo: a cell found there is taken as its copy
+    copies = dict(model.cells_and_names())
+    for name, original in like.cells_and_names():
+        copied = copies.get(name)
+        if copied is None or id(original) in placeholders:
+            continue
         kind = original.get_mixed_precision_type()
         if copied.get_mixed_precision_type() != kind:
             name = getattr(kind, "name", "NOTSET")

@@ -978,3 +978,28 @@ def test_output_errors_and_measured_budget() -> None:
         ms_frontend.output_errors(model, batches, [{"nope": np.zeros(2)}])
     decomposer = Decompose(model).from_budget(params=0.5, datasets=batches)
     assert set(decomposer.sensitivities) == {"fc"}
+
+
+def test_copy_leaves_out_the_layers_to_be_replaced_but_not_a_cell_also_kept_elsewhere() -> None:
+    # The backend replaces the factorized layers in its copy: copying their weights first only to drop them
+    # would cost the model's size again. A cell also held at a path that stays is copied all the same.
+    shared = nn.Dense(6, 6)
+
+    class Two(nn.Cell):
+        def __init__(self) -> None:
+            super().__init__()
+            self.big = nn.Dense(8, 6)
+            self.tied = shared
+            self.again = shared
+            self.head = nn.Dense(6, 2)
+
+        def construct(self, x: ms.Tensor) -> ms.Tensor:
+            return self.head(self.again(self.tied(self.big(x))))
+
+    model = Two()
+    copied = ms_frontend.copy_model(model, leave_out=["big", "tied"])
+    assert type(copied.big) is nn.Cell and not list(copied.big.get_parameters())  # an empty place-holder
+    assert isinstance(copied.tied, nn.Dense) and copied.tied is not shared  # "again" holds it: copied
+    assert copied.head is not model.head
+    np.testing.assert_array_equal(copied.head.weight.asnumpy(), model.head.weight.asnumpy())
+    assert isinstance(model.big, nn.Dense)  # the user's model is untouched
