@@ -55,7 +55,9 @@ Formulas:
   step from its current factor ``U`` over ``[U, M Mᵀ U]`` (``M`` the kernel projected on the other mode): the best
   factor within a span that holds ``U``, so the error still never rises. ``last`` has orthonormal columns and
   ``first`` orthonormal rows, so ``core = lastᵀ ×_out K ×_in first`` and
-  ``||K - K'||² = ||K||² - ||core||²`` (:func:`tucker2_relative_error`).
+  ``||K - K'||² = ||K||² - ||core||²`` (:func:`tucker2_relative_error`). A 1x1 kernel is a matrix ``K``:
+  its HOSVD ``U_a U_aᵀ K V_b V_bᵀ`` is the truncated SVD at ``min(a, b)``, the Eckart–Young optimum, so it
+  is computed as an SVD and takes no sweep.
 
 - Data-aware Tucker-2: the in mode is whitened, ``K' = K ×_in C^{1/2}`` (every ``K[:, :, taps]``
   multiplied by ``C^{1/2}`` on the right), HOOI gives ``last, core, first'`` in whitened space, and
@@ -891,7 +893,8 @@ def tucker2(
     HOSVD. Iteration stops when a sweep lowers the relative error ``e = ||K - K'|| / ||K||`` by at
     most ``tol``, or ``e²`` by no more than its rounding (a kernel exactly of these ranks stops after one
     sweep), or after ``max_iter`` sweeps, first in float32, then in float64 from there (``max_iter=0`` returns
-    the float64 HOSVD). Signs are deterministic: the
+    the float64 HOSVD). A 1x1 kernel takes no sweep: its HOSVD is its truncated SVD at the smaller rank, the
+    optimum. Signs are deterministic: the
     largest-magnitude entry of each column of ``last`` and of each row of ``first`` is positive, and
     the core carries the matching signs, so the reconstruction does not depend on them.
 
