@@ -136,11 +136,12 @@ FLOAT32_RESIDUAL = 1e-4
 #: them. Measured on the Llama-shaped stack's uniform-init weights (the flattest spectra, 1 BLAS thread):
 #: 16, 32 or an eighth of the rank (64, 96) all end 2e-13 above the full SVD's error, and 96 instead of
 #: 24 extra directions cost 0.2 s more on a 5504 x 2048 weight at rank 768 (2.1 s against 1.9 s).
-#: From all-MiniLM-L6-v2's 384-row matrices up it pays on the engine's worker threads, since its float32
-#: eigensolver runs without the GIL (:mod:`lowrank_ir._lapack`; scipy's wrapper had made it scale worse across
-#: threads than numpy's float64 ``eigh``): the MiniLM rewrite on two workers 0.48-0.50 s against 0.43-0.47 s
-#: searched in float64 and in float32 (three runs each, 0.83 s against 0.74 s of the layers' CPU).
-FLOAT32_SEARCH_SIDE = 384
+#: Below this side the search is not taken, for memory rather than time: since the float32 eigensolver runs
+#: without the GIL (:mod:`lowrank_ir._lapack`) it is faster from 384 rows up (the all-MiniLM-L6-v2 rewrite on two
+#: workers 0.43-0.47 s against 0.48-0.50 s), but each worker thread then held about 2.6 MB more resident memory
+#: (measured on a 4-layer BERT of hidden 384: 24.2 against 21.6 MB with one worker, 33 to 34.6 against 28 MB with
+#: two), which took that small model to the edge of its memory bound (``tests/test_memory.py``).
+FLOAT32_SEARCH_SIDE = 1536
 FLOAT32_OVERSAMPLING = 16
 FLOAT32_SEARCH_FLOOR = 1e-3
 
