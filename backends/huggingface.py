@@ -46,7 +46,7 @@ from frontends.torch import lowering_for
 from lowrank_ir._api import Decompose
 from lowrank_ir._engine import SPATIAL_SVD, SVD
 from lowrank_ir._files import atomic_directory, read_json
-from lowrank_ir._policy import config_document
+from lowrank_ir._policy import config_document, tucker2_stand_in
 from lowrank_ir._protocols import ModelFilesAdapter
 
 __all__ = ["CONFIG_FILE", "DECOMPOSE_CONFIG_FILE", "MARKER", "WEIGHTS_FILE", "decompose_config_of",
@@ -110,7 +110,7 @@ def decompose_config_of(model: transformers.PreTrainedModel,
             spatial = (len(kernel) == 2 and kernel[1] > 1 and isinstance(first, nn.modules.conv._ConvNd)
                        and tuple(first.kernel_size) == (kernel[0], 1))
             forms[name] = (SPATIAL_SVD if spatial else SVD, rank)
-            config[name] = [min(rank, layer.out_channels), min(rank, layer.in_channels)]
+            config[name] = tucker2_stand_in(rank, (layer.out_channels, layer.in_channels))
         else:
             config[name] = int(core.shape[1])
     return config, forms

@@ -40,6 +40,7 @@ from frontends.onnx import check_feeds, inferred_shapes, input_specs, measured_s
 from lowrank_ir import Graph, Node, Op, Policy, Value, plan, rewrite, with_forms, with_layout
 from lowrank_ir._conv_forms import channel_params, spatial_params
 from lowrank_ir._engine import SPATIAL_SVD, form_rank_limit
+from lowrank_ir._policy import tucker2_stand_in
 from lowrank_ir._protocols import LatencyMeasurement
 
 __all__ = ["CLOCKS", "GRID_POINTS", "LAYOUT", "LatencyModel", "interleaved_calls", "interleaved_times",
@@ -167,8 +168,7 @@ def layer_latency(node: Node, weight: np.ndarray, bias: np.ndarray | None, input
     dtype = str(np.dtype(weight.dtype))
     graph = _standalone(node, weight, bias, input_shape, dtype)
     if rank is not None:
-        limits = (weight.shape[0], weight.shape[1])
-        spec: int | list[int] = [min(rank, limit) for limit in limits] if node.op is Op.CONV else rank
+        spec: int | list[int] = tucker2_stand_in(rank, weight.shape) if node.op is Op.CONV else rank
         chosen = with_layout(plan(graph, Policy.config({"layer": spec})), LAYOUT)
         if form is not None:
             chosen = with_forms(chosen, {"layer": (form, rank)})

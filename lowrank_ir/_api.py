@@ -48,6 +48,7 @@ from lowrank_ir._policy import (
     config_document,
     plain_number,
     split_config_document,
+    tucker2_stand_in,
     validate_divisor,
     validate_excludes,
 )
@@ -703,9 +704,7 @@ def _config(graph: Graph, ranks: Mapping[str, _budget.Choice]) -> dict[str, int 
             continue
         node = graph.node(name)
         if node.op is Op.CONV:
-            weight = graph.param(node, "weight")
-            assert weight is not None
-            config[name] = [min(rank, weight.shape[0]), min(rank, weight.shape[1])]
+            config[name] = tucker2_stand_in(rank, graph.params.shape(node.params["weight"]))
         else:
             config[name] = rank
     return config

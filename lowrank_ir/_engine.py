@@ -1071,17 +1071,15 @@ def memory_budget(entries: Sequence[PlanEntry], graph: Graph, stats: Mapping[str
 
     Spare workspace: :data:`WORKSPACE_WEIGHTS` x the largest weight in float64; outputs in the layers' dtypes.
     """
-    outputs = []
-    for entry in entries:
-        itemsize = graph.params.source_dtype(graph.node(entry.name).params["weight"]).itemsize
-        outputs.append(float(itemsize * factor_count(entry.shape, entry.form, entry.rank)))
-    workspaces = []
+    outputs, workspaces = [], []
     for entry in entries:
         weight = graph.node(entry.name).params["weight"]
-        workspace = factorization_workspace(entry.shape, entry.form, entry.name in stats, entry.rank,
-                                            graph.params.dtype(weight).itemsize)
+        outputs.append(float(graph.params.source_dtype(weight).itemsize
+                             * factor_count(entry.shape, entry.form, entry.rank)))
+        read = graph.params.dtype(weight).itemsize  # bytes an entry as the layer reads the weight
+        workspace = factorization_workspace(entry.shape, entry.form, entry.name in stats, entry.rank, read)
         if graph.params.is_lazy(weight):  # the weight as the layer reads it
-            workspace += graph.params.dtype(weight).itemsize * math.prod(entry.shape)
+            workspace += read * math.prod(entry.shape)
         workspaces.append(workspace)
     largest = max((math.prod(entry.shape) for entry in entries), default=0)
     return MemoryBudget(workspaces, outputs, WORKSPACE_WEIGHTS * 8.0 * largest)

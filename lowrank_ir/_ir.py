@@ -71,8 +71,7 @@ from typing import Any
 import numpy as np
 
 __all__ = ["AUTO_PAD", "DEFAULT_DOMAINS", "RESERVED_ATTRS", "Graph", "GraphError", "LazyArray", "Node", "Op", "Params",
-           "Value",
-           "conv_pads", "onnx_padding", "padding_halves", "source_attrs", "verify"]
+           "Value", "conv_pads", "onnx_padding", "padding_halves", "source_attrs", "verify"]
 
 
 def conv_pads(padding: Any, sizes: Sequence[int], kernel: Sequence[int], stride: Sequence[int],

@@ -62,6 +62,7 @@ __all__ = [
     "ratio_rank",
     "smallest_ratio",
     "split_config_document",
+    "tucker2_stand_in",
     "validate_config",
     "validate_dict",
     "validate_divisor",
@@ -218,6 +219,15 @@ def validate_config(config: object, source: str = "decompose_config") -> dict[st
         else:
             raise ValueError(f"{source}[{name!r}] must be an int rank > 0 or [out rank, in rank], got {rank!r}")
     return checked
+
+
+def tucker2_stand_in(rank: int, shape: Sequence[int]) -> list[int]:
+    """The Tucker-2 ranks ``[out, in]`` nearest ``rank`` of a conv of ``shape`` ``[out, in, *k]``.
+
+    The entry a conv written in another two-factor form at ``rank`` keeps in a config file, for the reference
+    tool (the form itself is in :data:`FORMS_KEY`), or a single-rank choice spelled as Tucker-2 ranks.
+    """
+    return [min(rank, int(shape[0])), min(rank, int(shape[1]))]
 
 
 def config_document(config: Mapping[str, int | Sequence[int]],
